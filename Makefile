@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv if needed, then run the main job (the embedded default)
+#   make test   create .venv if needed, then run lint and the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 first: the CPU wheel, used only as the test reference (a plain `torch` pulls CUDA).
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jaxpatience.cli tiny --out out/tiny-checkpoint
+	$(BIN)/jaxpatience info out/tiny-checkpoint
+
+lint: $(STAMP)
+	$(BIN)/ruff check jaxpatience tests scripts
+	$(BIN)/ruff format --check jaxpatience tests scripts
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) out

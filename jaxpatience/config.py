@@ -1,0 +1,234 @@
+"""Frozen config dataclasses, YAML loading and `key=value` overrides.
+
+Every config is a frozen dataclass with defaults that make sense; a YAML file only states what differs.
+Loading is strict: an unknown key is an error that names the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one sentence naming the file or key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Qwen2 decoder (the fields of HF's `Qwen2Config` that matter here)."""
+
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_hidden_layers: int  # L
+    num_attention_heads: int  # N
+    num_key_value_heads: int  # K (GQA: N % K == 0)
+    head_dim: int | None = None  # H; defaults to D // N as in HF
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    qkv_bias: bool = True  # Qwen2 has biases on q, k, v (not on o)
+    param_dtype: str = "float32"  # storage dtype of the weights
+    dtype: str = "float32"  # compute dtype of matmuls (softmax, norms and logsumexp stay float32)
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"{field} must be float32, bfloat16 or float16, not {getattr(self, field)!r}.")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | Path | dict, **overrides: Any) -> ModelConfig:
+        """Read an HF `config.json` (a checkpoint directory, the file itself, or its parsed dict)."""
+        if isinstance(path_or_dict, dict):
+            hf, where = path_or_dict, "the config dict"
+        else:
+            path = Path(path_or_dict)
+            file = path / "config.json" if path.is_dir() else path
+            if not file.is_file():
+                raise ConfigError(f"{file} does not exist: expected an HF checkpoint with a config.json.")
+            try:
+                hf = json.loads(file.read_text())
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}).") from None
+            where = str(file)
+        hf = dict(hf.get("text_config", hf)) if hf.get("model_type") != "qwen2" else dict(hf)
+        if hf.get("model_type") != "qwen2":
+            raise ConfigError(
+                f"{where} has model_type {hf.get('model_type')!r}; only 'qwen2' (Qwen2 and Qwen2.5) is supported."
+            )
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(f"{where} asks for rope_type {rope_type!r}; only the default RoPE is implemented.")
+        if hf.get("use_sliding_window"):
+            raise ConfigError(f"{where} sets use_sliding_window: true, which is not implemented.")
+        try:
+            fields = dict(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=hf["num_attention_heads"],
+                num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            )
+        except KeyError as err:
+            raise ConfigError(f"{where} lacks the key {err.args[0]!r}.") from None
+        fields.update(
+            head_dim=hf.get("head_dim"),
+            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict:
+        """The `config.json` dict that transformers' `Qwen2ForCausalLM` loads."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.resolved_head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "torch_dtype": self.param_dtype,
+        }
+
+
+# Shapes of the released checkpoints (Qwen2.5 shares Qwen2's shapes at 0.5B, 1.5B, 7B and 72B).
+_QWEN2_SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064),
+    "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, tie_word_embeddings=False, vocab_size=152064),
+}  # fmt: skip
+PRESETS: dict[str, ModelConfig] = {}
+for _size, _shape in _QWEN2_SHAPES.items():
+    PRESETS[f"qwen2-{_size}"] = PRESETS[f"qwen2.5-{_size}"] = ModelConfig(**_shape)
+# A laptop-sized model of the same architecture, for smoke runs and benchmarks of the code path.
+PRESETS["tiny"] = ModelConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}.")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generic strict loading of nested frozen dataclasses from YAML and `a.b=value` overrides.
+
+
+def _parse_scalar(text: str) -> Any:
+    """`key=value` values are parsed as YAML scalars: 3 → int, 1e-5 → float, true → bool, null → None."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" as a string; accept it as a float.
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings to a nested dict (returns a new dict)."""
+    tree = json.loads(json.dumps(tree))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value.")
+        dotted, text = item.split("=", 1)
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section.")
+        node[leaf] = _parse_scalar(text)
+    return tree
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from `data`, recursing into dataclass-typed fields; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)}).")
+        field_type = _dataclass_in(hints[key])
+        if field_type is not None and isinstance(value, dict):
+            value = from_dict(field_type, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}.") from None
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass type in `hint` (`X`, `X | None`), if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level.")
+    return data

@@ -1,0 +1,235 @@
+"""Qwen2 (and Qwen2.5) decoder in Flax NNX.
+
+Parameter paths are HF's names with "/" for ".": `model.layers.3.self_attn.q_proj.weight` in a safetensors
+file is `model/layers/3/self_attn/q_proj/weight` here, and weights keep HF's [out, in] layout, so loading and
+saving is a name-for-name copy (see weights.py). Every weight carries logical axis names in its `axes`
+metadata; sharding.py maps them to mesh axes. No mesh names appear in this file.
+
+Shape letters: B batch, T query length, S key/cache length, D model dim, F MLP dim, N query heads,
+K kv heads, G = N // K query heads per kv head, H head dim, V vocab, L layers.
+
+Attention masks: `attention_mask` [B, S] marks real tokens (1) and padding (0), left or right. Positions come
+from the mask (the count of real tokens before a slot), so a left-padded prompt gets positions 0, 1, ... from
+its first real token, exactly as HF's `generate` computes them.
+
+KV cache (used by decode.py): a `KVCache` of two [L, B, S, K, H] arrays. A call with `kv_cache=` writes the new
+keys/values at slots [cache_index, cache_index + T) and attends over all S slots; `attention_mask` is then [B, S]
+and describes the whole cache (the new tokens included).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpatience import sharding
+from jaxpatience.config import ModelConfig
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    k: Array  # [L, B, S, K, H]
+    v: Array  # [L, B, S, K, H]
+
+
+def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
+    shape = (
+        config.num_hidden_layers,
+        batch_size,
+        max_len,
+        config.num_key_value_heads,
+        config.resolved_head_dim,
+    )
+    dtype = dtype or jnp.dtype(config.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """[B, S] 0/1 mask -> [B, S] int positions: 0 at the first real token, counting real tokens only."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Linear(nnx.Module):
+    """y = x @ weight.T (+ bias), with `weight` stored as HF stores it: [out, in].
+
+    `lora` is an optional sub-module (set by lora.py) whose output is added to y; its parameters live under
+    `.../lora/...` so that the base weights keep their HF names.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
+                 config: ModelConfig, rngs: nnx.Rngs):  # fmt: skip
+        param_dtype = jnp.dtype(config.param_dtype)
+        init = jax.nn.initializers.normal(stddev=0.02)
+        self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), param_dtype), axes=axes)
+        self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype), axes=axes[:1]) if use_bias else None)
+        self.lora: nnx.Module | None = nnx.data(None)  # nnx.data: a sub-module may be assigned here later
+        self.dtype = jnp.dtype(config.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF's Qwen2RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, *, config: ModelConfig):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.dtype(config.param_dtype)), axes=("norm",))
+        self.eps = config.rms_norm_eps
+        self.dtype = jnp.dtype(config.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * self.weight[...].astype(self.dtype)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, HF's "rotate half" layout. x [B, T, heads, H], positions [B, T]."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                      config.resolved_head_dim)  # fmt: skip
+        bias = config.qkv_bias
+        self.q_proj = Linear(d, n * h, axes=("heads", "embed"), use_bias=bias, config=config, rngs=rngs)
+        self.k_proj = Linear(d, k * h, axes=("kv_heads", "embed"), use_bias=bias, config=config, rngs=rngs)
+        self.v_proj = Linear(d, k * h, axes=("kv_heads", "embed"), use_bias=bias, config=config, rngs=rngs)
+        self.o_proj = Linear(n * h, d, axes=("embed", "heads"), use_bias=False, config=config, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.rope_theta = config.rope_theta
+
+    def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, cache_index):
+        """x [B, T, D]; positions [B, T]; mask [B, T, S] bool; kv: this layer's ([B, S, K, H], [B, S, K, H])."""
+        batch, length, _ = x.shape
+        n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(batch, length, n, h), positions, self.rope_theta)  # [B, T, N, H]
+        key = apply_rope(self.k_proj(x).reshape(batch, length, k, h), positions, self.rope_theta)  # [B, T, K, H]
+        value = self.v_proj(x).reshape(batch, length, k, h)  # [B, T, K, H]
+        if kv is not None:  # write this call's keys/values into the cache, then attend over the whole cache
+            start = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)  # [B, S, K, H]
+            value = jax.lax.dynamic_update_slice(kv[1], value.astype(kv[1].dtype), start)
+            kv = (key, value)
+        q = q.reshape(batch, length, k, n // k, h)  # [B, T, K, G, H]: each kv head serves G query heads
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores * (h**-0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(q.dtype)).reshape(batch, length, n * h)
+        return self.o_proj(out), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(d, f, axes=("mlp", "embed"), use_bias=False, config=config, rngs=rngs)
+        self.up_proj = Linear(d, f, axes=("mlp", "embed"), use_bias=False, config=config, rngs=rngs)
+        self.down_proj = Linear(f, d, axes=("embed", "mlp"), use_bias=False, config=config, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # [B, T, F] SwiGLU
+        hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
+        return self.down_proj(hidden)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config=config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask, kv, cache_index):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return sharding.constrain(x, ("batch", "length", "embed")), kv
+
+
+class Embedding(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(stddev=0.02)
+        shape = (config.vocab_size, config.hidden_size)
+        self.weight = nnx.Param(init(rngs.params(), shape, jnp.dtype(config.param_dtype)), axes=("vocab", "embed"))
+        self.dtype = jnp.dtype(config.dtype)
+
+    def __call__(self, input_ids: Array) -> Array:
+        return jnp.take(self.weight[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+
+
+class Qwen2Model(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(config, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config=config)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """The whole model. `model(ids, attention_mask=mask)` -> logits [B, T, V] in the compute dtype."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = Qwen2Model(config, rngs=rngs)
+        self.lm_head = nnx.data(None)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, axes=("vocab", "embed"), use_bias=False,
+                                  config=config, rngs=rngs)  # fmt: skip
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, kv_cache: KVCache | None = None,
+                 cache_index: int | Array = 0):  # fmt: skip
+        """Logits [B, T, V]; with `kv_cache=`, returns (logits, updated kv_cache)."""
+        hidden, kv_cache = self.hidden_states(input_ids, attention_mask, kv_cache=kv_cache, cache_index=cache_index)
+        logits = self.logits(hidden)
+        return logits if kv_cache is None else (logits, kv_cache)
+
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
+                      kv_cache: KVCache | None = None, cache_index: int | Array = 0):  # fmt: skip
+        """Final normed hidden states [B, T, D] and the updated cache (None without one).
+
+        Losses call this and project chunks with `logits()` so a [B, T, V] float32 tensor never exists.
+        """
+        batch, length = input_ids.shape
+        key_len = length if kv_cache is None else kv_cache.k.shape[2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, key_len), jnp.int32)
+        if attention_mask.shape != (batch, key_len):
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(batch, key_len)}.")
+        # Query t sits at slot cache_index + t; it sees real keys at slots <= its own.
+        query_slots = cache_index + jnp.arange(length)  # [T]
+        positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, axis=1)
+        causal = jnp.arange(key_len)[None, :] <= query_slots[:, None]  # [T, S]
+        mask = causal[None] & (attention_mask[:, None, :] > 0)  # [B, T, S]
+
+        x = sharding.constrain(self.model.embed_tokens(input_ids), ("batch", "length", "embed"))
+        for i, layer in enumerate(self.model.layers):
+            kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+            x, kv = layer(x, positions, mask, kv, cache_index)
+            if kv is not None:  # in-place (dynamic-update-slice) when the caller donates the cache
+                kv_cache = KVCache(kv_cache.k.at[i].set(kv[0]), kv_cache.v.at[i].set(kv[1]))
+        return self.model.norm(x), kv_cache
+
+    def logits(self, hidden: Array) -> Array:
+        """Project hidden states [..., D] to logits [..., V] (tied: with the embedding matrix)."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        weight = self.model.embed_tokens.weight[...].astype(hidden.dtype)  # [V, D]
+        return jnp.einsum("...d,vd->...v", hidden, weight)

@@ -1,0 +1,171 @@
+"""The device mesh, the logical→mesh rule table, and helpers to shard weights and constrain activations.
+
+The whole sharding story lives here. Weights name logical axes (`embed`, `mlp`, `heads`, ...) in their `axes`
+metadata (model.py); `RULES` maps each logical axis to mesh axes of a mesh `('data', 'fsdp', 'tensor')`:
+
+    data=N                 pure data parallel (weights replicated)
+    fsdp=N                 ZeRO-3: weights and optimizer state split along `embed`, batch split too
+    tensor=N               Megatron: heads / MLP / vocab split, activations gathered per layer
+    any product            e.g. data=2, fsdp=2, tensor=2 on 8 devices
+
+No other file names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or a tuple of mesh axes, or None for replicated)
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+RULES: Rules = (
+    ("batch", ("data", "fsdp")),  # activations: the batch is split over every data-like axis
+    ("embed", "fsdp"),  # weights: ZeRO-3 splits the model dim
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("norm", None),
+    ("lora_rank", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A mesh of shape (data, fsdp, tensor). One of the sizes may be -1: "all remaining devices"."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1.")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]} needs {math.prod(sizes)} devices; "
+            f"{len(devices)} are available."
+        )
+    # jax.make_mesh orders devices so that `tensor` (the last, most communication-heavy axis) stays local.
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(tuple(sizes), MESH_AXES)
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,fsdp=2,tensor=2' -> {'data': 2, 'fsdp': 2, 'tensor': 2} (missing axes are 1)."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in sizes:
+            raise ValueError(f"unknown mesh axis {name.strip()!r} in {text!r}; axes are {', '.join(MESH_AXES)}.")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                    rules: Rules = RULES) -> PartitionSpec:  # fmt: skip
+    """PartitionSpec for an array whose dims have logical names `axes`.
+
+    A mesh axis is used at most once per array (the first dim that asks for it wins). When `shape` and `mesh`
+    are given, a mesh axis that does not divide its dim is dropped (that dim is replicated instead).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(axes):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        chosen = []
+        for axis in mesh_axes:
+            if axis in used:
+                continue
+            if shape is not None and mesh is not None:
+                size = math.prod(mesh.shape[a] for a in chosen) * mesh.shape[axis]
+                if shape[i] % size:
+                    continue
+            chosen.append(axis)
+            used.add(axis)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                   rules: Rules = RULES) -> NamedSharding:  # fmt: skip
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def state_shardings(mesh: Mesh, state, rules: Rules = RULES):
+    """A pytree of NamedSharding matching an NNX state, read from each Variable's `axes` metadata."""
+    from flax import nnx
+
+    def one(variable):
+        axes = variable.get_metadata().get("axes")
+        shape = variable.get_value().shape
+        if axes is None:
+            return NamedSharding(mesh, PartitionSpec())
+        return named_sharding(mesh, axes, shape, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activation constraints. The model calls `constrain(x, ('batch', 'length', 'embed'))`; it is a no-op unless a
+# mesh is active (`with activate(mesh):` around the *tracing* of a jitted function).
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("jaxpatience_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules = RULES) -> Iterator[Mesh]:
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape, rules))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-host start-up.
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:  # fmt: skip
+    """Start `jax.distributed` from arguments or the environment; returns True if it is multi-process.
+
+    Reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID when the arguments are None. With none
+    of them set, nothing is started (single process), except on a TPU pod or SLURM job, where
+    `jax.distributed.initialize()` finds its peers itself when JAX_DISTRIBUTED_AUTO=1.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes or (int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None)
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    if coordinator_address is None:
+        if env.get("JAX_DISTRIBUTED_AUTO") == "1":
+            jax.distributed.initialize()
+            return jax.process_count() > 1
+        return False
+    # Cross-process collectives on CPU need gloo; the setting does not affect GPU/TPU backends. (Asking for the
+    # backend here would initialise it, which must not happen before jax.distributed.initialize.)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)  # fmt: skip
+    return jax.process_count() > 1

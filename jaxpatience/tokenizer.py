@@ -1,0 +1,113 @@
+"""Tokenizers: load a checkpoint's (with Qwen's ChatML as the default chat template), build one from GGUF
+metadata, or train a small byte-level BPE with ChatML special tokens (tests and the toy demo).
+
+All of them are transformers `PreTrainedTokenizerFast` objects, so `apply_chat_template`, `encode`, `decode`
+and `save_pretrained` behave as users expect. None needs torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+# Qwen2-Instruct's chat template (ChatML with a default system prompt).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Qwen2's pre-tokenisation regex: digits one by one, words with a leading space, punctuation runs, newlines.
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's own tokenizer; ChatML when it has no chat template; a pad token when it has none."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return with_defaults(tokenizer)
+
+
+def with_defaults(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None) -> Tokenizer:
+    """A byte-level BPE with Qwen2's pre-tokeniser (empty when vocab/merges are None, for training)."""
+    tokenizer = Tokenizer(models.BPE(vocab, merges) if vocab is not None else models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _wrap(tokenizer: Tokenizer, eos_token: str, pad_token: str, chat_template: str | None,
+          bos_token: str | None = None) -> PreTrainedTokenizerFast:  # fmt: skip
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token, bos_token=bos_token
+    )
+    wrapped.chat_template = chat_template or CHATML_TEMPLATE
+    return wrapped
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512,
+                        special_tokens: Sequence[str] = CHATML_SPECIAL_TOKENS) -> PreTrainedTokenizerFast:  # fmt: skip
+    """Train a small byte-level BPE with ChatML special tokens (eos = <|im_end|>, pad = <|endoftext|>)."""
+    tokenizer = _byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return _wrap(tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+
+
+# GGUF token types (llama.cpp's llama_token_type): 3 = control (special), 4 = user-defined (added).
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+
+
+def tokenizer_from_gguf(metadata: dict) -> PreTrainedTokenizerFast:
+    """Build the tokenizer of a qwen2 GGUF file from its `tokenizer.ggml.*` metadata (a gpt2-style BPE)."""
+    model_kind = metadata.get("tokenizer.ggml.model")
+    if model_kind != "gpt2":
+        raise ValueError(f"the GGUF tokenizer is of kind {model_kind!r}; only byte-level BPE ('gpt2') is supported.")
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+    special = [t for t, kind in zip(tokens, types, strict=True) if kind in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
+    regular = {t: i for i, t in enumerate(tokens) if t not in special}
+    tokenizer = _byte_level_bpe(regular, merges)
+    tokenizer.add_special_tokens([t for t, kind in zip(tokens, types, strict=True) if kind == _GGUF_CONTROL])
+    tokenizer.add_tokens([t for t, kind in zip(tokens, types, strict=True) if kind == _GGUF_USER_DEFINED])
+    # add_* appends at the end of the vocab; check that ids survived (GGUF ids must be kept exactly).
+    for t in special:
+        if tokenizer.token_to_id(t) != tokens.index(t):
+            raise ValueError(f"GGUF special token {t!r} is not at the end of the vocabulary; cannot rebuild ids.")
+
+    def token(key: str) -> str | None:
+        index = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[index] if index is not None else None
+
+    eos = token("eos") or "<|endoftext|>"
+    return _wrap(tokenizer, eos_token=eos, pad_token=token("padding") or eos,
+                 chat_template=metadata.get("tokenizer.chat_template"), bos_token=token("bos"))  # fmt: skip

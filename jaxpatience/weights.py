@@ -1,0 +1,401 @@
+"""Checkpoints in and out: HF safetensors (one file or a sharded index), GGUF import, HF export.
+
+Our parameter paths are HF's names (model.py), so the "name table" is the identity for safetensors and one short
+table for GGUF. Loading builds the model abstractly (`nnx.eval_shape`, no memory), then streams tensor by
+tensor from memory-mapped files: each tensor is cast on the way and placed straight into its sharding, so a 7B
+checkpoint loads in bf16 on a 24 GiB host without ever holding the model in float32. Checks are strict: every
+key of the checkpoint is consumed and every parameter found, with matching shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxpatience import sharding
+from jaxpatience.config import ConfigError, ModelConfig
+from jaxpatience.model import Qwen2ForCausalLM
+
+
+class CheckpointError(ValueError):
+    """A user-facing problem with a checkpoint; the message is one sentence naming the file and key."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors, read and written directly: an 8-byte little-endian header size, a JSON header, raw data.
+# (Doing it by hand gives memory-mapped, per-tensor, bf16-capable access from numpy without torch.)
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsReader:
+    """name -> memory-mapped numpy array, over one `model.safetensors` or a sharded index."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        index_file = directory / "model.safetensors.index.json"
+        single_file = directory / "model.safetensors"
+        if index_file.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise CheckpointError(f"{index_file} is not a valid safetensors index (no weight_map).") from None
+            files = sorted(set(weight_map.values()))
+        elif single_file.is_file():
+            files = ["model.safetensors"]
+        else:
+            raise CheckpointError(
+                f"{directory} has neither model.safetensors nor model.safetensors.index.json "
+                "(PyTorch .bin checkpoints are not supported; re-save with safe_serialization=True)."
+            )
+        self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, header entry, data start)
+        for name in files:
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{path} is listed in the index but does not exist.")
+            header, data_start = _read_header(path)
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    self.entries[key] = (path, entry, data_start)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name][1]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name][1]["dtype"]
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only memory map of one tensor: pages are read only when touched."""
+        path, entry, data_start = self.entries[name]
+        if entry["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
+        begin, end = entry["data_offsets"]
+        dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
+        count = (end - begin) // dtype.itemsize
+        flat = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,)) if count else (
+            np.zeros((0,), dtype))  # fmt: skip
+        return flat.reshape(entry["shape"])
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short).")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise CheckpointError(f"{path} is not a safetensors file (implausible header size).")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header).") from None
+    return header, 8 + size
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], np.dtype]],
+                      fetch: Callable[[str], np.ndarray]) -> None:  # fmt: skip
+    """Write tensors one at a time: the header is built from shapes, then `fetch(name)` is called per tensor."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in tensors.items():
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": _ST_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, (shape, dtype) in tensors.items():
+            array = np.ascontiguousarray(fetch(name), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} has shape {array.shape}, expected {tuple(shape)}.")
+            f.write(array.tobytes())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building a model from any source of named numpy arrays.
+
+
+def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of a model whose leaves are ShapeDtypeStructs: no memory is used."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))))
+
+
+def hf_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def base_param_paths(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
+    """(path, variable) of the HF weights: LoRA parameters (under `.../lora/...`) are not in HF files."""
+    for path, variable in nnx.to_flat_state(state):
+        if "lora" not in path:
+            yield path, variable
+
+
+def build_model(config: ModelConfig, names: list[str], shape_of: Callable[[str], tuple[int, ...]],
+                get: Callable[[str], np.ndarray], source: str, mesh=None) -> Qwen2ForCausalLM:  # fmt: skip
+    """Fill an abstract model from a source of named arrays, with strict key and shape checks."""
+    graphdef, state = abstract_model(config)
+    expected = {hf_name(p): v for p, v in base_param_paths(state)}
+    available = set(names)
+    if config.tie_word_embeddings:
+        available.discard("lm_head.weight")  # some tied checkpoints carry a copy; the embedding is used
+    available = {n for n in available if not n.endswith("rotary_emb.inv_freq")}  # old HF buffers, recomputed
+    missing = sorted(set(expected) - available)
+    unexpected = sorted(available - set(expected))
+    if missing:
+        raise CheckpointError(f"{source} lacks the weight {missing[0]!r} ({len(missing)} missing in all).")
+    if unexpected:
+        raise CheckpointError(
+            f"{source} has the weight {unexpected[0]!r}, which a Qwen2 of this config does not use "
+            f"({len(unexpected)} unexpected in all; is config.json right?)."
+        )
+    param_dtype = jnp.dtype(config.param_dtype)
+    flat = []
+    for path, variable in nnx.to_flat_state(state):
+        name = hf_name(path)
+        spec = variable.get_value()
+        if name not in expected:  # LoRA params, if any: keep their abstract init out of this function
+            raise CheckpointError(f"cannot load {name!r}: build LoRA after loading the base model.")
+        if tuple(shape_of(name)) != tuple(spec.shape):
+            raise CheckpointError(
+                f"{source}: weight {name!r} has shape {tuple(shape_of(name))}, the config implies {tuple(spec.shape)}."
+            )
+        value = _place(get(name), spec.shape, param_dtype, variable.get_metadata().get("axes"), mesh)
+        flat.append((path, variable.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _place(array: np.ndarray, shape, dtype, axes, mesh) -> jax.Array:
+    """Cast one host array (possibly a memory map) and put it on device(s), slice by slice when sharded."""
+    if mesh is None:
+        return jax.device_put(np.asarray(array).astype(dtype, copy=False))
+    target = sharding.named_sharding(mesh, axes, shape) if axes else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec())  # fmt: skip
+    # Each process materialises only the slices its own devices hold.
+    return jax.make_array_from_callback(shape, target, lambda index: np.asarray(array[index]).astype(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def load_model(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None,
+               mesh=None) -> Qwen2ForCausalLM:  # fmt: skip
+    """Load the weights of an HF directory or a .gguf file into a (possibly sharded) model."""
+    return load_pretrained(path, dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=False)[0]
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None, mesh=None,
+                    with_tokenizer: bool = True):  # fmt: skip
+    """(model, tokenizer) from an HF checkpoint directory (safetensors) or a qwen2 `.gguf` file.
+
+    `dtype` is the storage dtype of the weights; `compute_dtype` (default: `dtype`) that of the matmuls.
+    With `mesh`, each weight is placed straight into its sharding.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist.")
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=with_tokenizer)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is neither an HF checkpoint directory nor a .gguf file.")
+    config = ModelConfig.from_hf(path, param_dtype=dtype, dtype=compute_dtype or dtype)
+    reader = SafetensorsReader(path)
+    model = build_model(config, reader.keys(), reader.shape, reader.get, str(path), mesh)
+    tokenizer = None
+    if with_tokenizer:
+        from jaxpatience.tokenizer import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(path)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path} has no loadable tokenizer ({err}).") from None
+    return model, tokenizer
+
+
+def save_pretrained(model: Qwen2ForCausalLM, tokenizer, out_dir: str | Path, *, dtype: str | None = None,
+                    max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:  # fmt: skip
+    """Write an HF checkpoint directory (config.json, safetensors, tokenizer) that transformers loads.
+
+    Weights are fetched and written one tensor at a time (all processes must call this; process 0 writes).
+    LoRA adapters are not base weights: merge them first (lora.merge) to export a merged model.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it.")
+    config = model.config
+    save_dtype = jnp.dtype(dtype or config.param_dtype)
+    params = {hf_name(p): v for p, v in base_param_paths(nnx.state(model, nnx.Param))}
+    if not params:
+        raise CheckpointError("the model has no parameters to save.")
+    # Split into shards of at most max_shard_bytes, in parameter order.
+    shards: list[dict[str, tuple[tuple[int, ...], np.dtype]]] = [{}]
+    size = 0
+    for name, variable in params.items():
+        nbytes = math.prod(variable.get_value().shape) * save_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = (tuple(variable.get_value().shape), save_dtype)
+        size += nbytes
+
+    def fetch(name: str) -> np.ndarray:
+        value = params[name][...]
+        if not value.is_fully_addressable:  # multi-host: gather this one tensor
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        return np.asarray(jax.device_get(value)).astype(save_dtype)
+
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]  # fmt: skip
+    for file, shard in zip(names, shards, strict=True):
+        if is_writer:
+            write_safetensors(out_dir / file, shard, fetch)
+        else:  # take part in the collective gathers without writing
+            for name in shard:
+                fetch(name)
+    if is_writer:
+        if len(shards) > 1:
+            weight_map = {n: f for f, s in zip(names, shards, strict=True) for n in s}
+            total = sum(math.prod(s) * d.itemsize for shard in shards for s, d in shard.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf_config = config.to_hf() | {"torch_dtype": str(save_dtype)}
+        if tokenizer is not None:
+            hf_config |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+            if tokenizer.bos_token_id is not None:
+                hf_config["bos_token_id"] = tokenizer.bos_token_id
+            tokenizer.save_pretrained(str(out_dir))
+            generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+            (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp's format) import for the qwen2 architecture.
+
+_GGUF_NAMES = [  # (GGUF name pattern, HF name template)
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_q\.(weight|bias)", "model.layers.{0}.self_attn.q_proj.{1}"),
+    (r"blk\.(\d+)\.attn_k\.(weight|bias)", "model.layers.{0}.self_attn.k_proj.{1}"),
+    (r"blk\.(\d+)\.attn_v\.(weight|bias)", "model.layers.{0}.self_attn.v_proj.{1}"),
+    (r"blk\.(\d+)\.attn_output\.weight", "model.layers.{0}.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", "model.layers.{0}.mlp.gate_proj.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{0}.mlp.up_proj.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", "model.layers.{0}.mlp.down_proj.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
+]
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    for pattern, template in _GGUF_NAMES:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return template.format(*match.groups())
+    return None
+
+
+def read_gguf_metadata(reader) -> dict:
+    """GGUF key/value fields as plain Python values (strings, numbers, lists)."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def gguf_config(metadata: dict, path: Path, tied: bool, vocab_size: int, **dtypes) -> ModelConfig:
+    arch = metadata.get("general.architecture")
+    if arch != "qwen2":
+        raise CheckpointError(f"{path} holds a {arch!r} model; only the 'qwen2' architecture is supported.")
+    try:
+        heads = int(metadata["qwen2.attention.head_count"])
+        return ModelConfig(
+            vocab_size=vocab_size,
+            hidden_size=int(metadata["qwen2.embedding_length"]),
+            intermediate_size=int(metadata["qwen2.feed_forward_length"]),
+            num_hidden_layers=int(metadata["qwen2.block_count"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(metadata.get("qwen2.attention.head_count_kv", heads)),
+            rope_theta=float(metadata.get("qwen2.rope.freq_base", 10000.0)),
+            rms_norm_eps=float(metadata.get("qwen2.attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(metadata.get("qwen2.context_length", 32768)),
+            tie_word_embeddings=tied,
+            **dtypes,
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{path} lacks the GGUF metadata key {err.args[0]!r}.") from None
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def load_gguf(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None, mesh=None,
+              with_tokenizer: bool = True):  # fmt: skip
+    """(model, tokenizer) from a qwen2 GGUF file: tensors dequantised one at a time, tokenizer from metadata."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:  # the gguf package raises assorted errors on a bad file
+        raise CheckpointError(f"{path} is not a readable GGUF file ({err}).") from None
+    metadata = read_gguf_metadata(reader)
+    tensors = {}
+    for tensor in reader.tensors:
+        hf = gguf_to_hf_name(tensor.name)
+        if hf is None:
+            if tensor.name.startswith("rope_freqs"):
+                continue
+            raise CheckpointError(f"{path} has the tensor {tensor.name!r}, which a qwen2 model does not use.")
+        tensors[hf] = tensor
+    if "model.embed_tokens.weight" not in tensors:
+        raise CheckpointError(f"{path} lacks the tensor 'token_embd.weight'.")
+    vocab_size = int(tensors["model.embed_tokens.weight"].shape[-1])  # GGUF shapes are [in, out]-reversed
+    config = gguf_config(metadata, path, tied="lm_head.weight" not in tensors, vocab_size=vocab_size,
+                         param_dtype=dtype, dtype=compute_dtype or dtype)  # fmt: skip
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(tensors[name].shape))  # ggml lists the fastest dim first
+
+    def get(name: str) -> np.ndarray:
+        tensor = tensors[name]
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return np.asarray(values, dtype=np.float32).reshape(shape_of(name))
+
+    model = build_model(config, list(tensors), shape_of, get, str(path), mesh)
+    tokenizer = None
+    if with_tokenizer:
+        from jaxpatience.tokenizer import tokenizer_from_gguf
+
+        try:
+            tokenizer = tokenizer_from_gguf(metadata)
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{path}: cannot build the tokenizer from its metadata ({err}).") from None
+    return model, tokenizer
