@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jaxpatience.cli tiny --out out/tiny-checkpoint
+	$(BIN)/jaxpatience tiny --out out/tiny-checkpoint --overwrite
 	$(BIN)/jaxpatience info out/tiny-checkpoint
 
 lint: $(STAMP)

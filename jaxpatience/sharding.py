@@ -54,10 +54,12 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence |
             f"mesh data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]} needs {math.prod(sizes)} devices; "
             f"{len(devices)} are available."
         )
+    # Auto axes: XLA's partitioner propagates shardings from the weights and the constraints we place (GSPMD);
     # jax.make_mesh orders devices so that `tensor` (the last, most communication-heavy axis) stays local.
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if len(devices) == len(jax.devices()):
-        return jax.make_mesh(tuple(sizes), MESH_AXES)
-    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types)
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
