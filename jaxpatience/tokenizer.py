@@ -95,14 +95,14 @@ def tokenizer_from_gguf(metadata: dict) -> PreTrainedTokenizerFast:
     types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     special = [t for t, kind in zip(tokens, types, strict=True) if kind in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
-    regular = {t: i for i, t in enumerate(tokens) if t not in special}
-    tokenizer = _byte_level_bpe(regular, merges)
+    # Every token keeps its GGUF id: special tokens sit in the BPE vocab too, and add_* then marks them as
+    # added/special (reusing the existing id) so that they are never split.
+    tokenizer = _byte_level_bpe({t: i for i, t in enumerate(tokens)}, merges)
     tokenizer.add_special_tokens([t for t, kind in zip(tokens, types, strict=True) if kind == _GGUF_CONTROL])
     tokenizer.add_tokens([t for t, kind in zip(tokens, types, strict=True) if kind == _GGUF_USER_DEFINED])
-    # add_* appends at the end of the vocab; check that ids survived (GGUF ids must be kept exactly).
     for t in special:
         if tokenizer.token_to_id(t) != tokens.index(t):
-            raise ValueError(f"GGUF special token {t!r} is not at the end of the vocabulary; cannot rebuild ids.")
+            raise ValueError(f"GGUF token {t!r} changed id while rebuilding the tokenizer.")
 
     def token(key: str) -> str | None:
         index = metadata.get(f"tokenizer.ggml.{key}_token_id")

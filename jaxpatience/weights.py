@@ -344,8 +344,9 @@ def gguf_config(metadata: dict, path: Path, tied: bool, vocab_size: int, **dtype
             num_hidden_layers=int(metadata["qwen2.block_count"]),
             num_attention_heads=heads,
             num_key_value_heads=int(metadata.get("qwen2.attention.head_count_kv", heads)),
-            rope_theta=float(metadata.get("qwen2.rope.freq_base", 10000.0)),
-            rms_norm_eps=float(metadata.get("qwen2.attention.layer_norm_rms_epsilon", 1e-6)),
+            # GGUF stores these as float32: round back to the decimal value they were written from
+            rope_theta=float(f"{metadata.get('qwen2.rope.freq_base', 10000.0):.7g}"),
+            rms_norm_eps=float(f"{metadata.get('qwen2.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
             max_position_embeddings=int(metadata.get("qwen2.context_length", 32768)),
             tie_word_embeddings=tied,
             **dtypes,
