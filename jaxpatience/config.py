@@ -232,3 +232,121 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level.")
     return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training configs (issue 3): LoRA, loss, mesh, optimizer, and the train step that combines them.
+
+DEFAULT_LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Hand-written LoRA (lora.py). `targets` is a regex fullmatched against HF module names such as
+    `model.layers.0.self_attn.q_proj` (the default: every attention and MLP projection)."""
+
+    rank: int = 16  # R
+    alpha: float = 32.0  # scaling = alpha / rank (or alpha / sqrt(rank) with rslora)
+    dropout: float = 0.0  # on the adapter's input, as PEFT does
+    targets: str = DEFAULT_LORA_TARGETS
+    rslora: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.rank, int) and self.rank > 0):
+            raise ConfigError(f"lora.rank must be a positive integer, not {self.rank!r}.")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, not {self.alpha!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), not {self.dropout!r}.")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """`loss = dpo_weight * DPO + nll_weight * NLL(chosen)` (losses.py).
+
+    dpo_weight = 1, nll_weight = 0: DPO (Patience).  dpo_weight = 1, nll_weight = 1: Iterative RPO.
+    dpo_weight = 0, nll_weight = 1: plain SFT on the chosen response.
+    """
+
+    loss_type: str = "sigmoid"  # sigmoid (DPO), ipo, hinge
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO; sigmoid only
+    dpo_weight: float = 1.0
+    nll_weight: float = 0.0  # alpha
+    nll_normalization: str = "sequence"  # sequence: mean over pairs of NLL(w)/|w| (IRPO); token: TRL's token mean
+
+    def __post_init__(self):
+        if self.loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise ConfigError(f"loss.loss_type must be sigmoid, ipo or hinge, not {self.loss_type!r}.")
+        if self.beta <= 0:
+            raise ConfigError(f"loss.beta must be positive, not {self.beta!r}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), not {self.label_smoothing!r}.")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError("loss.label_smoothing applies only to loss_type sigmoid.")
+        if self.dpo_weight < 0 or self.nll_weight < 0 or self.dpo_weight + self.nll_weight == 0:
+            raise ConfigError("loss.dpo_weight and loss.nll_weight must be >= 0 and not both 0.")
+        if self.nll_normalization not in ("sequence", "token"):
+            raise ConfigError(f"loss.nll_normalization must be sequence or token, not {self.nll_normalization!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (sharding.py); their product must equal the number of devices. One may be -1."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup, then cosine / linear decay (or constant) to min_lr_ratio * learning_rate."""
+
+    learning_rate: float = 5e-6
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine, linear, constant
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0  # applied to matrices only (not to biases or norm scales)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # global-norm clipping; null disables it
+
+    def __post_init__(self):
+        if self.learning_rate < 0:
+            raise ConfigError(f"optimizer.learning_rate must be >= 0, not {self.learning_rate!r}.")
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optimizer.decay must be cosine, linear or constant, not {self.decay!r}.")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("optimizer.warmup_steps must be >= 0 and optimizer.min_lr_ratio in [0, 1].")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything the train step needs (train.py). `lora: null` trains every parameter."""
+
+    lora: LoraConfig | None = dataclasses.field(default_factory=LoraConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    batch_size: int = 8  # pairs per optimizer step, over all devices
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many micro-batches
+    max_steps: int = 100  # length of the learning-rate schedule
+    remat: str = "none"  # none, full (recompute each layer), dots (save matmul outputs only)
+    logits_chunk_size: int = 256  # tokens per chunk when turning hidden states into log-probs
+    seed: int = 0  # LoRA init and dropout
+
+    def __post_init__(self):
+        if self.batch_size <= 0 or self.micro_batches <= 0 or self.batch_size % self.micro_batches:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be a positive multiple of micro_batches ({self.micro_batches})."
+            )
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"remat must be none, full or dots, not {self.remat!r}.")
+        if self.max_steps <= 0 or self.logits_chunk_size <= 0:
+            raise ConfigError("max_steps and logits_chunk_size must be positive.")
