@@ -1,0 +1,301 @@
+"""PairLoader: preference pairs -> fixed-shape numpy batches. Pure numpy: this file never imports JAX.
+
+Records are `{prompt, chosen, rejected}` from JSONL, parquet or a `datasets` dataset. Accepted shapes:
+  * TRL's: `prompt` a string or a list of chat messages; `chosen`/`rejected` strings or message lists
+    (the assistant message's content is used).
+  * `question`/`problem`/`instruction` as aliases of `prompt` (e.g. Patience-style pair files).
+The prompt goes through the tokenizer's chat template (with the generation prompt); each response gets EOS
+appended, so the model learns to stop.
+
+Batch layout, per pair b: `input_ids[b, 0]` = prompt + chosen, `input_ids[b, 1]` = prompt + rejected, right-padded
+to the batch's bucket length T. `attention_mask` is 1 on real tokens; `loss_mask` is 1 on response tokens (at their
+own positions; losses.py shifts). Shapes are `[B_host, 2, T]`, T one of `buckets`, so the train step compiles once
+per bucket and never again.
+
+Truncation policy (counted in `stats`): a prompt longer than `max_prompt_length` keeps its *end* (the question
+sits there); then each response is cut to fit `max_length`. Responses are never dropped entirely.
+
+Order: for epoch e, a seeded permutation (seed, e) assigns pairs to buckets and batches; every host computes the
+same global plan and materialises only its own rows of each global batch (rows [i·B/P, (i+1)·B/P) on host i).
+The plan is a pure function of (records, seed, epoch), so `state_dict()` — {epoch, step} — is all a checkpoint
+needs for a resumed run to see exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_KEYS = ("prompt", "question", "problem", "instruction")
+
+
+class DataError(ValueError):
+    """A user-facing data problem: one sentence naming the file and line or field."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading records
+
+
+def read_records(source, split: str = "train") -> list[dict]:
+    """Records from a .jsonl/.json path, a .parquet path, a `datasets.Dataset`, or a hub dataset id."""
+    if isinstance(source, (list, tuple)):
+        return [dict(r, _where=f"record {i}") for i, r in enumerate(source)]
+    if not isinstance(source, (str, Path)):  # a datasets.Dataset (or anything iterable of dicts)
+        return [dict(r, _where=f"row {i}") for i, r in enumerate(source)]
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json"):
+        if not path.is_file():
+            raise DataError(f"{path} does not exist.")
+        records = []
+        with path.open() as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}.")
+                records.append(dict(record, _where=f"{path}:{line_no}"))
+        return records
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise DataError(f"{path} does not exist.")
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        return [dict(r, _where=f"{path} row {i}") for i, r in enumerate(rows)]
+    if path.exists():
+        raise DataError(f"{path}: unsupported pairs file (use .jsonl, .json or .parquet).")
+    try:  # not a local file: a hub dataset id
+        import datasets
+
+        dataset = datasets.load_dataset(str(source), split=split)
+    except Exception as err:  # offline, unknown id, ...: one sentence with the way out
+        raise DataError(
+            f"cannot load dataset {source!r} ({type(err).__name__}); download it where there is network and "
+            "pass the local .jsonl or .parquet file instead."
+        ) from None
+    return [dict(r, _where=f"{source} row {i}") for i, r in enumerate(dataset)]
+
+
+def _text_of(value, key: str, where: str) -> str:
+    """A response as text: a string, or the (last) assistant message of a TRL conversational list."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        return value[-1]["content"]
+    raise DataError(f"{where}: field {key!r} must be a non-empty string or a list of chat messages.")
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """The prompt of a record as chat messages (a bare string becomes one user message)."""
+    where = record.get("_where", "record")
+    key = next((k for k in PROMPT_KEYS if k in record), None)
+    if key is None:
+        raise DataError(f"{where}: the record has no prompt (one of {', '.join(PROMPT_KEYS)}).")
+    value = record[key]
+    if isinstance(value, str) and value.strip():
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                 for m in value):  # fmt: skip
+        return value
+    raise DataError(f"{where}: field {key!r} must be a non-empty string or a list of {{role, content}} messages.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenising
+
+
+@dataclass
+class EncodedPair:
+    prompt: np.ndarray  # [P] int32
+    chosen: np.ndarray  # [C] int32, EOS included
+    rejected: np.ndarray  # [R] int32, EOS included
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+
+@dataclass
+class TruncationStats:
+    pairs: int = 0
+    prompts_cut: int = 0
+    responses_cut: int = 0
+    tokens_cut: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.pairs} pairs; {self.prompts_cut} prompts cut at the front, {self.responses_cut} responses "
+                f"cut at the end, {self.tokens_cut} tokens dropped in all")  # fmt: skip
+
+
+def encode_pair(record: dict, tokenizer, max_length: int, max_prompt_length: int, stats: TruncationStats,
+                chat_template: bool = True) -> EncodedPair:  # fmt: skip
+    """Tokenise one record under the truncation policy (module docstring)."""
+    where = record.get("_where", "record")
+    messages = prompt_messages(record)
+    if chat_template:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        prompt = messages[-1]["content"]
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; responses could never end.")
+    responses = []
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataError(f"{where}: the record has no {key!r} field.")
+        responses.append(tokenizer.encode(_text_of(record[key], key, where), add_special_tokens=False) + [eos])
+    stats.pairs += 1
+    if len(prompt_ids) > max_prompt_length:  # keep the end of the prompt: the question and generation prompt
+        stats.prompts_cut += 1
+        stats.tokens_cut += len(prompt_ids) - max_prompt_length
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    room = max_length - len(prompt_ids)
+    for i, response in enumerate(responses):
+        if len(response) > room:
+            stats.responses_cut += 1
+            stats.tokens_cut += len(response) - room
+            responses[i] = response[:room]
+    as_array = lambda ids: np.asarray(ids, np.int32)
+    return EncodedPair(as_array(prompt_ids), as_array(responses[0]), as_array(responses[1]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loader
+
+
+def default_buckets(max_length: int, smallest: int = 64) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `max_length` (always included)."""
+    buckets, size = [], smallest
+    while size < max_length:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_length)
+
+
+@dataclass
+class PairLoader:
+    """Seeded, resumable, host-sharded batches of preference pairs. See the module docstring."""
+
+    pairs: list[EncodedPair]
+    batch_size: int  # global number of pairs per step (all hosts together)
+    buckets: tuple[int, ...]
+    pad_id: int
+    seed: int = 0
+    shuffle: bool = True
+    process_index: int = 0
+    process_count: int = 1
+    stats: TruncationStats = field(default_factory=TruncationStats)
+    epoch: int = 0
+    step: int = 0  # batches already yielded in `epoch`
+
+    def __post_init__(self):
+        if self.batch_size % self.process_count:
+            raise DataError(f"batch_size {self.batch_size} is not divisible by the {self.process_count} hosts.")
+        if not self.pairs:
+            raise DataError("there are no pairs to train on.")
+        self.buckets = tuple(sorted(self.buckets))
+        too_long = max(p.length for p in self.pairs)
+        if too_long > self.buckets[-1]:
+            raise DataError(f"a pair has {too_long} tokens, more than the largest bucket ({self.buckets[-1]}).")
+        self._steps_per_epoch = len(self.plan(0))  # the same every epoch: bucket counts don't depend on order
+        if self._steps_per_epoch == 0:
+            raise DataError(f"{len(self.pairs)} pairs cannot fill one batch of {self.batch_size}.")
+
+    @classmethod
+    def from_source(cls, source, tokenizer, *, batch_size: int, max_length: int = 1024,
+                    max_prompt_length: int | None = None, buckets: Sequence[int] | None = None, seed: int = 0,
+                    shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                    chat_template: bool = True) -> PairLoader:  # fmt: skip
+        """Read and tokenise every record (each host builds the same global plan), then batch."""
+        max_prompt_length = max_prompt_length or max_length // 2
+        if not 0 < max_prompt_length < max_length:
+            raise DataError(f"max_prompt_length ({max_prompt_length}) must be in (0, max_length={max_length}).")
+        stats = TruncationStats()
+        records = read_records(source)
+        pairs = [encode_pair(r, tokenizer, max_length, max_prompt_length, stats, chat_template) for r in records]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(pairs, batch_size, tuple(buckets or default_buckets(max_length)), pad_id, seed, shuffle,
+                   process_index, process_count, stats)  # fmt: skip
+
+    # -- the plan ---------------------------------------------------------------------------------
+    def _bucket_of(self, length: int) -> int:
+        return next(b for b in self.buckets if b >= length)
+
+    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """The global batches of an epoch: (bucket length, pair indices [batch_size]), in training order.
+
+        Pairs left over in a bucket (fewer than a batch) move up to the next bucket, where they still fit;
+        only the largest bucket's remainder is dropped (a different one each epoch when shuffling).
+        """
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.pairs)) if self.shuffle else np.arange(len(self.pairs))
+        by_bucket: dict[int, list[int]] = {b: [] for b in self.buckets}
+        for index in order:
+            by_bucket[self._bucket_of(self.pairs[index].length)].append(int(index))
+        batches, carry = [], []
+        for bucket in self.buckets:
+            pool = carry + by_bucket[bucket]
+            full = len(pool) // self.batch_size * self.batch_size
+            batches += [(bucket, np.asarray(pool[i : i + self.batch_size])) for i in range(0, full, self.batch_size)]
+            carry = pool[full:]
+        if self.shuffle:  # interleave buckets instead of going short -> long
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._steps_per_epoch
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return len(self.pairs) - self.steps_per_epoch * self.batch_size
+
+    # -- batches ----------------------------------------------------------------------------------
+    def make_batch(self, bucket: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """This host's rows of a global batch: arrays [batch_size / process_count, 2, bucket]."""
+        per_host = self.batch_size // self.process_count
+        mine = indices[self.process_index * per_host : (self.process_index + 1) * per_host]
+        input_ids = np.full((per_host, 2, bucket), self.pad_id, np.int32)
+        attention_mask = np.zeros((per_host, 2, bucket), np.int32)
+        loss_mask = np.zeros((per_host, 2, bucket), np.int32)
+        for row, index in enumerate(mine):
+            pair = self.pairs[index]
+            for side, response in enumerate((pair.chosen, pair.rejected)):
+                p, r = len(pair.prompt), len(response)
+                input_ids[row, side, :p] = pair.prompt
+                input_ids[row, side, p : p + r] = response
+                attention_mask[row, side, : p + r] = 1
+                loss_mask[row, side, p : p + r] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+                "pair_index": mine.astype(np.int64)}  # fmt: skip
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Endless: epoch after epoch, resuming at (epoch, step)."""
+        while True:
+            plan = self.plan(self.epoch)
+            while self.step < len(plan):
+                bucket, indices = plan[self.step]
+                self.step += 1
+                yield self.make_batch(bucket, indices)
+            self.epoch, self.step = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_pairs": len(self.pairs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_pairs", len(self.pairs)) != len(self.pairs) or state.get("seed", self.seed) != self.seed:
+            raise DataError(
+                f"the checkpoint's loader state ({state.get('num_pairs')} pairs, seed {state.get('seed')}) does not "
+                f"match this data ({len(self.pairs)} pairs, seed {self.seed}); resuming would change the batches."
+            )
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
