@@ -1,0 +1,565 @@
+"""The evaluator: generate solutions, read off final answers, report accuracy, maj@k and "patience" measures.
+
+    summary = evaluate(model, tokenizer, problems, out_dir="runs/eval", max_new_tokens=512, samples=1)
+    jaxpatience eval --model Qwen2-7B-Instruct --dataset gsm8k --limit 200 --out runs/gsm8k
+
+Output folder:
+  generations.jsonl  one line per (problem, sample), appended and flushed after every batch: a crash loses at
+                     most the batch in flight, and a rerun with the same folder skips the problems already done
+  run.json           the settings the generations were made with (a rerun with other settings is refused)
+  summary.json       accuracy per answer reading with a 95% Wilson interval, maj@k, response lengths,
+                     behaviour markers, timing; `jaxpatience eval --compare A B` prints two side by side
+  response_length.png, maj_at_k.png (when samples > 1)
+
+Answer extraction, maj@k and intervals are pure functions in answers.py; this file runs and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxpatience import answers
+from jaxpatience.data.problems import PROMPT_STYLES, Problem, build_prompt, cut_at_stop_strings, load_problems
+
+METRICS = ("strict", "flexible", "math_verify")
+PromptStyle = str | Callable[[Problem], str]
+
+
+class EvalError(ValueError):
+    """Bad evaluation settings or output folder; the message is one sentence."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generations file.
+
+
+def read_generations(path: Path) -> tuple[list[dict], bool]:
+    """The records of a generations.jsonl and whether its last line was cut short (a crash during the write).
+
+    Only the last line may be malformed: anything earlier is an error naming the line.
+    """
+    if not path.exists():
+        return [], False
+    lines = path.read_text(encoding="utf-8").split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, torn = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "id" not in record or "sample" not in record:
+                raise ValueError("not a generation record")
+        except ValueError as err:
+            if number - 1 == last and not path.read_text(encoding="utf-8").endswith("\n"):
+                torn = True  # an unfinished final write: drop it, the problem is generated again
+                continue
+            raise EvalError(f"{path}, line {number}: not a generation record ({err}).") from None
+        records.append(record)
+    return records, torn
+
+
+def complete_records(records: list[dict], samples: int) -> tuple[list[dict], int]:
+    """Records of problems that have all their samples (first copy of each), and how many records were dropped."""
+    by_problem: dict[str, dict[int, dict]] = {}
+    for record in records:
+        by_problem.setdefault(record["id"], {}).setdefault(int(record["sample"]), record)  # first copy wins
+    kept = [
+        by_sample[s]
+        for by_sample in by_problem.values()
+        if set(by_sample) >= set(range(samples))
+        for s in range(samples)
+    ]
+    return kept, len(records) - len(kept)
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    """Append one batch of records as one write, then flush to disk, so a crash leaves whole lines behind."""
+    with open(path, "a", encoding="utf-8") as out:
+        out.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    """Replace the file atomically (write a sibling, then rename): a crash here leaves the old or the new file."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_settings(run_path: Path, settings: dict) -> None:
+    """Record the run's settings, or refuse to resume a folder whose generations were made with other settings."""
+    if run_path.exists():
+        try:
+            previous = json.loads(run_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise EvalError(f"{run_path} is not valid JSON; delete it or use another output folder.") from None
+        for key, value in settings.items():
+            if key in previous and previous[key] != value:
+                raise EvalError(
+                    f"{run_path.parent} holds generations made with {key}={previous[key]!r}, not {value!r}; "
+                    f"use another output folder or delete it to start over."
+                )
+    run_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation loop.
+
+
+def evaluate(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    *,
+    out_dir: str | Path,
+    prompt_style: PromptStyle = "zero_shot",
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    metric: str = "auto",
+    generate_fn: Callable | None = None,
+    progress: bool = True,
+    run_info: dict | None = None,
+    plots: bool = True,
+) -> dict:
+    """Generate `samples` solutions per problem (resuming from `out_dir`), score them, write and return the summary.
+
+    batch_size: problems per generation batch (each batch is `batch_size * samples` rows) and per JSONL flush.
+    metric: the answer reading behind `accuracy` and maj@k: strict, flexible, math_verify, or auto (math_verify
+        when some gold answer is LaTeX and math-verify is installed, else strict).
+    generate_fn: `jaxpatience.generate` by default; any function with its signature (tests pass a fake).
+    run_info: facts about the run (model path, dataset name) stored in run.json and the summary; a rerun into
+        the same folder must match them, as it must match the generation settings.
+    Returns the summary dict (also written to out_dir/summary.json); see `summarize` for its keys.
+    """
+    start = time.perf_counter()
+    problems = list(problems)
+    _validate(problems, prompt_style, max_new_tokens, batch_size, samples, temperature, metric)
+    metric = resolve_metric(metric, problems)
+    if generate_fn is None:
+        from jaxpatience.decode import generate as generate_fn
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    style_name = prompt_style if isinstance(prompt_style, str) else f"custom:{getattr(prompt_style, '__name__', '?')}"
+    settings = dict(run_info or {}, prompt_style=style_name, max_new_tokens=max_new_tokens, samples=samples,
+                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # fmt: skip
+    _check_settings(out_dir / "run.json", settings)
+
+    # Resume: keep whole problems only, drop a torn last line or a half-written batch.
+    path = out_dir / "generations.jsonl"
+    records, torn = read_generations(path)
+    records, dropped = complete_records(records, samples)
+    if torn or dropped:
+        _rewrite(path, records)
+        print(f"{path}: dropped {dropped + torn} incomplete record(s) from an interrupted run.", file=sys.stderr)
+    done = {record["id"] for record in records}
+    todo = [problem for problem in problems if problem.id not in done]
+    wanted = {problem.id for problem in problems}
+    scored = [record["correct"].get(metric) for record in records if record["id"] in wanted]
+    position = {problem.id: index for index, problem in enumerate(problems)}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem", desc="eval",
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    use_math_verify = answers.math_verify_available() is None
+    for first in range(0, len(todo), batch_size):
+        batch = todo[first : first + batch_size]
+        prompts = [build_prompt(problem, tokenizer, prompt_style) for problem in batch]
+        _check_context(model, tokenizer, prompts, batch, max_new_tokens)
+        batch_start = time.perf_counter()
+        results = generate_fn(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, num_samples=samples, seed=_batch_seed(seed, position[batch[0].id]),
+            batch_size=batch_size * samples, progress=False,
+        )  # fmt: skip
+        batch_s = time.perf_counter() - batch_start
+        batch_key = f"{time.time_ns()}-{first}"  # identifies the batch so its time is counted once in the summary
+        new = [
+            _make_record(problem, s, sample, batch_key, batch_s, prompt_style, tokenizer, use_math_verify)
+            for problem, per_problem in zip(batch, results, strict=True)
+            for s, sample in enumerate(per_problem)
+        ]
+        _append(path, new)
+        records += new
+        scored += [record["correct"].get(metric) for record in new]
+        bar.update(len(batch))
+        bar.set_postfix({"acc": f"{np.mean([bool(c) for c in scored]):.3f}"})
+    bar.close()
+
+    summary = summarize(records, problems, samples=samples, metric=metric, max_new_tokens=max_new_tokens)
+    summary.update(settings=settings, out_dir=str(out_dir))
+    summary["timing"].update(wall_s=time.perf_counter() - start, new_problems=len(todo))
+    if plots:
+        summary["plots"] = write_plots(summary, out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _batch_seed(seed: int, first_index: int) -> int:
+    """The decoder's seed for a batch: fixed by the run's seed and the batch's first problem, so a resumed run
+    draws the same samples as an uninterrupted one (with the same batch size)."""
+    return (seed * 1_000_003 + first_index) % 2**32
+
+
+def _validate(problems, prompt_style, max_new_tokens, batch_size, samples, temperature, metric) -> None:
+    checks = [
+        (len(problems) > 0, "there are no problems to evaluate"),
+        (len({p.id for p in problems}) == len(problems), "problem ids must be unique"),
+        (callable(prompt_style) or prompt_style in PROMPT_STYLES,
+         f"unknown prompt style {prompt_style!r}: use one of {', '.join(PROMPT_STYLES)}"),
+        (isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens must be >= 1, not {max_new_tokens}"),
+        (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be >= 1, not {batch_size}"),
+        (isinstance(samples, int) and samples >= 1, f"samples must be >= 1, not {samples}"),
+        (samples == 1 or temperature > 0,
+         f"samples={samples} at temperature 0 would be {samples} identical greedy answers; set a temperature"),
+        (metric in (*METRICS, "auto"), f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise EvalError(message + ".")
+
+
+def resolve_metric(metric: str, problems: Sequence[Problem]) -> str:
+    """`auto` -> math_verify when some gold answer is LaTeX (MATH) and math-verify is installed, else strict."""
+    unavailable = answers.math_verify_available()
+    if metric == "math_verify" and unavailable:
+        raise EvalError(f"metric math_verify is unavailable: {unavailable}.")
+    if metric != "auto":
+        return metric
+    latex = any(not answers.is_numeric(problem.answer) for problem in problems)
+    return "math_verify" if latex and not unavailable else "strict"
+
+
+def _check_context(model, tokenizer, prompts: list[str], batch: list[Problem], max_new_tokens: int) -> None:
+    """Name the problem whose prompt + max_new_tokens does not fit the model's context (before generating)."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is None or tokenizer is None:
+        return
+    for prompt, problem in zip(prompts, batch, strict=True):
+        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if length + max_new_tokens > context:
+            raise EvalError(
+                f"problem {problem.id}: its prompt has {length} tokens, and with max_new_tokens={max_new_tokens} "
+                f"it runs past the model's context of {context}; lower --max-new-tokens or use a shorter prompt style."
+            )
+
+
+def _make_record(problem: Problem, sample_index: int, generation, batch_key: str, batch_s: float,
+                 prompt_style: PromptStyle, tokenizer, use_math_verify: bool) -> dict:  # fmt: skip
+    """One JSONL line: the response, its length, and its scores (recomputed by `summarize`, stored to read)."""
+    text, token_ids = generation.text, list(generation.token_ids)
+    generated_tokens = len(token_ids)
+    if prompt_style == "few_shot_plain":
+        cut = cut_at_stop_strings(text)
+        if cut != text and tokenizer is not None:  # the invented next question does not count as response length
+            text, token_ids = cut, tokenizer(cut, add_special_tokens=False)["input_ids"]
+    scores = answers.score_response(text, problem.answer, use_math_verify=use_math_verify)
+    return {
+        "id": problem.id,
+        "sample": sample_index,
+        "gold": problem.answer,
+        "response": text,
+        "response_tokens": len(token_ids),
+        "generated_tokens": generated_tokens,  # before any stop-string cut: what the decoder produced
+        "finish_reason": getattr(generation, "finish_reason", None),
+        "strict": scores["strict"],
+        "flexible": scores["flexible"],
+        "correct": scores["correct"],
+        "batch": batch_key,
+        "batch_s": batch_s,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The summary.
+
+
+def summarize(records: Sequence[dict], problems: Sequence[Problem], *, samples: int, metric: str,
+              max_new_tokens: int | None = None) -> dict:  # fmt: skip
+    """Scores, maj@k, lengths, behaviours and timing of the records of `problems` (a pure function of both).
+
+    Scores are recomputed from each response and the problem's gold answer, so a summary never depends on how
+    the records were produced (in one run or several). Intervals are Wilson score intervals over problems.
+    """
+    gold = {problem.id: problem.answer for problem in problems}
+    by_problem: dict[str, list[dict]] = {problem.id: [] for problem in problems}
+    for record in records:
+        if record["id"] in by_problem:
+            by_problem[record["id"]].append(record)
+    by_problem = {pid: sorted(rs, key=lambda r: r["sample"]) for pid, rs in by_problem.items() if rs}
+    missing = len(problems) - len(by_problem)
+    if not by_problem:
+        raise EvalError("no generations to summarize.")
+    unavailable = answers.math_verify_available()
+    use_math_verify = unavailable is None or metric == "math_verify"
+    scores = {pid: [answers.score_response(r["response"], gold[pid], use_math_verify=use_math_verify) for r in rs]
+              for pid, rs in by_problem.items()}  # fmt: skip
+    n = len(by_problem)
+
+    def accuracy_of(name: str) -> dict:
+        # Mean over samples within a problem, then over problems: with samples=1 the plain accuracy.
+        per_problem = [np.mean([bool(s["correct"][name]) for s in ss]) for ss in scores.values()]
+        correct = float(np.sum(per_problem))
+        low, high = answers.wilson_interval(correct, n)
+        return {"accuracy": correct / n, "ci95": [low, high], "correct": correct, "n": n}
+
+    metrics = {name: accuracy_of(name) for name in ("strict", "flexible")}
+    metrics["math_verify"] = accuracy_of("math_verify") if use_math_verify else {"unavailable": unavailable}
+    # maj@k votes on extracted answers; math-verify has no canonical form to vote with, so it uses the strict one.
+    vote_on = "flexible" if metric == "flexible" else "strict"
+    voters = [[s[vote_on] for s in ss] for ss in scores.values()]
+    golds = [gold[pid] for pid in scores]
+    equal = _math_verify_answers_equal if metric == "math_verify" else answers.answers_equal
+    maj = {str(k): answers.maj_at_k(voters, golds, k, equal=equal) for k in answers.powers_of_two_up_to(samples)}
+    pass_at_k = float(np.mean([any(s["correct"][metric] for s in ss) for ss in scores.values()]))
+
+    flat = [(r, s) for pid in by_problem for r, s in zip(by_problem[pid], scores[pid], strict=True)]
+    lengths = np.array([r["response_tokens"] for r, _ in flat])
+    correct_mask = np.array([bool(s["correct"][metric]) for _, s in flat])
+    counts, edges = np.histogram(lengths, bins=min(30, max(1, len(set(lengths.tolist())))))
+    markers = [answers.behaviour_markers(r["response"]) for r, _ in flat]
+    batches = {r["batch"]: r["batch_s"] for pid in by_problem for r in by_problem[pid]}  # one time per batch
+    generation_s = float(sum(batches.values()))
+    generated = int(sum(r.get("generated_tokens", r["response_tokens"]) for r, _ in flat))
+    return {
+        "metric": metric,
+        "accuracy": metrics[metric]["accuracy"],
+        "accuracy_ci95": metrics[metric]["ci95"],
+        "ci_method": "wilson score interval, 95%, over problems",
+        "n_problems": n,
+        "missing_problems": missing,
+        "samples": samples,
+        "metrics": metrics,
+        "maj_at_k": maj,
+        "maj_at_k_votes_on": vote_on,
+        "pass_at_k": pass_at_k,
+        "mean_response_tokens": float(lengths.mean()),
+        "median_response_tokens": float(np.median(lengths)),
+        "response_tokens": {
+            "mean": float(lengths.mean()),
+            "median": float(np.median(lengths)),
+            "p90": float(np.percentile(lengths, 90)),
+            "max": int(lengths.max()),
+            "mean_correct": float(lengths[correct_mask].mean()) if correct_mask.any() else None,
+            "mean_incorrect": float(lengths[~correct_mask].mean()) if (~correct_mask).any() else None,
+            "truncated_share": float(np.mean([r.get("finish_reason") == "length" for r, _ in flat])),
+            "histogram": {"counts": counts.tolist(), "bin_edges": edges.tolist()},
+        },
+        "behaviour": {
+            "verify_share": float(np.mean([any(m in answers.VERIFY_MARKERS for m in ms) for ms in markers])),
+            "backtrack_share": float(np.mean([any(m in answers.BACKTRACK_MARKERS for m in ms) for ms in markers])),
+            "markers": {
+                name: float(np.mean([name in ms for ms in markers]))
+                for name in (*answers.VERIFY_MARKERS, *answers.BACKTRACK_MARKERS)
+            },  # fmt: skip
+        },
+        "timing": {
+            "generation_s": generation_s,
+            "generated_tokens": generated,
+            "tokens_per_s": generated / generation_s if generation_s > 0 else None,
+            "problems_per_s": n / generation_s if generation_s > 0 else None,
+        },
+    }
+
+
+def _math_verify_answers_equal(predicted: str | None, gold: str) -> bool:
+    """Equality of a voted (extracted) answer with the gold: canonical strings, else math-verify on the pair."""
+    if predicted is None:
+        return False
+    return answers.answers_equal(predicted, gold) or bool(answers.math_verify_equal(f"${predicted}$", gold))
+
+
+def write_plots(summary: dict, out_dir: Path) -> dict:
+    """response_length.png (histogram) and, with several samples, maj_at_k.png (the test-time-compute curve)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    paths = {}
+    hist = summary["response_tokens"]["histogram"]
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.stairs(hist["counts"], hist["bin_edges"], fill=True)
+    ax.axvline(summary["mean_response_tokens"], color="k", linestyle="--", label="mean")
+    ax.set(xlabel="response length (tokens)", ylabel="responses", title="Response length")
+    ax.legend()
+    paths["response_length"] = str(out_dir / "response_length.png")
+    fig.savefig(paths["response_length"], dpi=100, bbox_inches="tight")
+    if summary["samples"] > 1:
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ks = [int(k) for k in summary["maj_at_k"]]
+        ax.plot(ks, [summary["maj_at_k"][str(k)] for k in ks], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="samples k", ylabel="maj@k accuracy", title="Test-time compute: majority vote")
+        paths["maj_at_k"] = str(out_dir / "maj_at_k.png")
+        fig.savefig(paths["maj_at_k"], dpi=100, bbox_inches="tight")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports.
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for the terminal."""
+    low, high = summary["accuracy_ci95"]
+    lines = [f"accuracy ({summary['metric']}): {summary['accuracy']:.3f}  [95% CI {low:.3f}-{high:.3f}]  "
+             f"n={summary['n_problems']}"]  # fmt: skip
+    for name, m in summary["metrics"].items():
+        lines.append(f"  {name:<12} {m['accuracy']:.3f}" if "accuracy" in m else f"  {name:<12} ({m['unavailable']})")
+    if summary["samples"] > 1:
+        lines.append("  maj@k " + "  ".join(f"@{k}={v:.3f}" for k, v in summary["maj_at_k"].items()))
+    t = summary["response_tokens"]
+    lines.append(
+        f"response tokens: mean {t['mean']:.1f}, median {t['median']:.1f}, truncated {t['truncated_share']:.1%}"
+    )
+    b = summary["behaviour"]
+    lines.append(f"verify {b['verify_share']:.1%}, backtrack {b['backtrack_share']:.1%}")
+    timing = summary["timing"]
+    if timing.get("tokens_per_s"):
+        lines.append(f"generation {timing['generation_s']:.1f}s, {timing['tokens_per_s']:.1f} tokens/s"
+                     + (f", wall {timing['wall_s']:.1f}s" if "wall_s" in timing else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def compare_table(before: dict, after: dict, names: tuple[str, str] = ("A", "B")) -> str:
+    """A before/after table of two summaries: the headline numbers with their difference."""
+
+    def get(summary: dict, *keys):
+        value = summary
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    rows = [(f"accuracy ({before.get('metric')} / {after.get('metric')})", ("accuracy",), True)]
+    rows += [(f"  {name}", ("metrics", name, "accuracy"), True) for name in METRICS]
+    ks = sorted({*before.get("maj_at_k", {}), *after.get("maj_at_k", {})}, key=int)
+    rows += [(f"maj@{k}", ("maj_at_k", k), True) for k in ks if k != "1"]
+    rows += [
+        ("mean response tokens", ("mean_response_tokens",), False),
+        ("median response tokens", ("median_response_tokens",), False),
+        ("verify share", ("behaviour", "verify_share"), True),
+        ("backtrack share", ("behaviour", "backtrack_share"), True),
+        ("tokens/s", ("timing", "tokens_per_s"), False),
+        ("problems", ("n_problems",), False),
+    ]
+    table = [("", *names, "change")]
+    for label, keys, is_share in rows:
+        a, b = get(before, *keys), get(after, *keys)
+        cell = (lambda v: f"{100 * v:.1f}%") if is_share else (lambda v: f"{v:.1f}" if isinstance(v, float) else str(v))
+        diff = "" if a is None or b is None else (f"{100 * (b - a):+.1f} pts" if is_share else f"{b - a:+.1f}")
+        table.append((label, "-" if a is None else cell(a), "-" if b is None else cell(b), diff))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in table
+    )
+
+
+def load_summary(path: str | Path) -> dict:
+    """A summary.json, given the file or the output folder holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    if not path.is_file():
+        raise EvalError(f"summary file {path} does not exist.")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EvalError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}).") from None
+    if not isinstance(summary, dict) or "accuracy" not in summary:
+        raise EvalError(f"{path} is not an evaluation summary (it has no 'accuracy').")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: `jaxpatience eval ...` (cli.py dispatches here).
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxpatience eval",
+        description="Evaluate a Qwen2 checkpoint on GSM8K, MATH, gsm_symbolic or a local file of problems.",
+    )
+    parser.add_argument("--model", help="HF checkpoint directory or .gguf file")
+    parser.add_argument("--adapter", help="LoRA adapter checkpoint to apply on top of --model")
+    parser.add_argument("--dataset", help="gsm8k, math (MATH-500), gsm_symbolic, or a .jsonl/.json/.parquet file")
+    parser.add_argument("--split", default="test", help="hub dataset split (default: test)")
+    parser.add_argument("--limit", type=int, help="evaluate the first N problems")
+    parser.add_argument("--batch-size", type=int, default=16, help="problems per generation batch (default: 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="default: 512")
+    parser.add_argument("--samples", type=int, default=1, help="solutions per problem, for maj@k (default: 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, and gsm_symbolic's generator seed")
+    parser.add_argument("--prompt-style", default="zero_shot", choices=PROMPT_STYLES)
+    parser.add_argument("--metric", default="auto", choices=("auto", *METRICS), help="the reading behind accuracy")
+    parser.add_argument("--dtype", default="float32", help="weight dtype: float32 or bfloat16 (default: float32)")
+    parser.add_argument("--out", help="output folder (rerunning into it resumes)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print a before/after table of two summaries")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (load_summary(p) for p in args.compare)
+        print(compare_table(before, after, names=tuple(Path(p).name or str(p) for p in args.compare)))
+        return 0
+    for flag in ("model", "dataset", "out"):
+        if getattr(args, flag) is None:
+            parser.error(f"--{flag} is required (or use --compare A B)")
+    problems = load_problems(args.dataset, split=args.split, limit=args.limit, seed=args.seed)
+    load_adapter = _adapter_loader() if args.adapter else None
+
+    from jaxpatience.weights import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model, dtype=args.dtype)
+    if load_adapter is not None:
+        model = load_adapter(model, args.adapter) or model
+    run_info = {"model": str(Path(args.model).resolve()), "adapter": args.adapter, "dataset": args.dataset,
+                "split": args.split, "dataset_seed": args.seed if args.dataset == "gsm_symbolic" else None}  # fmt: skip
+    summary = evaluate(
+        model, tokenizer, problems, out_dir=args.out, prompt_style=args.prompt_style,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, metric=args.metric,
+        progress=not args.no_progress, run_info=run_info,
+    )  # fmt: skip
+    print(format_summary(summary))
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _adapter_loader() -> Callable:
+    """The LoRA checkpoint loader, once lora.py has one; until then a clear refusal."""
+    from jaxpatience import lora
+
+    loader = getattr(lora, "load_adapter", None)
+    if loader is None:
+        raise EvalError(
+            "--adapter is not supported yet (jaxpatience.lora has no adapter loader); merge the adapter into "
+            "the base checkpoint and pass that as --model."
+        )
+    return loader
