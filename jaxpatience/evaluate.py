@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from jaxpatience import answers
-from jaxpatience.data.problems import PROMPT_STYLES, Problem, build_prompt, cut_at_stop_strings, load_problems
+from jaxpatience.data.problems import (
+    PROMPT_STYLES,
+    Problem,
+    as_problem,
+    build_prompt,
+    cut_at_stop_strings,
+    load_problems,
+)
 
 METRICS = ("strict", "flexible", "math_verify")
 PromptStyle = str | Callable[[Problem], str]
@@ -135,6 +142,7 @@ def evaluate(
     progress: bool = True,
     run_info: dict | None = None,
     plots: bool = True,
+    generate_kwargs: dict | None = None,
 ) -> dict:
     """Generate `samples` solutions per problem (resuming from `out_dir`), score them, write and return the summary.
 
@@ -144,10 +152,11 @@ def evaluate(
     generate_fn: `jaxpatience.generate` by default; any function with its signature (tests pass a fake).
     run_info: facts about the run (model path, dataset name) stored in run.json and the summary; a rerun into
         the same folder must match them, as it must match the generation settings.
+    generate_kwargs: passed on to generate_fn as they are, e.g. {"mesh": mesh} or {"stop_tokens": [...]}.
     Returns the summary dict (also written to out_dir/summary.json); see `summarize` for its keys.
     """
     start = time.perf_counter()
-    problems = list(problems)
+    problems = [as_problem(problem) for problem in problems]
     _validate(problems, prompt_style, max_new_tokens, batch_size, samples, temperature, metric)
     metric = resolve_metric(metric, problems)
     if generate_fn is None:
@@ -158,56 +167,63 @@ def evaluate(
     settings = dict(run_info or {}, prompt_style=style_name, max_new_tokens=max_new_tokens, samples=samples,
                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # fmt: skip
     _check_settings(out_dir / "run.json", settings)
-
-    # Resume: keep whole problems only, drop a torn last line or a half-written batch.
     path = out_dir / "generations.jsonl"
-    records, torn = read_generations(path)
-    records, dropped = complete_records(records, samples)
-    if torn or dropped:
-        _rewrite(path, records)
-        print(f"{path}: dropped {dropped + torn} incomplete record(s) from an interrupted run.", file=sys.stderr)
+    records = _resume(path, samples)
     done = {record["id"] for record in records}
     todo = [problem for problem in problems if problem.id not in done]
-    wanted = {problem.id for problem in problems}
-    scored = [record["correct"].get(metric) for record in records if record["id"] in wanted]
     position = {problem.id: index for index, problem in enumerate(problems)}
+    # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
+    scored = [bool(record["correct"].get(metric)) for record in records if record["id"] in position]
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem", desc="eval",
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     use_math_verify = answers.math_verify_available() is None
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    num_samples=samples, batch_size=batch_size * samples, progress=False)  # fmt: skip
+    sampling.update(generate_kwargs or {})
     for first in range(0, len(todo), batch_size):
         batch = todo[first : first + batch_size]
         prompts = [build_prompt(problem, tokenizer, prompt_style) for problem in batch]
         _check_context(model, tokenizer, prompts, batch, max_new_tokens)
         batch_start = time.perf_counter()
-        results = generate_fn(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, num_samples=samples, seed=_batch_seed(seed, position[batch[0].id]),
-            batch_size=batch_size * samples, progress=False,
-        )  # fmt: skip
-        batch_s = time.perf_counter() - batch_start
-        batch_key = f"{time.time_ns()}-{first}"  # identifies the batch so its time is counted once in the summary
+        results = generate_fn(model, tokenizer, prompts, seed=_batch_seed(seed, position[batch[0].id]), **sampling)
+        timing = {
+            "batch": f"{time.time_ns()}-{first}",  # identifies the batch, so its time is counted once
+            "batch_s": time.perf_counter() - batch_start,
+            "warmup": first == 0,  # this run's first batch: its time includes compilation
+        }
         new = [
-            _make_record(problem, s, sample, batch_key, batch_s, prompt_style, tokenizer, use_math_verify)
+            _make_record(problem, s, sample, timing, prompt_style, tokenizer, use_math_verify)
             for problem, per_problem in zip(batch, results, strict=True)
             for s, sample in enumerate(per_problem)
         ]
         _append(path, new)
         records += new
-        scored += [record["correct"].get(metric) for record in new]
+        scored += [bool(record["correct"].get(metric)) for record in new]
         bar.update(len(batch))
-        bar.set_postfix({"acc": f"{np.mean([bool(c) for c in scored]):.3f}"})
+        bar.set_postfix({"acc": f"{np.mean(scored):.3f}"})
     bar.close()
 
-    summary = summarize(records, problems, samples=samples, metric=metric, max_new_tokens=max_new_tokens)
+    summary = summarize(records, problems, samples=samples, metric=metric)
     summary.update(settings=settings, out_dir=str(out_dir))
     summary["timing"].update(wall_s=time.perf_counter() - start, new_problems=len(todo))
     if plots:
         summary["plots"] = write_plots(summary, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _resume(path: Path, samples: int) -> list[dict]:
+    """The records already in generations.jsonl, whole problems only: a torn last line (a crash during a write)
+    or a problem with missing samples is dropped, and the file is rewritten without them."""
+    records, torn = read_generations(path)
+    records, dropped = complete_records(records, samples)
+    if torn or dropped:
+        _rewrite(path, records)
+        print(f"{path}: dropped {dropped + torn} incomplete record(s) of an interrupted run.", file=sys.stderr)
+    return records
 
 
 def _batch_seed(seed: int, first_index: int) -> int:
@@ -259,8 +275,8 @@ def _check_context(model, tokenizer, prompts: list[str], batch: list[Problem], m
             )
 
 
-def _make_record(problem: Problem, sample_index: int, generation, batch_key: str, batch_s: float,
-                 prompt_style: PromptStyle, tokenizer, use_math_verify: bool) -> dict:  # fmt: skip
+def _make_record(problem: Problem, sample_index: int, generation, timing: dict, prompt_style: PromptStyle,
+                 tokenizer, use_math_verify: bool) -> dict:  # fmt: skip
     """One JSONL line: the response, its length, and its scores (recomputed by `summarize`, stored to read)."""
     text, token_ids = generation.text, list(generation.token_ids)
     generated_tokens = len(token_ids)
@@ -280,8 +296,7 @@ def _make_record(problem: Problem, sample_index: int, generation, batch_key: str
         "strict": scores["strict"],
         "flexible": scores["flexible"],
         "correct": scores["correct"],
-        "batch": batch_key,
-        "batch_s": batch_s,
+        **timing,
     }
 
 
@@ -289,8 +304,7 @@ def _make_record(problem: Problem, sample_index: int, generation, batch_key: str
 # The summary.
 
 
-def summarize(records: Sequence[dict], problems: Sequence[Problem], *, samples: int, metric: str,
-              max_new_tokens: int | None = None) -> dict:  # fmt: skip
+def summarize(records: Sequence[dict], problems: Sequence[Problem], *, samples: int, metric: str) -> dict:
     """Scores, maj@k, lengths, behaviours and timing of the records of `problems` (a pure function of both).
 
     Scores are recomputed from each response and the problem's gold answer, so a summary never depends on how
@@ -333,9 +347,14 @@ def summarize(records: Sequence[dict], problems: Sequence[Problem], *, samples: 
     correct_mask = np.array([bool(s["correct"][metric]) for _, s in flat])
     counts, edges = np.histogram(lengths, bins=min(30, max(1, len(set(lengths.tolist())))))
     markers = [answers.behaviour_markers(r["response"]) for r, _ in flat]
-    batches = {r["batch"]: r["batch_s"] for pid in by_problem for r in by_problem[pid]}  # one time per batch
-    generation_s = float(sum(batches.values()))
-    generated = int(sum(r.get("generated_tokens", r["response_tokens"]) for r, _ in flat))
+    batches: dict[str, dict] = {}  # batch -> its time, whether it was a warm-up, its tokens
+    for record, _ in flat:
+        batch = batches.setdefault(record["batch"], {"s": record["batch_s"], "warmup": record.get("warmup"), "n": 0})
+        batch["n"] += record.get("generated_tokens", record["response_tokens"])
+    generation_s = float(sum(b["s"] for b in batches.values()))
+    generated = int(sum(b["n"] for b in batches.values()))
+    warm = [b for b in batches.values() if not b["warmup"]]
+    warm_s = sum(b["s"] for b in warm)
     return {
         "metric": metric,
         "accuracy": metrics[metric]["accuracy"],
@@ -372,6 +391,8 @@ def summarize(records: Sequence[dict], problems: Sequence[Problem], *, samples: 
             "generation_s": generation_s,
             "generated_tokens": generated,
             "tokens_per_s": generated / generation_s if generation_s > 0 else None,
+            # The same without each run's first batch, whose time includes jit compilation.
+            "tokens_per_s_warm": sum(b["n"] for b in warm) / warm_s if warm_s > 0 else None,
             "problems_per_s": n / generation_s if generation_s > 0 else None,
         },
     }
@@ -440,39 +461,52 @@ def format_summary(summary: dict) -> str:
 
 
 def compare_table(before: dict, after: dict, names: tuple[str, str] = ("A", "B")) -> str:
-    """A before/after table of two summaries: the headline numbers with their difference."""
+    """A before/after table of two summaries: the headline numbers and their change (shares in points)."""
 
     def get(summary: dict, *keys):
-        value = summary
         for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
-        return value
+            summary = summary.get(key) if isinstance(summary, dict) else None
+        return summary
 
-    rows = [(f"accuracy ({before.get('metric')} / {after.get('metric')})", ("accuracy",), True)]
-    rows += [(f"  {name}", ("metrics", name, "accuracy"), True) for name in METRICS]
-    ks = sorted({*before.get("maj_at_k", {}), *after.get("maj_at_k", {})}, key=int)
-    rows += [(f"maj@{k}", ("maj_at_k", k), True) for k in ks if k != "1"]
-    rows += [
+    def show(value, is_share: bool) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.1f}%" if is_share else (f"{value:.1f}" if isinstance(value, float) else str(value))
+
+    def change(a, b, is_share: bool) -> str:
+        if a is None or b is None:
+            return ""
+        return (
+            f"{100 * (b - a):+.1f} pts"
+            if is_share
+            else (f"{b - a:+.1f}" if isinstance(b - a, float) else f"{b - a:+d}")
+        )
+
+    several = max(before.get("samples", 1), after.get("samples", 1)) > 1
+    ks = sorted({*before.get("maj_at_k", {}), *after.get("maj_at_k", {})}, key=int) if several else []
+    rows = [  # (label, keys into the summary, is a share)
+        (f"accuracy ({before.get('metric')} / {after.get('metric')})", ("accuracy",), True),
+        *[(f"  {name}", ("metrics", name, "accuracy"), True) for name in METRICS],
+        *[(f"maj@{k}", ("maj_at_k", k), True) for k in ks],
         ("mean response tokens", ("mean_response_tokens",), False),
         ("median response tokens", ("median_response_tokens",), False),
+        ("truncated share", ("response_tokens", "truncated_share"), True),
         ("verify share", ("behaviour", "verify_share"), True),
         ("backtrack share", ("behaviour", "backtrack_share"), True),
-        ("tokens/s", ("timing", "tokens_per_s"), False),
+        ("tokens/s (warm)", ("timing", "tokens_per_s_warm"), False),
         ("problems", ("n_problems",), False),
     ]
     table = [("", *names, "change")]
     for label, keys, is_share in rows:
         a, b = get(before, *keys), get(after, *keys)
-        cell = (lambda v: f"{100 * v:.1f}%") if is_share else (lambda v: f"{v:.1f}" if isinstance(v, float) else str(v))
-        diff = "" if a is None or b is None else (f"{100 * (b - a):+.1f} pts" if is_share else f"{b - a:+.1f}")
-        table.append((label, "-" if a is None else cell(a), "-" if b is None else cell(b), diff))
+        table.append((label, show(a, is_share), show(b, is_share), change(a, b, is_share)))
+    # The 95% interval under the accuracy, so a reader sees at once whether the change is more than noise.
+    ci = [get(s, "accuracy_ci95") for s in (before, after)]
+    table.insert(2, ("  95% CI", *("-" if c is None else f"{100 * c[0]:.1f}-{100 * c[1]:.1f}" for c in ci), ""))
     widths = [max(len(row[i]) for row in table) for i in range(4)]
-    return "\n".join(
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in table
-    )
+    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
+             for row in table]  # fmt: skip
+    return "\n".join(lines)
 
 
 def load_summary(path: str | Path) -> dict:

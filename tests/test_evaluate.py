@@ -175,6 +175,20 @@ def test_summarize_is_independent_of_record_order():
     forward = summarize(records, problems, samples=2, metric="strict")
     assert forward == summarize(records[::-1], problems, samples=2, metric="strict")
     assert forward["timing"]["generation_s"] == 1.0  # one batch, counted once
+    assert forward["timing"]["tokens_per_s"] == 6 * 3 / 1.0
+
+
+def test_warm_throughput_leaves_out_each_runs_first_batch():
+    problems = [Problem(f"p{i}", f"Problem {i}?", "1") for i in range(3)]
+    batches = [("a", 10.0, True, 5), ("b", 1.0, False, 20), ("c", 1.0, False, 40)]  # (batch, seconds, warmup, tokens)
+    records = [
+        {"id": p.id, "sample": 0, "response": "1", "response_tokens": n, "generated_tokens": n, "batch": b,
+         "batch_s": t, "warmup": w}
+        for p, (b, t, w, n) in zip(problems, batches, strict=True)
+    ]  # fmt: skip
+    timing = summarize(records, problems, samples=1, metric="strict")["timing"]
+    assert timing["tokens_per_s"] == pytest.approx(65 / 12)
+    assert timing["tokens_per_s_warm"] == pytest.approx(60 / 2)
 
 
 def test_compare_prints_a_before_after_table(tmp_path, capsys):

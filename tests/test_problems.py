@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from jaxpatience.data.problems import (
     GSM8K_COT_EXEMPLARS,
     Problem,
     ProblemsError,
+    as_problem,
     build_prompt,
     cut_at_stop_strings,
     load_file,
@@ -113,9 +115,25 @@ def test_prompt_styles():
     assert all(q in few and a in few for q, a in GSM8K_COT_EXEMPLARS)
     plain = build_prompt(problem, tokenizer, "few_shot_plain")
     assert "<|im_start|>" not in plain and plain.count("Q: ") == 9 and plain.endswith(f"Q: {problem.question}\nA:")
+    bare = build_prompt(problem, tokenizer, "question")
+    assert bare.endswith(f"<|im_start|>user\n{problem.question}<|im_end|>\n<|im_start|>assistant\n")
     assert build_prompt(problem, tokenizer, lambda p: f"<<{p.question}>>") == f"<<{problem.question}>>"
     with pytest.raises(ProblemsError, match="unknown prompt style 'one_shot'"):
         build_prompt(problem, tokenizer, "one_shot")
+
+
+def test_as_problem_accepts_records_and_objects():
+    @dataclasses.dataclass
+    class ToyLike:  # like data/toy.py's ToyProblem: an int answer and extra fields
+        id: str
+        question: str
+        answer: int
+        steps: tuple = ()
+
+    assert as_problem(ToyLike("t1", "Tom has 3 apples.", 72)) == Problem("t1", "Tom has 3 apples.", "72")
+    assert as_problem({"id": 5, "question": "q", "answer": " 7 "}) == Problem("5", "q", "7")
+    with pytest.raises(ProblemsError, match="a problem lacks answer"):
+        as_problem({"id": "x", "question": "q"})
 
 
 def test_exemplars_are_correct():

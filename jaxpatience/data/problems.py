@@ -40,6 +40,19 @@ class Problem:
     answer: str  # the bare gold answer, not a whole solution
 
 
+def as_problem(item: Problem | dict | object) -> Problem:
+    """A Problem from a Problem, a {id, question, answer} dict, or any object with those attributes (the toy
+    world's ToyProblem, whose answer is an int)."""
+    if isinstance(item, Problem):
+        return item
+    get = item.get if isinstance(item, dict) else lambda key: getattr(item, key, None)
+    fields = {key: get(key) for key in ("id", "question", "answer")}
+    missing = [key for key, value in fields.items() if value is None]
+    if missing:
+        raise ProblemsError(f"a problem lacks {', '.join(missing)}: {str(item)[:80]}")
+    return Problem(id=str(fields["id"]), question=str(fields["question"]), answer=str(fields["answer"]).strip())
+
+
 def load_problems(dataset: str, *, split: str = "test", limit: int | None = None, seed: int = 0) -> list[Problem]:
     """Problems from a known dataset name (gsm8k, math, gsm_symbolic) or a local file, the first `limit` of them."""
     if limit is not None and limit <= 0:
@@ -168,7 +181,7 @@ def _problem_from_record(record: object, path: Path, where: str, index: int) -> 
 # ---------------------------------------------------------------------------------------------------
 # Prompts: how a problem is posed to the model (the evaluator and self-sampling use the same ones).
 
-PROMPT_STYLES = ("zero_shot", "few_shot", "few_shot_plain")
+PROMPT_STYLES = ("zero_shot", "few_shot", "few_shot_plain", "question")
 
 ZERO_SHOT_NUMBER = (
     "{question}\nPlease think step by step, and end your response with 'The answer is N.' where N is the final number."
@@ -234,6 +247,7 @@ def build_prompt(problem: Problem, tokenizer, style: str | Callable[[Problem], s
         gold answer is LaTeX, as Qwen's MATH prompt does).
     few_shot: the 8 GSM8K chain-of-thought exemplars as alternating user/assistant turns, then the question.
     few_shot_plain: the same exemplars as "Q: ...\\nA: ..." text with no chat template (for base models).
+    question: the bare question as the one user turn (for a model trained on such prompts, e.g. the toy demo's).
     A callable style is given the Problem and returns the finished prompt (the toy demo formats its own).
     """
     if callable(style):
@@ -246,6 +260,8 @@ def build_prompt(problem: Problem, tokenizer, style: str | Callable[[Problem], s
         for question, answer in GSM8K_COT_EXEMPLARS:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         messages.append({"role": "user", "content": problem.question})
+    elif style == "question":
+        messages = [{"role": "user", "content": problem.question}]
     elif style == "few_shot_plain":
         shots = "".join(f"Q: {question}\nA: {answer}\n\n" for question, answer in GSM8K_COT_EXEMPLARS)
         return f"{shots}Q: {problem.question}\nA:"
