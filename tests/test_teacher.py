@@ -23,6 +23,7 @@ import pytest
 
 from jaxpatience import cli
 from jaxpatience.data import teacher
+from jaxpatience.data.pairs import prompt_messages, read_records
 from jaxpatience.data.problems import Problem
 
 MODEL = "teacher-test"
@@ -294,6 +295,9 @@ def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
         assert record["prompt"] == by_id[problem_id].question and record["answer"] == by_id[problem_id].answer
         assert record["teacher_model"] == MODEL and record["usage"]["completion_tokens"] > 0
 
+    loaded = read_records(out)  # what the pair loader sees: the question as the one user turn
+    assert [prompt_messages(r) for r in loaded] == [[{"role": "user", "content": r["prompt"]}] for r in loaded]
+
     rejected = {r["id"]: r for r in read_jsonl(tmp_path / "pairs.rejected.jsonl")}
     assert {k: r["reason"] for k, r in rejected.items()} == {
         "q1": "concise_wrong",
@@ -334,10 +338,19 @@ def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
 def test_retries_run_out_on_transient_errors(serve, tmp_path):
     problems = make_problems(2)
     server = serve(problems, {("q1", "concise"): [("status", 503, {})] * 10})
-    summary = teacher.build_pairs(problems, tmp_path / "pairs.jsonl", config_for(server, max_retries=2))
+    config = config_for(server, max_retries=2, concurrency=1)  # q0 first: the endpoint is known to work
+    summary = teacher.build_pairs(problems, tmp_path / "pairs.jsonl", config)
     assert summary["failed"] == {"http_503": 1} and summary["written"] == 1
     assert len(server.requests_for("q1")) == 3  # bounded: the first attempt and 2 retries
     assert not (tmp_path / "pairs.rejected.jsonl").read_text()  # not dropped for good: a rerun tries again
+
+    # An endpoint that never answers successfully stops the run instead of going through every problem.
+    server = serve(
+        problems, {("q0", "concise"): [("status", 503, {})] * 10, ("q1", "concise"): [("status", 503, {})] * 10}
+    )
+    with pytest.raises(teacher.TeacherError, match="answered no request"):
+        teacher.build_pairs(problems, tmp_path / "again.jsonl", config_for(server, max_retries=2))
+    assert len(server.log) <= 2 * 3
 
 
 def test_concurrency_is_bounded(serve, tmp_path):

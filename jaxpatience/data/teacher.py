@@ -348,58 +348,68 @@ async def chat(state: _RunState, messages: list[dict]) -> _Reply:
     """One chat completion, retried on transient failures; raises TeacherError, _Drop or _GaveUp."""
     config = state.config
     extra = {} if config.temperature is None else {"temperature": config.temperature}
-    malformed, connection_error = 0, None
+    malformed = 0
     for attempt in range(config.max_retries + 1):
-        wait = None  # a server-requested delay (Retry-After)
         try:
             state.requests += 1
-            response = await state.client.chat.completions.create(model=config.model, messages=messages, **extra)
-            reply = _parse_reply(response)
+            reply = _parse_reply(
+                await state.client.chat.completions.create(model=config.model, messages=messages, **extra)
+            )
+        except (openai.APIError, _Malformed, json.JSONDecodeError, UnicodeDecodeError) as err:
+            last_error = err
+            kind, wait = _classify(err, state, attempt)  # raises on what retrying cannot fix
+            malformed += kind == "malformed"
+            if malformed >= MALFORMED_ATTEMPTS:
+                raise _Drop("malformed", f"{malformed} replies were not chat completions ({err}).") from None
+        else:
             state.answered = True
             state.prompt_tokens += reply.prompt_tokens
             state.completion_tokens += reply.completion_tokens
             return reply
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
-            raise TeacherError(
-                f"{config.base_url} refused the API key (HTTP {err.status_code}: {_server_message(err)}); "
-                f"set OPENAI_API_KEY to a valid key."
-            ) from None
-        except openai.NotFoundError as err:
-            raise TeacherError(
-                f"{config.base_url} has no model {config.model!r} or no /chat/completions route "
-                f"(HTTP 404: {_server_message(err)}); check --model and --base-url (it usually ends in /v1)."
-            ) from None
-        except openai.APITimeoutError:
-            kind = "timeout"
-        except openai.APIConnectionError as err:
-            kind, connection_error = "connection", err
-            if not state.answered and attempt + 1 >= CONNECT_ATTEMPTS:
-                raise _unreachable(state, attempt + 1, err) from None
-        except (openai.RateLimitError, openai.InternalServerError) as err:
-            kind, wait = f"http_{err.status_code}", _retry_after(err)
-        except openai.APIStatusError as err:
-            if err.status_code in (408, 409) or err.status_code >= 500:
-                kind, wait = f"http_{err.status_code}", _retry_after(err)
-            elif err.status_code in (400, 413, 422) and state.answered:
-                # The endpoint works for other problems: this one is too long or otherwise unacceptable.
-                raise _Drop("bad_request", f"HTTP {err.status_code}: {_server_message(err)}") from None
-            else:
-                raise TeacherError(
-                    f"{config.base_url} rejected the request (HTTP {err.status_code}: {_server_message(err)})."
-                ) from None
-        except (_Malformed, openai.APIResponseValidationError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            kind, malformed = "malformed", malformed + 1
-            if malformed >= MALFORMED_ATTEMPTS:
-                raise _Drop("malformed", f"{MALFORMED_ATTEMPTS} replies were not chat completions ({err}).") from None
         state.retries[kind] += 1
-        if attempt == config.max_retries:
-            break
-        await asyncio.sleep(backoff_delay(attempt, config.backoff, wait))
-    if kind == "connection":  # the endpoint went away: stop the run, a rerun resumes
-        raise _unreachable(state, config.max_retries + 1, connection_error)
+        if attempt < config.max_retries:
+            await asyncio.sleep(backoff_delay(attempt, config.backoff, wait))
+    # Out of retries.
     if kind == "malformed":
-        raise _Drop("malformed", "the replies were not chat completions.")
+        raise _Drop("malformed", f"the replies were not chat completions ({last_error}).")
+    if kind == "connection":  # the endpoint is gone: stop the run
+        raise _unreachable(state, config.max_retries + 1, last_error)
+    if not state.answered:  # it never worked: do not go on through every problem
+        raise TeacherError(
+            f"{config.base_url} answered no request ({kind} {config.max_retries + 1} times in a row: {last_error}); "
+            f"is the server overloaded or still starting?"
+        )
     raise _GaveUp(kind)
+
+
+def _classify(err: Exception, state: _RunState, attempt: int) -> tuple[str, float | None]:
+    """(kind, server-requested delay) of a retryable failure; raises TeacherError or _Drop for the others."""
+    url = state.config.base_url
+    if isinstance(err, openai.AuthenticationError | openai.PermissionDeniedError):
+        raise TeacherError(
+            f"{url} refused the API key (HTTP {err.status_code}: {_server_message(err)}); set OPENAI_API_KEY to a "
+            f"valid key."
+        ) from None
+    if isinstance(err, openai.NotFoundError):
+        raise TeacherError(
+            f"{url} has no model {state.config.model!r} or no /chat/completions route (HTTP 404: "
+            f"{_server_message(err)}); check --model and --base-url (it usually ends in /v1)."
+        ) from None
+    if isinstance(err, openai.APITimeoutError):  # (a subclass of APIConnectionError)
+        return "timeout", None
+    if isinstance(err, openai.APIConnectionError):
+        if not state.answered and attempt + 1 >= CONNECT_ATTEMPTS:  # refused from the start: a wrong URL
+            raise _unreachable(state, attempt + 1, err) from None
+        return "connection", None
+    if isinstance(err, openai.APIStatusError):
+        status = err.status_code
+        if status in (408, 409, 429) or status >= 500:
+            return f"http_{status}", _retry_after(err)
+        if status in (400, 413, 422) and state.answered:
+            # The endpoint works for other problems: this one is too long or otherwise unacceptable.
+            raise _Drop("bad_request", f"HTTP {status}: {_server_message(err)}") from None
+        raise TeacherError(f"{url} rejected the request (HTTP {status}: {_server_message(err)}).") from None
+    return "malformed", None  # a 200 whose body is not a chat completion
 
 
 def backoff_delay(attempt: int, base: float, retry_after: float | None = None) -> float:
@@ -601,25 +611,32 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jaxpatience pairs", description=__doc__.split("\n")[0])
-    parser.add_argument("--problems", required=True, help="JSONL of {id, question, answer} (GSM8K layout works)")
-    parser.add_argument("--out", required=True, help="pairs JSONL, appended to and resumed")
+    parser.add_argument(
+        "--problems", required=True, metavar="FILE", help="JSONL of {id, question, answer} (GSM8K layout works)"
+    )
+    parser.add_argument("--out", required=True, metavar="FILE", help="pairs JSONL, appended to and resumed")
     parser.add_argument(
         "--base-url",
+        metavar="URL",
         default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
         help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM)",
     )
-    parser.add_argument("--model", required=True, help="teacher model name, e.g. gpt-4o")
-    parser.add_argument("--concurrency", type=_positive_int, default=8, help="problems in flight at once")
-    parser.add_argument("--limit", type=_positive_int, help="only the first N problems")
+    parser.add_argument("--model", required=True, metavar="NAME", help="teacher model name, e.g. gpt-4o")
+    parser.add_argument("--concurrency", type=_positive_int, metavar="N", default=8, help="problems in flight at once")
+    parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N problems")
     parser.add_argument("--dry-run", action="store_true", help="print the prompts for the first problems; send nothing")
-    parser.add_argument("--max-retries", type=int, default=5, help="retries per request on 429/5xx/timeouts")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    parser.add_argument("--prompts", help=f"prompt templates (YAML); default {DEFAULT_PROMPTS}")
-    parser.add_argument("--temperature", type=float, help="sampling temperature (default: the server's)")
+    parser.add_argument(
+        "--max-retries", type=int, metavar="N", default=5, help="retries per request on 429/5xx/timeouts"
+    )
+    parser.add_argument("--timeout", type=float, metavar="S", default=120.0, help="seconds per request")
+    parser.add_argument("--prompts", metavar="FILE", help=f"prompt templates (YAML); default {DEFAULT_PROMPTS}")
+    parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: the server's)")
     parser.add_argument("--retry-dropped", action="store_true", help="ask again for problems dropped by earlier runs")
-    parser.add_argument("--price-in", type=float, help="$ per 1M prompt tokens (for the cost estimate)")
-    parser.add_argument("--price-out", type=float, help="$ per 1M completion tokens")
-    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles per retry)")
+    parser.add_argument("--price-in", type=float, metavar="USD", help="$ per 1M prompt tokens (for the cost estimate)")
+    parser.add_argument("--price-out", type=float, metavar="USD", help="$ per 1M completion tokens")
+    parser.add_argument(
+        "--backoff", type=float, metavar="S", default=1.0, help="first retry delay in seconds (doubles per retry)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
