@@ -164,6 +164,14 @@ class FakeTeacher:
         return Handler
 
 
+@pytest.fixture(autouse=True)
+def no_proxies(monkeypatch):
+    """httpx honours proxy variables: keep every request (and the subprocess's) on 127.0.0.1."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
 @pytest.fixture
 def serve():
     servers = []
@@ -402,7 +410,21 @@ def test_unknown_model_is_one_clear_line(serve, tmp_path, capsys, monkeypatch):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-model" in err[0] and "404" in err[0]
-    assert len(server.log) <= 8  # at most one request per worker, none retried
+    assert len(server.log) <= len(problems)  # at most one request per worker, none retried
+
+
+def test_second_run_on_the_same_output_is_refused(serve, tmp_path):
+    problems = make_problems(2)
+    server = serve(problems)
+    out = tmp_path / "pairs.jsonl"
+    holder = teacher.JsonlAppender(out)
+    teacher._lock(holder)  # as a first run does
+    try:
+        with pytest.raises(teacher.TeacherError, match="another run"):
+            teacher.build_pairs(problems, out, config_for(server))
+    finally:
+        holder.close()
+    assert server.log == []
 
 
 def test_unreachable_endpoint_fails_fast(tmp_path):
