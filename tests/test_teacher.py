@@ -54,7 +54,8 @@ def good_reply(problem: Problem, side: str, wrong: bool = False) -> str:
 class FakeTeacher:
     """An OpenAI-compatible server on 127.0.0.1. `script[(id, side)]` lists an action per attempt; then: good.
 
-    Actions: "good", "wrong", ("status", code, headers), ("slow", seconds), ("delay", seconds), "malformed".
+    Actions: "good", "wrong", ("status", code, headers), ("slow", seconds), "malformed" (cut-off JSON),
+    "no_choices" (valid JSON that is not a chat completion).
     Every request is logged as {"t", "id", "side", "action"}.
     """
 
@@ -127,11 +128,13 @@ class FakeTeacher:
                     action = fake.next_action(problem_id, side)
                 fake.log.append({"t": time.monotonic(), "id": problem_id, "side": side, "action": action})
                 time.sleep(fake.delay)
-                if isinstance(action, tuple) and action[0] in ("slow", "delay"):
+                if isinstance(action, tuple) and action[0] == "slow":
                     time.sleep(action[1])
                     action = "good"
                 if action == "malformed":
                     return self._send(200, b'{"id": "x", "choices": [{"index": 0, "mess', {})
+                if action == "no_choices":
+                    return self._send(200, b'{"id": "x", "object": "chat.completion", "model": "m"}', {})
                 if isinstance(action, tuple) and action[0] == "status":
                     error = {"error": {"message": f"scripted {action[1]}", "type": "test", "code": None}}
                     return self._send(action[1], json.dumps(error).encode(), action[2])
@@ -287,7 +290,7 @@ def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
         ("q4", "patient"): [("status", 500, {})],
         ("q5", "concise"): [("slow", 1.5)],  # longer than the client's 0.5 s timeout
         ("q6", "concise"): ["malformed"] * 5,  # never a valid reply: dropped as malformed
-        ("q7", "patient"): ["malformed"],  # once, then fine
+        ("q7", "patient"): ["no_choices"],  # once, then fine
     }
     server = serve(problems, script)
     out = tmp_path / "pairs.jsonl"
