@@ -172,6 +172,11 @@ def evaluate(
     done = {record["id"] for record in records}
     todo = [problem for problem in problems if problem.id not in done]
     position = {problem.id: index for index, problem in enumerate(problems)}
+    prompts = {problem.id: build_prompt(problem, tokenizer, prompt_style) for problem in todo}
+    lengths = _prompt_lengths(model, tokenizer, prompts, max_new_tokens)
+    # Similar lengths share a batch: less padding, and one compiled shape per length bucket. The sort is stable
+    # and the done problems are a prefix of it, so a resumed run forms the same batches as an uninterrupted one.
+    todo.sort(key=lambda problem: lengths[problem.id])
     # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
     scored = [bool(record["correct"].get(metric)) for record in records if record["id"] in position]
 
@@ -183,17 +188,22 @@ def evaluate(
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     num_samples=samples, batch_size=batch_size * samples, progress=False)  # fmt: skip
     sampling.update(generate_kwargs or {})
+    shapes_seen: set[tuple[int, int]] = set()
     for first in range(0, len(todo), batch_size):
         batch = todo[first : first + batch_size]
-        prompts = [build_prompt(problem, tokenizer, prompt_style) for problem in batch]
-        _check_context(model, tokenizer, prompts, batch, max_new_tokens)
+        batch_prompts = [prompts[problem.id] for problem in batch]
+        # The decoder pads prompts to a power of two (>= 16): a batch of a shape new to this run compiles first.
+        shape = (max(16, 1 << (max(lengths[problem.id] for problem in batch) - 1).bit_length()), len(batch))
         batch_start = time.perf_counter()
-        results = generate_fn(model, tokenizer, prompts, seed=_batch_seed(seed, position[batch[0].id]), **sampling)
+        results = generate_fn(
+            model, tokenizer, batch_prompts, seed=_batch_seed(seed, position[batch[0].id]), **sampling
+        )
         timing = {
             "batch": f"{time.time_ns()}-{first}",  # identifies the batch, so its time is counted once
             "batch_s": time.perf_counter() - batch_start,
-            "warmup": first == 0,  # this run's first batch: its time includes compilation
+            "warmup": shape not in shapes_seen,  # its time includes jit compilation
         }
+        shapes_seen.add(shape)
         new = [
             _make_record(problem, s, sample, timing, prompt_style, tokenizer, use_math_verify)
             for problem, per_problem in zip(batch, results, strict=True)
@@ -261,18 +271,25 @@ def resolve_metric(metric: str, problems: Sequence[Problem]) -> str:
     return "math_verify" if latex and not unavailable else "strict"
 
 
-def _check_context(model, tokenizer, prompts: list[str], batch: list[Problem], max_new_tokens: int) -> None:
-    """Name the problem whose prompt + max_new_tokens does not fit the model's context (before generating)."""
+def _prompt_lengths(model, tokenizer, prompts: dict[str, str | list[int]], max_new_tokens: int) -> dict[str, int]:
+    """Prompt lengths in tokens by problem id; names the first problem whose prompt + max_new_tokens does not fit
+    the model's context (before anything is generated)."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if context is None or tokenizer is None:
-        return
-    for prompt, problem in zip(prompts, batch, strict=True):
-        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if length + max_new_tokens > context:
+    lengths = {}
+    for problem_id, prompt in prompts.items():
+        if not isinstance(prompt, str):
+            lengths[problem_id] = len(prompt)  # a callable prompt style may return token ids
+        elif tokenizer is not None:
+            lengths[problem_id] = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        else:
+            lengths[problem_id] = len(prompt)  # no tokenizer (a fake generator): characters, for sorting only
+        if context is not None and lengths[problem_id] + max_new_tokens > context:
             raise EvalError(
-                f"problem {problem.id}: its prompt has {length} tokens, and with max_new_tokens={max_new_tokens} "
-                f"it runs past the model's context of {context}; lower --max-new-tokens or use a shorter prompt style."
+                f"problem {problem_id}: its prompt has {lengths[problem_id]} tokens, and with max_new_tokens="
+                f"{max_new_tokens} it runs past the model's context of {context}; lower --max-new-tokens or use a "
+                f"shorter prompt style."
             )
+    return lengths
 
 
 def _make_record(problem: Problem, sample_index: int, generation, timing: dict, prompt_style: PromptStyle,
