@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/jaxpatience info out/tiny-checkpoint
 
 lint: $(STAMP)
-	$(BIN)/ruff check jaxpatience tests scripts
-	$(BIN)/ruff format --check jaxpatience tests scripts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
