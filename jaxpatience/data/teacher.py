@@ -334,9 +334,14 @@ def _server_message(err: openai.APIStatusError) -> str:
     return text.splitlines()[0][:200] if text else "no message"
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def _unreachable(state: _RunState, attempts: int, err: Exception | None) -> TeacherError:
     """The endpoint cannot be reached: never answered (wrong URL, server down) or went away mid-run."""
-    cause = f" ({err.__cause__ or err})" if err is not None else ""
+    cause = f" ({_first_line(err.__cause__ or err)})" if err is not None else ""
     if not state.answered:
         return TeacherError(f"cannot reach {state.config.base_url}{cause}; is the server running at that URL?")
     return TeacherError(
@@ -360,7 +365,9 @@ async def chat(state: _RunState, messages: list[dict]) -> _Reply:
             kind, wait = _classify(err, state, attempt)  # raises on what retrying cannot fix
             malformed += kind == "malformed"
             if malformed >= MALFORMED_ATTEMPTS:
-                raise _Drop("malformed", f"{malformed} replies were not chat completions ({err}).") from None
+                raise _Drop(
+                    "malformed", f"{malformed} replies were not chat completions ({_first_line(err)})."
+                ) from None
         else:
             state.answered = True
             state.prompt_tokens += reply.prompt_tokens
@@ -371,12 +378,13 @@ async def chat(state: _RunState, messages: list[dict]) -> _Reply:
             await asyncio.sleep(backoff_delay(attempt, config.backoff, wait))
     # Out of retries.
     if kind == "malformed":
-        raise _Drop("malformed", f"the replies were not chat completions ({last_error}).")
+        raise _Drop("malformed", f"the replies were not chat completions ({_first_line(last_error)}).")
     if kind == "connection":  # the endpoint is gone: stop the run
         raise _unreachable(state, config.max_retries + 1, last_error)
     if not state.answered:  # it never worked: do not go on through every problem
         raise TeacherError(
-            f"{config.base_url} answered no request ({kind} {config.max_retries + 1} times in a row: {last_error}); "
+            f"{config.base_url} answered no request ({kind} {config.max_retries + 1} times in a row: "
+            f"{_first_line(last_error)}); "
             f"is the server overloaded or still starting?"
         )
     raise _GaveUp(kind)
