@@ -172,7 +172,8 @@ def evaluate(
     done = {record["id"] for record in records}
     todo = [problem for problem in problems if problem.id not in done]
     position = {problem.id: index for index, problem in enumerate(problems)}
-    prompts = {problem.id: build_prompt(problem, tokenizer, prompt_style) for problem in todo}
+    latex = any(not answers.is_numeric(problem.answer) for problem in problems)  # MATH: ask for \boxed{} answers
+    prompts = {problem.id: build_prompt(problem, tokenizer, prompt_style, latex) for problem in todo}
     lengths = _prompt_lengths(model, tokenizer, prompts, max_new_tokens)
     # Similar lengths share a batch: less padding, and one compiled shape per length bucket. The sort is stable
     # and the done problems are a prefix of it, so a resumed run forms the same batches as an uninterrupted one.

@@ -33,12 +33,14 @@ class ScriptedGenerator:
     def __init__(self, script: dict[str, list[str]], seed_sensitive: bool = False, crash_after: int | None = None):
         self.script, self.seed_sensitive, self.crash_after = script, seed_sensitive, crash_after
         self.calls: list[list[str]] = []
+        self.prompts: list[str] = []
 
     def __call__(self, model, tokenizer, prompts, *, max_new_tokens, num_samples, seed, **settings):
         if self.crash_after is not None and len(self.calls) == self.crash_after:
             raise RuntimeError("simulated crash")
         questions = [next(q for q in self.script if q in prompt) for prompt in prompts]
         self.calls.append(questions)
+        self.prompts += prompts
         results = []
         for row, question in enumerate(questions):
             responses = self.script[question]
@@ -102,6 +104,29 @@ def test_summary_of_scripted_responses(tmp_path):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["sample"]) for r in records) == [(p.id, s) for p in problems for s in range(3)]
+
+
+def test_math_style_problems_use_boxed_prompts_and_math_verify(tmp_path):
+    pytest.importorskip("math_verify", reason="the math_verify metric needs math-verify")
+    problems = [
+        Problem("m0", "Compute 1/2 + 0.", "\\frac{1}{2}"),
+        Problem("m1", "Convert to polar.", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        Problem("m2", "How many?", "10"),
+    ]
+    script = {
+        "Compute 1/2 + 0.": ["It is \\boxed{0.5}.", "So \\boxed{\\dfrac{1}{2}}", "\\boxed{2}"],
+        "Convert to polar.": ["\\boxed{(3, \\frac{\\pi}{2})}", "\\boxed{(3, \\pi)}", "\\boxed{(3,\\pi)}"],
+        "How many?": ["\\boxed{10}", "\\boxed{10}", "\\boxed{12}"],
+    }
+    generator = ScriptedGenerator(script)
+    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, samples=3, temperature=1.0,
+                       generate_fn=generator, progress=False, plots=False)  # fmt: skip
+    assert summary["metric"] == "math_verify"  # auto: some gold answers are LaTeX
+    # By hand: m0 right 2/3 (0.5 and 1/2 equal 1/2), m1 1/3, m2 2/3.
+    assert summary["accuracy"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3) / 3)
+    # maj@3: m0 votes 0.5, 0.5 (\dfrac{1}{2} normalises to 0.5), 2 -> right; m1 (3,\pi) twice -> wrong; m2 -> 10.
+    assert summary["maj_at_k"]["3"] == pytest.approx(2 / 3)
+    assert all("\\boxed{}" in prompt for prompt in generator.prompts)  # one prompt style for the whole dataset
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_summary(tmp_path):

@@ -240,11 +240,13 @@ GSM8K_COT_EXEMPLARS = (
 PLAIN_STOP_STRINGS = ("\n\nQ:", "\nQ:", "\n\n\n")
 
 
-def build_prompt(problem: Problem, tokenizer, style: str | Callable[[Problem], str] = "zero_shot") -> str:
+def build_prompt(problem: Problem, tokenizer, style: str | Callable[[Problem], str] = "zero_shot",
+                 latex: bool | None = None) -> str:  # fmt: skip
     """The prompt string for one problem (chat-formatted unless the style is `few_shot_plain`).
 
-    zero_shot: one user turn asking for step-by-step reasoning ending in "The answer is N" (or `\\boxed{}` when the
-        gold answer is LaTeX, as Qwen's MATH prompt does).
+    zero_shot: one user turn asking for step-by-step reasoning ending in "The answer is N", or, for a LaTeX
+        dataset (MATH), for the final answer in `\\boxed{}` as Qwen's MATH prompt does. `latex` says which;
+        None decides from this problem's gold answer (the evaluator decides once for the whole dataset).
     few_shot: the 8 GSM8K chain-of-thought exemplars as alternating user/assistant turns, then the question.
     few_shot_plain: the same exemplars as "Q: ...\\nA: ..." text with no chat template (for base models).
     question: the bare question as the one user turn (for a model trained on such prompts, e.g. the toy demo's).
@@ -253,7 +255,8 @@ def build_prompt(problem: Problem, tokenizer, style: str | Callable[[Problem], s
     if callable(style):
         return style(problem)
     if style == "zero_shot":
-        template = ZERO_SHOT_NUMBER if is_numeric(problem.answer) else ZERO_SHOT_LATEX
+        latex = not is_numeric(problem.answer) if latex is None else latex
+        template = ZERO_SHOT_LATEX if latex else ZERO_SHOT_NUMBER
         messages = [{"role": "user", "content": template.format(question=problem.question)}]
     elif style == "few_shot":
         messages = []
