@@ -55,7 +55,8 @@ def read_generations(path: Path) -> tuple[list[dict], bool]:
     """
     if not path.exists():
         return [], False
-    lines = path.read_text(encoding="utf-8").split("\n")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records, torn = [], False
     for number, line in enumerate(lines, start=1):
@@ -66,7 +67,7 @@ def read_generations(path: Path) -> tuple[list[dict], bool]:
             if not isinstance(record, dict) or "id" not in record or "sample" not in record:
                 raise ValueError("not a generation record")
         except ValueError as err:
-            if number - 1 == last and not path.read_text(encoding="utf-8").endswith("\n"):
+            if number - 1 == last and not text.endswith("\n"):
                 torn = True  # an unfinished final write: drop it, the problem is generated again
                 continue
             raise EvalError(f"{path}, line {number}: not a generation record ({err}).") from None
@@ -146,7 +147,8 @@ def evaluate(
 ) -> dict:
     """Generate `samples` solutions per problem (resuming from `out_dir`), score them, write and return the summary.
 
-    batch_size: problems per generation batch (each batch is `batch_size * samples` rows) and per JSONL flush.
+    batch_size: problems per generation batch (each batch is `batch_size * samples` rows) and per JSONL flush;
+        problems are batched in order of prompt length, so a batch holds similar lengths.
     metric: the answer reading behind `accuracy` and maj@k: strict, flexible, math_verify, or auto (math_verify
         when some gold answer is LaTeX and math-verify is installed, else strict).
     generate_fn: `jaxpatience.generate` by default; any function with its signature (tests pass a fake).
@@ -192,24 +194,14 @@ def evaluate(
     shapes_seen: set[tuple[int, int]] = set()
     for first in range(0, len(todo), batch_size):
         batch = todo[first : first + batch_size]
-        batch_prompts = [prompts[problem.id] for problem in batch]
         # The decoder pads prompts to a power of two (>= 16): a batch of a shape new to this run compiles first.
         shape = (max(16, 1 << (max(lengths[problem.id] for problem in batch) - 1).bit_length()), len(batch))
-        batch_start = time.perf_counter()
-        results = generate_fn(
-            model, tokenizer, batch_prompts, seed=_batch_seed(seed, position[batch[0].id]), **sampling
-        )
-        timing = {
-            "batch": f"{time.time_ns()}-{first}",  # identifies the batch, so its time is counted once
-            "batch_s": time.perf_counter() - batch_start,
-            "warmup": shape not in shapes_seen,  # its time includes jit compilation
-        }
+        new = _generate_batch(
+            generate_fn, model, tokenizer, batch, [prompts[problem.id] for problem in batch],
+            seed=_batch_seed(seed, position[batch[0].id]), warmup=shape not in shapes_seen, sampling=sampling,
+            prompt_style=prompt_style, use_math_verify=use_math_verify,
+        )  # fmt: skip
         shapes_seen.add(shape)
-        new = [
-            _make_record(problem, s, sample, timing, prompt_style, tokenizer, use_math_verify)
-            for problem, per_problem in zip(batch, results, strict=True)
-            for s, sample in enumerate(per_problem)
-        ]
         _append(path, new)
         records += new
         scored += [bool(record["correct"].get(metric)) for record in new]
@@ -224,6 +216,24 @@ def evaluate(
         summary["plots"] = write_plots(summary, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _generate_batch(generate_fn: Callable, model, tokenizer, batch: list[Problem], prompts: list, *, seed: int,
+                    warmup: bool, sampling: dict, prompt_style: PromptStyle,
+                    use_math_verify: bool) -> list[dict]:  # fmt: skip
+    """Generate one batch and return its records (all samples of every problem in it)."""
+    batch_start = time.perf_counter()
+    results = generate_fn(model, tokenizer, prompts, seed=seed, **sampling)  # [problems][samples] Generation
+    timing = {
+        "batch": f"{time.time_ns()}-{batch[0].id}",  # identifies the batch, so its time is counted once
+        "batch_s": time.perf_counter() - batch_start,
+        "warmup": warmup,  # its time includes jit compilation
+    }
+    return [
+        _make_record(problem, s, sample, timing, prompt_style, tokenizer, use_math_verify)
+        for problem, per_problem in zip(batch, results, strict=True)
+        for s, sample in enumerate(per_problem)
+    ]
 
 
 def _resume(path: Path, samples: int) -> list[dict]:
@@ -361,18 +371,7 @@ def summarize(records: Sequence[dict], problems: Sequence[Problem], *, samples: 
     pass_at_k = float(np.mean([any(s["correct"][metric] for s in ss) for ss in scores.values()]))
 
     flat = [(r, s) for pid in by_problem for r, s in zip(by_problem[pid], scores[pid], strict=True)]
-    lengths = np.array([r["response_tokens"] for r, _ in flat])
-    correct_mask = np.array([bool(s["correct"][metric]) for _, s in flat])
-    counts, edges = np.histogram(lengths, bins=min(30, max(1, len(set(lengths.tolist())))))
-    markers = [answers.behaviour_markers(r["response"]) for r, _ in flat]
-    batches: dict[str, dict] = {}  # batch -> its time, whether it was a warm-up, its tokens
-    for record, _ in flat:
-        batch = batches.setdefault(record["batch"], {"s": record["batch_s"], "warmup": record.get("warmup"), "n": 0})
-        batch["n"] += record.get("generated_tokens", record["response_tokens"])
-    generation_s = float(sum(b["s"] for b in batches.values()))
-    generated = int(sum(b["n"] for b in batches.values()))
-    warm = [b for b in batches.values() if not b["warmup"]]
-    warm_s = sum(b["s"] for b in warm)
+    lengths = _length_stats(flat, metric)
     return {
         "metric": metric,
         "accuracy": metrics[metric]["accuracy"],
@@ -385,34 +384,61 @@ def summarize(records: Sequence[dict], problems: Sequence[Problem], *, samples: 
         "maj_at_k": maj,
         "maj_at_k_votes_on": vote_on,
         "pass_at_k": pass_at_k,
-        "mean_response_tokens": float(lengths.mean()),
-        "median_response_tokens": float(np.median(lengths)),
-        "response_tokens": {
-            "mean": float(lengths.mean()),
-            "median": float(np.median(lengths)),
-            "p90": float(np.percentile(lengths, 90)),
-            "max": int(lengths.max()),
-            "mean_correct": float(lengths[correct_mask].mean()) if correct_mask.any() else None,
-            "mean_incorrect": float(lengths[~correct_mask].mean()) if (~correct_mask).any() else None,
-            "truncated_share": float(np.mean([r.get("finish_reason") == "length" for r, _ in flat])),
-            "histogram": {"counts": counts.tolist(), "bin_edges": edges.tolist()},
-        },
-        "behaviour": {
-            "verify_share": float(np.mean([any(m in answers.VERIFY_MARKERS for m in ms) for ms in markers])),
-            "backtrack_share": float(np.mean([any(m in answers.BACKTRACK_MARKERS for m in ms) for ms in markers])),
-            "markers": {
-                name: float(np.mean([name in ms for ms in markers]))
-                for name in (*answers.VERIFY_MARKERS, *answers.BACKTRACK_MARKERS)
-            },  # fmt: skip
-        },
-        "timing": {
-            "generation_s": generation_s,
-            "generated_tokens": generated,
-            "tokens_per_s": generated / generation_s if generation_s > 0 else None,
-            # The same without each run's first batch, whose time includes jit compilation.
-            "tokens_per_s_warm": sum(b["n"] for b in warm) / warm_s if warm_s > 0 else None,
-            "problems_per_s": n / generation_s if generation_s > 0 else None,
-        },
+        "mean_response_tokens": lengths["mean"],
+        "median_response_tokens": lengths["median"],
+        "response_tokens": lengths,
+        "behaviour": _behaviour_stats([record["response"] for record, _ in flat]),
+        "timing": _timing_stats([record for record, _ in flat], n),
+    }
+
+
+def _length_stats(flat: list[tuple[dict, dict]], metric: str) -> dict:
+    """Response lengths in tokens (the "patience" measure): mean, median, tail, by correctness, histogram."""
+    lengths = np.array([record["response_tokens"] for record, _ in flat])
+    correct = np.array([bool(score["correct"][metric]) for _, score in flat])
+    counts, edges = np.histogram(lengths, bins=min(30, max(1, len(set(lengths.tolist())))))
+    return {
+        "mean": float(lengths.mean()),
+        "median": float(np.median(lengths)),
+        "p90": float(np.percentile(lengths, 90)),
+        "max": int(lengths.max()),
+        "mean_correct": float(lengths[correct].mean()) if correct.any() else None,
+        "mean_incorrect": float(lengths[~correct].mean()) if (~correct).any() else None,
+        "truncated_share": float(np.mean([record.get("finish_reason") == "length" for record, _ in flat])),
+        "histogram": {"counts": counts.tolist(), "bin_edges": edges.tolist()},
+    }
+
+
+def _behaviour_stats(responses: list[str]) -> dict:
+    """Shares of responses that verify their work or backtrack, overall and per marker phrase."""
+    markers = [set(answers.behaviour_markers(response)) for response in responses]
+    names = (*answers.VERIFY_MARKERS, *answers.BACKTRACK_MARKERS)
+    return {
+        "verify_share": float(np.mean([bool(found & set(answers.VERIFY_MARKERS)) for found in markers])),
+        "backtrack_share": float(np.mean([bool(found & set(answers.BACKTRACK_MARKERS)) for found in markers])),
+        "markers": {name: float(np.mean([name in found for found in markers])) for name in names},
+    }
+
+
+def _timing_stats(records: list[dict], n_problems: int) -> dict:
+    """Generation time and throughput, each batch's time counted once (records of a batch share its time)."""
+    batches: dict[str, dict] = {}  # batch key -> {"s": seconds, "warmup": compiled first?, "tokens": generated}
+    for record in records:
+        batch = batches.setdefault(
+            record["batch"], {"s": record["batch_s"], "warmup": record.get("warmup"), "tokens": 0}
+        )
+        batch["tokens"] += record.get("generated_tokens", record["response_tokens"])
+    seconds = float(sum(b["s"] for b in batches.values()))
+    tokens = int(sum(b["tokens"] for b in batches.values()))
+    warm = [b for b in batches.values() if not b["warmup"]]
+    warm_s = sum(b["s"] for b in warm)
+    return {
+        "generation_s": seconds,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        # Without the batches whose shape was new to their run: their time includes jit compilation.
+        "tokens_per_s_warm": sum(b["tokens"] for b in warm) / warm_s if warm_s > 0 else None,
+        "problems_per_s": n_problems / seconds if seconds > 0 else None,
     }
 
 
@@ -473,7 +499,8 @@ def format_summary(summary: dict) -> str:
     lines.append(f"verify {b['verify_share']:.1%}, backtrack {b['backtrack_share']:.1%}")
     timing = summary["timing"]
     if timing.get("tokens_per_s"):
-        lines.append(f"generation {timing['generation_s']:.1f}s, {timing['tokens_per_s']:.1f} tokens/s"
+        warm = f" ({timing['tokens_per_s_warm']:.1f} warm)" if timing.get("tokens_per_s_warm") else ""
+        lines.append(f"generation {timing['generation_s']:.1f}s, {timing['tokens_per_s']:.1f} tokens/s{warm}"
                      + (f", wall {timing['wall_s']:.1f}s" if "wall_s" in timing else ""))  # fmt: skip
     return "\n".join(lines)
 
