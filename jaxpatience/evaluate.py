@@ -104,9 +104,9 @@ def _rewrite(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _check_settings(run_path: Path, settings: dict) -> None:
+def _check_settings(run_path: Path, settings: dict, generations: Path) -> None:
     """Record the run's settings, or refuse to resume a folder whose generations were made with other settings."""
-    if run_path.exists():
+    if run_path.exists() and generations.exists() and generations.stat().st_size > 0:
         try:
             previous = json.loads(run_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
@@ -168,8 +168,8 @@ def evaluate(
     style_name = prompt_style if isinstance(prompt_style, str) else f"custom:{getattr(prompt_style, '__name__', '?')}"
     settings = dict(run_info or {}, prompt_style=style_name, max_new_tokens=max_new_tokens, samples=samples,
                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # fmt: skip
-    _check_settings(out_dir / "run.json", settings)
     path = out_dir / "generations.jsonl"
+    _check_settings(out_dir / "run.json", settings, path)
     records = _resume(path, samples)
     done = {record["id"] for record in records}
     todo = [problem for problem in problems if problem.id not in done]

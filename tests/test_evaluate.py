@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -129,6 +130,22 @@ def test_math_style_problems_use_boxed_prompts_and_math_verify(tmp_path):
     assert all("\\boxed{}" in prompt for prompt in generator.prompts)  # one prompt style for the whole dataset
 
 
+def test_without_math_verify_its_column_is_marked_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if not installed
+    problems = [Problem("m0", "Compute 1/2 + 0.", "\\frac{1}{2}")]
+    script = {"Compute 1/2 + 0.": ["So \\boxed{\\dfrac{1}{2}}"]}
+    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, generate_fn=ScriptedGenerator(script),
+                       progress=False, plots=False)  # fmt: skip
+    assert summary["metric"] == "strict"  # auto falls back
+    assert summary["metrics"]["math_verify"] == {
+        "unavailable": "math-verify is not installed (pip install math-verify)"
+    }
+    assert summary["accuracy"] == 1.0
+    with pytest.raises(EvalError, match="metric math_verify is unavailable"):
+        evaluate(None, make_tokenizer(), problems, out_dir=tmp_path / "b", generate_fn=ScriptedGenerator(script),
+                 metric="math_verify", progress=False)  # fmt: skip
+
+
 def test_resume_after_a_crash_gives_the_uninterrupted_summary(tmp_path):
     problems, script = scripted_problems(n=7, samples=3)  # 3 possible responses, 2 drawn: the seed matters
     settings = dict(samples=2, temperature=0.8, batch_size=2, progress=False, seed=5)
@@ -185,6 +202,7 @@ def test_bad_settings_are_one_sentence(tmp_path):
     small = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))  # before anything is generated
     with pytest.raises(EvalError, match="problem q0: its prompt has .* past the model's context of 64"):
         evaluate(small, make_tokenizer(), problems, max_new_tokens=60, **run)
+    evaluate(None, make_tokenizer(), problems, max_new_tokens=30, **run)  # nothing generated yet: other settings ok
 
 
 def test_plain_few_shot_cuts_the_invented_next_question(tmp_path):

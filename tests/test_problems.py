@@ -87,6 +87,12 @@ def test_gsm_symbolic_is_seeded():
     assert len({p.id for p in first}) == 5
 
 
+def test_gsm_symbolic_without_reasoning_gym(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # as if not installed: import raises ImportError
+    with pytest.raises(ProblemsError, match="needs reasoning-gym: pip install reasoning-gym"):
+        load_problems("gsm_symbolic", limit=2)
+
+
 def test_hub_dataset_offline_gives_one_sentence(tmp_path):
     """With no network (simulated: offline mode, an empty cache), the user is told how to use a local file."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
