@@ -187,7 +187,7 @@ def extract_strict(text: str, numeric: bool = True) -> str | None:
 
 
 def _answer_after_marker(raw: str, numeric: bool) -> str | None:
-    raw = raw.strip()
+    raw = raw.strip().strip("*").strip()  # markdown bold: "**Answer:** 18", "The answer is **18**."
     inner = extract_boxed(raw)  # "The answer is \boxed{5}."
     if inner is not None:
         raw = inner

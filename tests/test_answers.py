@@ -49,6 +49,8 @@ EXTRACTION_TABLE = [
     ("The answer is 18 and not 20", "18", "20"),
     ("answers 1, 2, 3", None, "3"),  # a list is three numbers, not 123
     ("It costs $1,000 in total, the answer is 1,000", "1000", "1000"),
+    ("**Final Answer:** 18", "18", "18"),  # markdown
+    ("The answer is **18**.", "18", "18"),
 ]
 
 
