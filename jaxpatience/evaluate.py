@@ -472,6 +472,8 @@ def write_plots(summary: dict, out_dir: Path) -> dict:
         ks = [int(k) for k in summary["maj_at_k"]]
         ax.plot(ks, [summary["maj_at_k"][str(k)] for k in ks], marker="o")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])  # 1, 2, 4 rather than 2^0, 2^1, 2^2
+        ax.set_ylim(0, 1)
         ax.set(xlabel="samples k", ylabel="maj@k accuracy", title="Test-time compute: majority vote")
         paths["maj_at_k"] = str(out_dir / "maj_at_k.png")
         fig.savefig(paths["maj_at_k"], dpi=100, bbox_inches="tight")
