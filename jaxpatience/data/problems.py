@@ -49,7 +49,7 @@ def as_problem(item: Problem | dict | object) -> Problem:
     fields = {key: get(key) for key in ("id", "question", "answer")}
     missing = [key for key, value in fields.items() if value is None]
     if missing:
-        raise ProblemsError(f"a problem lacks {', '.join(missing)}: {str(item)[:80]}")
+        raise ProblemsError(f"a problem lacks {', '.join(missing)}: {str(item)[:80]}.")
     return Problem(id=str(fields["id"]), question=str(fields["question"]), answer=str(fields["answer"]).strip())
 
 
