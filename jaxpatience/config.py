@@ -350,3 +350,54 @@ class TrainConfig:
             raise ConfigError(f"remat must be none, full or dots, not {self.remat!r}.")
         if self.max_steps <= 0 or self.logits_chunk_size <= 0:
             raise ConfigError("max_steps and logits_chunk_size must be positive.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A training run (run.py, `jaxpatience train`).
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Preference pairs for the PairLoader (data/pairs.py)."""
+
+    path: str = ""  # .jsonl / .parquet file, or a hub dataset id
+    max_length: int = 1024  # prompt + response tokens per sequence (the largest bucket)
+    max_prompt_length: int | None = None  # default max_length // 2; longer prompts keep their end
+    buckets: tuple[int, ...] | None = None  # sequence lengths; default powers of two up to max_length
+    seed: int = 0  # shuffling
+    shuffle: bool = True
+    chat_template: bool = True  # apply the tokenizer's chat template to the prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host start-up; unset fields fall back to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: str = ""  # HF checkpoint directory or .gguf file
+    out_dir: str = "out/train"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    param_dtype: str = "float32"  # storage dtype of the base weights (bfloat16 on accelerators)
+    compute_dtype: str | None = None  # default: param_dtype
+    epochs: int | None = None  # if set, train.max_steps = epochs * steps per epoch
+    precompute_reference: bool = False  # reference log-probs once before training (always on for full-param DPO)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    export_merged: bool = False  # also write OUT/merged (HF checkpoint with the adapter folded in)
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("model is not set: give an HF checkpoint directory or .gguf file (model=PATH).")
+        if not self.data.path:
+            raise ConfigError("data.path is not set: give a pairs .jsonl/.parquet file (data.path=PATH).")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ConfigError("checkpoint_every and log_every must be at least 1.")

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -49,11 +50,14 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence |
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+    if math.prod(sizes) > len(devices) or (math.prod(sizes) < len(devices) and jax.process_count() > 1):
         raise ValueError(
             f"mesh data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]} needs {math.prod(sizes)} devices; "
             f"{len(devices)} are available."
         )
+    if math.prod(sizes) < len(devices):  # a sub-mesh on one host: use the first devices, and say so
+        warnings.warn(f"the mesh uses {math.prod(sizes)} of {len(devices)} devices.", stacklevel=2)
+        devices = devices[: math.prod(sizes)]
     # Auto axes: XLA's partitioner propagates shardings from the weights and the constraints we place (GSPMD);
     # jax.make_mesh orders devices so that `tensor` (the last, most communication-heavy axis) stays local.
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

@@ -1,0 +1,128 @@
+"""Training runs (run.py): exact resume, resume onto another mesh, fixed compilations, two-process CPU run,
+and `jaxpatience train` end to end (train, checkpoint, resume, export, plot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxpatience.metrics import read_metrics
+from jaxpatience.run import load_run_config, train
+
+
+def write_pairs(path: Path, count: int = 24, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(count):
+        a, b = (int(x) for x in rng.integers(1, 50, 2))
+        work = " ".join(["Check the sum again."] * int(rng.integers(0, 6)))
+        lines.append({"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}. {work} The answer is {a + b}.",
+                      "rejected": f"The answer is {a + b + int(rng.integers(1, 5))}."})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def config_args(checkpoint: Path, pairs: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model={checkpoint}", f"data.path={pairs}", f"out_dir={out}", "data.max_length=160", "data.buckets=[96,160]",
+        "train.batch_size=4", "train.max_steps=8", "train.lora.rank=4", "train.optimizer.learning_rate=1e-3",
+        "train.optimizer.warmup_steps=2", "train.loss.nll_weight=1.0", "checkpoint_every=3", *extra,
+    ]  # fmt: skip
+
+
+def losses_of(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+@pytest.fixture
+def setup(tiny_checkpoint, tmp_path):
+    return tiny_checkpoint(), write_pairs(tmp_path / "pairs.jsonl"), tmp_path
+
+
+def test_stop_and_resume_is_bitwise_identical(setup):
+    checkpoint, pairs, tmp = setup
+    whole = train(load_run_config(None, config_args(checkpoint, pairs, tmp / "whole")), progress=False)
+    assert whole["steps"] == 8 and whole["compilations"] <= 2  # one per bucket at most, never per step
+    cut = load_run_config(None, config_args(checkpoint, pairs, tmp / "cut"))
+    first = train(cut, progress=False, stop_after=5)  # stops between checkpoints: step 5 is saved on exit
+    assert first["steps"] == 5 and (tmp / "cut" / "checkpoints").is_dir()
+    second = train(cut, progress=False)
+    assert second["resumed_from"] == 5
+    assert losses_of(tmp / "cut") == losses_of(tmp / "whole")  # bitwise on CPU
+    assert len(losses_of(tmp / "whole")) == 8
+    # the loss falls on this small set, and the artifacts exist
+    assert losses_of(tmp / "whole")[-1] < losses_of(tmp / "whole")[0]
+    assert (tmp / "cut" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp / "cut" / "training.png").stat().st_size > 1000
+
+
+def test_resume_onto_another_mesh(setup):
+    checkpoint, pairs, tmp = setup
+    whole = config_args(checkpoint, pairs, tmp / "whole", "train.mesh.data=4")
+    train(load_run_config(None, whole), progress=False)
+    first = config_args(checkpoint, pairs, tmp / "moved", "train.mesh.data=4")
+    train(load_run_config(None, first), progress=False, stop_after=3)
+    moved = config_args(checkpoint, pairs, tmp / "moved", "train.mesh.fsdp=2", "train.mesh.tensor=2")
+    assert train(load_run_config(None, moved), progress=False)["resumed_from"] == 3
+    np.testing.assert_allclose(losses_of(tmp / "moved"), losses_of(tmp / "whole"), rtol=1e-5)
+
+
+def test_full_parameter_dpo_precomputes_the_reference(setup):
+    checkpoint, pairs, tmp = setup
+    args = config_args(checkpoint, pairs, tmp / "full", "train.lora=null", "train.max_steps=3",
+                       "train.optimizer.learning_rate=1e-4")  # fmt: skip
+    summary = train(load_run_config(None, args), progress=False)
+    first = read_metrics(tmp / "full" / "metrics.jsonl")[0]
+    # at step 1 the policy is the reference: the DPO term is log 2 and the margins are zero
+    assert abs(first["rewards/margins"]) < 1e-5
+    assert Path(summary["exports"]["merged"], "config.json").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(setup):
+    """Two CPU processes (2 devices each, gloo collectives) take the same steps as one process with 4 devices."""
+    checkpoint, pairs, tmp = setup
+    args = config_args(checkpoint, pairs, tmp / "one", "train.mesh.data=4", "train.max_steps=4")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "jaxpatience.cli", "train", "--no-progress"]
+    subprocess.run([*cmd, *args], env=env, check=True, capture_output=True, timeout=300)
+    port = _free_port()
+    two = config_args(checkpoint, pairs, tmp / "two", "train.mesh.data=4", "train.max_steps=4",
+                      f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2")  # fmt: skip
+    env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([*cmd, *two, f"distributed.process_id={i}"], env=env2, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    np.testing.assert_allclose(losses_of(tmp / "two"), losses_of(tmp / "one"), rtol=1e-5)
+    assert (tmp / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_end_to_end_and_bad_config(setup, tmp_path):
+    checkpoint, pairs, tmp = setup
+    config = tmp / "run.yaml"
+    config.write_text("train:\n  max_steps: 4\n  lora:\n    rank: 2\n")
+    cmd = [sys.executable, "-m", "jaxpatience.cli", "train", "--config", str(config), "--no-progress"]
+    args = [f"model={checkpoint}", f"data.path={pairs}", f"out_dir={tmp / 'cli'}", "data.max_length=160",
+            "train.batch_size=4", "checkpoint_every=2", "export_merged=true"]  # fmt: skip
+    done = subprocess.run([*cmd, *args, "--stop-after", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 4 and set(result["exports"]) == {"adapter", "merged"}
+    assert len(losses_of(tmp / "cli")) == 4
+    bad = subprocess.run([*cmd, *args, "train.lora.rnak=3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown key 'rnak'" in bad.stderr and "Traceback" not in bad.stderr
