@@ -126,3 +126,11 @@ def test_cli_end_to_end_and_bad_config(setup, tmp_path):
     assert len(losses_of(tmp / "cli")) == 4
     bad = subprocess.run([*cmd, *args, "train.lora.rnak=3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown key 'rnak'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_shipped_training_configs_parse():
+    configs = sorted(p for p in Path(__file__).parent.parent.glob("configs/*.yaml") if "prompt" not in p.name)
+    assert len(configs) >= 3
+    for path in configs:
+        config = load_run_config(path, ["model=some/checkpoint", "data.path=pairs.jsonl"])
+        assert config.train.batch_size % config.train.micro_batches == 0, path
