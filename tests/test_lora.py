@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -15,12 +16,29 @@ from jaxpatience.config import PRESETS, ConfigError, LoraConfig
 from jaxpatience.model import Qwen2ForCausalLM
 
 
-def _tiny_model(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
-    return Qwen2ForCausalLM(PRESETS["tiny"].replace(**overrides), rngs=nnx.Rngs(seed))
+@functools.cache
+def _tiny_parts(seed: int):
+    return nnx.split(Qwen2ForCausalLM(PRESETS["tiny"], rngs=nnx.Rngs(seed)))
+
+
+def _tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    """A fresh module (new Variables, shared immutable arrays) of a tiny random model built once per seed."""
+    graphdef, state = _tiny_parts(seed)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
 
 
 def _ids(vocab: int, shape=(2, 12), seed: int = 0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, size=shape))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids):
+    return nnx.merge(graphdef, state)(ids)
+
+
+def _logits(model, ids) -> np.ndarray:
+    """Jitted forward (one compilation per graph structure; much faster than op-by-op on a tiny model)."""
+    return np.asarray(_forward(*nnx.split(model), ids))
 
 
 def _randomise_b(model, seed: int = 1, scale: float = 0.05) -> None:
@@ -34,11 +52,11 @@ def _randomise_b(model, seed: int = 1, scale: float = 0.05) -> None:
 def test_adapters_at_init_leave_the_model_unchanged():
     model = _tiny_model()
     ids = _ids(model.config.vocab_size)
-    base_logits = np.asarray(model(ids))
+    base_logits = _logits(model, ids)
     names = lora.apply_lora(model, LoraConfig(rank=4, alpha=8))
     assert len(names) == 7 * model.config.num_hidden_layers  # q k v o gate up down in every layer, no lm_head
     assert "lm_head" not in names and "model.layers.1.mlp.down_proj" in names
-    np.testing.assert_array_equal(np.asarray(model(ids)), base_logits)  # B = 0: exactly the base
+    np.testing.assert_array_equal(_logits(model, ids), base_logits)  # B = 0: exactly the base
     a = model.model.layers[0].self_attn.q_proj.lora.lora_A
     assert isinstance(a, lora.LoRAParam) and float(jnp.abs(a[...]).max()) > 0  # A is random
     assert a.get_metadata()["axes"] == ("lora_rank", "embed")
@@ -64,16 +82,16 @@ def test_scaling_and_rslora():
 def test_merge_equals_unmerged_and_adapters_off_equals_base():
     model = _tiny_model(seed=3)
     ids = _ids(model.config.vocab_size)
-    base_logits = np.asarray(model(ids))
+    base_logits = _logits(model, ids)
     lora.apply_lora(model, LoraConfig(rank=4, alpha=8, rslora=True))
     _randomise_b(model)
-    adapted = np.asarray(model(ids))
+    adapted = _logits(model, ids)
     assert np.abs(adapted - base_logits).max() > 1e-3  # the adapters do something
     with lora.adapters_off(model):
-        np.testing.assert_array_equal(np.asarray(model(ids)), base_logits)
-    np.testing.assert_array_equal(np.asarray(model(ids)), adapted)  # switched back on after the block
+        np.testing.assert_array_equal(_logits(model, ids), base_logits)
+    np.testing.assert_array_equal(_logits(model, ids), adapted)  # switched back on after the block
     assert lora.merge(model) == 14 and not lora.has_adapters(model)
-    np.testing.assert_allclose(np.asarray(model(ids)), adapted, atol=2e-5)
+    np.testing.assert_allclose(_logits(model, ids), adapted, atol=2e-5)
 
 
 def test_dropout_only_with_a_key():
@@ -81,12 +99,12 @@ def test_dropout_only_with_a_key():
     ids = _ids(model.config.vocab_size)
     lora.apply_lora(model, LoraConfig(rank=4, dropout=0.5))
     _randomise_b(model)
-    clean = np.asarray(model(ids))
+    clean = _logits(model, ids)
     lora.set_dropout_key(model, jax.random.key(0))
-    dropped = np.asarray(model(ids))
+    dropped = _logits(model, ids)
     assert np.abs(dropped - clean).max() > 1e-4
     lora.set_dropout_key(model, None)
-    np.testing.assert_array_equal(np.asarray(model(ids)), clean)
+    np.testing.assert_array_equal(_logits(model, ids), clean)
 
 
 @pytest.mark.parametrize("rslora", [False, True])

@@ -1,0 +1,312 @@
+"""The train step: one `jax.jit` over (TrainState, frozen weights, batch) with explicit shardings and donation.
+
+The model is split once (`nnx.split`) into a graphdef, the trained parameters and the frozen rest:
+    LoRA on:   trained = the LoRAParam adapters; frozen = every base weight (may be bf16; never updated)
+    LoRA off:  trained = every Param (full-parameter training); frozen = nothing
+Only the trained parameters are differentiated and live in the optimizer. Inside the jitted function the
+graphdef is merged with the state at trace time only; each step runs the compiled program, no graph work.
+
+Reference log-probs, in order of preference: `ref_logps` [B, 2] carried in the batch (precomputed once with
+`make_logps_fn`); else, with LoRA, the same base weights with adapters off (lora.adapters_off) inside the same
+step under stop_gradient, no second copy of the weights; a DPO loss in full-parameter mode must carry them.
+
+Batches are dicts of [B, 2, T] int arrays (index 1: 0 = chosen, 1 = rejected): `input_ids`, `attention_mask`
+(1 = real token) and `loss_mask` (1 = response token), plus optionally `ref_logps` [B, 2] float32 (summed
+log-probs of the response tokens under the reference). The batch is split into M micro-batches whose
+gradients are summed by `lax.scan`; every loss term is normalised by whole-batch denominators
+(losses.Denominators), so M micro-batches give the same update as one big batch.
+
+Shape letters: B pairs, M micro-batches, T tokens, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpatience import lora, losses, sharding
+from jaxpatience.config import ConfigError, MeshConfig, OptimizerConfig, TrainConfig
+
+Array = jax.Array
+Batch = dict[str, Any]
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+@struct.dataclass
+class TrainState:
+    """What changes from step to step (and what a checkpoint must hold, with the config)."""
+
+    step: Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # the trained parameters (LoRA adapters, or every parameter)
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The pieces a training loop needs, built once by `create_trainer`."""
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    frozen: nnx.State  # not trained: the base weights under LoRA; empty in full-parameter mode
+    step_fn: Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict[str, Array]]]
+    mesh: Mesh
+    config: TrainConfig
+    schedule: optax.Schedule
+    state_shardings: TrainState  # NamedShardings of `state` (for checkpoint restore: jax.device_put(tree, these))
+    frozen_shardings: nnx.State
+
+    def step(self, batch: Batch) -> dict[str, Array]:
+        """One optimizer step on a host batch (numpy or jax arrays); returns the metrics (device scalars)."""
+        self.state, metrics = self.step_fn(self.state, self.frozen, shard_batch(batch, self.mesh, self.config))
+        return metrics
+
+    def model(self) -> nnx.Module:
+        """The current model as an NNX module (shares the arrays; for evaluation, export, lora.merge)."""
+        return nnx.merge(self.graphdef, self.state.params, self.frozen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over warmup_steps, then cosine / linear decay to min_lr_ratio, or constant."""
+    peak, floor = config.learning_rate, config.learning_rate * config.min_lr_ratio
+    decay_steps = max(total_steps - config.warmup_steps, 1)
+    if config.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.min_lr_ratio)
+    elif config.decay == "linear":
+        decay = optax.linear_schedule(peak, floor, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if config.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+    return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on the schedule, after global-norm clipping; weight decay only on matrices (ndim >= 2)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(make_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
+                        weight_decay=config.weight_decay, mask=decay_mask)  # fmt: skip
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shardings.
+
+
+def make_mesh(config: MeshConfig) -> Mesh:
+    try:
+        return sharding.make_mesh(config.data, config.fsdp, config.tensor)
+    except ValueError as err:
+        raise ConfigError(f"mesh: {err}") from None
+
+
+def tree_shardings(mesh: Mesh, tree: Any) -> Any:
+    """NamedSharding for every leaf: from `axes` metadata for Variables (params, Adam moments), else replicated."""
+
+    def one(leaf: Any) -> NamedSharding:
+        if isinstance(leaf, nnx.Variable) and leaf.get_metadata().get("axes") is not None:
+            return sharding.named_sharding(mesh, leaf.get_metadata()["axes"], leaf.get_value().shape)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Every batch array is split along its first (pair) dim over the data-like mesh axes."""
+    return sharding.named_sharding(mesh, ("batch",))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    spec = batch_sharding(mesh).spec[0]
+    return int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))
+
+
+def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
+    """Raise a one-sentence ValueError for a batch the step cannot take."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"the batch lacks {missing[0]!r}; it needs {', '.join(BATCH_KEYS)} (optionally ref_logps).")
+    shape = tuple(batch["input_ids"].shape)
+    if len(shape) != 3 or shape[1] != 2:
+        raise ValueError(f"input_ids has shape {shape}; expected [B, 2, T] (chosen, rejected).")
+    for key in BATCH_KEYS[1:]:
+        if tuple(batch[key].shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(batch[key].shape)}; expected {shape} like input_ids.")
+    if "ref_logps" in batch and tuple(batch["ref_logps"].shape) != shape[:2]:
+        raise ValueError(f"ref_logps has shape {tuple(batch['ref_logps'].shape)}; expected {shape[:2]}.")
+    per_micro, shards = shape[0] // config.micro_batches, data_parallel_size(mesh)
+    if shape[0] % config.micro_batches or per_micro % shards:
+        raise ValueError(
+            f"a batch of {shape[0]} pairs cannot be cut into {config.micro_batches} micro-batches that split "
+            f"evenly over {shards} data-parallel devices."
+        )
+
+
+def shard_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
+    """Validate a host batch and place it on the mesh (each process passes the same global batch)."""
+    validate_batch(batch, config, mesh)
+    target = batch_sharding(mesh)
+    return {k: v if isinstance(v, jax.Array) and v.sharding == target else jax.device_put(np.asarray(v), target)
+            for k, v in batch.items()}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward pieces used inside the jitted functions.
+
+
+class _RematLayer(nnx.Module):
+    """Wraps a DecoderLayer (inside a trace only) so its activations are recomputed in the backward pass."""
+
+    def __init__(self, layer: nnx.Module, policy: Callable | None):
+        self.layer, self.policy = layer, policy
+
+    def __call__(self, x, positions, mask, kv, cache_index):
+        graphdef, state = nnx.split(self.layer)
+
+        def run(state: nnx.State, x: Array) -> Array:
+            return nnx.merge(graphdef, state)(x, positions, mask, None, cache_index)[0]
+
+        return jax.checkpoint(run, policy=self.policy)(state, x), kv
+
+
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def apply_remat(model: nnx.Module, remat: str) -> None:
+    """Wrap each decoder layer of a model *merged inside a trace* (never call this on a long-lived model)."""
+    if remat == "none":
+        return
+    layers = model.model.layers
+    for i in range(len(layers)):
+        layers[i] = _RematLayer(layers[i], REMAT_POLICIES[remat])
+
+
+def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int) -> tuple[Array, Array]:
+    """Summed response log-probs [B, 2] and counted tokens [B, 2]; chosen and rejected in one forward."""
+    pairs, _, length = batch["input_ids"].shape
+    ids, attention, response = (batch[k].reshape(pairs * 2, length) for k in BATCH_KEYS)  # [2B, T]
+    hidden, _ = model.hidden_states(ids, attention)  # [2B, T, D]
+    sums, counts = losses.sequence_logps(hidden, model.logits, ids, response, attention, chunk_size)
+    return sums.reshape(pairs, 2), counts.reshape(pairs, 2)
+
+
+def _micro_batches(batch: Batch, count: int) -> Batch:
+    """[B, ...] -> [M, B/M, ...]; micro-batch m takes rows m, m + M, ... so each stays spread over devices."""
+
+    def split(x: Array) -> Array:
+        x = jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the state and the step.
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trained, frozen): the adapters if the model has any, else every Param."""
+    trained_type = lora.LoRAParam if lora.has_adapters(model) else nnx.Param
+    return nnx.split(model, trained_type, ...)
+
+
+def create_trainer(model: nnx.Module, config: TrainConfig, mesh: Mesh | None = None) -> Trainer:
+    """Attach LoRA (if configured), split the model once, place everything on the mesh, build the step.
+
+    The model is changed in place (adapters attached) and should not be used afterwards: `Trainer.model()`
+    gives the trained one.
+    """
+    mesh = make_mesh(config.mesh) if mesh is None else mesh
+    if config.lora is not None and not lora.has_adapters(model):
+        lora.apply_lora(model, config.lora, seed=config.seed)
+    graphdef, params, frozen = split_model(model)
+    optimizer = make_optimizer(config.optimizer, config.max_steps)
+    params_sh, frozen_sh = tree_shardings(mesh, params), tree_shardings(mesh, frozen)
+    params, frozen = jax.device_put(params, params_sh), jax.device_put(frozen, frozen_sh)
+    opt_sh = tree_shardings(mesh, jax.eval_shape(optimizer.init, params))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_sh = TrainState(step=replicated, params=params_sh, opt_state=opt_sh)
+    state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), out_shardings=state_sh)(
+        params
+    )
+    step_fn = make_train_step(graphdef, optimizer, config, mesh, state_sh, frozen_sh)
+    schedule = make_schedule(config.optimizer, config.max_steps)
+    return Trainer(graphdef, state, frozen, step_fn, mesh, config, schedule, state_sh, frozen_sh)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: TrainConfig,
+                    mesh: Mesh, state_shardings: TrainState, frozen_shardings: nnx.State):  # fmt: skip
+    """jit((state, frozen, batch) -> (state, metrics)), state donated; metrics are replicated scalars."""
+    loss_config, micro = config.loss, config.micro_batches
+    schedule = make_schedule(config.optimizer, config.max_steps)
+    base_key = jax.random.key(config.seed)
+
+    def micro_loss(params: nnx.State, frozen: nnx.State, batch: Batch, norm: losses.Denominators, key: Array):
+        model = nnx.merge(graphdef, params, frozen)
+        apply_remat(model, config.remat)
+        with_adapters = lora.has_adapters(model)
+        ref_logps = batch.get("ref_logps")
+        if ref_logps is None and loss_config.dpo_weight:
+            if not with_adapters:
+                raise ValueError("full-parameter DPO needs ref_logps in the batch (see train.make_logps_fn).")
+            with lora.adapters_off(model):  # the reference: base weights, adapters off, no gradient
+                ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, config.logits_chunk_size))
+        lora.set_dropout_key(model, key)
+        policy_logps, counts = pair_logps(model, batch, config.logits_chunk_size)
+        return losses.preference_loss(policy_logps, counts, ref_logps, loss_config, norm)
+
+    def step(state: TrainState, frozen: nnx.State, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        with sharding.activate(mesh):  # constraints inside the model take effect while tracing
+            _, weights = losses.shift_targets(batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
+            norm = losses.denominators(jnp.sum(weights, axis=-1))  # whole-batch normalisers
+            keys = jax.random.split(jax.random.fold_in(base_key, state.step), micro)
+            grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+            def accumulate(grads: nnx.State, xs: tuple[Batch, Array]):
+                (_, metrics), micro_grads = grad_fn(state.params, frozen, xs[0], norm, xs[1])
+                return jax.tree.map(jnp.add, grads, micro_grads), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, metrics = jax.lax.scan(accumulate, zeros, (_micro_batches(batch, micro), keys))
+            metrics = {name: jnp.sum(values) for name, values in metrics.items()}  # terms add up (see losses.py)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        metrics |= {"grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))  # fmt: skip
+
+
+def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batch], Array]:
+    """batch -> summed response log-probs [B, 2] float32 of the current model (adapters off by default).
+
+    Use it once before training to precompute `ref_logps` (required for full-parameter DPO).
+    """
+    graphdef, mesh, chunk = trainer.graphdef, trainer.mesh, trainer.config.logits_chunk_size
+
+    def logps(params: nnx.State, frozen: nnx.State, batch: Batch) -> Array:
+        with sharding.activate(mesh):
+            model = nnx.merge(graphdef, params, frozen)
+            if adapters:
+                return pair_logps(model, batch, chunk)[0]
+            with lora.adapters_off(model):
+                return pair_logps(model, batch, chunk)[0]
+
+    jitted = jax.jit(logps, out_shardings=batch_sharding(mesh))
+    return lambda batch: jitted(trainer.state.params, trainer.frozen, shard_batch(batch, mesh, trainer.config))
