@@ -401,3 +401,44 @@ class RunConfig:
             raise ConfigError("data.path is not set: give a pairs .jsonl/.parquet file (data.path=PATH).")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("checkpoint_every and log_every must be at least 1.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Iterative RPO (irpo.py, `jaxpatience irpo`).
+
+
+@dataclasses.dataclass(frozen=True)
+class IrpoConfig:
+    """sample -> pairs -> DPO+NLL (reference = this iteration's start model) -> evaluate -> merge, repeated."""
+
+    model: str = ""  # M_0: HF checkpoint directory or .gguf file
+    out_dir: str = "out/irpo"
+    train_problems: str = ""  # a problems file (.jsonl/.parquet) or a dataset name known to data/problems.py
+    eval_problems: str = ""
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    iterations: int = 2
+    samples_per_problem: int = 8  # N (the paper: 30)
+    max_pairs_per_problem: int = 10  # K
+    sample_temperature: float = 0.8
+    max_new_tokens: int = 512
+    generation_batch_size: int = 16  # problems per generation batch
+    prompt_style: str = "zero_shot"  # see data/problems.build_prompt
+    seed: int = 0
+    train: TrainConfig = dataclasses.field(
+        default_factory=lambda: TrainConfig(loss=LossConfig(dpo_weight=1.0, nll_weight=1.0))
+    )
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # path and chat_template are set per iteration
+    param_dtype: str = "float32"
+    compute_dtype: str | None = None
+    epochs: int | None = 1
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        for key in ("model", "train_problems", "eval_problems"):
+            if not getattr(self, key):
+                raise ConfigError(f"irpo: {key} is not set ({key}=PATH).")
+        if self.iterations < 1 or self.samples_per_problem < 2 or self.max_pairs_per_problem < 1:
+            raise ConfigError("irpo: iterations >= 1, samples_per_problem >= 2 and max_pairs_per_problem >= 1.")

@@ -1,0 +1,99 @@
+"""Iterative RPO: self-play pairing on hand-made sample sets, and the loop for two iterations on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from jaxpatience.data.selfplay import pair_samples, pairs_from_generations
+
+
+def _record(pid: str, response: str, correct: bool, answer: str = "5") -> dict:
+    return {"id": pid, "response": response, "correct": {"strict": correct}, "strict": answer, "flexible": answer,
+            "gold": "5"}  # fmt: skip
+
+
+def test_pairing_all_right_all_wrong_mixed_and_cap():
+    records = [_record("right", f"r{i}", True) for i in range(4)]
+    records += [_record("wrong", f"w{i}", False, "7") for i in range(4)]
+    records += [_record("mixed", f"good{i}", True) for i in range(3)] + [_record("mixed", f"bad{i}", False, "6")
+                                                                          for i in range(5)]  # fmt: skip
+    prompts = {"right": "P1", "wrong": "P2", "mixed": "P3"}
+    pairs, stats = pairs_from_generations(records, prompts, metric="strict", max_pairs=4, iteration=2)
+    assert stats.problems == 3 and stats.all_correct == 1 and stats.all_wrong == 1 and stats.with_pairs == 1
+    assert stats.pairs == len(pairs) == 4  # 3 x 5 = 15 combinations, capped at K = 4
+    assert abs(stats.sample_accuracy - 7 / 16) < 1e-9
+    for pair in pairs:
+        assert pair["prompt"] == "P3" and pair["iteration"] == 2 and pair["problem_id"] == "mixed"
+        assert pair["chosen"].startswith("good") and pair["rejected"].startswith("bad")
+        assert pair["chosen_answer"] == "5" and pair["rejected_answer"] == "6"
+    assert len({(p["chosen"], p["rejected"]) for p in pairs}) == 4  # distinct pairs
+    # a cap above the number of combinations keeps them all
+    pairs, _ = pairs_from_generations(records, prompts, metric="strict", max_pairs=100, iteration=1)
+    assert len(pairs) == 15
+
+
+def test_duplicate_responses_count_once():
+    samples = [{"response": "same", "correct": True}] * 3 + [{"response": "bad", "correct": False}]
+    assert len(pair_samples(samples, max_pairs=10, rng=random.Random(0))) == 1
+
+
+def _sft_pairs(path, rng: random.Random, count: int):
+    """Format-teaching data: 'What is a + b?' -> 'a + b = c. The answer is c.'"""
+    lines = []
+    for _ in range(count):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        answer = f"{a} + {b} = {a + b}. The answer is {a + b}."
+        lines.append({"prompt": f"What is {a} + {b}?", "chosen": answer, "rejected": answer})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _problems(path, rng: random.Random, count: int, offset: int):
+    lines = []
+    for i in range(count):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        lines.append({"id": f"p{offset + i}", "question": f"What is {a} + {b}?", "answer": f"#### {a + b}"})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_irpo_loop_runs_two_iterations_and_resumes(tiny_checkpoint, tmp_path):
+    from jaxpatience.irpo import load_irpo_config, run_irpo
+    from jaxpatience.run import load_run_config, train
+
+    rng = random.Random(0)
+    # A tiny random model first learns the answer format (full-parameter SFT with our own train step), so that
+    # its sampled answers are sometimes right and sometimes wrong: the mix IRPO pairs on.
+    _sft_pairs(tmp_path / "sft.jsonl", rng, 64)
+    sft = load_run_config(None, [
+        f"model={tiny_checkpoint(tied=True)}", f"data.path={tmp_path / 'sft.jsonl'}", f"out_dir={tmp_path / 'sft'}",
+        "data.max_length=128", "data.buckets=[128]", "data.chat_template=true", "train.lora=null",
+        "train.loss.dpo_weight=0", "train.loss.nll_weight=1", "train.batch_size=16", "train.max_steps=100",
+        "train.optimizer.learning_rate=3e-3", "train.optimizer.warmup_steps=5", "checkpoint_every=1000",
+    ])  # fmt: skip
+    base = train(sft, progress=False)["exports"]["merged"]
+    _problems(tmp_path / "train.jsonl", rng, 12, 0)
+    _problems(tmp_path / "eval.jsonl", rng, 8, 100)
+    args = [
+        f"model={base}", f"out_dir={tmp_path / 'irpo'}", f"train_problems={tmp_path / 'train.jsonl'}",
+        f"eval_problems={tmp_path / 'eval.jsonl'}", "prompt_style=question", "samples_per_problem=8",
+        "sample_temperature=0.7", "max_pairs_per_problem=3", "max_new_tokens=24", "generation_batch_size=12",
+        "data.max_length=128", "data.buckets=[128]", "train.batch_size=4", "train.lora.rank=4",
+        "train.optimizer.learning_rate=1e-3", "epochs=1",
+    ]  # fmt: skip
+    first = run_irpo(load_irpo_config(None, [*args, "iterations=1"]), progress=False)
+    assert [row["iteration"] for row in first["iterations"]] == [0, 1]
+    merged_1 = tmp_path / "irpo" / "iter_1" / "train" / "merged" / "model.safetensors"
+    stamp = merged_1.stat().st_mtime_ns
+    second = run_irpo(load_irpo_config(None, [*args, "iterations=2"]), progress=False)
+    rows = second["iterations"]
+    assert [row["iteration"] for row in rows] == [0, 1, 2]
+    assert merged_1.stat().st_mtime_ns == stamp  # iteration 1 was finished: not redone
+    assert rows[1]["accuracy"] == first["iterations"][1]["accuracy"]
+    for iteration in (1, 2):
+        step = tmp_path / "irpo" / f"iter_{iteration}"
+        pairs = [json.loads(line) for line in (step / "pairs.jsonl").read_text().splitlines()]
+        assert pairs and all(p["iteration"] == iteration for p in pairs)
+        assert all(p["chosen_answer"] == p["gold"] != p["rejected_answer"] for p in pairs)
+        assert (step / "train" / "adapter" / "adapter_model.safetensors").is_file()
+        assert (step / "eval" / "summary.json").is_file()
+    assert 0.0 <= rows[2]["accuracy"] <= 1.0 and (tmp_path / "irpo" / "irpo.png").is_file()
