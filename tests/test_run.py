@@ -129,8 +129,13 @@ def test_cli_end_to_end_and_bad_config(setup, tmp_path):
 
 
 def test_shipped_training_configs_parse():
+    from jaxpatience.irpo import load_irpo_config
+
     configs = sorted(p for p in Path(__file__).parent.parent.glob("configs/*.yaml") if "prompt" not in p.name)
-    assert len(configs) >= 3
+    assert len(configs) >= 4
     for path in configs:
-        config = load_run_config(path, ["model=some/checkpoint", "data.path=pairs.jsonl"])
-        assert config.train.batch_size % config.train.micro_batches == 0, path
+        if path.name.startswith("irpo_"):
+            config = load_irpo_config(path, ["model=some/checkpoint"]).train
+        else:
+            config = load_run_config(path, ["model=some/checkpoint", "data.path=pairs.jsonl"]).train
+        assert config.batch_size % config.micro_batches == 0, path
