@@ -296,9 +296,10 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes (sharding.py); their product must equal the number of devices. One may be -1."""
+    """Device mesh sizes (sharding.py). One size may be -1: all remaining devices (the default: pure data
+    parallel over every device, one device on a laptop)."""
 
-    data: int = 1
+    data: int = -1
     fsdp: int = 1
     tensor: int = 1
 

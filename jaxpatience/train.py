@@ -69,8 +69,13 @@ class Trainer:
         return metrics
 
     def model(self) -> nnx.Module:
-        """The current model as an NNX module (shares the arrays; for evaluation, export, lora.merge)."""
-        return nnx.merge(self.graphdef, self.state.params, self.frozen)
+        """The current model as an NNX module, for evaluation, export or `lora.merge` (IRPO's next iteration).
+
+        It shares the arrays (no copy) but has its own Variables, so changing it leaves the trainer intact. The
+        next `step` donates the trained arrays: call `model()` again after stepping.
+        """
+        fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # new Variable objects around the same arrays
+        return nnx.merge(self.graphdef, fresh(self.state.params), fresh(self.frozen))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -134,6 +134,23 @@ def _fresh(config: TrainConfig, mesh_shape: tuple[int, int, int] = (1, 1, 1)) ->
     return trainer
 
 
+def test_next_iteration_merges_the_adapter_into_the_base():
+    """Iterative RPO: after merging the trained adapter, the new reference (adapters off) is the old policy."""
+    batch = _batch()
+    trainer = _fresh(_config())
+    for _ in range(2):
+        trainer.step(batch)
+    policy = np.asarray(train.make_logps_fn(trainer, adapters=True)(batch))
+    frozen_before = _host(trainer.frozen)
+    model = trainer.model()
+    assert lora.merge(model) == 14
+    jax.tree.map(np.testing.assert_array_equal, _host(trainer.frozen), frozen_before)  # the trainer is untouched
+    following = train.create_trainer(model, _config(), _one_device())  # fresh adapters: A random, B zero
+    reference = np.asarray(train.make_logps_fn(following)(batch))
+    np.testing.assert_allclose(reference, policy, rtol=1e-5)
+    assert np.abs(reference - np.asarray(train.make_logps_fn(trainer)(batch))).max() > 1e-3
+
+
 def _run(config, mesh_shape, batch, steps=2):
     trainer = _fresh(config, mesh_shape)
     metrics = [trainer.step(batch) for _ in range(steps)]
