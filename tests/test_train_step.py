@@ -157,13 +157,14 @@ def _run(config, mesh_shape, batch, steps=2):
     return _host(metrics), _host(trainer.state.params)
 
 
-def _assert_close(run_a, run_b, rtol, atol):
+def _assert_close(run_a, run_b, rtol, atol, param_atol=None):
     for index, (step_a, step_b) in enumerate(zip(run_a[0], run_b[0], strict=True)):
         for name in step_a:
             if index == 0 and name == "rewards/accuracies":
                 continue  # at init both rewards are 0 up to float noise, so "chosen > rejected" is noise
             np.testing.assert_allclose(step_a[name], step_b[name], rtol=rtol, atol=atol, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), run_a[1], run_b[1])
+    param_atol = atol if param_atol is None else param_atol
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=param_atol), run_a[1], run_b[1])
 
 
 def test_gradient_accumulation_and_remat_equal_one_big_batch():
@@ -174,17 +175,23 @@ def test_gradient_accumulation_and_remat_equal_one_big_batch():
     _assert_close(whole, accumulated, rtol=1e-5, atol=1e-6)
 
 
-# Tolerance for sharded vs one-device steps: float32 reductions run in another order, so metrics and
-# parameters after two AdamW steps (lr 1e-2, eps 1e-6) agree to 1e-4 relative / 1e-5 absolute.
+# Tolerance for sharded vs one-device steps: float32 reductions run in another order. Metrics of two steps agree
+# to rtol 1e-4 / atol 1e-5 (seen: under 5% of that). Parameters after two AdamW steps to atol 3e-5, i.e. 0.3% of
+# one step of size lr = 1e-2 (seen: up to 5e-6): Adam divides by |g|, which magnifies noise in tiny gradients.
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_sharded_step_equals_one_device_step(shape):
     batch = _batch()
     config = _config(micro_batches=1)
     reference = _run(config, (1, 1, 1), batch)
     sharded = _run(config, shape, batch)
-    _assert_close(reference, sharded, rtol=1e-4, atol=1e-5)
+    _assert_close(reference, sharded, rtol=1e-4, atol=1e-5, param_atol=3e-5)
+    # The weights really are split as the rules say: up_proj [F, D] over (tensor, fsdp); its lora_A [R, D] over fsdp.
+    _, fsdp, tensor = shape
     trainer = _fresh(config, shape)
-    assert len(trainer.frozen["model"]["layers"][0]["mlp"]["up_proj"]["weight"][...].sharding.device_set) == 8
+    up_proj = trainer.frozen["model"]["layers"][0]["mlp"]["up_proj"]
+    assert up_proj["weight"][...].addressable_shards[0].data.shape == (128 // tensor, 64 // fsdp)
+    lora_a = trainer.state.params["model"]["layers"][0]["mlp"]["up_proj"]["lora"]["lora_A"][...]
+    assert lora_a.addressable_shards[0].data.shape == (4, 64 // fsdp)
 
 
 def test_padding_does_not_change_log_probs():
