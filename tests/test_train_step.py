@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -65,7 +66,9 @@ def test_dpo_is_log2_at_init_and_base_stays_bit_identical():
     frozen_before = _host(trainer.frozen)
     adapters_before = _host(trainer.state.params)
     batch = _batch()
+    old_step = trainer.state.step
     first = trainer.step(batch)
+    assert old_step.is_deleted()  # the state was donated: updated in place, no second copy
     np.testing.assert_allclose(first["dpo_loss"], np.log(2.0), rtol=1e-6)  # B = 0: policy == reference
     np.testing.assert_allclose(first["loss"], np.log(2.0) + first["nll"], rtol=1e-6)  # dpo_weight = nll_weight = 1
     assert abs(float(first["rewards/margins"])) < 1e-6
@@ -104,6 +107,21 @@ def test_full_parameter_sft_trains_every_parameter_and_dpo_needs_a_reference():
     dpo = train.create_trainer(_model(), _config(lora=None), _one_device())
     with pytest.raises(ValueError, match="ref_logps"):  # raised while tracing, before any compilation
         dpo.step(batch)
+
+
+def test_bfloat16_base_with_float32_adapters_and_optimizer():
+    """Base weights stay bf16 (frozen, untouched); adapters, Adam moments, log-probs and losses are float32."""
+    bf16 = Qwen2ForCausalLM(PRESETS["tiny"].replace(param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    trainer = train.create_trainer(bf16, _config(), _one_device())
+    assert {x.dtype for x in jax.tree.leaves(trainer.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(trainer.state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+    frozen_before = _host(trainer.frozen)
+    metrics = [trainer.step(_batch()) for _ in range(3)]
+    assert all(m["loss"].dtype == jnp.float32 for m in metrics)
+    np.testing.assert_allclose(metrics[0]["dpo_loss"], np.log(2.0), rtol=1e-5)
+    assert float(metrics[-1]["dpo_loss"]) < float(metrics[0]["dpo_loss"])
+    jax.tree.map(np.testing.assert_array_equal, _host(trainer.frozen), frozen_before)
 
 
 def test_precomputed_reference_equals_the_in_step_reference():
