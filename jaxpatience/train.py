@@ -283,10 +283,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
             def accumulate(grads: nnx.State, xs: tuple[Batch, Array]):
                 (_, metrics), micro_grads = grad_fn(state.params, frozen, xs[0], norm, xs[1])
-                return jax.tree.map(jnp.add, grads, micro_grads), metrics
+                return jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads), metrics
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)  # accumulate in float32
             grads, metrics = jax.lax.scan(accumulate, zeros, (_micro_batches(batch, micro), keys))
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)  # optimizer sees param dtypes
             metrics = {name: jnp.sum(values) for name, values in metrics.items()}  # terms add up (see losses.py)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
