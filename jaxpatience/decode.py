@@ -41,7 +41,7 @@ from jaxpatience.model import KVCache, Qwen2ForCausalLM, init_kv_cache
 
 Array = jax.Array
 MIN_LENGTH_BUCKET = 16  # smallest prompt / new-token bucket
-CACHE_AXES = (None, "batch", "length", "kv_heads", None)  # logical names of a [L, B, S, K, H] cache array
+CACHE_AXES = ("batch", "length", "kv_heads", None)  # logical names of one layer's [B, S, K, H] cache buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ class DecodeState(NamedTuple):
     done: Array  # [B] bool: the row produced a stop token (dummy rows start done)
     row_keys: Array  # [B] PRNG keys, one per row
     cache_mask: Array  # [B, S] 1 at real prompt slots and at every generation slot
-    kv_cache: KVCache  # [L, B, S, K, H] keys and values
+    kv_cache: KVCache  # keys and values: tuples of L buffers [B, S, K, H]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,8 +127,10 @@ def _prefill(state: nnx.State, prompt_ids: Array, prompt_mask: Array, active: Ar
     with _mesh_context(mesh):
         model: Qwen2ForCausalLM = nnx.merge(graphdef, state)
         batch, prompt_len = prompt_ids.shape
-        kv_cache = init_kv_cache(model.config, batch, prompt_len + new_bucket)
-        kv_cache = KVCache(*(sharding.constrain(c, CACHE_AXES) for c in kv_cache))  # [L, B, S, K, H]
+        # One [B, S, K, H] buffer per layer (a tuple, not one stacked array): XLA then writes each step's keys and
+        # values in place instead of copying the whole cache (model.py accepts both layouts).
+        stacked = init_kv_cache(model.config, batch, prompt_len + new_bucket)  # zeros, folded away by XLA
+        kv_cache = KVCache(*(tuple(sharding.constrain(layer, CACHE_AXES) for layer in c) for c in stacked))
         # Generation slots are marked real from the start: the causal mask hides each one until it is written.
         cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, new_bucket), prompt_mask.dtype)], axis=1)
         hidden, kv_cache = model.hidden_states(prompt_ids, cache_mask, kv_cache=kv_cache, cache_index=0)

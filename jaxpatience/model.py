@@ -208,7 +208,7 @@ class Qwen2ForCausalLM(nnx.Module):
         Losses call this and project chunks with `logits()` so a [B, T, V] float32 tensor never exists.
         """
         batch, length = input_ids.shape
-        key_len = length if kv_cache is None else kv_cache.k.shape[2]
+        key_len = length if kv_cache is None else kv_cache.k[0].shape[1]  # k[0]: layer 0's [B, S, K, H]
         if attention_mask is None:
             attention_mask = jnp.ones((batch, key_len), jnp.int32)
         if attention_mask.shape != (batch, key_len):
@@ -223,7 +223,12 @@ class Qwen2ForCausalLM(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
             x, kv = layer(x, positions, mask, kv, cache_index)
-            if kv is not None:  # in-place (dynamic-update-slice) when the caller donates the cache
+            if kv is None:
+                continue
+            if isinstance(kv_cache.k, tuple):  # one buffer per layer (decode.py): XLA updates each in place
+                kv_cache = KVCache(kv_cache.k[:i] + (kv[0],) + kv_cache.k[i + 1 :],
+                                   kv_cache.v[:i] + (kv[1],) + kv_cache.v[i + 1 :])  # fmt: skip
+            else:  # a stacked [L, B, S, K, H] array: XLA copies the cache a few times per call (slower decode)
                 kv_cache = KVCache(kv_cache.k.at[i].set(kv[0]), kv_cache.v.at[i].set(kv[1]))
         return self.model.norm(x), kv_cache
 
