@@ -296,10 +296,10 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes (sharding.py). One size may be -1: all remaining devices (the default: pure data
-    parallel over every device, one device on a laptop)."""
+    """Device mesh sizes (sharding.py). One size may be -1: all remaining devices. A product smaller than the
+    device count uses the first devices (single host only; sharding.make_mesh warns)."""
 
-    data: int = -1
+    data: int = 1
     fsdp: int = 1
     tensor: int = 1
 
