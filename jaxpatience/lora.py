@@ -53,7 +53,7 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         if not self.enabled:
-            return jnp.zeros((), x.dtype)  # adds nothing; XLA folds the addition away
+            return jnp.zeros((), x.dtype)  # a scalar zero: the base output is returned unchanged
         if self.dropout_rate > 0 and self.dropout_key is not None:
             keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout_rate, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
