@@ -127,7 +127,7 @@ def test_bfloat16_base_with_float32_adapters_and_optimizer():
 def test_precomputed_reference_equals_the_in_step_reference():
     batch = _batch()
     carried = _fresh(_config())  # the shared trainer: the two runs go one after the other
-    reference = np.asarray(train.make_logps_fn(carried)(batch))
+    reference = np.asarray(_logps_fn(_config())(batch))
     carried_metrics = [_host(carried.step(batch | {"ref_logps": reference})) for _ in range(3)]
     in_step = _fresh(_config())
     in_step_metrics = [_host(in_step.step(batch)) for _ in range(3)]
@@ -145,6 +145,12 @@ def _trainer(config: TrainConfig, mesh_shape: tuple[int, int, int] = (1, 1, 1)):
     return trainer, _host(trainer.state)
 
 
+@functools.cache
+def _logps_fn(config: TrainConfig, adapters: bool = False):
+    """make_logps_fn of the shared trainer, compiled once (it reads the trainer's current state at each call)."""
+    return train.make_logps_fn(_trainer(config, (1, 1, 1))[0], adapters=adapters)  # the key _fresh uses
+
+
 def _fresh(config: TrainConfig, mesh_shape: tuple[int, int, int] = (1, 1, 1)) -> train.Trainer:
     """The shared trainer, reset to its initial state (the state is donated each step, so restore a copy)."""
     trainer, initial = _trainer(config, mesh_shape)
@@ -158,7 +164,7 @@ def test_next_iteration_merges_the_adapter_into_the_base():
     trainer = _fresh(_config())
     for _ in range(2):
         trainer.step(batch)
-    policy = np.asarray(train.make_logps_fn(trainer, adapters=True)(batch))
+    policy = np.asarray(_logps_fn(_config(), adapters=True)(batch))
     frozen_before = _host(trainer.frozen)
     model = trainer.model()
     assert lora.merge(model) == 14
@@ -166,7 +172,7 @@ def test_next_iteration_merges_the_adapter_into_the_base():
     following = train.create_trainer(model, _config(), _one_device())  # fresh adapters: A random, B zero
     reference = np.asarray(train.make_logps_fn(following)(batch))
     np.testing.assert_allclose(reference, policy, rtol=1e-5)
-    assert np.abs(reference - np.asarray(train.make_logps_fn(trainer)(batch))).max() > 1e-3
+    assert np.abs(reference - np.asarray(_logps_fn(_config())(batch))).max() > 1e-3
 
 
 def _run(config, mesh_shape, batch, steps=2):
@@ -224,11 +230,11 @@ def test_padding_does_not_change_log_probs():
     trainer = _fresh(_config())
     for _ in range(2):  # move the adapters away from zero, so the policy differs from the base
         trainer.step(batch)
-    policy_logps = train.make_logps_fn(trainer, adapters=True)
+    policy_logps = _logps_fn(_config(), adapters=True)
     expected = np.asarray(policy_logps(batch))
     for padded in (wider, left):
         np.testing.assert_allclose(np.asarray(policy_logps(padded)), expected, rtol=1e-5)
-    assert np.abs(expected - np.asarray(train.make_logps_fn(trainer)(batch))).max() > 1e-3  # adapters matter
+    assert np.abs(expected - np.asarray(_logps_fn(_config())(batch))).max() > 1e-3  # adapters matter
 
 
 def test_bad_batches_and_configs_fail_with_a_clear_message():
