@@ -103,12 +103,12 @@ def _step_keys(row_keys: Array, step: Array) -> Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)  # [B]
 
 
-def _record(state: DecodeState, token: Array, stop_ids: Array) -> DecodeState:
+def _record(carry: DecodeState, token: Array, stop_ids: Array) -> DecodeState:
     """Write this step's token [B] into the carry and update the per-row done flags."""
     is_stop = jnp.isin(token, stop_ids)  # stop_ids [E], padded with -1 (never a token)
-    tokens = jax.lax.dynamic_update_index_in_dim(state.tokens, jnp.where(state.done, -1, token), state.step, axis=1)
-    lengths = state.lengths + (~state.done & ~is_stop)
-    return state._replace(step=state.step + 1, tokens=tokens, lengths=lengths, done=state.done | is_stop)
+    tokens = jax.lax.dynamic_update_index_in_dim(carry.tokens, jnp.where(carry.done, -1, token), carry.step, axis=1)
+    lengths = carry.lengths + (~carry.done & ~is_stop)  # a row's stop token is not counted
+    return carry._replace(step=carry.step + 1, tokens=tokens, lengths=lengths, done=carry.done | is_stop)
 
 
 def _mesh_context(mesh):
@@ -120,12 +120,12 @@ def _mesh_context(mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "new_bucket", "mesh"))
-def _prefill(state: nnx.State, prompt_ids: Array, prompt_mask: Array, active: Array, row_ids: Array, seed: Array,
+def _prefill(model_state: nnx.State, prompt_ids: Array, prompt_mask: Array, active: Array, row_ids: Array, seed: Array,
              stop_ids: Array, temperature: Array, top_p: Array, *, graphdef: nnx.GraphDef, sampler: Sampler,
              new_bucket: int, mesh) -> DecodeState:  # fmt: skip
     """Run the prompts [B, P] through the model into a fresh cache and sample the first new token."""
     with _mesh_context(mesh):
-        model: Qwen2ForCausalLM = nnx.merge(graphdef, state)
+        model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
         batch, prompt_len = prompt_ids.shape
         # One [B, S, K, H] buffer per layer (a tuple, not one stacked array): XLA then writes each step's keys and
         # values in place instead of copying the whole cache (model.py accepts both layouts).
@@ -138,7 +138,7 @@ def _prefill(state: nnx.State, prompt_ids: Array, prompt_mask: Array, active: Ar
         logits = model.logits(hidden[:, -1]).astype(jnp.float32)
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids)  # [B]
         token = sample_tokens(logits, _step_keys(row_keys, 0), sampler, temperature, top_p)
-        state = DecodeState(
+        decode_state = DecodeState(
             step=jnp.zeros((), jnp.int32),
             tokens=jnp.full((batch, new_bucket), -1, jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
@@ -147,15 +147,16 @@ def _prefill(state: nnx.State, prompt_ids: Array, prompt_mask: Array, active: Ar
             cache_mask=cache_mask,
             kv_cache=kv_cache,
         )
-        return _record(state, token, stop_ids)
+        return _record(decode_state, token, stop_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("decode_state",))
-def _decode(state: nnx.State, decode_state: DecodeState, stop_ids: Array, max_new_tokens: Array, temperature: Array,
-            top_p: Array, *, graphdef: nnx.GraphDef, sampler: Sampler, mesh) -> DecodeState:  # fmt: skip
+def _decode(model_state: nnx.State, decode_state: DecodeState, stop_ids: Array, max_new_tokens: Array,
+            temperature: Array, top_p: Array, *, graphdef: nnx.GraphDef, sampler: Sampler,
+            mesh) -> DecodeState:  # fmt: skip
     """Generate until every row is done or `max_new_tokens` tokens exist: one while_loop, one token per step."""
     with _mesh_context(mesh):
-        model: Qwen2ForCausalLM = nnx.merge(graphdef, state)
+        model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
         prompt_len = decode_state.cache_mask.shape[1] - decode_state.tokens.shape[1]  # P = S - N
 
         def keep_going(carry: DecodeState) -> Array:
@@ -252,6 +253,26 @@ def _check_settings(max_new_tokens, temperature, top_p, top_k, num_samples, batc
             raise ValueError(message + ".")
 
 
+def _pack_batch(prompt_ids: list[list[int]], batch: list[int], samples: int, full_rows: int, batch_shards: int):
+    """Host arrays for one batch of prompts: left-padded ids and mask [B, P], active rows [B], row ids [B].
+
+    B is a power of two (or `full_rows`, the size of a full batch) and a multiple of the mesh's batch shards;
+    P is a power of two >= MIN_LENGTH_BUCKET. Rows are (prompt index, sample index) pairs.
+    """
+    rows = [(p, s) for p in batch for s in range(samples)]
+    num_rows = min(full_rows, _round_up(_bucket(len(rows)), batch_shards))  # B
+    prompt_len = _bucket(max(len(prompt_ids[p]) for p in batch), MIN_LENGTH_BUCKET)  # P
+    ids = np.zeros((num_rows, prompt_len), np.int32)
+    mask = np.zeros((num_rows, prompt_len), np.int32)
+    for r in range(num_rows):
+        p, _ = rows[min(r, len(rows) - 1)]  # dummy rows repeat the last real row (and start done)
+        ids[r, prompt_len - len(prompt_ids[p]) :] = prompt_ids[p]  # left padding
+        mask[r, prompt_len - len(prompt_ids[p]) :] = 1
+    active = np.arange(num_rows) < len(rows)
+    row_ids = np.array([p * samples + s for p, s in rows] + [0] * (num_rows - len(rows)), np.int32)
+    return rows, ids, mask, active, row_ids
+
+
 def _put(array: np.ndarray, mesh, axes: tuple[str | None, ...]) -> Array | np.ndarray:
     """Host array -> device, split along logical `axes` when there is a mesh (uncommitted numpy otherwise)."""
     return array if mesh is None else jax.device_put(array, sharding.named_sharding(mesh, axes, array.shape))
@@ -303,10 +324,10 @@ def generate(
     samples = num_samples or 1
     top_k = min(top_k, config.vocab_size) if temperature > 0 else 0  # top_k is static: greedy ignores it
     sampler = Sampler(greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1.0 and temperature > 0)
-    graphdef, state = nnx.split(model)  # once per call; jit's cache is keyed on graphdef (hashable) and shapes
+    graphdef, model_state = nnx.split(model)  # once per call; jit's cache is keyed on graphdef (hashable), shapes
     batch_shards = 1
     if mesh is not None:
-        state = jax.device_put(state, sharding.state_shardings(mesh, state))
+        model_state = jax.device_put(model_state, sharding.state_shardings(mesh, model_state))
         batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     stop_array = np.full(_bucket(len(stop_ids), 4), -1, np.int32)  # [E], padded with -1 so E is bucketed too
     stop_array[: len(stop_ids)] = stop_ids
@@ -321,23 +342,13 @@ def generate(
 
     def launch(batch: list[int]) -> tuple[list[tuple[int, int]], DecodeState]:
         """Pad one batch to its buckets and dispatch prefill + decode (asynchronously)."""
-        rows = [(p, s) for p in batch for s in range(samples)]
-        num_rows = min(full_rows, _round_up(_bucket(len(rows)), batch_shards))  # B: a power of two or the full size
-        prompt_len = _bucket(max(len(prompt_ids[p]) for p in batch), MIN_LENGTH_BUCKET)  # P
-        ids = np.zeros((num_rows, prompt_len), np.int32)
-        mask = np.zeros((num_rows, prompt_len), np.int32)
-        for r in range(num_rows):
-            p, s = rows[min(r, len(rows) - 1)]  # dummy rows repeat the last real row and start done
-            ids[r, prompt_len - len(prompt_ids[p]) :] = prompt_ids[p]  # left padding
-            mask[r, prompt_len - len(prompt_ids[p]) :] = 1
-        active = np.arange(num_rows) < len(rows)
-        row_ids = np.array([p * samples + s for p, s in rows] + [0] * (num_rows - len(rows)), np.int32)
+        rows, ids, mask, active, row_ids = _pack_batch(prompt_ids, batch, samples, full_rows, batch_shards)
         decode_state = _prefill(
-            state, _put(ids, mesh, ("batch", "length")), _put(mask, mesh, ("batch", "length")),
+            model_state, _put(ids, mesh, ("batch", "length")), _put(mask, mesh, ("batch", "length")),
             _put(active, mesh, ("batch",)), _put(row_ids, mesh, ("batch",)), np.uint32(seed), stop_array,
             graphdef=graphdef, sampler=sampler, new_bucket=new_bucket, mesh=mesh, **scalars,
         )  # fmt: skip
-        decode_state = _decode(state, decode_state, stop_array, np.int32(max_new_tokens), graphdef=graphdef,
+        decode_state = _decode(model_state, decode_state, stop_array, np.int32(max_new_tokens), graphdef=graphdef,
                                sampler=sampler, mesh=mesh, **scalars)  # fmt: skip
         return rows, decode_state
 
