@@ -205,3 +205,40 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, out_dir: str | Path
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return out_dir
+
+
+def load_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
+    """Attach the LoRA adapter of a PEFT directory (ours or PEFT's own) to `model`, unmerged; returns `model`.
+
+    Adapters go exactly on the modules named in `adapter_model.safetensors`; rank, alpha and rsLoRA come from
+    `adapter_config.json`. Merge afterwards (`merge`) for the fastest decoding.
+    """
+    from jaxpatience.weights import CheckpointError, SafetensorsReader
+
+    adapter_dir = Path(adapter_dir)
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise CheckpointError(f"{file} does not exist: expected a PEFT adapter directory.")
+    peft = json.loads(config_file.read_text())
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{config_file} describes a {peft.get('peft_type')} adapter; only LORA is supported.")
+    reader = SafetensorsReader(weights_file)
+    prefix, suffix = "base_model.model.", ".lora_A.weight"
+    names = sorted(k[len(prefix) : -len(suffix)] for k in reader.keys() if k.startswith(prefix) and k.endswith(suffix))
+    if not names:
+        raise CheckpointError(f"{weights_file} holds no '{prefix}<module>{suffix}' tensors.")
+    config = LoraConfig(rank=int(peft["r"]), alpha=float(peft["lora_alpha"]), rslora=bool(peft.get("use_rslora")),
+                        targets="|".join(re.escape(n) for n in names))  # fmt: skip
+    apply_lora(model, config)
+    for name, lora in adapters(model):
+        for kind, variable in (("lora_A", lora.lora_A), ("lora_B", lora.lora_B)):
+            key = f"{prefix}{name}.{kind}.weight"
+            if key not in reader.entries:
+                raise CheckpointError(f"{weights_file} lacks {key!r}.")
+            value = np.asarray(reader.get(key), dtype=np.float32)
+            if value.shape != variable.get_value().shape:
+                raise CheckpointError(f"{weights_file}: {key!r} has shape {value.shape}, the model implies "
+                                      f"{variable.get_value().shape}.")  # fmt: skip
+            variable.set_value(jax.device_put(value, variable.get_value().sharding))
+    return model

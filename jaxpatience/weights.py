@@ -43,25 +43,16 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 class SafetensorsReader:
-    """name -> memory-mapped numpy array, over one `model.safetensors` or a sharded index."""
+    """name -> memory-mapped numpy array, over one `model.safetensors` or a sharded index (or one named file)."""
 
     def __init__(self, directory: str | Path):
         directory = Path(directory)
-        index_file = directory / "model.safetensors.index.json"
-        single_file = directory / "model.safetensors"
-        if index_file.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise CheckpointError(f"{index_file} is not a valid safetensors index (no weight_map).") from None
-            files = sorted(set(weight_map.values()))
-        elif single_file.is_file():
-            files = ["model.safetensors"]
+        if directory.suffix == ".safetensors":  # a single file, e.g. a PEFT adapter_model.safetensors
+            directory, files = directory.parent, [directory.name]
+            if not (directory / files[0]).is_file():
+                raise CheckpointError(f"{directory / files[0]} does not exist.")
         else:
-            raise CheckpointError(
-                f"{directory} has neither model.safetensors nor model.safetensors.index.json "
-                "(PyTorch .bin checkpoints are not supported; re-save with safe_serialization=True)."
-            )
+            files = self._files(directory)
         self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, header entry, data start)
         for name in files:
             path = directory / name
@@ -71,6 +62,23 @@ class SafetensorsReader:
             for key, entry in header.items():
                 if key != "__metadata__":
                     self.entries[key] = (path, entry, data_start)
+
+    @staticmethod
+    def _files(directory: Path) -> list[str]:
+        index_file = directory / "model.safetensors.index.json"
+        single_file = directory / "model.safetensors"
+        if index_file.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise CheckpointError(f"{index_file} is not a valid safetensors index (no weight_map).") from None
+            return sorted(set(weight_map.values()))
+        if single_file.is_file():
+            return ["model.safetensors"]
+        raise CheckpointError(
+            f"{directory} has neither model.safetensors nor model.safetensors.index.json "
+            "(PyTorch .bin checkpoints are not supported; re-save with safe_serialization=True)."
+        )
 
     def keys(self) -> list[str]:
         return list(self.entries)

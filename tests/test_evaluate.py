@@ -256,15 +256,35 @@ def test_compare_prints_a_before_after_table(tmp_path, capsys):
         main(["--compare", str(tmp_path / "missing.json"), str(tmp_path / "after")])
 
 
-def test_adapter_flag(tmp_path):
-    from jaxpatience import lora
+def test_adapter_flag_applies_a_peft_adapter(tiny_checkpoint, tmp_path):
+    """--adapter puts the adapter on the base: the stored responses are the adapted model's greedy output."""
+    import jax
 
-    if hasattr(lora, "load_adapter"):
-        pytest.skip("lora.py has an adapter loader; the end-to-end adapter test belongs with it")
+    from jaxpatience import generate, load_pretrained, lora
+    from jaxpatience.config import LoraConfig
+    from jaxpatience.data.problems import build_prompt, load_file
+
+    base = tiny_checkpoint()
+    model, tokenizer = load_pretrained(base)
+    config = LoraConfig(rank=4, alpha=8)
+    lora.apply_lora(model, config, seed=1)
+    for _, adapter in lora.adapters(model):  # a non-zero adapter, so that it changes the output
+        adapter.lora_B.set_value(jax.random.normal(jax.random.key(0), adapter.lora_B.get_value().shape) * 0.5)
+    lora.save_peft_adapter(model, config, tmp_path / "adapter")
     data = tmp_path / "p.jsonl"
-    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
-    with pytest.raises(EvalError, match="--adapter is not supported yet"):
-        main(["--model", str(tmp_path), "--adapter", str(tmp_path), "--dataset", str(data), "--out", str(tmp_path)])
+    data.write_text(json.dumps({"id": "q1", "question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
+    args = ["--model", str(base), "--dataset", str(data), "--max-new-tokens", "8", "--no-progress"]
+    assert main([*args, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "with")]) == 0
+    record = json.loads((tmp_path / "with" / "generations.jsonl").read_text().splitlines()[0])
+    prompt = build_prompt(load_file(data)[0], tokenizer, "zero_shot", latex=False)
+    expected = generate(model, tokenizer, [prompt], max_new_tokens=8)[0].text
+    assert record["response"] == expected
+    plain, _ = load_pretrained(base)
+    assert generate(plain, tokenizer, [prompt], max_new_tokens=8)[0].text != expected  # the adapter mattered
+    from jaxpatience.weights import CheckpointError
+
+    with pytest.raises(CheckpointError, match="adapter_config.json does not exist"):
+        main([*args, "--adapter", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")])
 
 
 # ---------------------------------------------------------------------------------------------------

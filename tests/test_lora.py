@@ -152,3 +152,21 @@ def test_peft_export_loads_in_peft_with_the_same_logits(tiny_checkpoint, tmp_pat
         merged = TorchQwen2.from_pretrained(merged_dir, dtype=torch.float32).eval()
         merged_logits = merged(**inputs).logits.numpy()
     assert np.abs(merged_logits[real] - theirs[real]).max() <= 1e-4
+
+    # Loading back: our adapter directory, and the one peft itself writes, onto a fresh base give our logits.
+    torch_model.save_pretrained(tmp_path / "peft_saved")
+    for directory in (adapter_dir, tmp_path / "peft_saved"):
+        fresh, _ = load_pretrained(base_dir)
+        lora.load_adapter(fresh, directory)
+        assert len(list(lora.adapters(fresh))) == 4 * model.config.num_hidden_layers
+        loaded = np.asarray(fresh(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+        assert np.abs(loaded[real] - theirs[real]).max() <= 1e-4, directory
+
+
+def test_load_adapter_errors(tiny_checkpoint, tmp_path):
+    from jaxpatience import load_pretrained
+    from jaxpatience.weights import CheckpointError
+
+    model, _ = load_pretrained(tiny_checkpoint())
+    with pytest.raises(CheckpointError, match="adapter_config.json does not exist"):
+        lora.load_adapter(model, tmp_path)
