@@ -195,8 +195,14 @@ def _tokenize(tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[in
             if tokenizer is None:
                 raise ValueError(f"prompt {i} is a string, but no tokenizer was given to encode it.")
             ids.append(list(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-        elif isinstance(prompt, Sequence | np.ndarray) and all(isinstance(t, int | np.integer) for t in prompt):
-            ids.append([int(t) for t in prompt])
+        elif isinstance(prompt, Sequence | np.ndarray):
+            try:
+                as_array = np.asarray(prompt)  # one conversion instead of a check per token
+            except ValueError:
+                as_array = np.asarray([[]])  # ragged nesting: rejected just below
+            if as_array.ndim != 1 or (as_array.size and as_array.dtype.kind not in "iu"):
+                raise ValueError(f"prompt {i} is not a flat list of integer token ids.")
+            ids.append(as_array.astype(np.int64).tolist())
         else:
             raise ValueError(f"prompt {i} is a {type(prompt).__name__}; expected a string or a list of token ids.")
     return ids

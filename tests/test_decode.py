@@ -250,6 +250,7 @@ def test_unmerged_lora_decodes_like_the_merged_model(checkpoint):
         ([[5, 6]], dict(stop_tokens=[10**6]), "is not a token id"),
         ([[5, 99999]], {}, "outside the vocabulary"),
         ([3.5], {}, "expected a string or a list of token ids"),
+        ([[5, 6.5]], {}, "not a flat list of integer token ids"),
         ([[5, 6]], dict(top_p=0.0), "top_p must be in"),
         ([[5, 6]], dict(num_samples=0), "num_samples must be"),
     ],
