@@ -225,15 +225,13 @@ def _check_prompts(ids: list[list[int]], vocab_size: int, context: int, max_new_
 
 def _stop_ids(tokenizer, stop_tokens: Sequence[int | str] | None, vocab_size: int) -> list[int]:
     """Stop token ids. None: the tokenizer's eos and ChatML's <|im_end|> when the vocabulary has it."""
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}  # token string -> id (no unk fallback)
     if stop_tokens is None:
-        if tokenizer is None:
-            return []
-        defaults = [tokenizer.eos_token_id] + [tokenizer.get_vocab().get("<|im_end|>")]
-        return sorted({t for t in defaults if t is not None})
+        return sorted({t for t in (getattr(tokenizer, "eos_token_id", None), vocab.get("<|im_end|>")) if t is not None})
     ids = []
     for token in stop_tokens:
         if isinstance(token, str):
-            token_id = None if tokenizer is None else tokenizer.get_vocab().get(token)
+            token_id = vocab.get(token)
             if token_id is None:
                 raise ValueError(f"stop token {token!r} is not a single token of the tokenizer's vocabulary.")
             ids.append(token_id)
