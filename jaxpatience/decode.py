@@ -127,10 +127,9 @@ def _prefill(model_state: nnx.State, prompt_ids: Array, prompt_mask: Array, acti
     with _mesh_context(mesh):
         model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
         batch, prompt_len = prompt_ids.shape
-        # One [B, S, K, H] buffer per layer (a tuple, not one stacked array): XLA then writes each step's keys and
-        # values in place instead of copying the whole cache (model.py accepts both layouts).
-        stacked = init_kv_cache(model.config, batch, prompt_len + new_bucket)  # zeros, folded away by XLA
-        kv_cache = KVCache(*(tuple(sharding.constrain(layer, CACHE_AXES) for layer in c) for c in stacked))
+        # One [B, S, K, H] buffer per layer (model.KVCache): XLA writes each step's keys and values in place.
+        empty = init_kv_cache(model.config, batch, prompt_len + new_bucket)  # zeros, folded away by XLA
+        kv_cache = KVCache(*(tuple(sharding.constrain(layer, CACHE_AXES) for layer in c) for c in empty))
         # Generation slots are marked real from the start: the causal mask hides each one until it is written.
         cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, new_bucket), prompt_mask.dtype)], axis=1)
         hidden, kv_cache = model.hidden_states(prompt_ids, cache_mask, kv_cache=kv_cache, cache_index=0)

@@ -12,9 +12,10 @@ Attention masks: `attention_mask` [B, S] marks real tokens (1) and padding (0), 
 from the mask (the count of real tokens before a slot), so a left-padded prompt gets positions 0, 1, ... from
 its first real token, exactly as HF's `generate` computes them.
 
-KV cache (used by decode.py): a `KVCache` of two [L, B, S, K, H] arrays. A call with `kv_cache=` writes the new
-keys/values at slots [cache_index, cache_index + T) and attends over all S slots; `attention_mask` is then [B, S]
-and describes the whole cache (the new tokens included).
+KV cache (used by decode.py): a `KVCache` of keys and values, each a tuple of L per-layer [B, S, K, H] buffers
+(separate buffers let XLA update each in place; one stacked array was copied several times per step). A call with
+`kv_cache=` writes the new keys/values at slots [cache_index, cache_index + T) and attends over all S slots;
+`attention_mask` is then [B, S] and describes the whole cache (the new tokens included).
 """
 
 from __future__ import annotations
@@ -32,21 +33,16 @@ Array = jax.Array
 
 
 class KVCache(NamedTuple):
-    k: Array  # [L, B, S, K, H]
-    v: Array  # [L, B, S, K, H]
+    k: tuple[Array, ...]  # L x [B, S, K, H]
+    v: tuple[Array, ...]  # L x [B, S, K, H]
 
 
 def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
-    shape = (
-        config.num_hidden_layers,
-        batch_size,
-        max_len,
-        config.num_key_value_heads,
-        config.resolved_head_dim,
-    )
+    shape = (batch_size, max_len, config.num_key_value_heads, config.resolved_head_dim)
     dtype = dtype or jnp.dtype(config.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    layers = range(config.num_hidden_layers)
+    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -223,13 +219,9 @@ class Qwen2ForCausalLM(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
             x, kv = layer(x, positions, mask, kv, cache_index)
-            if kv is None:
-                continue
-            if isinstance(kv_cache.k, tuple):  # one buffer per layer (decode.py): XLA updates each in place
+            if kv is not None:  # replace layer i's buffers (updated in place when the caller donates the cache)
                 kv_cache = KVCache(kv_cache.k[:i] + (kv[0],) + kv_cache.k[i + 1 :],
                                    kv_cache.v[:i] + (kv[1],) + kv_cache.v[i + 1 :])  # fmt: skip
-            else:  # a stacked [L, B, S, K, H] array: XLA copies the cache a few times per call (slower decode)
-                kv_cache = KVCache(kv_cache.k.at[i].set(kv[0]), kv_cache.v.at[i].set(kv[1]))
         return self.model.norm(x), kv_cache
 
     def logits(self, hidden: Array) -> Array:

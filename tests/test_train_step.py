@@ -124,6 +124,19 @@ def test_bfloat16_base_with_float32_adapters_and_optimizer():
     jax.tree.map(np.testing.assert_array_equal, _host(trainer.frozen), frozen_before)
 
 
+def test_full_parameter_bfloat16_model_trains_float32_master_weights():
+    """Without LoRA the trained weights become float32 master copies, so small AdamW steps are not rounded away."""
+    bf16 = Qwen2ForCausalLM(PRESETS["tiny"].replace(param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    before = np.asarray(bf16.model.layers[0].mlp.up_proj.weight[...].astype(jnp.float32))
+    config = _config(lora=None, loss=LossConfig(dpo_weight=0.0, nll_weight=1.0),
+                     optimizer=OptimizerConfig(learning_rate=1e-5, decay="constant"))  # fmt: skip
+    trainer = train.create_trainer(bf16, config, _one_device())
+    assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
+    trainer.step(_batch())
+    after = np.asarray(trainer.model().model.layers[0].mlp.up_proj.weight[...])
+    assert np.mean(after != before) > 0.9  # in bf16, most of these 1e-5 updates would vanish
+
+
 def test_precomputed_reference_equals_the_in_step_reference():
     batch = _batch()
     carried = _fresh(_config())  # the shared trainer: the two runs go one after the other
