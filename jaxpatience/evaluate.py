@@ -168,6 +168,8 @@ def evaluate(
     style_name = prompt_style if isinstance(prompt_style, str) else f"custom:{getattr(prompt_style, '__name__', '?')}"
     settings = dict(run_info or {}, prompt_style=style_name, max_new_tokens=max_new_tokens, samples=samples,
                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # fmt: skip
+    if temperature > 0:  # sampled streams depend on how problems are batched: a resume must batch alike
+        settings["batch_size"] = batch_size
     path = out_dir / "generations.jsonl"
     _check_settings(out_dir / "run.json", settings, path)
     records = _resume(path, samples)

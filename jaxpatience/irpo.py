@@ -20,7 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jaxpatience.config import IrpoConfig, RunConfig, apply_overrides, from_dict, load_yaml
+from jaxpatience.config import ConfigError, IrpoConfig, RunConfig, apply_overrides, from_dict, load_yaml
 
 
 def load_irpo_config(path: str | Path | None, overrides: list[str]) -> IrpoConfig:
@@ -76,8 +76,15 @@ def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, s
 
 def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     """Run (or resume) every iteration; returns the summary (also OUT/summary.json, plot OUT/irpo.png)."""
+    import os
+
     from jaxpatience.run import train
 
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAX_DISTRIBUTED_AUTO") == "1":
+        raise ConfigError(
+            "jaxpatience irpo runs on one host (sampling is single-process for now); run its train stage on a pod "
+            "with jaxpatience train on each iteration's pairs.jsonl."
+        )
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))

@@ -132,6 +132,9 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
     bar = tqdm(total=max_steps, initial=start, disable=not (progress and is_main), desc="train", unit="step")
     tokens_seen, t_start, last = 0, time.perf_counter(), {}
     end = max_steps if stop_after is None else min(max_steps, stop_after)
+    if stop_after is not None and end <= start:  # asked to stop at or before the step already reached: nothing to do
+        checkpoints.close()
+        return {"steps": start, "resumed_from": start, "final": {}, "exports": {}, "compilations": 0}
     for step in range(start, end):
         host = next(batches)
         batch = {k: host[k] for k in BATCH_KEYS}

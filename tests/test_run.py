@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxpatience.checkpoint import Checkpointer
 from jaxpatience.metrics import read_metrics
 from jaxpatience.run import load_run_config, train
 
@@ -56,6 +57,8 @@ def test_stop_and_resume_is_bitwise_identical(setup):
     second = train(cut, progress=False)
     assert second["resumed_from"] == 5
     assert losses_of(tmp / "cut") == losses_of(tmp / "whole")  # bitwise on CPU
+    again = train(cut, progress=False, stop_after=3)  # behind the latest checkpoint: a no-op, nothing relabelled
+    assert again["steps"] == 8 and sorted(Checkpointer(tmp / "cut" / "checkpoints").all_steps())[-1] == 8
     assert len(losses_of(tmp / "whole")) == 8
     # the loss falls on this small set, and the artifacts exist
     assert losses_of(tmp / "whole")[-1] < losses_of(tmp / "whole")[0]
