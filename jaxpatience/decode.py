@@ -127,12 +127,15 @@ def _prefill(model_state: nnx.State, prompt_ids: Array, prompt_mask: Array, acti
     with _mesh_context(mesh):
         model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
         batch, prompt_len = prompt_ids.shape
-        # One [B, S, K, H] buffer per layer (model.KVCache): XLA writes each step's keys and values in place.
-        empty = init_kv_cache(model.config, batch, prompt_len + new_bucket)  # zeros, folded away by XLA
-        kv_cache = KVCache(*(tuple(sharding.constrain(layer, CACHE_AXES) for layer in c) for c in empty))
+        # Prefill over the P prompt slots only (attention scores [B, K, G, P, P], not P x S), then widen each
+        # layer's [B, P, K, H] buffer to S = P + new slots. One buffer per layer (model.KVCache): XLA then writes
+        # each decode step's keys and values in place.
+        empty = init_kv_cache(model.config, batch, prompt_len)  # zeros, folded away by XLA
+        hidden, prompt_cache = model.hidden_states(prompt_ids, prompt_mask, kv_cache=empty, cache_index=0)
+        widen = lambda layer: sharding.constrain(jnp.pad(layer, ((0, 0), (0, new_bucket), (0, 0), (0, 0))), CACHE_AXES)
+        kv_cache = KVCache(*(tuple(widen(layer) for layer in c) for c in prompt_cache))
         # Generation slots are marked real from the start: the causal mask hides each one until it is written.
         cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, new_bucket), prompt_mask.dtype)], axis=1)
-        hidden, kv_cache = model.hidden_states(prompt_ids, cache_mask, kv_cache=kv_cache, cache_index=0)
         # Left padding puts every row's last prompt token in the last slot: project only that one, [B, V].
         logits = model.logits(hidden[:, -1]).astype(jnp.float32)
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids)  # [B]
