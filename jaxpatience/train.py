@@ -308,14 +308,20 @@ def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batc
     Use it once before training to precompute `ref_logps` (required for full-parameter DPO).
     """
     graphdef, mesh, chunk = trainer.graphdef, trainer.mesh, trainer.config.logits_chunk_size
+    micro = trainer.config.micro_batches
+
+    def one_micro_batch(params: nnx.State, frozen: nnx.State, batch: Batch) -> Array:
+        model = nnx.merge(graphdef, params, frozen)
+        if adapters:
+            return pair_logps(model, batch, chunk)[0]
+        with lora.adapters_off(model):
+            return pair_logps(model, batch, chunk)[0]
 
     def logps(params: nnx.State, frozen: nnx.State, batch: Batch) -> Array:
-        with sharding.activate(mesh):
-            model = nnx.merge(graphdef, params, frozen)
-            if adapters:
-                return pair_logps(model, batch, chunk)[0]
-            with lora.adapters_off(model):
-                return pair_logps(model, batch, chunk)[0]
+        with sharding.activate(mesh):  # micro-batches one after the other, as in the step: the same peak memory
+            parts = jax.lax.map(lambda b: one_micro_batch(params, frozen, b), _micro_batches(batch, micro))
+            # parts[m, j] is row j * M + m of the batch (see _micro_batches): [M, B/M, 2] -> [B, 2]
+            return jnp.swapaxes(parts, 0, 1).reshape(-1, 2)
 
     jitted = jax.jit(logps, out_shardings=batch_sharding(mesh))
     return lambda batch: jitted(trainer.state.params, trainer.frozen, shard_batch(batch, mesh, trainer.config))
