@@ -598,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-style", default="zero_shot", choices=PROMPT_STYLES)
     parser.add_argument("--metric", default="auto", choices=("auto", *METRICS), help="the reading behind accuracy")
     parser.add_argument("--dtype", default="float32", help="weight dtype: float32 or bfloat16 (default: float32)")
+    parser.add_argument("--mesh", help="e.g. data=8 or fsdp=4,tensor=2: weights and batches sharded over devices")
     parser.add_argument("--out", help="output folder (rerunning into it resumes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print a before/after table of two summaries")
@@ -617,9 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     problems = load_problems(args.dataset, split=args.split, limit=args.limit, seed=args.seed)
     load_adapter = _adapter_loader() if args.adapter else None
 
+    from jaxpatience import sharding
     from jaxpatience.weights import load_pretrained
 
-    model, tokenizer = load_pretrained(args.model, dtype=args.dtype)
+    mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh)) if args.mesh else None
+    model, tokenizer = load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     if load_adapter is not None:
         model = load_adapter(model, args.adapter) or model
     run_info = {"model": str(Path(args.model).resolve()), "adapter": args.adapter, "dataset": args.dataset,
@@ -628,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, problems, out_dir=args.out, prompt_style=args.prompt_style,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, metric=args.metric,
-        progress=not args.no_progress, run_info=run_info,
+        progress=not args.no_progress, run_info=run_info, generate_kwargs={"mesh": mesh} if mesh else None,
     )  # fmt: skip
     print(format_summary(summary))
     print(f"wrote {Path(args.out) / 'summary.json'}")

@@ -339,6 +339,13 @@ def test_end_to_end_local_gsm8k_file(tiny_checkpoint, tmp_path):
     assert [g.text for g in direct] == [r["response"] for r in records[:2]]
     assert main([*argv[:4], "--limit", "6", *argv[6:]]) == 0
     assert len((out / "generations.jsonl").read_text().splitlines()) == 6
+    # --mesh shards weights and batches over 2 devices: the same greedy responses.
+    sharded = tmp_path / "sharded"
+    assert main([*argv[:-2], str(sharded), "--no-progress", "--mesh", "data=2"]) == 0
+    by_id = {r["id"]: r["response"] for r in records}
+    for line in (sharded / "generations.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["response"] == by_id[record["id"]]
 
 
 @needs_decode
