@@ -201,12 +201,13 @@ def apply_remat(model: nnx.Module, remat: str) -> None:
 
 
 def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int) -> tuple[Array, Array]:
-    """Summed response log-probs [B, 2] and counted tokens [B, 2]; chosen and rejected in one forward."""
-    pairs, _, length = batch["input_ids"].shape
-    ids, attention, response = (batch[k].reshape(pairs * 2, length) for k in BATCH_KEYS)  # [2B, T]
-    hidden, _ = model.hidden_states(ids, attention)  # [2B, T, D]
+    """Summed response log-probs [B, R] and counted tokens [B, R] of the R = 2 (chosen, rejected) rows of each
+    pair in one forward; R = 1 when only the chosen rows are given (SFT)."""
+    pairs, rows, length = batch["input_ids"].shape
+    ids, attention, response = (batch[k].reshape(pairs * rows, length) for k in BATCH_KEYS)  # [B*R, T]
+    hidden, _ = model.hidden_states(ids, attention)  # [B*R, T, D]
     sums, counts = losses.sequence_logps(hidden, model.logits, ids, response, attention, chunk_size)
-    return sums.reshape(pairs, 2), counts.reshape(pairs, 2)
+    return sums.reshape(pairs, rows), counts.reshape(pairs, rows)
 
 
 def _micro_batches(batch: Batch, count: int) -> Batch:
@@ -274,6 +275,17 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             with lora.adapters_off(model):  # the reference: base weights, adapters off, no gradient
                 ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, config.logits_chunk_size))
         lora.set_dropout_key(model, key)
+        if ref_logps is None and not loss_config.dpo_weight:  # SFT: no term reads the rejected row; skip its forward
+            chosen = {k: batch[k][:, :1] for k in BATCH_KEYS}  # [B, 1, T]
+            chosen_logps, chosen_counts = pair_logps(model, chosen, config.logits_chunk_size)  # [B, 1] each
+            loss, metrics = losses.preference_loss(
+                jnp.pad(chosen_logps, ((0, 0), (0, 1))),
+                jnp.pad(chosen_counts, ((0, 0), (0, 1))),
+                None,
+                loss_config,
+                norm,
+            )
+            return loss, {k: v for k, v in metrics.items() if k != "logps/rejected"}  # not computed
         policy_logps, counts = pair_logps(model, batch, config.logits_chunk_size)
         return losses.preference_loss(policy_logps, counts, ref_logps, loss_config, norm)
 

@@ -109,6 +109,29 @@ def test_full_parameter_sft_trains_every_parameter_and_dpo_needs_a_reference():
         dpo.step(batch)
 
 
+def test_sft_skips_the_rejected_row_and_equals_the_full_formula():
+    """SFT (dpo_weight = 0) runs only the chosen rows; its loss is the formula over the full pair forward,
+    and nothing about the rejected rows can change the update."""
+    from jaxpatience import losses as losses_module
+
+    config = _config(lora=None, loss=LossConfig(dpo_weight=0.0, nll_weight=1.0))
+    batch = _batch(seed=4)
+    direct_model = _model()
+    policy, counts = train.pair_logps(direct_model, batch, chunk_size=5)
+    expected, _ = losses_module.preference_loss(policy, counts, None, config.loss)
+    other = dict(batch)
+    other["input_ids"] = batch["input_ids"].copy()
+    other["input_ids"][:, 1] = (other["input_ids"][:, 1] + 7) % PRESETS["tiny"].vocab_size  # new rejected tokens
+    results = []
+    for b in (batch, other):
+        trainer = _fresh(config)
+        metrics = trainer.step(b)
+        results.append((float(metrics["loss"]), _host(trainer.state.params)))
+    np.testing.assert_allclose(results[0][0], float(expected), rtol=1e-5)
+    assert results[0][0] == results[1][0] and "logps/rejected" not in metrics
+    jax.tree.map(np.testing.assert_array_equal, results[0][1], results[1][1])
+
+
 def test_bfloat16_base_with_float32_adapters_and_optimizer():
     """Base weights stay bf16 (frozen, untouched); adapters, Adam moments, log-probs and losses are float32."""
     bf16 = Qwen2ForCausalLM(PRESETS["tiny"].replace(param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(0))
