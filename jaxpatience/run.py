@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from jaxpatience.config import RunConfig, apply_overrides, from_dict, load_yaml
+from jaxpatience.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
@@ -73,6 +73,25 @@ def precompute_reference(trainer, loader) -> dict:
     return {"table": table}
 
 
+# What may change between a run and its resumption: where it runs and how often it logs and saves.
+RESUMABLE_CHANGES = ("distributed", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
+def _check_same_run(saved: dict, current: dict, out: Path) -> None:
+    """Refuse to resume a checkpoint written under another config (other data, model or hyperparameters)."""
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))  # tuples -> lists
+    for config in (saved, current):
+        for key in RESUMABLE_CHANGES:
+            config.pop(key, None)
+        config.get("train", {}).pop("mesh", None)
+    if saved != current:
+        diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        raise ConfigError(
+            f"{out} holds a run with another config (differs in: {', '.join(diff)}); resume with the same config "
+            "or choose a new out_dir."
+        )
+
+
 def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) training as configured; returns a summary dict (also written to OUT/summary.json).
 
@@ -115,6 +134,7 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
     start = 0
     if checkpoints.latest_step() is not None:
         trainer.state, meta = checkpoints.restore(trainer.state)
+        _check_same_run(meta["config"], dataclasses.asdict(config), out)
         loader.load_state_dict(meta["loader"])
         start = int(meta["step"])
     if is_main:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxpatience.checkpoint import Checkpointer
+from jaxpatience.config import ConfigError
 from jaxpatience.metrics import read_metrics
 from jaxpatience.run import load_run_config, train
 
@@ -58,6 +59,9 @@ def test_stop_and_resume_is_bitwise_identical(setup):
     assert second["resumed_from"] == 5
     assert losses_of(tmp / "cut") == losses_of(tmp / "whole")  # bitwise on CPU
     again = train(cut, progress=False, stop_after=3)  # behind the latest checkpoint: a no-op, nothing relabelled
+    changed = load_run_config(None, config_args(checkpoint, pairs, tmp / "cut", "train.loss.beta=0.5"))
+    with pytest.raises(ConfigError, match="another config .*train"):
+        train(changed, progress=False)
     assert again["steps"] == 8 and sorted(Checkpointer(tmp / "cut" / "checkpoints").all_steps())[-1] == 8
     assert len(losses_of(tmp / "whole")) == 8
     # the loss falls on this small set, and the artifacts exist
