@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def describe(path: str | Path) -> dict:
         "path": str(path),
         "format": "safetensors" + (" (sharded)" if (path / "model.safetensors.index.json").is_file() else ""),
         "architecture": "Qwen2ForCausalLM",
-        "parameters": sum(_numel(reader.shape(k)) for k in reader.keys()),
+        "parameters": sum(math.prod(reader.shape(k)) for k in reader.keys()),
         "dtype": ", ".join(sorted({reader.dtype(k) for k in reader.keys()})),
         "layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
@@ -98,13 +99,6 @@ def _describe_gguf(path: Path) -> dict:
         "tokenizer_size": len(metadata.get("tokenizer.ggml.tokens", [])),
         "chat_template": "from checkpoint" if metadata.get("tokenizer.chat_template") else "missing (ChatML default)",
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def make_tiny_checkpoint(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:

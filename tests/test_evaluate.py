@@ -291,18 +291,6 @@ def test_adapter_flag_applies_a_peft_adapter(tiny_checkpoint, tmp_path):
 # End to end with the real decoder on a tiny random checkpoint (its answers are noise: we check the plumbing).
 
 
-def _real_generate():
-    try:
-        from jaxpatience.decode import generate
-    except ImportError:
-        return None
-    return generate
-
-
-needs_decode = pytest.mark.skipif(_real_generate() is None, reason="jaxpatience.decode.generate is not there yet")
-
-
-@needs_decode
 def test_end_to_end_local_gsm8k_file(tiny_checkpoint, tmp_path):
     from jaxpatience.weights import load_pretrained
 
@@ -348,7 +336,6 @@ def test_end_to_end_local_gsm8k_file(tiny_checkpoint, tmp_path):
         assert record["response"] == by_id[record["id"]]
 
 
-@needs_decode
 def test_end_to_end_gsm_symbolic_with_samples(tiny_checkpoint, tmp_path):
     pytest.importorskip("reasoning_gym", reason="gsm_symbolic needs reasoning-gym")
     from jaxpatience.data.problems import load_problems

@@ -126,7 +126,9 @@ def test_schemas_jsonl_parquet_messages(tmp_path):
                        "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in plain]  # fmt: skip
     aliased = [{"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in plain]
     pq.write_table(pa.Table.from_pylist(plain), tmp_path / "pairs.parquet")
-    sources = [_write_jsonl(tmp_path / "a.jsonl", plain), tmp_path / "pairs.parquet", conversational, aliased]
+    (tmp_path / "list.json").write_text(json.dumps(plain))  # a .json file holds one list of records
+    sources = [_write_jsonl(tmp_path / "a.jsonl", plain), tmp_path / "pairs.parquet", tmp_path / "list.json",
+               conversational, aliased]  # fmt: skip
     encoded = [_loader(s).pairs for s in sources]
     for other in encoded[1:]:
         for x, y in zip(encoded[0], other, strict=True):
@@ -137,11 +139,11 @@ def test_schemas_jsonl_parquet_messages(tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("{not json", r"bad\.jsonl:3: not valid JSON"),
-        ('{"prompt": "q", "chosen": "a"}', r"bad\.jsonl:3: the record has no 'rejected' field"),
-        ('{"chosen": "a", "rejected": "b"}', r"bad\.jsonl:3: the record has no prompt"),
-        ('{"prompt": "q", "chosen": "", "rejected": "b"}', r"bad\.jsonl:3: field 'chosen' must be"),
-        ("[1, 2]", r"bad\.jsonl:3: expected a JSON object"),
+        ("{not json", r"bad\.jsonl, line 3: not valid JSON"),
+        ('{"prompt": "q", "chosen": "a"}', r"bad\.jsonl, line 3: the record has no 'rejected' field"),
+        ('{"chosen": "a", "rejected": "b"}', r"bad\.jsonl, line 3: the record has no prompt"),
+        ('{"prompt": "q", "chosen": "", "rejected": "b"}', r"bad\.jsonl, line 3: field 'chosen' must be"),
+        ("[1, 2]", r"bad\.jsonl, line 3: expected a JSON object"),
     ],
 )
 def test_malformed_record_names_file_and_line(tmp_path, line, message):

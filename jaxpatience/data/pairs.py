@@ -23,7 +23,6 @@ needs for a resumed run to see exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,29 +47,17 @@ def read_records(source, split: str = "train") -> list[dict]:
     if not isinstance(source, (str, Path)):  # a datasets.Dataset (or anything iterable of dicts)
         return [dict(r, _where=f"row {i}") for i, r in enumerate(source)]
     path = Path(source)
-    if path.suffix in (".jsonl", ".json"):
-        if not path.is_file():
-            raise DataError(f"{path} does not exist.")
-        records = []
-        with path.open() as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}.")
-                records.append(dict(record, _where=f"{path}:{line_no}"))
-        return records
-    if path.suffix == ".parquet":
-        if not path.is_file():
-            raise DataError(f"{path} does not exist.")
-        import pyarrow.parquet as pq
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        from jaxpatience.data.problems import ProblemsError, read_file_records
 
-        rows = pq.read_table(path).to_pylist()
-        return [dict(r, _where=f"{path} row {i}") for i, r in enumerate(rows)]
+        try:
+            rows = read_file_records(path)
+        except ProblemsError as err:
+            raise DataError(str(err)) from None
+        for where, record in rows:
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}.")
+        return [dict(record, _where=f"{path}, {where}") for where, record in rows]
     if path.exists():
         raise DataError(f"{path}: unsupported pairs file (use .jsonl, .json or .parquet).")
     try:  # not a local file: a hub dataset id

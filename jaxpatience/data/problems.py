@@ -115,12 +115,7 @@ def load_file(path: str | Path) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         raise ProblemsError(f"problem file {path} does not exist.")
-    if path.suffix == ".parquet":
-        records = _parquet_records(path)
-    elif path.suffix == ".json":
-        records = _json_records(path)
-    else:  # .jsonl and anything else: one JSON object per line
-        records = _jsonl_records(path)
+    records = read_file_records(path)
     problems = [_problem_from_record(record, path, where, index) for index, (where, record) in enumerate(records)]
     seen: set[str] = set()
     for problem in problems:
@@ -128,6 +123,19 @@ def load_file(path: str | Path) -> list[Problem]:
             raise ProblemsError(f"{path}: id {problem.id!r} occurs twice; ids must be unique.")
         seen.add(problem.id)
     return problems
+
+
+def read_file_records(path: str | Path) -> list[tuple[str, object]]:
+    """(where, record) pairs of a .jsonl (one object a line), .json (a list) or .parquet file; `where` names the
+    line, record or row for error messages. Shared with data/pairs.py."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProblemsError(f"{path} does not exist.")
+    if path.suffix == ".parquet":
+        return list(_parquet_records(path))
+    if path.suffix == ".json":
+        return list(_json_records(path))
+    return list(_jsonl_records(path))  # .jsonl and anything else: one JSON object per line
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
@@ -148,7 +156,7 @@ def _json_records(path: Path) -> Iterable[tuple[str, dict]]:
     except json.JSONDecodeError as err:
         raise ProblemsError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
     if not isinstance(records, list):
-        raise ProblemsError(f"{path}: expected a JSON list of problem records.")
+        raise ProblemsError(f"{path}: expected a JSON list of records.")
     return [(f"record {i + 1}", record) for i, record in enumerate(records)]
 
 
