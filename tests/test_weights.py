@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import tracemalloc
 
@@ -75,9 +76,13 @@ def test_bfloat16_checkpoint_loads_exactly(tiny_checkpoint):
 
 
 def test_loading_streams_tensor_by_tensor(tiny_checkpoint):
-    """Host memory while loading into bf16 stays far below the float32 size of the model (no full copy)."""
-    # ~24 MB in float32, 1 MB at most per tensor: large enough that the loader's fixed allocations (a few MB of
-    # Python objects while the module graph is built) stay well under the bound below.
+    """Host memory while loading into bf16 stays below what any whole copy of the model would take.
+
+    A loader that held the model in float32 would peak at >= 1.0x its float32 size, one that built every bf16
+    array on the host first at >= 0.5x. Streaming peaks at about one tensor plus fixed Python allocations
+    (seen: 0.12x to 0.25x; the fixed part varies from run to run with garbage collection), so the bound is 0.5x.
+    """
+    # ~24 MB in float32, 1 MB at most per tensor.
     path = tiny_checkpoint(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
                            num_key_value_heads=4)  # fmt: skip
     reader = SafetensorsReader(path)
@@ -85,11 +90,12 @@ def test_loading_streams_tensor_by_tensor(tiny_checkpoint):
     largest = max(np.prod(reader.shape(k)) * 4 for k in reader.keys())
     assert total > 10 * largest  # the bound below is meaningful only then
     load_pretrained(path, dtype="bfloat16", with_tokenizer=False)  # warm up imports and jit caches
+    gc.collect()
     tracemalloc.start()
     load_pretrained(path, dtype="bfloat16", with_tokenizer=False)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert peak < 0.25 * total, f"peak host allocation {peak} bytes vs model size {total} bytes"
+    assert peak < 0.5 * total, f"peak host allocation {peak} bytes vs model size {total} bytes"
 
 
 def test_load_into_mesh_places_each_weight_in_its_sharding(tiny_checkpoint):
