@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv if needed, then run the main job (the embedded default)
+#   make demo   create .venv if needed, then run the main job: the toy pipeline (jaxpatience demo, ~8 min on 2 cores)
 #   make test   create .venv if needed, then run lint and the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/jaxpatience tiny --out out/tiny-checkpoint --overwrite
-	$(BIN)/jaxpatience info out/tiny-checkpoint
+	$(BIN)/jaxpatience demo --out out/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ from pathlib import Path
 
 # command -> (module with `main(argv: list[str]) -> int`, one-line help)
 DELEGATED = {
+    "demo": ("jaxpatience.demo", "the toy pipeline: base SFT, Patience (DPO), Iterative RPO, report (no downloads)"),
     "train": ("jaxpatience.run", "train with DPO / DPO+NLL / SFT on preference pairs (YAML config + key=value)"),
     "irpo": ("jaxpatience.irpo", "Iterative RPO: sample, pair by correctness, train DPO+NLL, evaluate, repeat"),
     "eval": ("jaxpatience.evaluate", "evaluate a checkpoint on GSM8K / MATH / gsm_symbolic / a local file"),

@@ -7,6 +7,7 @@ and `save_pretrained` behave as users expect. None needs torch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -30,10 +31,22 @@ QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# The same, except that a number and its leading space stay one piece (" 12" rather than " ", "1", "2").
+NUMBERS_SPLIT_REGEX = QWEN2_SPLIT_REGEX.replace(r"|\p{N}|", r"| ?\p{N}+|")
+
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The checkpoint's own tokenizer; ChatML when it has no chat template; a pad token when it has none."""
+    """The checkpoint's own tokenizer; ChatML when it has no chat template; a pad token when it has none.
+
+    transformers 5 builds a Qwen2 checkpoint's tokenizer as `Qwen2Tokenizer`, which replaces the pre-tokeniser of
+    tokenizer.json by Qwen2's own. When the file's differs (the toy demo's keeps whole numbers together), the file
+    is what the tokenizer was trained with, so it is loaded as it is."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    file = Path(path) / "tokenizer.json"
+    if file.is_file() and getattr(tokenizer, "backend_tokenizer", None) is not None:
+        saved = json.loads(file.read_text(encoding="utf-8")).get("pre_tokenizer")
+        if saved != json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer"):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     return with_defaults(tokenizer)
 
 
@@ -45,13 +58,14 @@ def with_defaults(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase
     return tokenizer
 
 
-def _byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None) -> Tokenizer:
+def _byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None,
+                    split_regex: str = QWEN2_SPLIT_REGEX) -> Tokenizer:  # fmt: skip
     """A byte-level BPE with Qwen2's pre-tokeniser (empty when vocab/merges are None, for training)."""
     tokenizer = Tokenizer(models.BPE(vocab, merges) if vocab is not None else models.BPE())
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -69,9 +83,13 @@ def _wrap(tokenizer: Tokenizer, eos_token: str, pad_token: str, chat_template: s
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512,
-                        special_tokens: Sequence[str] = CHATML_SPECIAL_TOKENS) -> PreTrainedTokenizerFast:  # fmt: skip
-    """Train a small byte-level BPE with ChatML special tokens (eos = <|im_end|>, pad = <|endoftext|>)."""
-    tokenizer = _byte_level_bpe()
+                        special_tokens: Sequence[str] = CHATML_SPECIAL_TOKENS,
+                        split_regex: str = QWEN2_SPLIT_REGEX) -> PreTrainedTokenizerFast:  # fmt: skip
+    """Train a small byte-level BPE with ChatML special tokens (eos = <|im_end|>, pad = <|endoftext|>).
+
+    `split_regex` is the pre-tokeniser's pattern: Qwen2's by default (digits one by one); NUMBERS_SPLIT_REGEX keeps
+    a number and its leading space together, so that BPE can learn whole numbers as tokens (the toy demo's)."""
+    tokenizer = _byte_level_bpe(split_regex=split_regex)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(special_tokens),

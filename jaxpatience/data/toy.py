@@ -44,45 +44,58 @@ class ToyProblem:
         return {"id": self.id, "question": self.question, "answer": str(self.answer)}
 
 
-def make_problem(rng: random.Random, index: int, num_ops: int = 3, max_value: int = 99) -> ToyProblem:
+def make_problem(rng: random.Random, index: int, num_ops: int = 3, max_value: int = 99,
+                 max_operand: int | None = None) -> ToyProblem:  # fmt: skip
+    """Every quantity, first to last, stays in [1, max_value]; amounts found or given away are at most
+    `max_operand` (default max_value); a bag holds 2-9 items and there are 2-9 bags (fewer if the cap says so)."""
+    max_operand = max_operand or max_value
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(2, max_value)
     sentences = [f"{name} has {value} {item}."]
     steps = []
     for _ in range(num_ops):
-        kinds = ["add", "bags"] + (["sub"] if value > 2 else []) + (["double"] if value <= max_value // 2 else [])
+        room = max_value - value
+        kinds = (["add"] if room >= 1 else []) + (["sub"] if value > 2 else [])
+        kinds += (["bags"] if room >= 4 else []) + (["double"] if value <= room else [])
         kind = rng.choice(kinds)
         if kind == "add":
-            a = rng.randint(1, max_value)
+            a = rng.randint(1, min(max_operand, room))
             steps.append(Step(kind, value, value + a, a))
-            sentences.append(f"{name} finds {a} more {item}.")
+            sentences.append(f"{name} finds {a} more.")
         elif kind == "sub":
-            a = rng.randint(1, value - 1)  # never below one: no negative quantities
+            a = rng.randint(1, min(max_operand, value - 1))  # never below one: no negative quantities
             steps.append(Step(kind, value, value - a, a))
-            sentences.append(f"{name} gives away {a} {item}.")
+            sentences.append(f"{name} gives away {a}.")
         elif kind == "bags":
-            a, b = rng.randint(2, 9), rng.randint(2, 9)
+            a = rng.randint(2, min(9, room // 2))
+            b = rng.randint(2, min(9, room // a))
             steps.append(Step(kind, value, value + a * b, a, b))
-            sentences.append(f"{name} buys {a} bags with {b} {item} each.")
+            sentences.append(f"{name} buys {a} bags of {b}.")
         else:
             steps.append(Step(kind, value, value * 2))
-            sentences.append(f"Then the {item} double.")
+            sentences.append("Then they double.")
         value = steps[-1].after
-    sentences.append(f"How many {item} does {name} have now?")
+    sentences.append(f"How many {item} now?")
     return ToyProblem(f"toy-{index}", " ".join(sentences), value, tuple(steps))
 
 
-def make_problems(count: int, seed: int, num_ops: int = 3, offset: int = 0) -> list[ToyProblem]:
+def make_problems(count: int, seed: int, num_ops: int = 3, offset: int = 0, max_value: int = 99,
+                  max_operand: int | None = None) -> list[ToyProblem]:  # fmt: skip
     """`count` problems from a seed; ids are toy-{offset + i}. Use different seeds for train and held-out sets."""
     rng = random.Random(seed)
-    return [make_problem(rng, offset + i, num_ops) for i in range(count)]
+    return [make_problem(rng, offset + i, num_ops, max_value, max_operand) for i in range(count)]
 
 
-def make_split(seed: int, num_train: int, num_test: int, num_ops: int = 3) -> tuple[list, list]:
+def make_split(seed: int, num_train: int, num_test: int, num_ops: int = 3, max_value: int = 99,
+               max_operand: int | None = None) -> tuple[list, list]:  # fmt: skip
     """Disjoint train / held-out problems: held-out questions never appear in the training set."""
-    train = make_problems(num_train, seed * 2 + 1, num_ops)
+    train = make_problems(num_train, seed * 2 + 1, num_ops, max_value=max_value, max_operand=max_operand)
     seen = {p.question for p in train}
-    test = [p for p in make_problems(num_test * 2, seed * 2 + 2, num_ops, offset=num_train) if p.question not in seen]
+    candidates = make_problems(num_test * 4, seed * 2 + 2, num_ops, offset=num_train, max_value=max_value,
+                               max_operand=max_operand)  # fmt: skip
+    test = [p for p in candidates if p.question not in seen]
+    if len(test) < num_test:
+        raise ValueError(f"only {len(test)} held-out problems differ from the training set; use larger values.")
     return train, test[:num_test]
 
 

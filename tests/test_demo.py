@@ -1,0 +1,59 @@
+"""The toy demo, reduced in size: every stage leaves its artifacts, and accuracy is measured (not a number hit)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxpatience.config import ConfigError, from_dict
+from jaxpatience.demo import SMALL, DemoConfig, run_demo
+
+
+def _accuracy_from_generations(path) -> float:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(bool(r["correct"]["strict"]) for r in records) / len(records)
+
+
+def test_small_demo_runs_every_stage_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    config = from_dict(DemoConfig, dict(SMALL), where="demo")
+    summary = run_demo(config, out, progress=False)
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["base"] == summary["base"] and on_disk["wall_s"] > 0
+    for name in ("base", "patience"):
+        assert 0.0 <= summary[name]["accuracy"] <= 1.0 and summary[name]["mean_response_tokens"] > 0
+    assert summary["base"]["n"] == config.eval_problems
+    # accuracy is what the greedy generations on disk say, read independently of the evaluator's summary
+    assert summary["base"]["accuracy"] == pytest.approx(
+        _accuracy_from_generations(out / "irpo" / "base_eval" / "generations.jsonl")
+    )
+    assert summary["patience"]["accuracy"] == pytest.approx(
+        _accuracy_from_generations(out / "patience_eval" / "generations.jsonl")
+    )
+    assert len(summary["irpo"]) == config.irpo_iterations, "IRPO found no pairs: the small base learnt nothing"
+    for row in summary["irpo"]:
+        it = row["iteration"]
+        assert row["pairs"] > 0 and 0.0 <= row["accuracy"] <= 1.0
+        assert row["accuracy"] == pytest.approx(
+            _accuracy_from_generations(out / "irpo" / f"iter_{it}" / "eval" / "generations.jsonl")
+        )
+        assert (out / "irpo" / f"iter_{it}" / "train" / "merged" / "model.safetensors").is_file()
+    # the base model and the Patience model are ordinary HF checkpoints; the plots are real PNGs
+    for folder in (out / "base" / "merged", out / "patience" / "merged"):
+        assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    for name in ("accuracy", "response_length", "logps"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(summary["stage_s"]) >= {"data", "init", "base_sft", "base_eval", "patience_train", "irpo"}
+    table = capsys.readouterr().out
+    assert "Patience (DPO + LoRA)" in table and "IRPO iteration 1" in table
+
+    # a rerun finds every stage done: same results, no stage runs again
+    again = run_demo(config, out, progress=False)
+    assert again["base"] == summary["base"] and again["irpo"] == summary["irpo"]
+    assert again["stage_s"] == summary["stage_s"]
+
+    # the same folder with other settings is refused
+    with pytest.raises(ConfigError, match="other settings"):
+        run_demo(from_dict(DemoConfig, {**SMALL, "seed": 1}, where="demo"), out, progress=False)
