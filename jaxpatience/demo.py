@@ -20,11 +20,13 @@ Facts behind the recipe (two SFT phases, DPO with β 0.1, sizes): shared/notes/t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from jaxpatience.config import (
@@ -307,21 +309,15 @@ class _Timings:
     def load(self) -> dict[str, float]:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def stage(self, name: str, done: bool):
-        timings = self
-
-        class _Stage:
-            def __enter__(self):
-                self.start = time.perf_counter()
-                return done
-
-            def __exit__(self, kind, *_):
-                if kind is None and not done:
-                    times = timings.load()
-                    times[name] = times.get(name, 0.0) + time.perf_counter() - self.start
-                    timings.path.write_text(json.dumps(times, indent=2))
-
-        return _Stage()
+    @contextlib.contextmanager
+    def stage(self, name: str, done: bool) -> Iterator[bool]:
+        """Yields whether the stage was done before; records the time of a stage that ran and finished."""
+        start = time.perf_counter()
+        yield done
+        if not done:
+            times = self.load()
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
+            self.path.write_text(json.dumps(times, indent=2))
 
 
 def _banner(text: str, done: bool = False) -> None:
@@ -377,7 +373,7 @@ def report(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict], tim
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'stage':<28} {'accuracy':>8}  {'95% CI':>13}  {'patient':>7}  {'resp. tokens':>12}  {'wall s':>7}"]
+    lines = [f"{'stage':<30} {'accuracy':>8}  {'95% CI':>13}  {'patient':>7}  {'resp. tokens':>12}  {'wall s':>7}"]
     named = [("base (SFT, concise default)", summary["base"]),
              ("base, answer started", summary["base_forced_patient_start"]),
              ("Patience (DPO + LoRA)", summary["patience"])]  # fmt: skip
@@ -385,7 +381,7 @@ def format_table(summary: dict) -> str:
     for name, r in named:
         low, high = r["accuracy_ci95"]
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else ""
-        lines.append(f"{name:<28} {r['accuracy']:>8.3f}  [{low:.2f}, {high:.2f}]  {r['patient_share']:>7.0%}  "
+        lines.append(f"{name:<30} {r['accuracy']:>8.3f}  [{low:.2f}, {high:.2f}]  {r['patient_share']:>7.0%}  "
                      f"{r['mean_response_tokens']:>12.1f}  {wall:>7}")  # fmt: skip
     lines.append(f"(wall s: the stage's training, or IRPO's iterations all told; whole demo {summary['wall_s']:.0f} s)")
     return "\n".join(lines)
