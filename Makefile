@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv if needed, then run the main job: the toy pipeline (jaxpatience demo, ~8 min on 2 cores)
+#   make demo   create .venv if needed, then run the main job: the toy pipeline (jaxpatience demo, 6-8 min on 2 cores)
 #   make test   create .venv if needed, then run lint and the whole test suite
 PYTHON ?= python3
 VENV := .venv
