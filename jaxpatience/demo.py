@@ -101,7 +101,8 @@ class DemoConfig:
             raise ConfigError(f"demo: sft_concise_share must be in [0, 1], not {self.sft_concise_share}.")
 
 
-# A reduced run of the same pipeline for the test suite and a quick look (about a minute; accuracy near zero).
+# A reduced run of the same pipeline for the test suite and a quick look (about 40 s; the barely trained model's
+# accuracy is whatever it is, ~16% for seed 0).
 SMALL = dict(eval_problems=32, hidden_size=64, intermediate_size=128, layers=1, sft_patient_steps=20,
              sft_mixed_steps=150, sft_batch_size=16, patience_pairs=32, irpo_problems=32, irpo_samples=4,
              irpo_epochs=1, generation_batch_size=32, max_new_tokens=64)  # fmt: skip
@@ -127,15 +128,19 @@ def make_data(config: DemoConfig, out: Path) -> dict[str, Path]:
     phase2 = pools["sft"][len(phase1) :]
     sft = [_pair(p, patient_chosen=True) for p in phase1]  # the file's order is the training order
     sft += [_pair(p, patient_chosen=rng.random() >= config.sft_concise_share) for p in phase2]
-    files = {
-        "sft": _write_jsonl(out / "sft_pairs.jsonl", sft),
-        "patience": _write_jsonl(out / "patience_pairs.jsonl", [_pair(p, True) for p in pools["patience"]]),
-        "irpo": _write_jsonl(out / "irpo_problems.jsonl", [p.record() for p in pools["irpo"]]),
-        "heldout": _write_jsonl(out / "heldout.jsonl", [p.record() for p in heldout]),
-    }
+    files = data_files(out)
+    _write_jsonl(files["sft"], sft)
+    _write_jsonl(files["patience"], [_pair(p, True) for p in pools["patience"]])
+    _write_jsonl(files["irpo"], [p.record() for p in pools["irpo"]])
     corpus = toy.corpus(train[:2000])  # the tokenizer sees training text only
     (out / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    _write_jsonl(files["heldout"], [p.record() for p in heldout])  # written last: its presence marks the stage done
     return files
+
+
+def data_files(out: Path) -> dict[str, Path]:
+    names = {"sft": "sft_pairs", "patience": "patience_pairs", "irpo": "irpo_problems", "heldout": "heldout"}
+    return {key: out / f"{name}.jsonl" for key, name in names.items()}
 
 
 def _pair(problem: toy.ToyProblem, patient_chosen: bool) -> dict:
@@ -145,11 +150,10 @@ def _pair(problem: toy.ToyProblem, patient_chosen: bool) -> dict:
     return {"prompt": problem.question, "chosen": chosen, "rejected": rejected}
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
+def _write_jsonl(path: Path, records: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,7 +169,7 @@ def make_init(config: DemoConfig, data: Path, out: Path) -> Path:
     from jaxpatience.weights import save_pretrained
 
     # Whole numbers as tokens: with Qwen2's digit-by-digit split the tiny model learnt two-digit arithmetic far
-    # more slowly (27% vs 77% of patient solutions right after 400 steps; docs/RESULTS.md).
+    # more slowly (32% vs 77% of patient solutions right after 400 patient-only steps; docs/RESULTS.md).
     texts = (data / "corpus.txt").read_text().splitlines()
     tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size, split_regex=NUMBERS_SPLIT_REGEX)
     tokenizer.chat_template = TOY_CHAT_TEMPLATE
@@ -178,8 +182,8 @@ def make_init(config: DemoConfig, data: Path, out: Path) -> Path:
     return save_pretrained(model, tokenizer, out, overwrite=True)
 
 
-def _data(path: Path, config: DemoConfig, shuffle: bool = True) -> DataConfig:
-    return DataConfig(path=str(path), max_length=config.max_length, max_prompt_length=config.max_length // 2,
+def _data(path: Path | None, config: DemoConfig, shuffle: bool = True) -> DataConfig:
+    return DataConfig(path=str(path or ""), max_length=config.max_length, max_prompt_length=config.max_length // 2,
                       buckets=(config.max_length,), seed=config.seed, shuffle=shuffle)  # fmt: skip
 
 
@@ -223,7 +227,7 @@ def irpo_config(config: DemoConfig, base: Path, data: dict[str, Path], out: Path
         max_new_tokens=config.max_new_tokens, generation_batch_size=config.generation_batch_size,
         prompt_style="question", seed=config.seed,
         train=_lora_train(config, config.irpo_learning_rate, config.irpo_batch_size, loss),
-        data=_data(data["irpo"], config), epochs=config.irpo_epochs,
+        data=_data(None, config), epochs=config.irpo_epochs,  # run_irpo sets each iteration's pairs file
     )  # fmt: skip
 
 
@@ -262,12 +266,11 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True) -> d
     _check_same_config(config, out)
     timings = _Timings(out / "timings.json")
     data_dir, init_dir, base_dir = out / "data", out / "init", out / "base"
-    with timings.stage("data", done=(data_dir / "heldout.jsonl").is_file()) as skip:
+    files = data_files(data_dir)
+    with timings.stage("data", done=files["heldout"].is_file()) as skip:
         if not skip:
             data_dir.mkdir(parents=True, exist_ok=True)
             make_data(config, data_dir)
-    stems = {"sft": "sft_pairs", "patience": "patience_pairs", "irpo": "irpo_problems", "heldout": "heldout"}
-    files = {name: data_dir / f"{stem}.jsonl" for name, stem in stems.items()}
     with timings.stage("init", done=(init_dir / "config.json").is_file()) as skip:
         if not skip:
             make_init(config, data_dir, init_dir)
