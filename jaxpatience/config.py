@@ -6,10 +6,12 @@ Loading is strict: an unknown key is an error that names the key, never silently
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     qkv_bias: bool = True  # Qwen2 has biases on q, k, v (not on o)
     param_dtype: str = "float32"  # storage dtype of the weights
-    dtype: str = "float32"  # compute dtype of matmuls (softmax, norms and logsumexp stay float32)
+    compute_dtype: str = "float32"  # dtype of the matmuls (softmax, norms and logsumexp stay float32)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -45,7 +47,7 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
-        for field in ("param_dtype", "dtype"):
+        for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{field} must be float32, bfloat16 or float16, not {getattr(self, field)!r}.")
 
@@ -381,6 +383,9 @@ class DistributedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """One training run (run.py). `model` and `data.path` may stay empty in a template (IrpoConfig.training,
+    the demo's stages) that sets them later; `validate()` checks them before a run starts."""
+
     model: str = ""  # HF checkpoint directory or .gguf file
     out_dir: str = "out/train"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -396,21 +401,89 @@ class RunConfig:
     export_merged: bool = False  # also write OUT/merged (HF checkpoint with the adapter folded in)
 
     def __post_init__(self):
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ConfigError("checkpoint_every and log_every must be at least 1.")
+
+    def validate(self) -> RunConfig:
+        """Raise ConfigError unless the run can start (its model and data are named); returns self."""
         if not self.model:
             raise ConfigError("model is not set: give an HF checkpoint directory or .gguf file (model=PATH).")
         if not self.data.path:
             raise ConfigError("data.path is not set: give a pairs .jsonl/.parquet file (data.path=PATH).")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ConfigError("checkpoint_every and log_every must be at least 1.")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation and evaluation (decode.generate, evaluate.py, `jaxpatience eval`).
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How solutions are drawn: the one set of sampling knobs of generate, evaluate, irpo, demo and eval."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    num_samples: int = 1  # solutions per prompt (maj@k, IRPO's N)
+    max_new_tokens: int = 512
+    seed: int = 0
+    stop: tuple[int | str, ...] | None = None  # stop token ids or single-token strings; None: EOS and <|im_end|>
+
+    def __post_init__(self):
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ConfigError(f"sampling.max_new_tokens must be a positive integer, not {self.max_new_tokens!r}.")
+        if not (isinstance(self.num_samples, int) and self.num_samples >= 1):
+            raise ConfigError(f"sampling.num_samples must be a positive integer, not {self.num_samples!r}.")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ConfigError("sampling: temperature must be >= 0, top_p in (0, 1] and top_k >= 0.")
+
+    def generate_kwargs(self) -> dict:
+        """The keyword arguments of `decode.generate` (sample j of prompt i is result[i][j])."""
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, num_samples=self.num_samples, seed=self.seed,
+                    stop_tokens=None if self.stop is None else list(self.stop))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`jaxpatience eval`: a checkpoint (and adapter) on a problem set; OUT gets generations and a summary."""
+
+    model: str = ""  # HF checkpoint directory or .gguf file
+    adapter: str | None = None  # a PEFT LoRA adapter directory applied on top of `model`
+    dataset: str = ""  # gsm8k, math, gsm_symbolic, or a .jsonl/.json/.parquet file
+    split: str = "test"  # hub dataset split
+    limit: int | None = None  # the first N problems
+    out_dir: str = ""  # rerunning into it resumes
+    prompt_style: str = "zero_shot"  # see data/problems.build_prompt
+    metric: str = "auto"  # the answer reading behind accuracy: auto, strict, flexible, math_verify
+    generation_batch_size: int = 16  # problems per generation batch
+    param_dtype: str = "float32"
+    compute_dtype: str | None = None
+    mesh: MeshConfig | None = None  # None: one device
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+
+    def validate(self) -> EvalConfig:
+        for key in ("model", "dataset", "out_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"eval: {key} is not set ({key}=... or --{key.replace('_dir', '')} ...).")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------
 # Iterative RPO (irpo.py, `jaxpatience irpo`).
 
 
+def _irpo_training() -> RunConfig:
+    return RunConfig(epochs=1, train=TrainConfig(loss=LossConfig(dpo_weight=1.0, nll_weight=1.0)))
+
+
 @dataclasses.dataclass(frozen=True)
 class IrpoConfig:
-    """sample -> pairs -> DPO+NLL (reference = this iteration's start model) -> evaluate -> merge, repeated."""
+    """sample -> pairs -> DPO+NLL (reference = this iteration's start model) -> evaluate -> merge, repeated.
+
+    `training` is every iteration's train run; its model, out_dir and data.path are set per iteration.
+    Its param_dtype / compute_dtype also load the models for sampling and evaluation.
+    """
 
     model: str = ""  # M_0: HF checkpoint directory or .gguf file
     out_dir: str = "out/irpo"
@@ -421,25 +494,73 @@ class IrpoConfig:
     train_limit: int | None = None
     eval_limit: int | None = None
     iterations: int = 2
-    samples_per_problem: int = 8  # N (the paper: 30)
     max_pairs_per_problem: int = 10  # K
-    sample_temperature: float = 0.8
-    max_new_tokens: int = 512
-    generation_batch_size: int = 16  # problems per generation batch
     prompt_style: str = "zero_shot"  # see data/problems.build_prompt
-    seed: int = 0
-    train: TrainConfig = dataclasses.field(
-        default_factory=lambda: TrainConfig(loss=LossConfig(dpo_weight=1.0, nll_weight=1.0))
+    generation_batch_size: int = 16  # problems per generation batch
+    # Self-sampling: N = num_samples solutions per training problem (the paper: 30). The held-out evaluation is
+    # greedy with the same max_new_tokens; the seed also draws the pairs.
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(temperature=0.8, num_samples=8, max_new_tokens=512)
     )
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # path and chat_template are set per iteration
-    param_dtype: str = "float32"
-    compute_dtype: str | None = None
-    epochs: int | None = 1
-    checkpoint_every: int = 100
+    training: RunConfig = dataclasses.field(default_factory=_irpo_training)
 
     def __post_init__(self):
+        if self.iterations < 1 or self.sampling.num_samples < 2 or self.max_pairs_per_problem < 1:
+            raise ConfigError(
+                "irpo: iterations >= 1, sampling.num_samples >= 2 and max_pairs_per_problem >= 1 are needed."
+            )
+        if self.sampling.temperature <= 0:
+            raise ConfigError("irpo: sampling.temperature must be > 0 (greedy samples would all be the same).")
+
+    def validate(self) -> IrpoConfig:
         for key in ("model", "train_problems", "eval_problems"):
             if not getattr(self, key):
                 raise ConfigError(f"irpo: {key} is not set ({key}=PATH).")
-        if self.iterations < 1 or self.samples_per_problem < 2 or self.max_pairs_per_problem < 1:
-            raise ConfigError("irpo: iterations >= 1, samples_per_problem >= 2 and max_pairs_per_problem >= 1.")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every command reads its config the same way: a YAML file, then flags (aliases of keys), then key=value.
+
+
+CONFIG_HELP = "YAML config; keys not given keep their defaults"
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """A `cls` from a YAML file (optional) and `section.key=value` overrides; strict about unknown keys."""
+    data = load_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or "config"))
+
+
+def command_parser(prog: str, description: str, aliases: dict[str, tuple[str, str]] | None = None,
+                   config_help: str = CONFIG_HELP) -> argparse.ArgumentParser:  # fmt: skip
+    """An argparse parser with `--config FILE`, `key=value` overrides and `aliases`: {"--flag": (key, help)}.
+
+    A flag is the same as `key=VALUE`; a value `a=1,b=2` sets keys of a section (`--mesh data=8` = `mesh.data=8`).
+    Commands add their own options (not config keys) to the returned parser.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, e.g. sampling.temperature=0.7")
+    for flag, (key, help_text) in (aliases or {}).items():
+        parser.add_argument(flag, dest=_alias_dest(key), metavar="VALUE", help=f"{help_text} (= {key}=VALUE)")
+    parser.set_defaults(_aliases=dict(aliases or {}))
+    return parser
+
+
+def _alias_dest(key: str) -> str:
+    return "alias__" + key.replace(".", "__")
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config of a parsed command line: YAML file < flags < key=value overrides."""
+    overrides = []
+    for key, _ in args._aliases.values():
+        value = getattr(args, _alias_dest(key))
+        if value is None:
+            continue
+        if "=" in value:  # a section's keys: "data=8,fsdp=2"
+            overrides += [f"{key}.{item.strip()}" for item in value.split(",") if item.strip()]
+        else:
+            overrides.append(f"{key}={value}")
+    return load_config(cls, args.config, overrides + list(args.overrides))

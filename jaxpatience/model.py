@@ -40,7 +40,7 @@ class KVCache(NamedTuple):
 def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
     shape = (batch_size, max_len, config.num_key_value_heads, config.resolved_head_dim)
-    dtype = dtype or jnp.dtype(config.dtype)
+    dtype = dtype or jnp.dtype(config.compute_dtype)
     layers = range(config.num_hidden_layers)
     return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
 
@@ -64,7 +64,7 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), param_dtype), axes=axes)
         self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype), axes=axes[:1]) if use_bias else None)
         self.lora: nnx.Module | None = nnx.data(None)  # nnx.data: a sub-module may be assigned here later
-        self.dtype = jnp.dtype(config.dtype)
+        self.dtype = jnp.dtype(config.compute_dtype)
 
     def __call__(self, x: Array) -> Array:
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
@@ -81,7 +81,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, config: ModelConfig):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.dtype(config.param_dtype)), axes=("norm",))
         self.eps = config.rms_norm_eps
-        self.dtype = jnp.dtype(config.dtype)
+        self.dtype = jnp.dtype(config.compute_dtype)
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
@@ -166,7 +166,7 @@ class Embedding(nnx.Module):
         init = jax.nn.initializers.normal(stddev=0.02)
         shape = (config.vocab_size, config.hidden_size)
         self.weight = nnx.Param(init(rngs.params(), shape, jnp.dtype(config.param_dtype)), axes=("vocab", "embed"))
-        self.dtype = jnp.dtype(config.dtype)
+        self.dtype = jnp.dtype(config.compute_dtype)
 
     def __call__(self, input_ids: Array) -> Array:
         return jnp.take(self.weight[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]

@@ -230,7 +230,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", *, compute_dtype: 
         return load_gguf(path, dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=with_tokenizer)
     if not path.is_dir():
         raise CheckpointError(f"{path} is neither an HF checkpoint directory nor a .gguf file.")
-    config = ModelConfig.from_hf(path, param_dtype=dtype, dtype=compute_dtype or dtype)
+    config = ModelConfig.from_hf(path, param_dtype=dtype, compute_dtype=compute_dtype or dtype)
     reader = SafetensorsReader(path)
     model = build_model(config, reader.keys(), reader.shape, reader.get, str(path), mesh)
     tokenizer = None
@@ -388,7 +388,7 @@ def load_gguf(path: str | Path, dtype: str = "float32", *, compute_dtype: str | 
         raise CheckpointError(f"{path} lacks the tensor 'token_embd.weight'.")
     vocab_size = int(tensors["model.embed_tokens.weight"].shape[-1])  # GGUF shapes are [in, out]-reversed
     config = gguf_config(metadata, path, tied="lm_head.weight" not in tensors, vocab_size=vocab_size,
-                         param_dtype=dtype, dtype=compute_dtype or dtype)  # fmt: skip
+                         param_dtype=dtype, compute_dtype=compute_dtype or dtype)  # fmt: skip
 
     def shape_of(name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(tensors[name].shape))  # ggml lists the fastest dim first

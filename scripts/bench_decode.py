@@ -79,7 +79,7 @@ def bandwidth_bound(model, batch: int, cache_len: int, bandwidth_gbs: float) -> 
     config = model.config
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
     kv_bytes = (2 * config.num_hidden_layers * batch * cache_len * config.num_key_value_heads
-                * config.resolved_head_dim * np.dtype(config.dtype).itemsize)  # fmt: skip
+                * config.resolved_head_dim * np.dtype(config.compute_dtype).itemsize)  # fmt: skip
     return batch * bandwidth_gbs * 1e9 / (weight_bytes + kv_bytes)
 
 

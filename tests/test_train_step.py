@@ -134,7 +134,7 @@ def test_sft_skips_the_rejected_row_and_equals_the_full_formula():
 
 def test_bfloat16_base_with_float32_adapters_and_optimizer():
     """Base weights stay bf16 (frozen, untouched); adapters, Adam moments, log-probs and losses are float32."""
-    bf16 = Qwen2ForCausalLM(PRESETS["tiny"].replace(param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    bf16 = Qwen2ForCausalLM(PRESETS["tiny"].replace(param_dtype="bfloat16", compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
     trainer = train.create_trainer(bf16, _config(), _one_device())
     assert {x.dtype for x in jax.tree.leaves(trainer.frozen)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
@@ -149,7 +149,7 @@ def test_bfloat16_base_with_float32_adapters_and_optimizer():
 
 def test_full_parameter_bfloat16_model_trains_float32_master_weights():
     """Without LoRA the trained weights become float32 master copies, so small AdamW steps are not rounded away."""
-    bf16 = Qwen2ForCausalLM(PRESETS["tiny"].replace(param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    bf16 = Qwen2ForCausalLM(PRESETS["tiny"].replace(param_dtype="bfloat16", compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
     before = np.asarray(bf16.model.layers[0].mlp.up_proj.weight[...].astype(jnp.float32))
     config = _config(lora=None, loss=LossConfig(dpo_weight=0.0, nll_weight=1.0),
                      optimizer=OptimizerConfig(learning_rate=1e-5, decay="constant"))  # fmt: skip

@@ -1,0 +1,193 @@
+"""The one durable JSONL store: every file of records the project appends to and resumes from.
+
+Users: the teacher's pairs and drops (data/teacher.py), the evaluator's generations (evaluate.py), self-play
+pairs (data/selfplay.py), the demo's data files (demo.py); `iter_jsonl` also reads users' own .jsonl inputs.
+
+Durability: `JsonlStore.append` writes a batch of records with one `write`, then flushes and fsyncs before it
+returns, so a crash (even SIGKILL) can leave at most a torn *last* line behind. `write_jsonl` and
+`JsonlStore.rewrite` replace a whole file atomically (write a sibling, fsync, rename).
+
+The one policy for a torn line, applied when a store is opened:
+  * the last line, if it is not a whole record, is the remains of an interrupted write: it is cut off;
+  * a last line that is a whole record but lacks its newline is kept (the newline is added);
+  * a broken line anywhere else was not written by us: an error naming the file and line.
+A record is whole when it parses as a JSON object holding every key in `required`.
+
+A second writer is refused: `JsonlStore.open` takes an exclusive advisory lock (POSIX `flock`) on the file.
+This module is plain Python (no JAX, no numpy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+
+class StoreError(ValueError):
+    """A user-facing problem with a JSONL file (broken line, second writer); one sentence naming the file."""
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a user's .jsonl file; strict (no repair)."""
+    path = Path(path)
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            yield number, _parse_line(raw, path, number)
+
+
+def _parse_line(raw: bytes, path: Path, number: int) -> object:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}, line {number}: not UTF-8 text.") from None
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
+
+
+def _whole(raw: bytes, required: Sequence[str]) -> dict | None:
+    """The record on a line if it is whole (a JSON object with the required keys), else None."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or any(key not in record for key in required):
+        return None
+    return record
+
+
+def _scan(data: bytes, path: Path, required: Sequence[str]) -> tuple[list[dict], int, bytes | None]:
+    """(whole records, length of the valid prefix of `data`, a whole last record lacking its newline or None)."""
+    *lines, tail = data.split(b"\n")  # `tail`: what follows the last newline; b"" unless the last write was torn
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1) if not tail.strip() else None
+    records, keep = [], 0
+    for index, line in enumerate(lines):
+        if line.strip():
+            record = _whole(line, required)
+            if record is None:
+                if index == last:  # a broken final line (its newline made it): cut it like a torn one
+                    return records, keep, None
+                raise StoreError(
+                    f"{path}, line {index + 1}: not a record ({', '.join(required) or 'a JSON object'} expected); "
+                    "only a torn last line is repaired: fix or remove that line."
+                )
+            records.append(record)
+        keep += len(line) + 1
+    tail_record = _whole(tail, required) if tail.strip() else None
+    if tail_record is not None:
+        records.append(tail_record)
+        return records, keep, tail
+    return records, keep, None
+
+
+def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
+    """The whole records of a store file (a torn last line is ignored, not repaired); [] if it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return _scan(path.read_bytes(), path, required)[0]
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    """Replace `path` with `records`, atomically: a crash leaves the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write("".join(_line(record) for record in records))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+class JsonlStore:
+    """An append-only JSONL file with one writer, resumed across runs.
+
+    `with JsonlStore(path, required=("id",)) as store:` locks the file, repairs a torn end and reads the whole
+    records into `store.records`; `store.append([...])` is durable when it returns.
+    """
+
+    def __init__(self, path: str | Path, required: Sequence[str] = ()):
+        self.path = Path(path)
+        self.required = tuple(required)
+        self.records: list[dict] = []
+        self._file = None
+
+    def open(self) -> JsonlStore:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
+        try:
+            _lock(self._file, self.path)  # before reading: a repair must not race another run's writes
+            self.records = self._repair()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _repair(self) -> list[dict]:
+        """Read the records; cut a torn last line (see the module docstring) and say so on stderr."""
+        self._file.seek(0)
+        data = self._file.read()
+        records, keep, tail = _scan(data, self.path, self.required)
+        if keep < len(data):
+            self._file.truncate(keep)
+            if tail is not None:  # a whole record that only lacked its newline
+                self._file.seek(keep)
+                self._file.write(tail + b"\n")
+            else:
+                print(f"jaxpatience: repaired the end of {self.path} (left by an interrupted run).", file=sys.stderr)
+            self._sync()
+        return records
+
+    def append(self, records: Sequence[dict]) -> None:
+        """Append records with one write, durable (flushed and fsynced) when this returns."""
+        if not records:
+            return
+        self._file.seek(0, os.SEEK_END)
+        self._file.write("".join(_line(record) for record in records).encode("utf-8"))
+        self._sync()
+        self.records.extend(records)
+
+    def rewrite(self, records: Sequence[dict]) -> None:
+        """Replace the file's records atomically (e.g. to drop the incomplete ones of an interrupted run)."""
+        write_jsonl(self.path, records)
+        self._file.close()
+        self._file = open(self.path, "a+b")  # noqa: SIM115 - the renamed file is a new inode: lock it again
+        _lock(self._file, self.path)
+        self.records = list(records)
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the lock
+            self._file = None
+
+    def __enter__(self) -> JsonlStore:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _lock(handle, path: Path) -> None:
+    """An exclusive advisory lock, so that two runs never append to one file at once (POSIX only)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StoreError(f"{path} is being written by another run; wait for it or use another output.") from None
