@@ -1,24 +1,28 @@
 """The evaluator: generate solutions, read off final answers, report accuracy, maj@k and "patience" measures.
 
-    summary = evaluate(model, tokenizer, problems, out_dir="runs/eval", max_new_tokens=512, samples=1)
+    summary = evaluate(model, tokenizer, problems, out_dir="runs/eval", sampling=SamplingConfig(max_new_tokens=512))
+    summary = evaluate_checkpoint(EvalConfig(model="ckpt", dataset="gsm8k", out_dir="runs/gsm8k"))
     jaxpatience eval --model Qwen2-7B-Instruct --dataset gsm8k --limit 200 --out runs/gsm8k
 
+`evaluate_checkpoint` is the one way a checkpoint (and an adapter) is loaded and evaluated: `jaxpatience eval`,
+the IRPO loop (its samples and its held-out evaluations) and the demo all call it.
+
 Output folder:
-  generations.jsonl  one line per (problem, sample), appended and flushed after every batch: a crash loses at
-                     most the batch in flight, and a rerun with the same folder skips the problems already done
+  generations.jsonl  one line per (problem, sample), appended and fsynced after every batch (store.JsonlStore):
+                     a crash loses at most the batch in flight, and a rerun into the same folder skips the
+                     problems already done
   run.json           the settings the generations were made with (a rerun with other settings is refused)
   summary.json       accuracy per answer reading with a 95% Wilson interval, maj@k, response lengths,
                      behaviour markers, timing; `jaxpatience eval --compare A B` prints two side by side
-  response_length.png, maj_at_k.png (when samples > 1)
+  response_length.png, maj_at_k.png (when num_samples > 1)
 
-Answer extraction, maj@k and intervals are pure functions in answers.py; this file runs and reports.
+Answer extraction, maj@k and intervals are pure functions in answers.py; tables and plots are in report.py.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxpatience import answers
+from jaxpatience import answers, report
+from jaxpatience.config import ConfigError, EvalConfig, SamplingConfig, command_parser, config_from_args
 from jaxpatience.data.problems import (
     PROMPT_STYLES,
     Problem,
@@ -35,9 +40,11 @@ from jaxpatience.data.problems import (
     cut_at_stop_strings,
     load_problems,
 )
+from jaxpatience.store import JsonlStore
 
-METRICS = ("strict", "flexible", "math_verify")
+METRICS = report.ANSWER_READINGS  # strict, flexible, math_verify
 PromptStyle = str | Callable[[Problem], str]
+GENERATION_KEYS = ("id", "sample")  # what makes a generations.jsonl line a whole record
 
 
 class EvalError(ValueError):
@@ -45,34 +52,18 @@ class EvalError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The generations file.
+# The generations file and the run's settings.
 
 
-def read_generations(path: Path) -> tuple[list[dict], bool]:
-    """The records of a generations.jsonl and whether its last line was cut short (a crash during the write).
-
-    Only the last line may be malformed: anything earlier is an error naming the line.
-    """
-    if not path.exists():
-        return [], False
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records, torn = [], False
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "id" not in record or "sample" not in record:
-                raise ValueError("not a generation record")
-        except ValueError as err:
-            if number - 1 == last and not text.endswith("\n"):
-                torn = True  # an unfinished final write: drop it, the problem is generated again
-                continue
-            raise EvalError(f"{path}, line {number}: not a generation record ({err}).") from None
-        records.append(record)
-    return records, torn
+def open_generations(path: Path, samples: int) -> JsonlStore:
+    """The generations store, locked, holding whole problems only: a problem with missing samples (a crash
+    between two batches' writes cannot cause one, an edited file can) is dropped and the file rewritten."""
+    store = JsonlStore(path, required=GENERATION_KEYS).open()
+    kept, dropped = complete_records(store.records, samples)
+    if dropped:
+        store.rewrite(kept)
+        print(f"{path}: dropped {dropped} incomplete record(s) of an interrupted run.", file=sys.stderr)
+    return store
 
 
 def complete_records(records: list[dict], samples: int) -> tuple[list[dict], int]:
@@ -87,21 +78,6 @@ def complete_records(records: list[dict], samples: int) -> tuple[list[dict], int
         for s in range(samples)
     ]
     return kept, len(records) - len(kept)
-
-
-def _append(path: Path, records: list[dict]) -> None:
-    """Append one batch of records as one write, then flush to disk, so a crash leaves whole lines behind."""
-    with open(path, "a", encoding="utf-8") as out:
-        out.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _rewrite(path: Path, records: list[dict]) -> None:
-    """Replace the file atomically (write a sibling, then rename): a crash here leaves the old or the new file."""
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _check_settings(run_path: Path, settings: dict, generations: Path) -> None:
@@ -130,14 +106,10 @@ def evaluate(
     problems: Sequence[Problem],
     *,
     out_dir: str | Path,
+    sampling: SamplingConfig | None = None,
     prompt_style: PromptStyle = "zero_shot",
-    max_new_tokens: int = 512,
-    batch_size: int = 16,
-    samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
+    answer_prefix: str = "",
+    generation_batch_size: int = 16,
     metric: str = "auto",
     generate_fn: Callable | None = None,
     progress: bool = True,
@@ -145,79 +117,119 @@ def evaluate(
     plots: bool = True,
     generate_kwargs: dict | None = None,
 ) -> dict:
-    """Generate `samples` solutions per problem (resuming from `out_dir`), score them, write and return the summary.
+    """Generate `sampling.num_samples` solutions per problem (resuming from `out_dir`), score them, write and
+    return the summary (see `summarize` for its keys; also out_dir/summary.json).
 
-    batch_size: problems per generation batch (each batch is `batch_size * samples` rows) and per JSONL flush;
-        problems are batched in order of prompt length, so a batch holds similar lengths.
+    sampling: how solutions are drawn (default: greedy, 512 new tokens, one sample).
+    answer_prefix: text that starts every answer for the model (appended to the prompt, not part of the response).
+    generation_batch_size: problems per generation batch (each batch is `generation_batch_size * num_samples`
+        rows) and per JSONL flush; problems are batched in order of prompt length, so a batch holds similar lengths.
     metric: the answer reading behind `accuracy` and maj@k: strict, flexible, math_verify, or auto (math_verify
         when some gold answer is LaTeX and math-verify is installed, else strict).
     generate_fn: `jaxpatience.generate` by default; any function with its signature (tests pass a fake).
     run_info: facts about the run (model path, dataset name) stored in run.json and the summary; a rerun into
         the same folder must match them, as it must match the generation settings.
-    generate_kwargs: passed on to generate_fn as they are, e.g. {"mesh": mesh} or {"stop_tokens": [...]}.
-    Returns the summary dict (also written to out_dir/summary.json); see `summarize` for its keys.
+    generate_kwargs: passed on to generate_fn as they are, e.g. {"mesh": mesh}.
     """
     start = time.perf_counter()
+    sampling = sampling or SamplingConfig()
     problems = [as_problem(problem) for problem in problems]
-    _validate(problems, prompt_style, max_new_tokens, batch_size, samples, temperature, metric)
+    _validate(problems, prompt_style, sampling, generation_batch_size, metric)
     metric = resolve_metric(metric, problems)
-    if generate_fn is None:
-        from jaxpatience.decode import generate as generate_fn
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    style_name = prompt_style if isinstance(prompt_style, str) else f"custom:{getattr(prompt_style, '__name__', '?')}"
-    settings = dict(run_info or {}, prompt_style=style_name, max_new_tokens=max_new_tokens, samples=samples,
-                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)  # fmt: skip
-    if temperature > 0:  # sampled streams depend on how problems are batched: a resume must batch alike
-        settings["batch_size"] = batch_size
+    settings = _settings(run_info, prompt_style, answer_prefix, sampling, generation_batch_size)
     path = out_dir / "generations.jsonl"
     _check_settings(out_dir / "run.json", settings, path)
-    records = _resume(path, samples)
-    done = {record["id"] for record in records}
-    todo = [problem for problem in problems if problem.id not in done]
-    position = {problem.id: index for index, problem in enumerate(problems)}
-    latex = any(not answers.is_numeric(problem.answer) for problem in problems)  # MATH: ask for \boxed{} answers
-    prompts = {problem.id: build_prompt(problem, tokenizer, prompt_style, latex) for problem in todo}
-    lengths = _prompt_lengths(model, tokenizer, prompts, max_new_tokens)
-    # Similar lengths share a batch: less padding, and one compiled shape per length bucket. The sort is stable
-    # and the done problems are a prefix of it, so a resumed run forms the same batches as an uninterrupted one.
-    todo.sort(key=lambda problem: lengths[problem.id])
-    # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
-    scored = [bool(record["correct"].get(metric)) for record in records if record["id"] in position]
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem", desc="eval",
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
-    use_math_verify = answers.math_verify_available() is None
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    num_samples=samples, batch_size=batch_size * samples, progress=False)  # fmt: skip
-    sampling.update(generate_kwargs or {})
-    shapes_seen: set[tuple[int, int]] = set()
-    for first in range(0, len(todo), batch_size):
-        batch = todo[first : first + batch_size]
-        # The decoder pads prompts to a power of two (>= 16): a batch of a shape new to this run compiles first.
-        shape = (max(16, 1 << (max(lengths[problem.id] for problem in batch) - 1).bit_length()), len(batch))
-        new = _generate_batch(
-            generate_fn, model, tokenizer, batch, [prompts[problem.id] for problem in batch],
-            seed=_batch_seed(seed, position[batch[0].id]), warmup=shape not in shapes_seen, sampling=sampling,
-            prompt_style=prompt_style, use_math_verify=use_math_verify,
-        )  # fmt: skip
-        shapes_seen.add(shape)
-        _append(path, new)
-        records += new
-        scored += [bool(record["correct"].get(metric)) for record in new]
-        bar.update(len(batch))
-        bar.set_postfix({"acc": f"{np.mean(scored):.3f}"})
-    bar.close()
-
-    summary = summarize(records, problems, samples=samples, metric=metric)
+    job = _Job(model, tokenizer, problems, sampling, prompt_style, answer_prefix, generation_batch_size, metric,
+               generate_fn, generate_kwargs or {})  # fmt: skip
+    with open_generations(path, sampling.num_samples) as store:
+        new_problems = job.run(store, progress)
+    summary = summarize(store.records, problems, samples=sampling.num_samples, metric=metric)
     summary.update(settings=settings, out_dir=str(out_dir))
-    summary["timing"].update(wall_s=time.perf_counter() - start, new_problems=len(todo))
+    summary["timing"].update(wall_s=time.perf_counter() - start, new_problems=new_problems)
     if plots:
-        summary["plots"] = write_plots(summary, out_dir)
+        summary["plots"] = report.plot_eval(summary, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _settings(run_info: dict | None, prompt_style: PromptStyle, answer_prefix: str, sampling: SamplingConfig,
+              generation_batch_size: int) -> dict:  # fmt: skip
+    """What the generations depend on (run.json): a rerun into the same folder must have the same."""
+    style = prompt_style if isinstance(prompt_style, str) else f"custom:{getattr(prompt_style, '__name__', '?')}"
+    settings = dict(run_info or {}, prompt_style=style, **dataclasses.asdict(sampling))
+    if answer_prefix:
+        settings["answer_prefix"] = answer_prefix
+    if sampling.temperature > 0:  # sampled streams depend on how problems are batched: a resume must batch alike
+        settings["generation_batch_size"] = generation_batch_size
+    return json.loads(json.dumps(settings))  # tuples -> lists, as run.json will hold them
+
+
+@dataclasses.dataclass
+class _Job:
+    """One evaluation's generation work: the problems not yet in the store, batched by prompt length."""
+
+    model: object
+    tokenizer: object
+    problems: list[Problem]
+    sampling: SamplingConfig
+    prompt_style: PromptStyle
+    answer_prefix: str
+    batch_size: int
+    metric: str
+    generate_fn: Callable | None
+    generate_kwargs: dict
+
+    def run(self, store: JsonlStore, progress: bool) -> int:
+        """Generate every problem missing from `store`, appending each batch; returns the number generated."""
+        from tqdm.auto import tqdm
+
+        generate_fn = self.generate_fn
+        if generate_fn is None:
+            from jaxpatience.decode import generate as generate_fn
+        done = {record["id"] for record in store.records}
+        todo = [problem for problem in self.problems if problem.id not in done]
+        position = {problem.id: index for index, problem in enumerate(self.problems)}
+        latex = any(not answers.is_numeric(p.answer) for p in self.problems)  # MATH: ask for \boxed{} answers
+        prompts = {p.id: self._prompt(p, latex) for p in todo}
+        lengths = _prompt_lengths(self.model, self.tokenizer, prompts, self.sampling.max_new_tokens)
+        # Similar lengths share a batch: less padding, and one compiled shape per length bucket. The sort is stable
+        # and the done problems are a prefix of it, so a resumed run forms the same batches as an uninterrupted one.
+        todo.sort(key=lambda problem: lengths[problem.id])
+        # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
+        scored = [bool(r["correct"].get(self.metric)) for r in store.records if r["id"] in position]
+        bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), unit="problem", desc="eval",
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
+        use_math_verify = answers.math_verify_available() is None
+        shapes_seen: set[tuple[int, int]] = set()
+        for first in range(0, len(todo), self.batch_size):
+            batch = todo[first : first + self.batch_size]
+            # The decoder pads prompts to a power of two (>= 16): a batch of a shape new to this run compiles first.
+            shape = (max(16, 1 << (max(lengths[p.id] for p in batch) - 1).bit_length()), len(batch))
+            new = _generate_batch(
+                generate_fn, self.model, self.tokenizer, batch, [prompts[p.id] for p in batch],
+                seed=_batch_seed(self.sampling.seed, position[batch[0].id]), warmup=shape not in shapes_seen,
+                sampling=self._generate_kwargs(), prompt_style=self.prompt_style, use_math_verify=use_math_verify,
+            )  # fmt: skip
+            shapes_seen.add(shape)
+            store.append(new)
+            scored += [bool(record["correct"].get(self.metric)) for record in new]
+            bar.update(len(batch))
+            bar.set_postfix({"acc": f"{np.mean(scored):.3f}"})
+        bar.close()
+        return len(todo)
+
+    def _prompt(self, problem: Problem, latex: bool) -> str | list[int]:
+        prompt = build_prompt(problem, self.tokenizer, self.prompt_style, latex)
+        return prompt + self.answer_prefix if self.answer_prefix else prompt
+
+    def _generate_kwargs(self) -> dict:
+        """generate()'s settings for one batch (its seed is set per batch)."""
+        kwargs = self.sampling.generate_kwargs()
+        kwargs.pop("seed")
+        kwargs.update(batch_size=self.batch_size * self.sampling.num_samples, progress=False)
+        return kwargs | self.generate_kwargs
 
 
 def _generate_batch(generate_fn: Callable, model, tokenizer, batch: list[Problem], prompts: list, *, seed: int,
@@ -238,34 +250,23 @@ def _generate_batch(generate_fn: Callable, model, tokenizer, batch: list[Problem
     ]
 
 
-def _resume(path: Path, samples: int) -> list[dict]:
-    """The records already in generations.jsonl, whole problems only: a torn last line (a crash during a write)
-    or a problem with missing samples is dropped, and the file is rewritten without them."""
-    records, torn = read_generations(path)
-    records, dropped = complete_records(records, samples)
-    if torn or dropped:
-        _rewrite(path, records)
-        print(f"{path}: dropped {dropped + torn} incomplete record(s) of an interrupted run.", file=sys.stderr)
-    return records
-
-
 def _batch_seed(seed: int, first_index: int) -> int:
     """The decoder's seed for a batch: fixed by the run's seed and the batch's first problem, so a resumed run
     draws the same samples as an uninterrupted one (with the same batch size)."""
     return (seed * 1_000_003 + first_index) % 2**32
 
 
-def _validate(problems, prompt_style, max_new_tokens, batch_size, samples, temperature, metric) -> None:
+def _validate(problems: list[Problem], prompt_style: PromptStyle, sampling: SamplingConfig, batch_size: int,
+              metric: str) -> None:  # fmt: skip
+    samples = sampling.num_samples
     checks = [
         (len(problems) > 0, "there are no problems to evaluate"),
         (len({p.id for p in problems}) == len(problems), "problem ids must be unique"),
         (callable(prompt_style) or prompt_style in PROMPT_STYLES,
          f"unknown prompt style {prompt_style!r}: use one of {', '.join(PROMPT_STYLES)}"),
-        (isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens must be >= 1, not {max_new_tokens}"),
-        (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be >= 1, not {batch_size}"),
-        (isinstance(samples, int) and samples >= 1, f"samples must be >= 1, not {samples}"),
-        (samples == 1 or temperature > 0,
-         f"samples={samples} at temperature 0 would be {samples} identical greedy answers; set a temperature"),
+        (isinstance(batch_size, int) and batch_size >= 1, f"generation_batch_size must be >= 1, not {batch_size}"),
+        (samples == 1 or sampling.temperature > 0,
+         f"num_samples={samples} at temperature 0 would be {samples} identical greedy answers; set a temperature"),
         (metric in (*METRICS, "auto"), f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}"),
     ]  # fmt: skip
     for ok, message in checks:
@@ -451,113 +452,6 @@ def _math_verify_answers_equal(predicted: str | None, gold: str) -> bool:
     return answers.answers_equal(predicted, gold) or bool(answers.math_verify_equal(f"${predicted}$", gold))
 
 
-def write_plots(summary: dict, out_dir: Path) -> dict:
-    """response_length.png (histogram) and, with several samples, maj_at_k.png (the test-time-compute curve)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    paths = {}
-    hist = summary["response_tokens"]["histogram"]
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.stairs(hist["counts"], hist["bin_edges"], fill=True)
-    ax.axvline(summary["mean_response_tokens"], color="k", linestyle="--", label="mean")
-    ax.set(xlabel="response length (tokens)", ylabel="responses", title="Response length")
-    ax.legend()
-    paths["response_length"] = str(out_dir / "response_length.png")
-    fig.savefig(paths["response_length"], dpi=100, bbox_inches="tight")
-    if summary["samples"] > 1:
-        fig = Figure(figsize=(6, 4))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        ks = [int(k) for k in summary["maj_at_k"]]
-        ax.plot(ks, [summary["maj_at_k"][str(k)] for k in ks], marker="o")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks, [str(k) for k in ks])  # 1, 2, 4 rather than 2^0, 2^1, 2^2
-        ax.set_ylim(0, 1)
-        ax.set(xlabel="samples k", ylabel="maj@k accuracy", title="Test-time compute: majority vote")
-        paths["maj_at_k"] = str(out_dir / "maj_at_k.png")
-        fig.savefig(paths["maj_at_k"], dpi=100, bbox_inches="tight")
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reports.
-
-
-def format_summary(summary: dict) -> str:
-    """A few lines for the terminal."""
-    low, high = summary["accuracy_ci95"]
-    lines = [f"accuracy ({summary['metric']}): {summary['accuracy']:.3f}  [95% CI {low:.3f}-{high:.3f}]  "
-             f"n={summary['n_problems']}"]  # fmt: skip
-    for name, m in summary["metrics"].items():
-        lines.append(f"  {name:<12} {m['accuracy']:.3f}" if "accuracy" in m else f"  {name:<12} ({m['unavailable']})")
-    if summary["samples"] > 1:
-        lines.append("  maj@k " + "  ".join(f"@{k}={v:.3f}" for k, v in summary["maj_at_k"].items()))
-    t = summary["response_tokens"]
-    lines.append(
-        f"response tokens: mean {t['mean']:.1f}, median {t['median']:.1f}, truncated {t['truncated_share']:.1%}"
-    )
-    b = summary["behaviour"]
-    lines.append(f"verify {b['verify_share']:.1%}, backtrack {b['backtrack_share']:.1%}")
-    timing = summary["timing"]
-    if timing.get("tokens_per_s"):
-        warm = f" ({timing['tokens_per_s_warm']:.1f} warm)" if timing.get("tokens_per_s_warm") else ""
-        lines.append(f"generation {timing['generation_s']:.1f}s, {timing['tokens_per_s']:.1f} tokens/s{warm}"
-                     + (f", wall {timing['wall_s']:.1f}s" if "wall_s" in timing else ""))  # fmt: skip
-    return "\n".join(lines)
-
-
-def compare_table(before: dict, after: dict, names: tuple[str, str] = ("A", "B")) -> str:
-    """A before/after table of two summaries: the headline numbers and their change (shares in points)."""
-
-    def get(summary: dict, *keys):
-        for key in keys:
-            summary = summary.get(key) if isinstance(summary, dict) else None
-        return summary
-
-    def show(value, is_share: bool) -> str:
-        if value is None:
-            return "-"
-        return f"{100 * value:.1f}%" if is_share else (f"{value:.1f}" if isinstance(value, float) else str(value))
-
-    def change(a, b, is_share: bool) -> str:
-        if a is None or b is None:
-            return ""
-        return (
-            f"{100 * (b - a):+.1f} pts"
-            if is_share
-            else (f"{b - a:+.1f}" if isinstance(b - a, float) else f"{b - a:+d}")
-        )
-
-    several = max(before.get("samples", 1), after.get("samples", 1)) > 1
-    ks = sorted({*before.get("maj_at_k", {}), *after.get("maj_at_k", {})}, key=int) if several else []
-    rows = [  # (label, keys into the summary, is a share)
-        (f"accuracy ({before.get('metric')} / {after.get('metric')})", ("accuracy",), True),
-        *[(f"  {name}", ("metrics", name, "accuracy"), True) for name in METRICS],
-        *[(f"maj@{k}", ("maj_at_k", k), True) for k in ks],
-        ("mean response tokens", ("mean_response_tokens",), False),
-        ("median response tokens", ("median_response_tokens",), False),
-        ("truncated share", ("response_tokens", "truncated_share"), True),
-        ("verify share", ("behaviour", "verify_share"), True),
-        ("backtrack share", ("behaviour", "backtrack_share"), True),
-        ("tokens/s (warm)", ("timing", "tokens_per_s_warm"), False),
-        ("problems", ("n_problems",), False),
-    ]
-    table = [("", *names, "change")]
-    for label, keys, is_share in rows:
-        a, b = get(before, *keys), get(after, *keys)
-        table.append((label, show(a, is_share), show(b, is_share), change(a, b, is_share)))
-    # The 95% interval under the accuracy, so a reader sees at once whether the change is more than noise.
-    ci = [get(s, "accuracy_ci95") for s in (before, after)]
-    table.insert(2, ("  95% CI", *("-" if c is None else f"{100 * c[0]:.1f}-{100 * c[1]:.1f}" for c in ci), ""))
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
-             for row in table]  # fmt: skip
-    return "\n".join(lines)
-
-
 def load_summary(path: str | Path) -> dict:
     """A summary.json, given the file or the output folder holding it."""
     path = Path(path)
@@ -575,77 +469,82 @@ def load_summary(path: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command line: `jaxpatience eval ...` (cli.py dispatches here).
+# A checkpoint on a problem set: the one way eval, irpo and the demo evaluate a model.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="jaxpatience eval",
-        description="Evaluate a Qwen2 checkpoint on GSM8K, MATH, gsm_symbolic or a local file of problems.",
-    )
-    parser.add_argument("--model", help="HF checkpoint directory or .gguf file")
-    parser.add_argument("--adapter", help="LoRA adapter checkpoint to apply on top of --model")
-    parser.add_argument("--dataset", help="gsm8k, math (MATH-500), gsm_symbolic, or a .jsonl/.json/.parquet file")
-    parser.add_argument("--split", default="test", help="hub dataset split (default: test)")
-    parser.add_argument("--limit", type=int, help="evaluate the first N problems")
-    parser.add_argument("--batch-size", type=int, default=16, help="problems per generation batch (default: 16)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="default: 512")
-    parser.add_argument("--samples", type=int, default=1, help="solutions per problem, for maj@k (default: 1)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed, and gsm_symbolic's generator seed")
-    parser.add_argument("--prompt-style", default="zero_shot", choices=PROMPT_STYLES)
-    parser.add_argument("--metric", default="auto", choices=("auto", *METRICS), help="the reading behind accuracy")
-    parser.add_argument("--dtype", default="float32", help="weight dtype: float32 or bfloat16 (default: float32)")
-    parser.add_argument("--mesh", help="e.g. data=8 or fsdp=4,tensor=2: weights and batches sharded over devices")
-    parser.add_argument("--out", help="output folder (rerunning into it resumes)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print a before/after table of two summaries")
-    return parser
+def evaluate_checkpoint(config: EvalConfig, problems: Sequence[Problem] | None = None, *, answer_prefix: str = "",
+                        reuse: bool = False, progress: bool = True, plots: bool = True) -> dict:  # fmt: skip
+    """Load `config.model` (with `config.adapter`, on `config.mesh`) and evaluate it as configured.
+
+    problems: the problems to use (the IRPO loop loads its sets once); None reads `config.dataset`.
+    reuse: return the summary already in `config.out_dir` without loading anything, if there is one (the IRPO
+        loop and the demo skip finished evaluations this way); otherwise a finished folder is re-summarized.
+    """
+    out = Path(config.out_dir)
+    if reuse and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    if problems is None:
+        config.validate()
+        problems = load_problems(config.dataset, split=config.split, limit=config.limit, seed=config.sampling.seed)
+    from jaxpatience import lora, sharding
+    from jaxpatience.weights import load_pretrained
+
+    mesh = None
+    if config.mesh is not None:
+        try:
+            mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh))
+        except ValueError as err:
+            raise ConfigError(f"mesh: {err}") from None
+    model, tokenizer = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh)
+    if config.adapter:
+        model = lora.load_adapter(model, config.adapter)
+    run_info = {"model": str(Path(config.model).resolve()), "adapter": config.adapter, "dataset": config.dataset,
+                "split": config.split,
+                "dataset_seed": config.sampling.seed if config.dataset == "gsm_symbolic" else None}  # fmt: skip
+    return evaluate(model, tokenizer, problems, out_dir=out, sampling=config.sampling,
+                    prompt_style=config.prompt_style, answer_prefix=answer_prefix,
+                    generation_batch_size=config.generation_batch_size, metric=config.metric, progress=progress,
+                    run_info=run_info, plots=plots, generate_kwargs={"mesh": mesh} if mesh else None)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: `jaxpatience eval ...` (cli.py dispatches here). The flags are aliases of EvalConfig keys.
+
+FLAGS = {
+    "--model": ("model", "HF checkpoint directory or .gguf file"),
+    "--adapter": ("adapter", "a PEFT LoRA adapter directory to apply on top of --model"),
+    "--dataset": ("dataset", "gsm8k, math (MATH-500), gsm_symbolic, or a .jsonl/.json/.parquet file"),
+    "--split": ("split", "hub dataset split (default: test)"),
+    "--limit": ("limit", "evaluate the first N problems"),
+    "--batch-size": ("generation_batch_size", "problems per generation batch (default: 16)"),
+    "--max-new-tokens": ("sampling.max_new_tokens", "default: 512"),
+    "--samples": ("sampling.num_samples", "solutions per problem, for maj@k (default: 1)"),
+    "--temperature": ("sampling.temperature", "0 = greedy (default)"),
+    "--top-p": ("sampling.top_p", "nucleus sampling (default: 1.0)"),
+    "--top-k": ("sampling.top_k", "0 = off (default)"),
+    "--seed": ("sampling.seed", "sampling seed, and gsm_symbolic's generator seed"),
+    "--prompt-style": ("prompt_style", f"{', '.join(PROMPT_STYLES)} (default: zero_shot)"),
+    "--metric": ("metric", f"the reading behind accuracy: auto, {', '.join(METRICS)}"),
+    "--dtype": ("param_dtype", "weight dtype: float32 or bfloat16 (default: float32)"),
+    "--mesh": ("mesh", "e.g. data=8 or fsdp=4,tensor=2: weights and batches sharded over devices"),
+    "--out": ("out_dir", "output folder (rerunning into it resumes)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = command_parser(
+        "jaxpatience eval", "Evaluate a Qwen2 checkpoint on GSM8K, MATH, gsm_symbolic or a local file of problems.",
+        FLAGS,
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print a before/after table of two summaries")
+    args = parser.parse_intermixed_args(argv)
     if args.compare:
         before, after = (load_summary(p) for p in args.compare)
-        print(compare_table(before, after, names=tuple(Path(p).name or str(p) for p in args.compare)))
+        print(report.compare_table(before, after, names=tuple(Path(p).name or str(p) for p in args.compare)))
         return 0
-    for flag in ("model", "dataset", "out"):
-        if getattr(args, flag) is None:
-            parser.error(f"--{flag} is required (or use --compare A B)")
-    problems = load_problems(args.dataset, split=args.split, limit=args.limit, seed=args.seed)
-    load_adapter = _adapter_loader() if args.adapter else None
-
-    from jaxpatience import sharding
-    from jaxpatience.weights import load_pretrained
-
-    mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh)) if args.mesh else None
-    model, tokenizer = load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
-    if load_adapter is not None:
-        model = load_adapter(model, args.adapter) or model
-    run_info = {"model": str(Path(args.model).resolve()), "adapter": args.adapter, "dataset": args.dataset,
-                "split": args.split, "dataset_seed": args.seed if args.dataset == "gsm_symbolic" else None}  # fmt: skip
-    summary = evaluate(
-        model, tokenizer, problems, out_dir=args.out, prompt_style=args.prompt_style,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, metric=args.metric,
-        progress=not args.no_progress, run_info=run_info, generate_kwargs={"mesh": mesh} if mesh else None,
-    )  # fmt: skip
-    print(format_summary(summary))
-    print(f"wrote {Path(args.out) / 'summary.json'}")
+    config = config_from_args(EvalConfig, args).validate()
+    summary = evaluate_checkpoint(config, progress=not args.no_progress)
+    print(report.format_eval_summary(summary))
+    print(f"wrote {Path(config.out_dir) / 'summary.json'}")
     return 0
-
-
-def _adapter_loader() -> Callable:
-    """The LoRA checkpoint loader, once lora.py has one; until then a clear refusal."""
-    from jaxpatience import lora
-
-    loader = getattr(lora, "load_adapter", None)
-    if loader is None:
-        raise EvalError(
-            "--adapter is not supported yet (jaxpatience.lora has no adapter loader); merge the adapter into "
-            "the base checkpoint and pass that as --model."
-        )
-    return loader

@@ -2,9 +2,9 @@
 
     M_0 = config.model
     iteration t = 1..T:
-        OUT/iter_t/samples/    N samples per training problem from M_{t-1} (the evaluator's resumable JSONL)
+        OUT/iter_t/samples/    N = sampling.num_samples samples per training problem from M_{t-1} (an evaluation)
         OUT/iter_t/pairs.jsonl (correct, incorrect) pairs, up to K per problem (data/selfplay.py)
-        OUT/iter_t/train/      DPO + NLL with LoRA on M_{t-1}; the reference is M_{t-1} itself (adapters off)
+        OUT/iter_t/train/      DPO + NLL with LoRA on M_{t-1} (config.training); the reference is M_{t-1} itself
         OUT/iter_t/train/merged   M_t = M_{t-1} with the adapter merged in
         OUT/iter_t/eval/       greedy accuracy of M_t on the held-out problems
     OUT/base_eval/  the same evaluation of M_0; OUT/summary.json and OUT/irpo.png: accuracy per iteration.
@@ -15,17 +15,16 @@ stage in progress (the evaluator resumes its JSONL, training resumes from its ch
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
-from jaxpatience.config import ConfigError, IrpoConfig, RunConfig, apply_overrides, from_dict, load_yaml
+from jaxpatience import report
+from jaxpatience.config import ConfigError, EvalConfig, IrpoConfig, command_parser, config_from_args, load_config
 
 
 def load_irpo_config(path: str | Path | None, overrides: list[str]) -> IrpoConfig:
-    data = load_yaml(path) if path else {}
-    return from_dict(IrpoConfig, apply_overrides(data, overrides), where=str(path or "config"))
+    return load_config(IrpoConfig, path, overrides).validate()
 
 
 def _problems(source: str, split: str, limit: int | None, seed: int):
@@ -34,20 +33,21 @@ def _problems(source: str, split: str, limit: int | None, seed: int):
     return load_problems(source, split=split, limit=limit, seed=seed)
 
 
-def _evaluate(config: IrpoConfig, model_path: str, problems, out_dir: Path, *, samples: int = 1,
-              temperature: float = 0.0, seed: int = 0, progress: bool = True) -> dict:  # fmt: skip
-    """Run (or resume, or just read) one evaluation of a checkpoint; returns its summary."""
-    summary_path = out_dir / "summary.json"
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
-    from jaxpatience.evaluate import evaluate
-    from jaxpatience.weights import load_pretrained
+def _evaluate(config: IrpoConfig, model_path: str, problems, which: str, out_dir: Path, *, seed: int,
+              progress: bool) -> dict:  # fmt: skip
+    """One evaluation of a checkpoint (run, resumed, or read back when finished): `which` = "train" draws the
+    iteration's samples (config.sampling); "eval" is the greedy held-out evaluation with the same token budget."""
+    from jaxpatience.evaluate import evaluate_checkpoint
 
-    model, tokenizer = load_pretrained(model_path, config.param_dtype, compute_dtype=config.compute_dtype)
-    return evaluate(model, tokenizer, problems, out_dir=out_dir, prompt_style=config.prompt_style,
-                    max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size, samples=samples,
-                    temperature=temperature, seed=seed, progress=progress, run_info={"model": model_path},
-                    plots=samples == 1)  # fmt: skip
+    sampled = which == "train"
+    sampling = config.sampling if sampled else dataclasses.replace(config.sampling, temperature=0.0, num_samples=1)
+    eval_config = EvalConfig(
+        model=model_path, dataset=getattr(config, f"{which}_problems"), split=getattr(config, f"{which}_split"),
+        out_dir=str(out_dir), prompt_style=config.prompt_style, generation_batch_size=config.generation_batch_size,
+        param_dtype=config.training.param_dtype, compute_dtype=config.training.compute_dtype,
+        sampling=dataclasses.replace(sampling, seed=seed),
+    )  # fmt: skip
+    return evaluate_checkpoint(eval_config, problems, reuse=True, progress=progress, plots=not sampled)
 
 
 def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict,
@@ -56,7 +56,8 @@ def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, s
     from jaxpatience.answers import is_numeric
     from jaxpatience.data.problems import build_prompt
     from jaxpatience.data.selfplay import pairs_from_generations, write_pairs
-    from jaxpatience.evaluate import read_generations
+    from jaxpatience.evaluate import GENERATION_KEYS
+    from jaxpatience.store import read_jsonl
     from jaxpatience.tokenizer import load_tokenizer
 
     path = out / "pairs.jsonl"
@@ -65,21 +66,43 @@ def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, s
     tokenizer = load_tokenizer(model_path)
     latex = any(not is_numeric(p.answer) for p in problems)  # as the evaluator decides it, once per dataset
     prompts = {p.id: build_prompt(p, tokenizer, config.prompt_style, latex) for p in problems}
-    records, _ = read_generations(out / "samples" / "generations.jsonl")
+    records = read_jsonl(out / "samples" / "generations.jsonl", required=GENERATION_KEYS)
     metric = samples_summary.get("metric", "strict")
     pairs, stats = pairs_from_generations(records, prompts, metric=metric, max_pairs=config.max_pairs_per_problem,
-                                          iteration=iteration, seed=config.seed)  # fmt: skip
+                                          iteration=iteration, seed=config.sampling.seed)  # fmt: skip
     write_pairs(path, pairs, stats)
     print(f"iteration {iteration}: {stats.summary()}")
     return dataclasses.asdict(stats)
+
+
+def _train(config: IrpoConfig, model_path: str, step_dir: Path, progress: bool) -> None:
+    """DPO + NLL on the iteration's pairs with LoRA on M_{t-1}; exports M_t as train/merged (skipped if done)."""
+    from jaxpatience.run import train
+
+    if (step_dir / "train" / "summary.json").is_file():
+        return
+    template = config.training
+    run_config = dataclasses.replace(
+        template, model=model_path, out_dir=str(step_dir / "train"), export_merged=True,
+        data=dataclasses.replace(template.data, path=str(step_dir / "pairs.jsonl"), chat_template=False),
+    )  # fmt: skip
+    train(run_config, progress=progress)
+
+
+def _row(iteration: int, model_path: str, result: dict, stats: dict | None = None) -> dict:
+    row = {"iteration": iteration, "model": model_path, "accuracy": result["accuracy"],
+           "accuracy_ci95": result.get("accuracy_ci95"),
+           "mean_response_tokens": result["mean_response_tokens"]}  # fmt: skip
+    if stats is not None:
+        row.update(pairs=stats["pairs"], train_sample_accuracy=stats["sample_accuracy"])
+    return row
 
 
 def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     """Run (or resume) every iteration; returns the summary (also OUT/summary.json, plot OUT/irpo.png)."""
     import os
 
-    from jaxpatience.run import train
-
+    config.validate()
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAX_DISTRIBUTED_AUTO") == "1":
         raise ConfigError(
             "jaxpatience irpo runs on one host (sampling is single-process for now); run its train stage on a pod "
@@ -88,84 +111,34 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    train_problems = _problems(config.train_problems, config.train_split, config.train_limit, config.seed)
-    eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, config.seed + 1)
-    base = _evaluate(config, config.model, eval_problems, out / "base_eval", progress=progress)
-    rows = [{"iteration": 0, "model": config.model, "accuracy": base["accuracy"],
-             "accuracy_ci95": base.get("accuracy_ci95"),
-             "mean_response_tokens": base["mean_response_tokens"]}]  # fmt: skip
+    seed = config.sampling.seed
+    train_problems = _problems(config.train_problems, config.train_split, config.train_limit, seed)
+    eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, seed + 1)
+    base = _evaluate(config, config.model, eval_problems, "eval", out / "base_eval", seed=seed, progress=progress)
+    rows = [_row(0, config.model, base)]
     model_path = config.model
     for iteration in range(1, config.iterations + 1):
         step_dir = out / f"iter_{iteration}"
-        samples = _evaluate(config, model_path, train_problems, step_dir / "samples",
-                            samples=config.samples_per_problem, temperature=config.sample_temperature,
-                            seed=config.seed + iteration, progress=progress)  # fmt: skip
+        samples = _evaluate(config, model_path, train_problems, "train", step_dir / "samples", seed=seed + iteration,
+                            progress=progress)  # fmt: skip
         stats = _make_pairs(config, model_path, train_problems, iteration, samples, step_dir)
         if stats["pairs"] == 0:
             print(f"iteration {iteration}: no pairs (every problem all right or all wrong); stopping.")
             break
-        merged = step_dir / "train" / "merged"
-        if not (step_dir / "train" / "summary.json").is_file():
-            run_config = RunConfig(
-                model=model_path, out_dir=str(step_dir / "train"), train=config.train,
-                data=dataclasses.replace(config.data, path=str(step_dir / "pairs.jsonl"), chat_template=False),
-                param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, epochs=config.epochs,
-                checkpoint_every=config.checkpoint_every, export_merged=True,
-            )  # fmt: skip
-            train(run_config, progress=progress)
-        model_path = str(merged)
-        result = _evaluate(config, model_path, eval_problems, step_dir / "eval", progress=progress)
-        rows.append({"iteration": iteration, "model": model_path, "accuracy": result["accuracy"],
-                     "accuracy_ci95": result.get("accuracy_ci95"), "pairs": stats["pairs"],
-                     "train_sample_accuracy": stats["sample_accuracy"],
-                     "mean_response_tokens": result["mean_response_tokens"]})  # fmt: skip
+        _train(config, model_path, step_dir, progress)
+        model_path = str(step_dir / "train" / "merged")
+        result = _evaluate(config, model_path, eval_problems, "eval", step_dir / "eval", seed=seed, progress=progress)
+        rows.append(_row(iteration, model_path, result, stats))
     summary = {"iterations": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    summary["plot"] = str(plot_iterations(rows, out / "irpo.png"))
-    print(format_table(rows))
+    summary["plot"] = report.plot_irpo(rows, out / "irpo.png")
+    print(report.irpo_table(rows))
     return summary
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'iter':>4}  {'accuracy':>8}  {'95% CI':>15}  {'pairs':>6}  {'resp. tokens':>12}"]
-    for row in rows:
-        ci = row.get("accuracy_ci95")
-        ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
-        lines.append(f"{row['iteration']:>4}  {row['accuracy']:>8.3f}  {ci_text:>15}  {row.get('pairs', '-'):>6}  "
-                     f"{row['mean_response_tokens']:>12.1f}")  # fmt: skip
-    return "\n".join(lines)
-
-
-def plot_iterations(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    xs = [r["iteration"] for r in rows]
-    ys = [r["accuracy"] for r in rows]
-    if all(r.get("accuracy_ci95") for r in rows):
-        lows = [y - r["accuracy_ci95"][0] for y, r in zip(ys, rows, strict=True)]
-        highs = [r["accuracy_ci95"][1] - y for y, r in zip(ys, rows, strict=True)]
-        ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3)
-    else:
-        ax.plot(xs, ys, marker="o")
-    ax.set_xlabel("iteration (0 = base model)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_xticks(xs)
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxpatience irpo", description="Iterative RPO: sample, pair, train, repeat.")
-    parser.add_argument("--config", help="YAML config; keys not given keep their defaults")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. iterations=3 train.loss.beta=0.1")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    run_irpo(load_irpo_config(args.config, args.overrides), progress=not args.no_progress)
+    parser = command_parser("jaxpatience irpo", "Iterative RPO: sample, pair by correctness, train DPO+NLL, repeat.")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_intermixed_args(argv)
+    run_irpo(config_from_args(IrpoConfig, args).validate(), progress=not args.no_progress)
     return 0

@@ -1,10 +1,9 @@
-"""Training metrics: one JSON line per step (TensorBoard too when `tensorboardX` is installed), and the PNG plot
-of loss and chosen/rejected log-probs over steps that every run ends with."""
+"""Training metrics: one JSON line per step in OUT/metrics.jsonl (TensorBoard too when `tensorboardX` is
+installed). report.plot_training draws them."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 
@@ -46,35 +45,3 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def plot_training(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    """Loss (left) and log-probs of chosen / rejected responses (right) over steps. None if nothing to plot."""
-    records = read_metrics(metrics_path)
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in records]
-    series = lambda key: [r.get(key, math.nan) for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot(steps, series("loss"), label="loss")
-    if any("nll" in r for r in records):
-        left.plot(steps, series("nll"), label="nll", alpha=0.7)
-    left.set_xlabel("step")
-    left.set_title("loss")
-    left.legend()
-    right.plot(steps, series("logps/chosen"), label="chosen")
-    right.plot(steps, series("logps/rejected"), label="rejected")
-    right.set_xlabel("step")
-    right.set_title("sequence log-probs")
-    right.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return Path(out_png)

@@ -13,7 +13,9 @@ from conftest import make_tokenizer
 
 from jaxpatience import answers
 from jaxpatience.data.problems import Problem, build_prompt
+from jaxpatience.config import SamplingConfig
 from jaxpatience.evaluate import EvalError, evaluate, main, summarize
+from jaxpatience.store import StoreError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,7 @@ def test_summary_of_scripted_responses(tmp_path):
         "Problem 2?": ["The answer is 2", "The answer is -2", "The answer is -2"],
         "Problem 3?": ["so \\boxed{\\frac{1}{2}}", "The answer is 0.50", "1/2"],
     }
-    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, samples=3, temperature=1.0,
+    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, sampling=SamplingConfig(num_samples=3, temperature=1.0),
                        generate_fn=ScriptedGenerator(script), progress=False)  # fmt: skip
     # Hand-counted strict answers: p0 [7, 8, None], p1 [1000, 1000, None], p2 [2, -2, -2], p3 [0.5, 0.5, None]
     # -> right 1/3, 2/3, 2/3, 2/3 of the samples; accuracy is their mean over problems.
@@ -120,7 +122,7 @@ def test_math_style_problems_use_boxed_prompts_and_math_verify(tmp_path):
         "How many?": ["\\boxed{10}", "\\boxed{10}", "\\boxed{12}"],
     }
     generator = ScriptedGenerator(script)
-    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, samples=3, temperature=1.0,
+    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, sampling=SamplingConfig(num_samples=3, temperature=1.0),
                        generate_fn=generator, progress=False, plots=False)  # fmt: skip
     assert summary["metric"] == "math_verify"  # auto: some gold answers are LaTeX
     # By hand: m0 right 2/3 (0.5 and 1/2 equal 1/2), m1 1/3, m2 2/3.
@@ -148,7 +150,9 @@ def test_without_math_verify_its_column_is_marked_unavailable(tmp_path, monkeypa
 
 def test_resume_after_a_crash_gives_the_uninterrupted_summary(tmp_path):
     problems, script = scripted_problems(n=7, samples=3)  # 3 possible responses, 2 drawn: the seed matters
-    settings = dict(samples=2, temperature=0.8, batch_size=2, progress=False, seed=5)
+    settings = dict(
+        sampling=SamplingConfig(num_samples=2, temperature=0.8, seed=5), generation_batch_size=2, progress=False
+    )
     whole = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path / "whole",
                      generate_fn=ScriptedGenerator(script, seed_sensitive=True), **settings)  # fmt: skip
 
@@ -179,30 +183,32 @@ def test_resume_after_a_crash_gives_the_uninterrupted_summary(tmp_path):
 def test_resume_refuses_other_settings_and_names_a_bad_line(tmp_path):
     problems, script = scripted_problems(n=2, samples=1)
     run = dict(out_dir=tmp_path, generate_fn=ScriptedGenerator(script), progress=False, plots=False)
-    evaluate(None, make_tokenizer(), problems, max_new_tokens=64, **run)
+    evaluate(None, make_tokenizer(), problems, sampling=SamplingConfig(max_new_tokens=64), **run)
     with pytest.raises(EvalError, match="made with max_new_tokens=64, not 128"):
-        evaluate(None, make_tokenizer(), problems, max_new_tokens=128, **run)
+        evaluate(None, make_tokenizer(), problems, sampling=SamplingConfig(max_new_tokens=128), **run)
     lines = (tmp_path / "generations.jsonl").read_text().splitlines()
     (tmp_path / "generations.jsonl").write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
-    with pytest.raises(EvalError, match=r"generations\.jsonl, line 2: not a generation record"):
-        evaluate(None, make_tokenizer(), problems, max_new_tokens=64, **run)
+    with pytest.raises(StoreError, match=r"generations\.jsonl, line 2: not a record"):
+        evaluate(None, make_tokenizer(), problems, sampling=SamplingConfig(max_new_tokens=64), **run)
 
 
 def test_bad_settings_are_one_sentence(tmp_path):
     problems, script = scripted_problems(n=2, samples=1)
     run = dict(out_dir=tmp_path, generate_fn=ScriptedGenerator(script), progress=False)
-    with pytest.raises(EvalError, match="samples=4 at temperature 0 would be 4 identical greedy answers"):
-        evaluate(None, make_tokenizer(), problems, samples=4, **run)
+    with pytest.raises(EvalError, match="num_samples=4 at temperature 0 would be 4 identical greedy answers"):
+        evaluate(None, make_tokenizer(), problems, sampling=SamplingConfig(num_samples=4), **run)
     with pytest.raises(EvalError, match="unknown prompt style 'cot'"):
         evaluate(None, make_tokenizer(), problems, prompt_style="cot", **run)
-    with pytest.raises(EvalError, match="batch_size must be >= 1"):
-        evaluate(None, make_tokenizer(), problems, batch_size=0, **run)
+    with pytest.raises(EvalError, match="generation_batch_size must be >= 1"):
+        evaluate(None, make_tokenizer(), problems, generation_batch_size=0, **run)
     with pytest.raises(EvalError, match="problem ids must be unique"):
         evaluate(None, make_tokenizer(), problems + problems[:1], **run)
     small = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))  # before anything is generated
     with pytest.raises(EvalError, match="problem q0: its prompt has .* past the model's context of 64"):
-        evaluate(small, make_tokenizer(), problems, max_new_tokens=60, **run)
-    evaluate(None, make_tokenizer(), problems, max_new_tokens=30, **run)  # nothing generated yet: other settings ok
+        evaluate(small, make_tokenizer(), problems, sampling=SamplingConfig(max_new_tokens=60), **run)
+    evaluate(
+        None, make_tokenizer(), problems, sampling=SamplingConfig(max_new_tokens=30), **run
+    )  # nothing generated yet: other settings ok
 
 
 def test_plain_few_shot_cuts_the_invented_next_question(tmp_path):
@@ -343,8 +349,9 @@ def test_end_to_end_gsm_symbolic_with_samples(tiny_checkpoint, tmp_path):
 
     model, tokenizer = load_pretrained(tiny_checkpoint(max_position_embeddings=512))
     problems = load_problems("gsm_symbolic", limit=2, seed=1)
-    summary = evaluate(model, tokenizer, problems, out_dir=tmp_path, samples=4, temperature=1.0, max_new_tokens=8,
-                       batch_size=2, progress=False)  # fmt: skip
+    sampling = SamplingConfig(num_samples=4, temperature=1.0, max_new_tokens=8)
+    summary = evaluate(model, tokenizer, problems, out_dir=tmp_path, sampling=sampling, generation_batch_size=2,
+                       progress=False)  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 8 and set(summary["maj_at_k"]) == {"1", "2", "4"}
     for problem in problems:  # sampling at temperature 1 from a random model: the samples differ

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+from jaxpatience import answers
 from jaxpatience.data.selfplay import pair_samples, pairs_from_generations
 
 
@@ -75,10 +76,11 @@ def test_irpo_loop_runs_two_iterations_and_resumes(tiny_checkpoint, tmp_path):
     _problems(tmp_path / "eval.jsonl", rng, 8, 100)
     args = [
         f"model={base}", f"out_dir={tmp_path / 'irpo'}", f"train_problems={tmp_path / 'train.jsonl'}",
-        f"eval_problems={tmp_path / 'eval.jsonl'}", "prompt_style=question", "samples_per_problem=8",
-        "sample_temperature=0.7", "max_pairs_per_problem=3", "max_new_tokens=24", "generation_batch_size=12",
-        "data.max_length=128", "data.buckets=[128]", "train.batch_size=4", "train.lora.rank=4",
-        "train.optimizer.learning_rate=1e-3", "epochs=1",
+        f"eval_problems={tmp_path / 'eval.jsonl'}", "prompt_style=question", "sampling.num_samples=8",
+        "sampling.temperature=0.7", "max_pairs_per_problem=3", "sampling.max_new_tokens=24",
+        "generation_batch_size=12", "training.data.max_length=128", "training.data.buckets=[128]",
+        "training.train.batch_size=4", "training.train.lora.rank=4", "training.train.optimizer.learning_rate=1e-3",
+        "training.epochs=1",
     ]  # fmt: skip
     first = run_irpo(load_irpo_config(None, [*args, "iterations=1"]), progress=False)
     assert [row["iteration"] for row in first["iterations"]] == [0, 1]
@@ -96,4 +98,11 @@ def test_irpo_loop_runs_two_iterations_and_resumes(tiny_checkpoint, tmp_path):
         assert all(p["chosen_answer"] == p["gold"] != p["rejected_answer"] for p in pairs)
         assert (step / "train" / "adapter" / "adapter_model.safetensors").is_file()
         assert (step / "eval" / "summary.json").is_file()
-    assert 0.0 <= rows[2]["accuracy"] <= 1.0 and (tmp_path / "irpo" / "irpo.png").is_file()
+    # each row's accuracy is what its greedy generations on disk say, counted here independently of the evaluator
+    for row, folder in zip(rows, ["base_eval", "iter_1/eval", "iter_2/eval"], strict=True):
+        records = [
+            json.loads(line) for line in (tmp_path / "irpo" / folder / "generations.jsonl").read_text().splitlines()
+        ]
+        right = [answers.answers_equal(answers.extract_strict(r["response"]), r["gold"]) for r in records]
+        assert len(records) == 8 and row["accuracy"] == sum(right) / 8
+    assert (tmp_path / "irpo" / "irpo.png").read_bytes()[:4] == b"\x89PNG"
