@@ -167,7 +167,7 @@ def preset(name: str) -> ModelConfig:
 def _parse_scalar(text: str) -> Any:
     """`key=value` values are parsed as YAML scalars: 3 → int, 1e-5 → float, true → bool, null → None."""
     value = yaml.safe_load(text)
-    if isinstance(value, str):
+    if isinstance(value, str) and not text.lstrip().startswith(('"', "'")):
         try:  # YAML 1.1 reads "1e-5" as a string; accept it as a float.
             return float(value)
         except ValueError:
@@ -553,14 +553,32 @@ def _alias_dest(key: str) -> str:
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """The config of a parsed command line: YAML file < flags < key=value overrides."""
+    """The config of a parsed command line: YAML file < flags < key=value overrides.
+
+    A flag's value is taken as typed for a text field (`--model yes` is the path "yes", not a boolean) and split
+    into keys for a section (`--mesh data=8,fsdp=2`).
+    """
     overrides = []
     for key, _ in args._aliases.values():
         value = getattr(args, _alias_dest(key))
         if value is None:
             continue
-        if "=" in value:  # a section's keys: "data=8,fsdp=2"
+        hint = _field_hint(cls, key)
+        if _dataclass_in(hint) is not None:  # a section's keys: "data=8,fsdp=2"
             overrides += [f"{key}.{item.strip()}" for item in value.split(",") if item.strip()]
+        elif hint is str or set(typing.get_args(hint)) == {str, type(None)}:
+            overrides.append(f"{key}={json.dumps(value)}")  # a quoted YAML scalar: stays the text it is
         else:
             overrides.append(f"{key}={value}")
     return load_config(cls, args.config, overrides + list(args.overrides))
+
+
+def _field_hint(cls: type, dotted: str) -> Any:
+    """The type hint of the field `a.b.c` of dataclass `cls` (None if there is no such field)."""
+    hint: Any = cls
+    for name in dotted.split("."):
+        owner = _dataclass_in(hint)
+        if owner is None:
+            return None
+        hint = typing.get_type_hints(owner).get(name)
+    return hint

@@ -95,14 +95,19 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     """Replace `path` with `records`, atomically: a crash leaves the old file or the new one, never a mix."""
     path = Path(path)
+    os.replace(_write_sibling(path, records), path)
+    return path
+
+
+def _write_sibling(path: Path, records: Iterable[dict]) -> Path:
+    """`records` written and fsynced to `path`.tmp (same directory, so that renaming it over `path` is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as out:
         out.write("".join(_line(record) for record in records))
         out.flush()
         os.fsync(out.fileno())
-    os.replace(tmp, path)
-    return path
+    return tmp
 
 
 def _line(record: dict) -> str:
@@ -123,6 +128,7 @@ class JsonlStore:
         self._file = None
 
     def open(self) -> JsonlStore:
+        """Lock the file (StoreError if another run holds it), cut a torn end, read the records; returns self."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
         try:
@@ -159,11 +165,20 @@ class JsonlStore:
 
     def rewrite(self, records: Sequence[dict]) -> None:
         """Replace the file's records atomically (e.g. to drop the incomplete ones of an interrupted run)."""
-        write_jsonl(self.path, records)
-        self._file.close()
-        self._file = open(self.path, "a+b")  # noqa: SIM115 - the renamed file is a new inode: lock it again
-        _lock(self._file, self.path)
-        self.records = list(records)
+        records = list(records)
+        tmp = _write_sibling(self.path, records)
+        # The renamed file is a new inode, and a lock belongs to an inode: lock the new one *before* it appears
+        # under `path`, so that no second writer can slip in between the rename and the lock.
+        handle = open(tmp, "a+b")  # noqa: SIM115 - becomes self._file, closed in close()
+        try:
+            _lock(handle, self.path)
+            os.replace(tmp, self.path)
+        except BaseException:
+            handle.close()
+            raise
+        self._file.close()  # the old inode (no longer under `path`) and its lock
+        self._file = handle
+        self.records = records
 
     def _sync(self) -> None:
         self._file.flush()

@@ -63,6 +63,10 @@ def test_bad_files_name_the_file_and_line(tmp_path):
     bad.write_text(json.dumps(GSM8K_ROWS[0]) + "\n\n" + '{"question": "x", "answer": \n')
     with pytest.raises(ProblemsError, match=r"bad\.jsonl, line 3: not valid JSON"):
         load_file(bad)
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(json.dumps(GSM8K_ROWS[0]).encode() + b"\n\xff\xfe 2\n")
+    with pytest.raises(ProblemsError, match=r"binary\.jsonl, line 2: not UTF-8"):
+        load_file(binary)
     missing = write_jsonl(tmp_path / "missing.jsonl", [GSM8K_ROWS[0], {"answer": "#### 5"}])
     with pytest.raises(ProblemsError, match=r"missing\.jsonl, line 2: missing or empty field question"):
         load_file(missing)

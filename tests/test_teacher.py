@@ -7,6 +7,7 @@ the machine; the server thread stops itself after a deadline even if a test forg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,11 +21,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jaxpatience import cli
 from jaxpatience.data import teacher
 from jaxpatience.data.pairs import prompt_messages, read_records
 from jaxpatience.data.problems import Problem
+from jaxpatience.store import JsonlStore, StoreError
 
 MODEL = "teacher-test"
 KEY = "sk-test"
@@ -51,6 +54,23 @@ def good_reply(problem: Problem, side: str, wrong: bool = False) -> str:
     return f"Step 1: list what is given.\nStep 2: add.\nCheck: {value} is the sum.\n#### {value}"
 
 
+def completion(content: str, prompt_text: str) -> dict:
+    """A chat completion in the OpenAI layout, with token counts that grow with the texts."""
+    prompt_tokens, completion_tokens = len(prompt_text.split()), len(content.split())
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
 class FakeTeacher:
     """An OpenAI-compatible server on 127.0.0.1. `script[(id, side)]` lists an action per attempt; then: good.
 
@@ -66,7 +86,8 @@ class FakeTeacher:
         self.log: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
+        self._server.fake = self  # what each FakeHandler answers for
         self._server.daemon_threads = True
         self._server.block_on_close = False
         self._server.timeout = 0.05
@@ -93,78 +114,64 @@ class FakeTeacher:
             actions = self.script.get((problem_id, side), [])
             return actions.pop(0) if actions else "good"
 
-    def _handler(self):
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # quiet
-                pass
+class FakeHandler(BaseHTTPRequestHandler):
+    """One request to a FakeTeacher (`self.server.fake`): checks key, model and route, then plays the script."""
 
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake._lock:
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    self._answer(body)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
-                    pass
-                finally:
-                    with fake._lock:
-                        fake.in_flight -= 1
+    def log_message(self, *args) -> None:  # quiet
+        pass
 
-            def _answer(self, body: dict) -> None:
-                text = " ".join(m["content"] for m in body["messages"])
-                match = re.search(r"\[(q\d+)\]", text)
-                problem_id = match.group(1) if match else "?"
-                side = "patient" if "«concise»" in text else "concise"
-                if self.headers.get("Authorization") != f"Bearer {KEY}":
-                    action = ("status", 401, {})
-                elif body.get("model") != MODEL:
-                    action = ("status", 404, {})
-                elif self.path != "/v1/chat/completions":
-                    action = ("status", 404, {})
-                else:
-                    action = fake.next_action(problem_id, side)
-                fake.log.append({"t": time.monotonic(), "id": problem_id, "side": side, "action": action})
-                time.sleep(fake.delay)
-                if isinstance(action, tuple) and action[0] == "slow":
-                    time.sleep(action[1])
-                    action = "good"
-                if action == "malformed":
-                    return self._send(200, b'{"id": "x", "choices": [{"index": 0, "mess', {})
-                if action == "no_choices":
-                    return self._send(200, b'{"id": "x", "object": "chat.completion", "model": "m"}', {})
-                if isinstance(action, tuple) and action[0] == "status":
-                    error = {"error": {"message": f"scripted {action[1]}", "type": "test", "code": None}}
-                    return self._send(action[1], json.dumps(error).encode(), action[2])
-                content = good_reply(fake.problems[problem_id], side, wrong=action == "wrong")
-                completion = {
-                    "id": "chatcmpl-test",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": MODEL,
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                    ],
-                    "usage": {
-                        "prompt_tokens": len(text.split()),
-                        "completion_tokens": len(content.split()),
-                        "total_tokens": len(text.split()) + len(content.split()),
-                    },
-                }
-                self._send(200, json.dumps(completion).encode(), {})
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with fake._lock:
+            fake.in_flight += 1
+            fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+        try:
+            self._answer(fake, body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
+            pass
+        finally:
+            with fake._lock:
+                fake.in_flight -= 1
 
-            def _send(self, status: int, payload: bytes, headers: dict) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(payload)
+    def _action(self, fake: FakeTeacher, body: dict, problem_id: str, side: str):
+        """What a real server would answer first (401, 404), else the script's next action."""
+        if self.headers.get("Authorization") != f"Bearer {KEY}":
+            return ("status", 401, {})
+        if body.get("model") != MODEL or self.path != "/v1/chat/completions":
+            return ("status", 404, {})
+        return fake.next_action(problem_id, side)
 
-        return Handler
+    def _answer(self, fake: FakeTeacher, body: dict) -> None:
+        text = " ".join(m["content"] for m in body["messages"])
+        match = re.search(r"\[(q\d+)\]", text)
+        problem_id = match.group(1) if match else "?"
+        side = "patient" if "«concise»" in text else "concise"
+        action = self._action(fake, body, problem_id, side)
+        fake.log.append({"t": time.monotonic(), "id": problem_id, "side": side, "action": action})
+        time.sleep(fake.delay)
+        if isinstance(action, tuple) and action[0] == "slow":
+            time.sleep(action[1])
+            action = "good"
+        if action == "malformed":
+            return self._send(200, b'{"id": "x", "choices": [{"index": 0, "mess', {})
+        if action == "no_choices":
+            return self._send(200, b'{"id": "x", "object": "chat.completion", "model": "m"}', {})
+        if isinstance(action, tuple) and action[0] == "status":
+            error = {"error": {"message": f"scripted {action[1]}", "type": "test", "code": None}}
+            return self._send(action[1], json.dumps(error).encode(), action[2])
+        content = good_reply(fake.problems[problem_id], side, wrong=action == "wrong")
+        self._send(200, json.dumps(completion(content, text)).encode(), {})
+
+    def _send(self, status: int, payload: bytes, headers: dict) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
 
 
 @pytest.fixture(autouse=True)
@@ -188,22 +195,20 @@ def serve():
         server.stop()
 
 
-def config_for(server: FakeTeacher, **overrides) -> teacher.TeacherConfig:
+def config_for(server: FakeTeacher, out: Path, **overrides) -> teacher.TeacherConfig:
     settings = dict(
-        base_url=server.url,
-        model=MODEL,
-        api_key=KEY,
-        concurrency=4,
-        max_retries=4,
-        timeout=5.0,
-        backoff=0.01,
-        prompts=teacher.load_prompts(),
-        progress=False,
+        base_url=server.url, model=MODEL, out=str(out), concurrency=4, max_retries=4, timeout=5.0, backoff=0.01
     )
     return teacher.TeacherConfig(**{**settings, **overrides})
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def run_pairs(problems: list[Problem], server: FakeTeacher, out: Path, **overrides) -> dict:
+    """`build_pairs` against `server` with the test key, as `jaxpatience pairs --no-progress` runs it."""
+    return teacher.build_pairs(problems, config_for(server, out, **overrides), api_key=KEY, progress=False)
+
+
+def parsed_lines(path: Path) -> list[dict]:
+    """Every line of a JSONL file, parsed strictly (a torn line fails the test)."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -265,40 +270,30 @@ def test_prompts_file(tmp_path):
             teacher.load_prompts(path)
 
 
-def test_torn_last_line_is_repaired(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "chosen": "Step 1')  # a crash mid-write
-    assert teacher.read_jsonl_ids(path) == {"a", "b"}
-    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
-    path.write_text('{"id": "a"}\n{"id": "b"}')  # a whole record that only lacks its newline is kept
-    assert teacher.read_jsonl_ids(path) == {"a", "b"} and path.read_text().endswith('"b"}\n')
-    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')  # garbage in the middle: not ours to cut
-    with pytest.raises(teacher.TeacherError, match="line 2"):
-        teacher.read_jsonl_ids(path)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Against the server.
 
 
+TRANSIENT_SCRIPT = {
+    ("q1", "concise"): ["wrong"],
+    ("q2", "patient"): ["wrong"],
+    ("q3", "concise"): [("status", 429, {"Retry-After": "0.4"})],
+    ("q4", "patient"): [("status", 500, {})],
+    ("q5", "concise"): [("slow", 1.5)],  # longer than the client's 0.5 s timeout
+    ("q6", "concise"): ["malformed"] * 5,  # never a valid reply: dropped as malformed
+    ("q7", "patient"): ["no_choices"],  # once, then fine
+}
+TRANSIENT_GOOD = {"q0", "q3", "q4", "q5", "q7", "q8", "q9"}  # the problems of TRANSIENT_SCRIPT that give a pair
+
+
 def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
     problems = make_problems(10)
-    script = {
-        ("q1", "concise"): ["wrong"],
-        ("q2", "patient"): ["wrong"],
-        ("q3", "concise"): [("status", 429, {"Retry-After": "0.4"})],
-        ("q4", "patient"): [("status", 500, {})],
-        ("q5", "concise"): [("slow", 1.5)],  # longer than the client's 0.5 s timeout
-        ("q6", "concise"): ["malformed"] * 5,  # never a valid reply: dropped as malformed
-        ("q7", "patient"): ["no_choices"],  # once, then fine
-    }
-    server = serve(problems, script)
+    server = serve(problems, TRANSIENT_SCRIPT)
     out = tmp_path / "pairs.jsonl"
-    summary = teacher.build_pairs(problems, out, config_for(server, timeout=0.5))
+    summary = run_pairs(problems, server, out, timeout=0.5)
 
-    records = {r["id"]: r for r in read_jsonl(out)}
-    good = {"q0", "q3", "q4", "q5", "q7", "q8", "q9"}
-    assert set(records) == good and len(read_jsonl(out)) == len(good)
+    records = {r["id"]: r for r in parsed_lines(out)}
+    assert set(records) == TRANSIENT_GOOD and len(parsed_lines(out)) == len(TRANSIENT_GOOD)
     by_id = {p.id: p for p in problems}
     for problem_id, record in records.items():
         assert record["chosen"] == good_reply(by_id[problem_id], "patient")
@@ -309,17 +304,27 @@ def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
     loaded = read_records(out)  # what the pair loader sees: the question as the one user turn
     assert [prompt_messages(r) for r in loaded] == [[{"role": "user", "content": r["prompt"]}] for r in loaded]
 
-    rejected = {r["id"]: r for r in read_jsonl(tmp_path / "pairs.rejected.jsonl")}
+    rejected = {r["id"]: r for r in parsed_lines(tmp_path / "pairs.rejected.jsonl")}
     assert {k: r["reason"] for k, r in rejected.items()} == {
         "q1": "concise_wrong",
         "q2": "patient_wrong",
         "q6": "malformed",
     }
     assert summary["dropped"] == {"concise_wrong": 1, "patient_wrong": 1, "malformed": 1}
-    assert summary["written"] == len(good) and summary["failed"] == {}
+    assert summary["written"] == len(TRANSIENT_GOOD) and summary["failed"] == {}
+    assert_retries(server, summary)
+
+    # Usage is summed over every completed request, including those of dropped problems.
+    assert summary["usage"]["completion_tokens"] >= sum(r["usage"]["completion_tokens"] for r in records.values())
+    assert summary["cost_usd"] == "unknown"
+    assert json.loads((tmp_path / "pairs.summary.json").read_text())["written"] == len(TRANSIENT_GOOD)
+    assert_reruns_skip_then_retry_dropped(server, problems, out)
+
+
+def assert_retries(server: FakeTeacher, summary: dict) -> None:
+    """The requests TRANSIENT_SCRIPT caused: bounded drops, honoured Retry-After, one retry per transient failure."""
     assert len(server.requests_for("q1")) == 1  # a wrong concise answer is not sent for rewriting
     assert len(server.requests_for("q6")) == teacher.MALFORMED_ATTEMPTS
-
     first, second = server.requests_for("q3", "concise")[:2]  # 429 with Retry-After: 0.4
     assert second["t"] - first["t"] >= 0.4
     assert len(server.requests_for("q4", "patient")) == 2 and len(server.requests_for("q5", "concise")) == 2
@@ -330,27 +335,24 @@ def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
         "malformed": 2 + 1,
     }  # q6: 2 retries, q7: 1
 
-    # Usage is summed over every completed request, including those of dropped problems.
-    assert summary["usage"]["completion_tokens"] >= sum(r["usage"]["completion_tokens"] for r in records.values())
-    assert summary["cost_usd"] == "unknown"
-    assert json.loads((tmp_path / "pairs.summary.json").read_text())["written"] == len(good)
 
-    # A rerun sends nothing: done and dropped problems are both skipped.
+def assert_reruns_skip_then_retry_dropped(server: FakeTeacher, problems: list[Problem], out: Path) -> None:
+    """After the run of TRANSIENT_SCRIPT: a rerun sends nothing, --retry-dropped asks for the dropped ones only."""
     sent = len(server.log)
-    again = teacher.build_pairs(problems, out, config_for(server))
-    assert again["written"] == 0 and again["skipped_done"] == len(good) and again["skipped_dropped"] == 3
+    again = run_pairs(problems, server, out)
+    assert again["written"] == 0 and again["skipped_done"] == len(TRANSIENT_GOOD) and again["skipped_dropped"] == 3
     assert len(server.log) == sent
-    # --retry-dropped asks again for the dropped ones only (the scripts are used up: now they succeed).
-    retried = teacher.build_pairs(problems, out, config_for(server, retry_dropped=True))
+    # The scripts are used up: now the dropped ones succeed.
+    retried = run_pairs(problems, server, out, retry_dropped=True)
     assert retried["written"] == 3 and {r["id"] for r in server.log[sent:]} == {"q1", "q2", "q6"}
-    assert sorted(r["id"] for r in read_jsonl(out)) == sorted(by_id)
+    assert sorted(r["id"] for r in parsed_lines(out)) == sorted(p.id for p in problems)
 
 
 def test_retries_run_out_on_transient_errors(serve, tmp_path):
     problems = make_problems(2)
     server = serve(problems, {("q1", "concise"): [("status", 503, {})] * 10})
-    config = config_for(server, max_retries=2, concurrency=1)  # q0 first: the endpoint is known to work
-    summary = teacher.build_pairs(problems, tmp_path / "pairs.jsonl", config)
+    # concurrency 1, so q0 first: the endpoint is known to work when q1 fails.
+    summary = run_pairs(problems, server, tmp_path / "pairs.jsonl", max_retries=2, concurrency=1)
     assert summary["failed"] == {"http_503": 1} and summary["written"] == 1
     assert len(server.requests_for("q1")) == 3  # bounded: the first attempt and 2 retries
     assert not (tmp_path / "pairs.rejected.jsonl").read_text()  # not dropped for good: a rerun tries again
@@ -360,14 +362,14 @@ def test_retries_run_out_on_transient_errors(serve, tmp_path):
         problems, {("q0", "concise"): [("status", 503, {})] * 10, ("q1", "concise"): [("status", 503, {})] * 10}
     )
     with pytest.raises(teacher.TeacherError, match="answered no request"):
-        teacher.build_pairs(problems, tmp_path / "again.jsonl", config_for(server, max_retries=2))
+        run_pairs(problems, server, tmp_path / "again.jsonl", max_retries=2)
     assert len(server.log) <= 2 * 3
 
 
 def test_concurrency_is_bounded(serve, tmp_path):
     problems = make_problems(9)
     server = serve(problems, delay=0.1)
-    summary = teacher.build_pairs(problems, tmp_path / "pairs.jsonl", config_for(server, concurrency=3))
+    summary = run_pairs(problems, server, tmp_path / "pairs.jsonl", concurrency=3)
     assert summary["written"] == 9
     assert 2 <= server.max_in_flight <= 3
 
@@ -420,13 +422,9 @@ def test_second_run_on_the_same_output_is_refused(serve, tmp_path):
     problems = make_problems(2)
     server = serve(problems)
     out = tmp_path / "pairs.jsonl"
-    holder = teacher.JsonlAppender(out)
-    teacher._lock(holder)  # as a first run does
-    try:
-        with pytest.raises(teacher.TeacherError, match="another run"):
-            teacher.build_pairs(problems, out, config_for(server))
-    finally:
-        holder.close()
+    with JsonlStore(out, required=("id",)):  # as a first run holds it
+        with pytest.raises(StoreError, match="another run"):
+            run_pairs(problems, server, out)
     assert server.log == []
 
 
@@ -434,11 +432,11 @@ def test_unreachable_endpoint_fails_fast(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/v1"
     # With max_retries=5 and a 0.2 s backoff, retrying to the end would sleep >= 0.2 * (1+2+4+8+16) / 2 = 3.1 s.
     config = teacher.TeacherConfig(
-        base_url=url, model=MODEL, prompts=teacher.load_prompts(), max_retries=5, backoff=0.2, progress=False
+        base_url=url, model=MODEL, out=str(tmp_path / "pairs.jsonl"), max_retries=5, backoff=0.2
     )
     start = time.monotonic()
     with pytest.raises(teacher.TeacherError, match=re.escape(f"cannot reach {url}")):
-        teacher.build_pairs(make_problems(3), tmp_path / "pairs.jsonl", config)
+        teacher.build_pairs(make_problems(3), config, progress=False)
     assert time.monotonic() - start < 2.0
 
 
@@ -491,12 +489,12 @@ def test_killed_run_resumes_with_one_record_per_problem(serve, tmp_path):
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
-        while len(read_jsonl(out)) < 3 and time.monotonic() < deadline and process.poll() is None:
+        while len(parsed_lines(out)) < 3 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)  # mid-run: requests are in flight
     finally:
         process.wait(timeout=10)
-    before = [r["id"] for r in read_jsonl(out)]
+    before = [r["id"] for r in parsed_lines(out)]
     assert 3 <= len(before) < len(problems), process.stderr.read().decode()[-2000:]
     with open(out, "a") as handle:  # as if the kill had landed in the middle of a write
         handle.write('{"id": "q15", "prompt": "[q15] Tom')
@@ -505,7 +503,67 @@ def test_killed_run_resumes_with_one_record_per_problem(serve, tmp_path):
     server.delay = 0.0
     finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    ids = [r["id"] for r in read_jsonl(out)]  # every line parses: the torn one is gone
+    ids = [r["id"] for r in parsed_lines(out)]  # every line parses: the torn one is gone
     assert sorted(ids) == sorted(p.id for p in problems) and len(ids) == len(set(ids))
     asked_again = {r["id"] for r in server.log[sent_before_restart:]}
     assert not asked_again & set(before)  # finished problems are not asked again
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line reads its config like every command: YAML < flags < key=value.
+
+# Every setting, as the flags of earlier versions spell it (each differs from its default) ...
+FLAGS = [
+    *("--problems", "p.jsonl", "--out", "pairs.jsonl", "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL),
+    *("--concurrency", "3", "--limit", "7", "--max-retries", "2", "--timeout", "0.5", "--temperature", "0.7"),
+    *("--prompts", "my_prompts.yaml", "--retry-dropped", "--price-in", "1.5", "--price-out", "6", "--backoff", "0.25"),
+]
+# ... and as a config file.
+SETTINGS = {
+    "problems": "p.jsonl",
+    "out": "pairs.jsonl",
+    "base_url": "http://127.0.0.1:9/v1",
+    "model": MODEL,
+    "concurrency": 3,
+    "limit": 7,
+    "max_retries": 2,
+    "timeout": 0.5,
+    "temperature": 0.7,
+    "prompts": "my_prompts.yaml",
+    "retry_dropped": True,
+    "price_in": 1.5,
+    "price_out": 6.0,
+    "backoff": 0.25,
+}
+
+
+def test_config_file_and_flags_give_the_same_config(tmp_path):
+    path = tmp_path / "pairs.yaml"
+    path.write_text(yaml.safe_dump(SETTINGS))
+    from_flags, options = teacher.parse_command([*FLAGS, "--no-progress"])
+    from_file, _ = teacher.parse_command(["--config", str(path)])
+    assert from_flags == from_file == teacher.TeacherConfig(**SETTINGS)
+    assert all(getattr(from_flags, f.name) != f.default for f in dataclasses.fields(teacher.TeacherConfig))
+    assert options.no_progress and not options.dry_run  # command options, not config keys
+    # A flag beats the file, and key=value beats both.
+    config, _ = teacher.parse_command(["--config", str(path), "--model", "flag-model", "--limit", "2", "limit=4"])
+    assert (config.model, config.limit, config.concurrency) == ("flag-model", 4, 3)
+    assert not teacher.parse_command([*FLAGS, "retry_dropped=false"])[0].retry_dropped
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["colour=blue"], "unknown key 'colour'"),
+        (["--config", "{yaml}"], "unknown key 'colour'"),
+        (["--concurrency", "many"], "concurrency must be an integer >= 1, not 'many'"),
+        (["model="], "model is not set"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path, capsys, extra, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text("colour: blue\n")
+    argv = ["pairs", *FLAGS, *(item.replace("{yaml}", str(path)) for item in extra)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jaxpatience.answers import extract_gold, is_numeric
+from jaxpatience.store import StoreError, iter_jsonl
 
 HUB_DATASETS = {
     # name -> (hub id, config, question field, answer field)
@@ -138,16 +139,13 @@ def read_file_records(path: str | Path) -> list[tuple[str, object]]:
     return list(_jsonl_records(path))  # .jsonl and anything else: one JSON object per line
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ProblemsError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
+def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
+    """A user's file is read strictly (store.iter_jsonl): a broken line is an error naming it, never repaired."""
+    try:
+        for number, record in iter_jsonl(path):
             yield f"line {number}", record
+    except StoreError as err:
+        raise ProblemsError(str(err)) from None
 
 
 def _json_records(path: Path) -> Iterable[tuple[str, dict]]:

@@ -12,11 +12,12 @@ so the trainer must read it with `data.chat_template=false`.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from jaxpatience.store import write_jsonl
 
 
 @dataclass
@@ -87,13 +88,8 @@ def pairs_from_generations(records: Sequence[dict], prompts: dict[str, str], *, 
 
 
 def write_pairs(path: str | Path, pairs: Sequence[dict], stats: SelfPlayStats) -> None:
-    """Write the pairs JSONL atomically (a file that exists is complete) and its stats beside it."""
+    """Write the stats, then the pairs JSONL atomically: irpo.py takes an existing pairs file as this stage done
+    and reads the stats beside it, so both must be complete once the pairs file appears."""
     path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     Path(str(path) + ".stats.json").write_text(json.dumps(asdict(stats), indent=2))
-    tmp.replace(path)
+    write_jsonl(path, pairs)

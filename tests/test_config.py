@@ -1,0 +1,94 @@
+"""The config backbone: every shipped YAML loads into its class, and every command line reads YAML < flags <
+key=value the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from jaxpatience.config import (
+    ConfigError,
+    EvalConfig,
+    IrpoConfig,
+    RunConfig,
+    SamplingConfig,
+    command_parser,
+    config_from_args,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FLAGS = {
+    "--model": ("model", "checkpoint"),
+    "--adapter": ("adapter", "adapter directory"),
+    "--temperature": ("sampling.temperature", "sampling temperature"),
+    "--mesh": ("mesh", "mesh sizes"),
+    "--out": ("out_dir", "output folder"),
+}
+
+
+def _parse(argv: list[str]) -> EvalConfig:
+    return config_from_args(EvalConfig, command_parser("test", "a test command", FLAGS).parse_intermixed_args(argv))
+
+
+def test_every_shipped_config_loads_into_its_class():
+    from jaxpatience.demo import DemoConfig, load_demo_config
+
+    loaded = {path.name: path for path in CONFIGS.glob("*.yaml") if path.name != "teacher_prompts.yaml"}
+    assert {"toy.yaml", "irpo_gsm8k.yaml", "tiny_cpu.yaml"} <= set(loaded)
+    for name, path in loaded.items():
+        cls = {"toy.yaml": DemoConfig, "irpo_gsm8k.yaml": IrpoConfig}.get(name, RunConfig)
+        config = load_config(cls, path)
+        assert dataclasses.is_dataclass(config) and config != cls(), f"{name} states nothing"
+    demo = load_demo_config()
+    # the toy recipe's stages are the project's own sections, with the anchored data settings shared
+    assert demo.sft.data.max_length == demo.patience.data.max_length == demo.irpo.training.data.max_length
+    assert demo.sft.data.shuffle is False and demo.patience.data.shuffle is True
+    assert demo.irpo.training.train.loss.nll_weight == 1.0 and demo.patience.train.loss.nll_weight == 0.0
+
+
+def test_yaml_then_flags_then_key_value(tmp_path):
+    path = tmp_path / "eval.yaml"
+    path.write_text("model: from-yaml\nout_dir: yaml-out\nsampling: {temperature: 0.2, max_new_tokens: 64}\n")
+    config = _parse(["--config", str(path), "--model", "from-flag", "sampling.temperature=0.9"])
+    assert config.model == "from-flag"  # a flag beats the file
+    assert config.out_dir == "yaml-out" and config.sampling.max_new_tokens == 64  # the file beats the defaults
+    assert config.sampling.temperature == 0.9  # key=value beats both
+    config = _parse(["--temperature", "0.5", "sampling.temperature=0.7"])
+    assert config.sampling.temperature == 0.7
+
+
+def test_flag_values_keep_their_kind():
+    config = _parse(["--model", "yes", "--adapter", "7", "--out", "a=b.jsonl", "--mesh", "data=2,tensor=4"])
+    assert config.model == "yes" and config.adapter == "7"  # text fields stay text (YAML would read true, 7)
+    assert config.out_dir == "a=b.jsonl"  # '=' in a text value is not a section
+    assert config.mesh is not None and (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (2, 1, 4)
+    assert _parse(["--temperature", "1e-1"]).sampling.temperature == pytest.approx(0.1)
+
+
+def test_unknown_keys_and_bad_values_are_named():
+    with pytest.raises(ConfigError, match="unknown key 'temprature'"):
+        _parse(["sampling.temprature=0.5"])
+    with pytest.raises(ConfigError, match="sampling.num_samples must be a positive integer"):
+        _parse(["sampling.num_samples=0"])
+    with pytest.raises(ConfigError, match="eval: model is not set"):
+        EvalConfig(dataset="gsm8k", out_dir="x").validate()
+
+
+def test_templates_validate_only_where_a_run_starts():
+    template = RunConfig()  # IrpoConfig.training and the demo's stages leave model and data.path empty
+    with pytest.raises(ConfigError, match="model is not set"):
+        template.validate()
+    assert dataclasses.replace(template, model="m", data=dataclasses.replace(template.data, path="p")).validate()
+    irpo = load_config(IrpoConfig, CONFIGS / "irpo_gsm8k.yaml", ["model=m", "training.train.batch_size=8"])
+    assert irpo.training.train.batch_size == 8 and irpo.sampling.num_samples == 8
+    with pytest.raises(ConfigError, match="sampling.temperature must be > 0"):
+        IrpoConfig(sampling=SamplingConfig(num_samples=4))
+
+
+def test_sampling_config_is_generates_keywords():
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, top_k=5, num_samples=3, max_new_tokens=9, seed=2, stop=(7,))
+    assert sampling.generate_kwargs() == dict(max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=5, num_samples=3,
+                                              seed=2, stop_tokens=[7])  # fmt: skip
