@@ -1,7 +1,8 @@
 """jaxpatience: preference-training LLMs to reason (Patience, Iterative RPO) in JAX/Flax NNX.
 
-The public surface (DESIGN.md): `load_pretrained`, `save_pretrained`, `generate`. Submodules are imported
-lazily so that `import jaxpatience` does no work and does not start JAX.
+The public surface: `load_pretrained`, `save_pretrained`, `generate` (with `SamplingConfig`), `ModelConfig`,
+`Qwen2ForCausalLM`; the commands are `jaxpatience ...` or `python -m jaxpatience ...` (cli.py). Submodules are
+imported lazily so that `import jaxpatience` does no work and does not start JAX.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ _EXPORTS = {
     "save_pretrained": "jaxpatience.weights",
     "generate": "jaxpatience.decode",
     "ModelConfig": "jaxpatience.config",
+    "SamplingConfig": "jaxpatience.config",
     "Qwen2ForCausalLM": "jaxpatience.model",
 }
 

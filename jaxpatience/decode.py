@@ -1,6 +1,7 @@
 """Batched generation: prefill a static KV cache, then one `lax.while_loop` of single-token steps.
 
     generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0) -> [Generation(text, token_ids, ...)]
+    generate(model, tokenizer, prompts, sampling=SamplingConfig(temperature=0.8, num_samples=4)) -> [[Generation]]
 
 How it stays fast (gemma's sampler is the model for the structure):
 
@@ -15,8 +16,8 @@ How it stays fast (gemma's sampler is the model for the structure):
 * `_decode` donates its carry (the KV cache included), so XLA updates the cache in place.
 * Each row draws from its own key, `fold_in(fold_in(key(seed), row_id), step)` with row_id = prompt index *
   num_samples + sample index, so a sample does not depend on which other prompts share its batch.
-* With `mesh=`, weights follow sharding.RULES and the batch (prompts, cache) is split over data/fsdp, KV heads over
-  tensor: the same table as training.
+* With `mesh=`, weights follow sharding.RULES, and the batch (prompts, cache) and the KV heads are placed by their
+  logical axes (`batch`, `kv_heads`) through the same rule table as training; this file names no mesh axis.
 
 Shape letters: B batch rows, P prompt bucket, N new-token bucket, S = P + N cache slots, V vocab, E stop tokens,
 and L, K, H (layers, kv heads, head dim) in the cache.
@@ -27,9 +28,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
+from jaxpatience.config import SamplingConfig
 from jaxpatience.model import KVCache, Qwen2ForCausalLM, init_kv_cache
 
 Array = jax.Array
@@ -244,7 +247,10 @@ def _stop_ids(tokenizer, stop_tokens: Sequence[int | str] | None, vocab_size: in
     return ids
 
 
-def _check_settings(max_new_tokens, temperature, top_p, top_k, num_samples, batch_size) -> None:
+def _check_settings(settings: dict[str, Any], batch_size: int) -> None:
+    """One clear ValueError for a bad sampling setting (before any tokenization or compilation)."""
+    max_new_tokens, temperature, top_p, top_k, num_samples = (
+        settings[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "num_samples"))  # fmt: skip
     checks = [
         (isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens must be >= 1, not {max_new_tokens}"),
         (temperature >= 0, f"temperature must be >= 0, not {temperature}"),
@@ -284,18 +290,148 @@ def _put(array: np.ndarray, mesh, axes: tuple[str | None, ...]) -> Array | np.nd
     return array if mesh is None else jax.device_put(array, sharding.named_sharding(mesh, axes, array.shape))
 
 
+class _Unset:
+    """The default of generate's sampling arguments: tells "not passed" from an explicit value, so that `sampling=`
+    together with any of them can be refused (a second, conflicting value would otherwise win silently)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
+# SamplingConfig's defaults (one source), except that no num_samples means a flat list of Generations.
+_SAMPLING_DEFAULTS = {**SamplingConfig().generate_kwargs(), "num_samples": None}
+
+
+def _sampling_settings(sampling: SamplingConfig | None, given: dict[str, Any]) -> dict[str, Any]:
+    """generate's seven sampling arguments, from `sampling` or from the arguments `given` (defaults filled in)."""
+    passed = [name for name, value in given.items() if value is not _UNSET]
+    if sampling is None:
+        return {name: _SAMPLING_DEFAULTS[name] if value is _UNSET else value for name, value in given.items()}
+    if passed:
+        raise ValueError(f"pass either sampling or {', '.join(passed)}, not both (sampling sets them all).")
+    return sampling.generate_kwargs()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one generate call fixes before its first batch: the split model, the static sampler, the buckets."""
+
+    graphdef: nnx.GraphDef
+    model_state: nnx.State  # placed by sharding.RULES when there is a mesh
+    mesh: Any
+    sampler: Sampler
+    stop_array: np.ndarray  # [E] stop ids, padded with -1 so that E is bucketed too
+    scalars: dict[str, np.float32]  # the traced sampling settings: temperature, top_p
+    max_new_tokens: int
+    new_bucket: int  # N
+    seed: int
+    samples: int  # rows per prompt
+    prompts_per_batch: int
+    full_rows: int  # B of a full batch: a multiple of the mesh's batch shards
+    batch_shards: int
+
+
+def _batch_shards(mesh) -> int:
+    """How many ways the mesh splits the logical `batch` axis (1 without a mesh): B must be a multiple of it."""
+    if mesh is None:
+        return 1
+    mesh_axes = sharding.logical_to_spec(("batch",))[0]  # the mesh axes the rule table gives `batch`
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    return math.prod(mesh.shape[axis] for axis in mesh_axes)
+
+
+def _plan(model: Qwen2ForCausalLM, settings: dict[str, Any], stop_ids: list[int], batch_size: int, mesh) -> _Plan:
+    """Split the model once (jit's cache is keyed on the hashable graphdef and shapes) and fix the buckets."""
+    temperature, top_p, samples = settings["temperature"], settings["top_p"], settings["num_samples"] or 1
+    top_k = min(settings["top_k"], model.config.vocab_size) if temperature > 0 else 0  # static: greedy ignores it
+    graphdef, model_state = nnx.split(model)
+    if mesh is not None:
+        model_state = jax.device_put(model_state, sharding.state_shardings(mesh, model_state))
+    stop_array = np.full(_bucket(len(stop_ids), 4), -1, np.int32)
+    stop_array[: len(stop_ids)] = stop_ids
+    prompts_per_batch, batch_shards = max(1, batch_size // samples), _batch_shards(mesh)
+    return _Plan(
+        graphdef=graphdef,
+        model_state=model_state,
+        mesh=mesh,
+        sampler=Sampler(greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1.0 and temperature > 0),
+        stop_array=stop_array,
+        scalars=dict(temperature=np.float32(max(temperature, 1e-6)), top_p=np.float32(top_p)),
+        max_new_tokens=settings["max_new_tokens"],
+        new_bucket=_bucket(settings["max_new_tokens"], MIN_LENGTH_BUCKET),
+        seed=settings["seed"],
+        samples=samples,
+        prompts_per_batch=prompts_per_batch,
+        full_rows=_round_up(prompts_per_batch * samples, batch_shards),
+        batch_shards=batch_shards,
+    )
+
+
+def _launch(plan: _Plan, prompt_ids: list[list[int]], batch: list[int]) -> tuple[list[tuple[int, int]], DecodeState]:
+    """Pad one batch to its buckets and dispatch prefill + decode (asynchronously: nothing waits here)."""
+    rows, ids, mask, active, row_ids = _pack_batch(prompt_ids, batch, plan.samples, plan.full_rows, plan.batch_shards)
+    mesh, static = plan.mesh, dict(graphdef=plan.graphdef, sampler=plan.sampler, mesh=plan.mesh)
+    decode_state = _prefill(
+        plan.model_state, _put(ids, mesh, ("batch", "length")), _put(mask, mesh, ("batch", "length")),
+        _put(active, mesh, ("batch",)), _put(row_ids, mesh, ("batch",)), np.uint32(plan.seed), plan.stop_array,
+        new_bucket=plan.new_bucket, **static, **plan.scalars,
+    )  # fmt: skip
+    decode_state = _decode(plan.model_state, decode_state, plan.stop_array, np.int32(plan.max_new_tokens), **static,
+                           **plan.scalars)  # fmt: skip
+    return rows, decode_state
+
+
+def _collect(rows: list[tuple[int, int]], decode_state: DecodeState, tokenizer,
+             results: list[list[Generation | None]]) -> int:  # fmt: skip
+    """Copy one finished batch to the host and fill `results`; returns the number of tokens generated."""
+    tokens, lengths, done = (np.asarray(a) for a in (decode_state.tokens, decode_state.lengths, decode_state.done))
+    for r, (p, s) in enumerate(rows):
+        new_ids = tokens[r, : lengths[r]].tolist()
+        text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else ""
+        results[p][s] = Generation(text=text, token_ids=new_ids, finish_reason="stop" if done[r] else "length")
+    return int(lengths[: len(rows)].sum())
+
+
+def _run_batches(plan: _Plan, prompt_ids: list[list[int]], tokenizer, progress: bool | None) -> list[list[Generation]]:
+    """All batches, shortest prompts first; the next batch is dispatched before the previous one is copied back.
+
+    Returns results[prompt][sample] in the original prompt order.
+    """
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
+    step = plan.prompts_per_batch
+    batches = [order[i : i + step] for i in range(0, len(order), step)]
+    results: list[list[Generation | None]] = [[None] * plan.samples for _ in prompt_ids]
+    show = progress if progress is not None else len(batches) > 1
+    bar = tqdm(total=len(prompt_ids), unit="prompt", disable=not show, desc="generate")
+    start, generated = time.perf_counter(), 0
+    pending = None
+    for batch in batches + [None]:
+        launched = _launch(plan, prompt_ids, batch) if batch is not None else None  # dispatch before waiting
+        if pending is not None:
+            generated += _collect(*pending, tokenizer, results)
+            bar.update(len(pending[0]) // plan.samples)
+            bar.set_postfix({"tokens/s": f"{generated / (time.perf_counter() - start):.1f}"})
+        pending = launched
+    bar.close()
+    return results
+
+
 def generate(
     model: Qwen2ForCausalLM,
     tokenizer,
     prompts: Sequence[str | Sequence[int]],
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
+    max_new_tokens: int = _UNSET,
+    temperature: float = _UNSET,
     *,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    num_samples: int | None = None,
-    seed: int = 0,
-    stop_tokens: Sequence[int | str] | None = None,
+    top_p: float = _UNSET,
+    top_k: int = _UNSET,
+    num_samples: int | None = _UNSET,
+    seed: int = _UNSET,
+    stop_tokens: Sequence[int | str] | None = _UNSET,
+    sampling: SamplingConfig | None = None,
     batch_size: int = 32,
     mesh=None,
     progress: bool | None = None,
@@ -303,6 +439,10 @@ def generate(
     """Continue each prompt; returns one `Generation` per prompt, in prompt order.
 
     prompts: chat-formatted strings (encoded without adding special tokens) or lists of token ids.
+    max_new_tokens (default 512, as SamplingConfig), temperature (0), top_p (1), top_k (0), num_samples (None),
+    seed (0), stop_tokens (None): the sampling settings, given one by one or all at once as
+        `sampling=SamplingConfig(...)` (then none of them may be passed; its num_samples is an int, so the result
+        is a list of lists).
     temperature: 0 = greedy (argmax); otherwise sample from softmax(logits / temperature), optionally restricted
         to the top_k most likely tokens and/or the smallest set holding top_p of the probability (nucleus).
     num_samples: None -> a list [len(prompts)] of Generation. An int k -> a list [len(prompts)] of lists [k]
@@ -313,72 +453,19 @@ def generate(
     batch_size: rows (prompt x sample) per device batch, rounded to whole prompts; prompts are sorted by length
         so that a batch holds similar lengths, and results are returned in the original order.
     mesh: a sharding.make_mesh() mesh; weights are placed by sharding.RULES (a no-op when the model was loaded
-        with the same mesh), batches are split over data/fsdp.
+        with the same mesh), batches are split along the logical `batch` axis.
     progress: a tqdm bar with prompts/s and tokens/s; None shows it when there is more than one batch.
     tokenizer: may be None when prompts and stop tokens are ids; `.text` is then "".
     """
-    from tqdm.auto import tqdm
-
-    _check_settings(max_new_tokens, temperature, top_p, top_k, num_samples, batch_size)
+    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                 num_samples=num_samples, seed=seed, stop_tokens=stop_tokens)  # fmt: skip
+    settings = _sampling_settings(sampling, given)
+    _check_settings(settings, batch_size)
     config = model.config
     prompt_ids = _tokenize(tokenizer, prompts)
-    _check_prompts(prompt_ids, config.vocab_size, config.max_position_embeddings, max_new_tokens)
-    stop_ids = _stop_ids(tokenizer, stop_tokens, config.vocab_size)
+    _check_prompts(prompt_ids, config.vocab_size, config.max_position_embeddings, settings["max_new_tokens"])
+    stop_ids = _stop_ids(tokenizer, settings["stop_tokens"], config.vocab_size)
     if not prompt_ids:
         return []
-
-    samples = num_samples or 1
-    top_k = min(top_k, config.vocab_size) if temperature > 0 else 0  # top_k is static: greedy ignores it
-    sampler = Sampler(greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1.0 and temperature > 0)
-    graphdef, model_state = nnx.split(model)  # once per call; jit's cache is keyed on graphdef (hashable), shapes
-    batch_shards = 1
-    if mesh is not None:
-        model_state = jax.device_put(model_state, sharding.state_shardings(mesh, model_state))
-        batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    stop_array = np.full(_bucket(len(stop_ids), 4), -1, np.int32)  # [E], padded with -1 so E is bucketed too
-    stop_array[: len(stop_ids)] = stop_ids
-    scalars = dict(temperature=np.float32(max(temperature, 1e-6)), top_p=np.float32(top_p))
-    new_bucket = _bucket(max_new_tokens, MIN_LENGTH_BUCKET)
-
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
-    prompts_per_batch = max(1, batch_size // samples)
-    batches = [order[i : i + prompts_per_batch] for i in range(0, len(order), prompts_per_batch)]
-    full_rows = _round_up(prompts_per_batch * samples, batch_shards)
-    results: list[list[Generation | None]] = [[None] * samples for _ in prompt_ids]
-
-    def launch(batch: list[int]) -> tuple[list[tuple[int, int]], DecodeState]:
-        """Pad one batch to its buckets and dispatch prefill + decode (asynchronously)."""
-        rows, ids, mask, active, row_ids = _pack_batch(prompt_ids, batch, samples, full_rows, batch_shards)
-        decode_state = _prefill(
-            model_state, _put(ids, mesh, ("batch", "length")), _put(mask, mesh, ("batch", "length")),
-            _put(active, mesh, ("batch",)), _put(row_ids, mesh, ("batch",)), np.uint32(seed), stop_array,
-            graphdef=graphdef, sampler=sampler, new_bucket=new_bucket, mesh=mesh, **scalars,
-        )  # fmt: skip
-        decode_state = _decode(model_state, decode_state, stop_array, np.int32(max_new_tokens), graphdef=graphdef,
-                               sampler=sampler, mesh=mesh, **scalars)  # fmt: skip
-        return rows, decode_state
-
-    def collect(rows: list[tuple[int, int]], decode_state: DecodeState) -> int:
-        """Copy one finished batch to the host and fill `results`; returns the number of tokens generated."""
-        tokens, lengths, done = (np.asarray(a) for a in (decode_state.tokens, decode_state.lengths, decode_state.done))
-        for r, (p, s) in enumerate(rows):
-            new_ids = tokens[r, : lengths[r]].tolist()
-            text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else ""
-            results[p][s] = Generation(text=text, token_ids=new_ids, finish_reason="stop" if done[r] else "length")
-        return int(lengths[: len(rows)].sum())
-
-    show = progress if progress is not None else len(batches) > 1
-    bar = tqdm(total=len(prompt_ids), unit="prompt", disable=not show, desc="generate")
-    start, generated = time.perf_counter(), 0
-    pending = None
-    for batch in batches + [None]:
-        launched = launch(batch) if batch is not None else None  # dispatch the next batch before waiting
-        if pending is not None:
-            generated += collect(*pending)
-            bar.update(len(pending[0]) // samples)
-            bar.set_postfix({"tokens/s": f"{generated / (time.perf_counter() - start):.1f}"})
-        pending = launched
-    bar.close()
-    if num_samples is None:
-        return [row[0] for row in results]
-    return results
+    results = _run_batches(_plan(model, settings, stop_ids, batch_size, mesh), prompt_ids, tokenizer, progress)
+    return [row[0] for row in results] if settings["num_samples"] is None else results

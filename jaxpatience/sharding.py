@@ -8,7 +8,9 @@ metadata (model.py); `RULES` maps each logical axis to mesh axes of a mesh `('da
     tensor=N               Megatron: heads / MLP / vocab split, activations gathered per layer
     any product            e.g. data=2, fsdp=2, tensor=2 on 8 devices
 
-No other file names a mesh axis.
+Model, training and decoding code name only logical axes (`constrain(x, ('batch', 'length', 'embed'))`,
+`named_sharding(mesh, ('batch',))`); outside this file the mesh axes appear only as the sizes of
+config.MeshConfig and in `--mesh data=2,...` strings.
 """
 
 from __future__ import annotations

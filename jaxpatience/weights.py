@@ -5,6 +5,9 @@ table for GGUF. Loading builds the model abstractly (`nnx.eval_shape`, no memory
 tensor from memory-mapped files: each tensor is cast on the way and placed straight into its sharding, so a 7B
 checkpoint loads in bf16 on a 24 GiB host without ever holding the model in float32. Checks are strict: every
 key of the checkpoint is consumed and every parameter found, with matching shapes.
+
+Also here, because they read the same files: `describe_checkpoint` (the facts `jaxpatience info` prints, read
+from headers and metadata only) and `make_tiny_checkpoint` (the random tiny model of `jaxpatience tiny`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
-from jaxpatience.config import ConfigError, ModelConfig
+from jaxpatience.config import ConfigError, ModelConfig, preset
 from jaxpatience.model import Qwen2ForCausalLM
 
 
@@ -117,8 +120,10 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], np.dtype]],
-                      fetch: Callable[[str], np.ndarray]) -> None:  # fmt: skip
+TensorSpecs = dict[str, tuple[tuple[int, ...], np.dtype]]  # name -> (shape, dtype) of the tensors of one file
+
+
+def write_safetensors(path: Path, tensors: TensorSpecs, fetch: Callable[[str], np.ndarray]) -> None:
     """Write tensors one at a time: the header is built from shapes, then `fetch(name)` is called per tensor."""
     header, offset = {}, 0
     for name, (shape, dtype) in tensors.items():
@@ -210,27 +215,26 @@ def _place(array: np.ndarray, shape, dtype, axes, mesh) -> jax.Array:
 # Public entry points.
 
 
-def load_model(path: str | Path, dtype: str = "float32", compute_dtype: str | None = None,
-               mesh=None) -> Qwen2ForCausalLM:  # fmt: skip
-    """Load the weights of an HF directory or a .gguf file into a (possibly sharded) model."""
-    return load_pretrained(path, dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=False)[0]
+def load_model(path: str | Path, param_dtype: str | None = None, compute_dtype: str | None = None, mesh=None, *,
+               dtype: str | None = None) -> Qwen2ForCausalLM:  # fmt: skip
+    """Load the weights of an HF directory or a .gguf file into a (possibly sharded) model (no tokenizer)."""
+    return load_pretrained(path, param_dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=False,
+                           dtype=dtype)[0]  # fmt: skip
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None, mesh=None,
-                    with_tokenizer: bool = True):  # fmt: skip
+def load_pretrained(path: str | Path, param_dtype: str | None = None, *, compute_dtype: str | None = None, mesh=None,
+                    with_tokenizer: bool = True, dtype: str | None = None):  # fmt: skip
     """(model, tokenizer) from an HF checkpoint directory (safetensors) or a qwen2 `.gguf` file.
 
-    `dtype` is the storage dtype of the weights; `compute_dtype` (default: `dtype`) that of the matmuls.
-    With `mesh`, each weight is placed straight into its sharding.
+    `param_dtype` (default float32) is the storage dtype of the weights; `dtype=` is its older spelling, kept as
+    an alias. `compute_dtype` (default: `param_dtype`) is that of the matmuls. With `mesh`, each weight is placed
+    straight into its sharding. `tokenizer` is None when `with_tokenizer=False`.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist.")
-    if path.suffix == ".gguf":
-        return load_gguf(path, dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=with_tokenizer)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is neither an HF checkpoint directory nor a .gguf file.")
-    config = ModelConfig.from_hf(path, param_dtype=dtype, compute_dtype=compute_dtype or dtype)
+    param_dtype = _param_dtype_from(param_dtype, dtype)
+    if _checkpoint_kind(path) == "gguf":
+        return load_gguf(path, param_dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=with_tokenizer)
+    config = ModelConfig.from_hf(path, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
     reader = SafetensorsReader(path)
     model = build_model(config, reader.keys(), reader.shape, reader.get, str(path), mesh)
     tokenizer = None
@@ -244,31 +248,43 @@ def load_pretrained(path: str | Path, dtype: str = "float32", *, compute_dtype: 
     return model, tokenizer
 
 
+def _param_dtype_from(param_dtype: str | None, dtype: str | None) -> str:
+    """The storage dtype from `param_dtype=` or its alias `dtype=` (README and older callers); float32 if neither.
+
+    Both default to None (not "float32") so that passing both, even with equal values, is caught.
+    """
+    if param_dtype is not None and dtype is not None:
+        raise ValueError(f"pass param_dtype or its alias dtype, not both ({param_dtype!r} and {dtype!r}).")
+    return param_dtype or dtype or "float32"
+
+
+def _checkpoint_kind(path: Path) -> str:
+    """'gguf' for a .gguf file, 'hf' for a directory; a one-sentence CheckpointError for anything else."""
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist.")
+    if path.suffix == ".gguf":
+        return "gguf"
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is neither an HF checkpoint directory nor a .gguf file.")
+    return "hf"
+
+
 def save_pretrained(model: Qwen2ForCausalLM, tokenizer, out_dir: str | Path, *, dtype: str | None = None,
                     max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:  # fmt: skip
     """Write an HF checkpoint directory (config.json, safetensors, tokenizer) that transformers loads.
 
-    Weights are fetched and written one tensor at a time (all processes must call this; process 0 writes).
-    LoRA adapters are not base weights: merge them first (lora.merge) to export a merged model.
+    `dtype` is the dtype of the saved tensors (default: the model's param_dtype). Weights are fetched and written
+    one tensor at a time (all processes must call this; process 0 writes). LoRA adapters are not base weights:
+    merge them first (lora.merge) to export a merged model.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it.")
-    config = model.config
-    save_dtype = jnp.dtype(dtype or config.param_dtype)
+    save_dtype = jnp.dtype(dtype or model.config.param_dtype)
     params = {hf_name(p): v for p, v in base_param_paths(nnx.state(model, nnx.Param))}
     if not params:
         raise CheckpointError("the model has no parameters to save.")
-    # Split into shards of at most max_shard_bytes, in parameter order.
-    shards: list[dict[str, tuple[tuple[int, ...], np.dtype]]] = [{}]
-    size = 0
-    for name, variable in params.items():
-        nbytes = math.prod(variable.get_value().shape) * save_dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = (tuple(variable.get_value().shape), save_dtype)
-        size += nbytes
+    shards = _plan_shards(params, save_dtype, max_shard_bytes)
 
     def fetch(name: str) -> np.ndarray:
         value = params[name][...]
@@ -290,21 +306,41 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer, out_dir: str | Path, *, 
             for name in shard:
                 fetch(name)
     if is_writer:
-        if len(shards) > 1:
-            weight_map = {n: f for f, s in zip(names, shards, strict=True) for n in s}
-            total = sum(math.prod(s) * d.itemsize for shard in shards for s, d in shard.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf_config = config.to_hf() | {"torch_dtype": str(save_dtype)}
-        if tokenizer is not None:
-            hf_config |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-            if tokenizer.bos_token_id is not None:
-                hf_config["bos_token_id"] = tokenizer.bos_token_id
-            tokenizer.save_pretrained(str(out_dir))
-            generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
-            (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+        _write_checkpoint_metadata(out_dir, model.config, tokenizer, save_dtype, dict(zip(names, shards, strict=True)))
     return out_dir
+
+
+def _plan_shards(params: dict[str, nnx.Variable], save_dtype: np.dtype, max_shard_bytes: int) -> list[TensorSpecs]:
+    """Split the parameters, in order, into files of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[TensorSpecs] = [{}]
+    size = 0
+    for name, variable in params.items():
+        nbytes = math.prod(variable.get_value().shape) * save_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = (tuple(variable.get_value().shape), save_dtype)
+        size += nbytes
+    return shards
+
+
+def _write_checkpoint_metadata(out_dir: Path, config: ModelConfig, tokenizer, save_dtype: np.dtype,
+                               files: dict[str, TensorSpecs]) -> None:  # fmt: skip
+    """Everything but the tensors: the shard index (several files only), config.json, tokenizer, generation ids."""
+    if len(files) > 1:
+        weight_map = {n: file for file, shard in files.items() for n in shard}
+        total = sum(math.prod(s) * d.itemsize for shard in files.values() for s, d in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf_config = config.to_hf() | {"torch_dtype": str(save_dtype)}
+    if tokenizer is not None:
+        hf_config |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        if tokenizer.bos_token_id is not None:
+            hf_config["bos_token_id"] = tokenizer.bos_token_id
+        tokenizer.save_pretrained(str(out_dir))
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,16 +401,17 @@ def gguf_config(metadata: dict, path: Path, tied: bool, vocab_size: int, **dtype
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def load_gguf(path: str | Path, dtype: str = "float32", *, compute_dtype: str | None = None, mesh=None,
-              with_tokenizer: bool = True):  # fmt: skip
-    """(model, tokenizer) from a qwen2 GGUF file: tensors dequantised one at a time, tokenizer from metadata."""
+def load_gguf(path: str | Path, param_dtype: str | None = None, *, compute_dtype: str | None = None, mesh=None,
+              with_tokenizer: bool = True, dtype: str | None = None):  # fmt: skip
+    """(model, tokenizer) from a qwen2 GGUF file: tensors dequantised one at a time, tokenizer from metadata.
+
+    The dtype arguments are those of `load_pretrained` (`dtype=` is the alias of `param_dtype=`).
+    """
     import gguf
 
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # the gguf package raises assorted errors on a bad file
-        raise CheckpointError(f"{path} is not a readable GGUF file ({err}).") from None
+    param_dtype = _param_dtype_from(param_dtype, dtype)
+    reader = _open_gguf(path)
     metadata = read_gguf_metadata(reader)
     tensors = {}
     for tensor in reader.tensors:
@@ -388,7 +425,7 @@ def load_gguf(path: str | Path, dtype: str = "float32", *, compute_dtype: str | 
         raise CheckpointError(f"{path} lacks the tensor 'token_embd.weight'.")
     vocab_size = int(tensors["model.embed_tokens.weight"].shape[-1])  # GGUF shapes are [in, out]-reversed
     config = gguf_config(metadata, path, tied="lm_head.weight" not in tensors, vocab_size=vocab_size,
-                         param_dtype=dtype, compute_dtype=compute_dtype or dtype)  # fmt: skip
+                         param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)  # fmt: skip
 
     def shape_of(name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(tensors[name].shape))  # ggml lists the fastest dim first
@@ -408,3 +445,101 @@ def load_gguf(path: str | Path, dtype: str = "float32", *, compute_dtype: str | 
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"{path}: cannot build the tokenizer from its metadata ({err}).") from None
     return model, tokenizer
+
+
+def _open_gguf(path: Path):
+    """A `gguf.GGUFReader` (tensors memory-mapped, nothing dequantised yet); a CheckpointError for a bad file."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # the gguf package raises assorted errors on a bad file
+        raise CheckpointError(f"{path} is not a readable GGUF file ({err}).") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# `jaxpatience info`: facts from headers and metadata only, so describing a 7B checkpoint takes a second.
+
+
+def describe_checkpoint(path: str | Path) -> dict:
+    """Facts about an HF checkpoint directory or a .gguf file (format, size, shape, tokenizer) without its weights.
+
+    The keys are the lines of `jaxpatience info`; `parameters` counts base weights (no LoRA), `dtype` lists the
+    stored tensor types.
+    """
+    path = Path(path)
+    if _checkpoint_kind(path) == "gguf":
+        return _describe_gguf(path)
+    from jaxpatience.tokenizer import load_tokenizer
+
+    config = ModelConfig.from_hf(path)
+    reader = SafetensorsReader(path)
+    try:
+        tokenizer = load_tokenizer(path)
+        raw_template = (path / "chat_template.jinja").is_file() or bool(
+            json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+        )
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} has no loadable tokenizer ({err}).") from None
+    return {
+        "path": str(path),
+        "format": "safetensors" + (" (sharded)" if (path / "model.safetensors.index.json").is_file() else ""),
+        "architecture": "Qwen2ForCausalLM",
+        "parameters": sum(math.prod(reader.shape(k)) for k in reader.keys()),
+        "dtype": ", ".join(sorted({reader.dtype(k) for k in reader.keys()})),
+        **_shape_facts(config),
+        "tokenizer_size": len(tokenizer),
+        "chat_template": "from checkpoint" if raw_template else "missing (ChatML default used)",
+        "eos_token": tokenizer.eos_token,
+    }
+
+
+def _describe_gguf(path: Path) -> dict:
+    reader = _open_gguf(path)
+    metadata = read_gguf_metadata(reader)
+    names = {gguf_to_hf_name(t.name) for t in reader.tensors}
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise CheckpointError(f"{path} lacks the tensor 'token_embd.weight'.")
+    config = gguf_config(metadata, path, tied="lm_head.weight" not in names, vocab_size=int(embed.shape[-1]))
+    return {
+        "path": str(path),
+        "format": "gguf",
+        "architecture": "qwen2",
+        "parameters": sum(int(t.n_elements) for t in reader.tensors),
+        "dtype": ", ".join(sorted({t.tensor_type.name for t in reader.tensors})),
+        **_shape_facts(config),
+        "tokenizer_size": len(metadata.get("tokenizer.ggml.tokens", [])),
+        "chat_template": "from checkpoint" if metadata.get("tokenizer.chat_template") else "missing (ChatML default)",
+    }
+
+
+def _shape_facts(config: ModelConfig) -> dict:
+    """The model-shape lines of `jaxpatience info`, the same for both formats."""
+    return {
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads": f"{config.num_attention_heads} query / {config.num_key_value_heads} kv x {config.resolved_head_dim}",
+        "tied_embeddings": config.tie_word_embeddings,
+        "vocab_size": config.vocab_size,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# `jaxpatience tiny`: a checkpoint to try every command on, made here from a seed (no downloads).
+
+TINY_CORPUS = [
+    "Tom has 3 apples and buys 4 bags with 5 apples each. How many apples does he have now?",
+    "4 bags times 5 apples is 20 apples. 3 + 20 = 23. Let me check: 23 - 20 = 3. The answer is 23.",
+    "You are a helpful assistant. Please reason step by step. #### 42",
+]  # what the tiny tokenizer's BPE merges are learnt from
+
+
+def make_tiny_checkpoint(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """A random Qwen2 of the `tiny` preset with a small BPE tokenizer (ChatML), saved as an HF checkpoint to `out`."""
+    from jaxpatience.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(TINY_CORPUS, vocab_size=320)
+    config = preset("tiny").replace(vocab_size=len(tokenizer), tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(seed))
+    return save_pretrained(model, tokenizer, out, overwrite=overwrite)

@@ -61,7 +61,7 @@ def random_jax_model(preset_name: str, dtype: str, mesh):
     from jaxpatience.config import preset
     from jaxpatience.model import Qwen2ForCausalLM
 
-    config = preset(preset_name).replace(param_dtype=dtype, dtype=dtype)
+    config = preset(preset_name).replace(param_dtype=dtype, compute_dtype=dtype)
 
     def init():
         return nnx.split(Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))[1]
@@ -83,7 +83,7 @@ def bandwidth_bound(model, batch: int, cache_len: int, bandwidth_gbs: float) -> 
     return batch * bandwidth_gbs * 1e9 / (weight_bytes + kv_bytes)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF checkpoint directory or a preset name")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -94,25 +94,57 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. a 7B shape on a GPU)")
     parser.add_argument("--mesh", default="", help="e.g. 'data=2,tensor=4'; default: one device")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the bound")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
-    from jaxpatience import generate, load_pretrained
+
+def load(args: argparse.Namespace, tmp_dir: Path, mesh):
+    """(model, tokenizer, path): the path is the HF checkpoint transformers reads (None with --no-hf on a preset).
+
+    A preset gets random weights; presets have no tokenizer (prompts are ids and `.text` stays empty).
+    """
+    from jaxpatience import load_pretrained
     from jaxpatience.config import PRESETS
-    from jaxpatience.sharding import make_mesh, parse_mesh
     from jaxpatience.weights import load_model
+
+    path = Path(args.model)
+    if args.model in PRESETS and not path.exists():
+        if args.no_hf:
+            return random_jax_model(args.model, args.dtype, mesh), None, None
+        path = save_random_checkpoint(args.model, tmp_dir / args.model, args.dtype)
+        return load_model(path, args.dtype, mesh=mesh), None, path
+    model, tokenizer = load_pretrained(path, param_dtype=args.dtype, mesh=mesh)
+    return model, tokenizer, path
+
+
+def time_transformers(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    """transformers' greedy generate on the same prompts and weights: tokens/s, TTFT and torch's thread count."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    batch, prompt_len, new_tokens = args.batch_size, args.prompt_len, args.new_tokens
+    torch_model = Qwen2ForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    input_ids = torch.tensor(prompts)
+    mask = torch.ones_like(input_ids)
+
+    def theirs(max_new: int):
+        with torch.no_grad():
+            out = torch_model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                                       max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0)  # fmt: skip
+        assert out.shape == (batch, prompt_len + max_new)
+
+    hf_seconds = best_time(lambda: theirs(new_tokens), args.repeats)
+    return dict(hf_tokens_per_s=batch * new_tokens / hf_seconds, hf_ttft_s=best_time(lambda: theirs(1), args.repeats),
+                torch_threads=torch.get_num_threads())  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    from jaxpatience import generate
+    from jaxpatience.sharding import make_mesh, parse_mesh
 
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     tmp = tempfile.TemporaryDirectory()
-    path = Path(args.model)
-    tokenizer = None  # presets have none: prompts are ids and `.text` stays empty
-    if args.model in PRESETS and not path.exists():
-        if args.no_hf:
-            model = random_jax_model(args.model, args.dtype, mesh)
-        else:
-            path = save_random_checkpoint(args.model, Path(tmp.name) / args.model, args.dtype)
-            model = load_model(path, dtype=args.dtype, mesh=mesh)
-    else:
-        model, tokenizer = load_pretrained(path, dtype=args.dtype, mesh=mesh)
+    model, tokenizer, path = load(args, Path(tmp.name), mesh)
     batch, prompt_len, new_tokens = args.batch_size, args.prompt_len, args.new_tokens
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size if tokenizer is None else min(len(tokenizer), model.config.vocab_size)
@@ -141,24 +173,8 @@ def main() -> None:
         cache_len = 2 ** (prompt_len - 1).bit_length() + 2 ** (new_tokens - 1).bit_length()  # the bucketed S
         report["bandwidth_bound_tokens_per_s"] = bandwidth_bound(model, batch, cache_len, args.bandwidth_gbs)
     if not args.no_hf:
-        import torch
-        from transformers import Qwen2ForCausalLM
-
-        torch_model = Qwen2ForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-        input_ids = torch.tensor(prompts)
-        mask = torch.ones_like(input_ids)
-
-        def theirs(max_new: int):
-            with torch.no_grad():
-                out = torch_model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                           max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0)  # fmt: skip
-            assert out.shape == (batch, prompt_len + max_new)
-
-        hf_seconds = best_time(lambda: theirs(new_tokens), args.repeats)
-        report["hf_tokens_per_s"] = batch * new_tokens / hf_seconds
-        report["hf_ttft_s"] = best_time(lambda: theirs(1), args.repeats)
+        report |= time_transformers(path, prompts, args)
         report["ratio"] = report["tokens_per_s"] / report["hf_tokens_per_s"]
-        report["torch_threads"] = torch.get_num_threads()
     tmp.cleanup()
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}))
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxpatience import sharding, train
 from jaxpatience.config import (
@@ -70,7 +71,7 @@ def peak_memory_gb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_rss"  # ru_maxrss is in KiB
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help=f"preset ({', '.join(sorted(PRESETS))}) or HF directory")
     parser.add_argument("--batch-size", type=int, required=True, help="pairs per step (B)")
@@ -83,38 +84,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss", default="dpo", choices=sorted(LOSSES))
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def setup(args: argparse.Namespace) -> tuple[TrainConfig, Mesh, Qwen2ForCausalLM]:
+    """The train config, its mesh and the model (loaded, or random in its shardings); ValueError on bad flags."""
+    config = TrainConfig(
+        mesh=MeshConfig(**sharding.parse_mesh(args.mesh)),
+        lora=LoraConfig(rank=args.lora_rank) if args.lora_rank > 0 else None,
+        loss=LOSSES[args.loss],
+        optimizer=OptimizerConfig(learning_rate=1e-5),
+        batch_size=args.batch_size,
+        micro_batches=args.micro_batches,
+        remat=args.remat,
+    )
+    mesh = train.make_mesh(config.mesh)
+    if Path(args.model).is_dir():
+        from jaxpatience.weights import load_model
+
+        return config, mesh, load_model(args.model, args.dtype, mesh=mesh)
+    model_config = preset(args.model).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
+    return config, mesh, random_model(model_config, mesh)
+
+
+def random_batch(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """Random pairs [B, 2, T], every token real; the loss counts the second half of each sequence (the response)."""
+    rng = np.random.default_rng(0)
+    shape = (batch_size, 2, seq_len)
+    return {
+        "input_ids": rng.integers(0, vocab_size, size=shape).astype(np.int32),
+        "attention_mask": np.ones(shape, np.int32),
+        "loss_mask": np.broadcast_to(np.arange(seq_len) >= seq_len // 2, shape).astype(np.int32),
+    }
+
+
+def time_steps(trainer, batch: dict[str, np.ndarray], steps: int) -> tuple[float, list[float]]:
+    """(compile_s, step times): the first step compiles and is timed apart; each step waits for its metrics."""
+    start = time.perf_counter()
+    jax.block_until_ready(trainer.step(batch))
+    compile_s = time.perf_counter() - start
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        metrics = jax.block_until_ready(trainer.step(batch))
+        times.append(time.perf_counter() - start)
+        print(f"step {step + 1}/{steps}: {times[-1]:.3f}s loss {float(metrics['loss']):.4f}", file=sys.stderr)
+    return compile_s, times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        config = TrainConfig(
-            mesh=MeshConfig(**sharding.parse_mesh(args.mesh)),
-            lora=LoraConfig(rank=args.lora_rank) if args.lora_rank > 0 else None,
-            loss=LOSSES[args.loss],
-            optimizer=OptimizerConfig(learning_rate=1e-5),
-            batch_size=args.batch_size,
-            micro_batches=args.micro_batches,
-            remat=args.remat,
-        )
-        mesh = train.make_mesh(config.mesh)
-        if Path(args.model).is_dir():
-            from jaxpatience.weights import load_model
-
-            model = load_model(args.model, dtype=args.dtype, mesh=mesh)
-        else:
-            model = random_model(preset(args.model).replace(param_dtype=args.dtype, dtype=args.dtype), mesh)
+        config, mesh, model = setup(args)
     except (ConfigError, ValueError) as err:
         print(f"bench_train: {err}", file=sys.stderr)
         return 2
     model_config = model.config
     total_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-    rng = np.random.default_rng(0)
-    shape = (args.batch_size, 2, args.seq_len)
-    batch = {
-        "input_ids": rng.integers(0, model_config.vocab_size, size=shape).astype(np.int32),
-        "attention_mask": np.ones(shape, np.int32),
-        "loss_mask": np.broadcast_to(np.arange(args.seq_len) >= args.seq_len // 2, shape).astype(np.int32),
-    }
+    batch = random_batch(args.batch_size, args.seq_len, model_config.vocab_size)
     start = time.perf_counter()
     trainer = train.create_trainer(model, config, mesh)
     del model  # the trainer holds the (split) weights now
@@ -122,16 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         batch["ref_logps"] = np.asarray(train.make_logps_fn(trainer)(batch))
     setup_s = time.perf_counter() - start
     trainable = sum(x.size for x in jax.tree.leaves(trainer.state.params))
-
-    start = time.perf_counter()
-    jax.block_until_ready(trainer.step(batch))
-    compile_s = time.perf_counter() - start
-    times = []
-    for step in range(args.steps):
-        start = time.perf_counter()
-        metrics = jax.block_until_ready(trainer.step(batch))
-        times.append(time.perf_counter() - start)
-        print(f"step {step + 1}/{args.steps}: {times[-1]:.3f}s loss {float(metrics['loss']):.4f}", file=sys.stderr)
+    compile_s, times = time_steps(trainer, batch, args.steps)
 
     step_s = statistics.median(times) if times else float("nan")
     tokens = 2 * args.batch_size * args.seq_len

@@ -44,7 +44,7 @@ def test_info_bad_paths_give_one_line(tmp_path, capsys):
 def test_tiny_then_info_from_the_console_script(tmp_path):
     """What the README's main command does, through the installed entry point."""
     out = tmp_path / "tiny"
-    exe = [sys.executable, "-m", "jaxpatience.cli"]
+    exe = [sys.executable, "-m", "jaxpatience"]  # the same main as the `jaxpatience` console script
     subprocess.run([*exe, "tiny", "--out", str(out)], check=True, capture_output=True)
     again = subprocess.run([*exe, "tiny", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr  # never overwrites silently

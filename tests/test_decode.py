@@ -24,6 +24,7 @@ from flax import nnx
 from transformers import Qwen2ForCausalLM as TorchQwen2
 
 from jaxpatience import generate, load_pretrained
+from jaxpatience.config import SamplingConfig
 from jaxpatience.decode import Generation, Sampler, sample_tokens
 from jaxpatience.sharding import make_mesh
 
@@ -149,6 +150,20 @@ def test_num_samples_returns_k_distinct_samples_per_prompt(loaded):
     assert len(results) == len(PROMPTS) and all(len(samples) == 2 for samples in results)
     assert all(isinstance(s, Generation) and len(s.token_ids) == 8 for samples in results for s in samples)
     assert any(samples[0].token_ids != samples[1].token_ids for samples in results)
+
+
+def test_sampling_config_equals_the_keyword_form(loaded):
+    """`sampling=SamplingConfig(...)` is the seven sampling arguments at once; mixing both ways is refused."""
+    model, tokenizer = loaded
+    sampling = SamplingConfig(temperature=1.0, top_p=0.9, top_k=20, num_samples=1, max_new_tokens=10, seed=2)
+    keywords = dict(temperature=1.0, top_p=0.9, top_k=20, num_samples=1, max_new_tokens=10, seed=2, stop_tokens=None)
+    from_config = generate(model, tokenizer, PROMPTS, sampling=sampling)
+    assert from_config == generate(model, tokenizer, PROMPTS, **keywords)
+    assert from_config != generate(model, tokenizer, PROMPTS, **{**keywords, "seed": 3})  # the seed is read
+    assert all(len(samples) == 1 for samples in from_config)  # an int num_samples: lists [k] per prompt
+    for name, value in keywords.items():
+        with pytest.raises(ValueError, match=f"either sampling or {name}, not both"):
+            generate(model, tokenizer, PROMPTS, sampling=sampling, **{name: value})
 
 
 def test_temperature_to_zero_and_top_k_one_equal_greedy(loaded):

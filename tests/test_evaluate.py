@@ -12,8 +12,8 @@ import pytest
 from conftest import make_tokenizer
 
 from jaxpatience import answers
-from jaxpatience.data.problems import Problem, build_prompt
 from jaxpatience.config import SamplingConfig
+from jaxpatience.data.problems import Problem, build_prompt
 from jaxpatience.evaluate import EvalError, evaluate, main, summarize
 from jaxpatience.store import StoreError
 
@@ -84,7 +84,8 @@ def test_summary_of_scripted_responses(tmp_path):
         "Problem 2?": ["The answer is 2", "The answer is -2", "The answer is -2"],
         "Problem 3?": ["so \\boxed{\\frac{1}{2}}", "The answer is 0.50", "1/2"],
     }
-    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, sampling=SamplingConfig(num_samples=3, temperature=1.0),
+    three = SamplingConfig(num_samples=3, temperature=1.0)
+    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, sampling=three,
                        generate_fn=ScriptedGenerator(script), progress=False)  # fmt: skip
     # Hand-counted strict answers: p0 [7, 8, None], p1 [1000, 1000, None], p2 [2, -2, -2], p3 [0.5, 0.5, None]
     # -> right 1/3, 2/3, 2/3, 2/3 of the samples; accuracy is their mean over problems.
@@ -122,8 +123,9 @@ def test_math_style_problems_use_boxed_prompts_and_math_verify(tmp_path):
         "How many?": ["\\boxed{10}", "\\boxed{10}", "\\boxed{12}"],
     }
     generator = ScriptedGenerator(script)
-    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, sampling=SamplingConfig(num_samples=3, temperature=1.0),
-                       generate_fn=generator, progress=False, plots=False)  # fmt: skip
+    three = SamplingConfig(num_samples=3, temperature=1.0)
+    summary = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path, sampling=three, generate_fn=generator,
+                       progress=False, plots=False)  # fmt: skip
     assert summary["metric"] == "math_verify"  # auto: some gold answers are LaTeX
     # By hand: m0 right 2/3 (0.5 and 1/2 equal 1/2), m1 1/3, m2 2/3.
     assert summary["accuracy"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3) / 3)

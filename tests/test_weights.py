@@ -17,7 +17,7 @@ from transformers import Qwen2ForCausalLM as TorchQwen2
 from jaxpatience import load_pretrained, save_pretrained
 from jaxpatience.config import ConfigError
 from jaxpatience.sharding import make_mesh
-from jaxpatience.weights import CheckpointError, SafetensorsReader, write_safetensors
+from jaxpatience.weights import CheckpointError, SafetensorsReader, load_model, write_safetensors
 
 IDS = np.array([[5, 9, 33, 120, 7, 64, 200, 3]])
 
@@ -73,6 +73,12 @@ def test_bfloat16_checkpoint_loads_exactly(tiny_checkpoint):
     assert got16.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got16.astype(jnp.float32)), expected)
     np.testing.assert_array_equal(np.asarray(model32.model.layers[1].mlp.down_proj.weight[...]), expected)
+    # `dtype=` is the older name of `param_dtype=`: the same storage dtype, and naming both is refused.
+    by_new_name = load_model(path, param_dtype="bfloat16").model.layers[1].mlp.down_proj.weight[...]
+    assert by_new_name.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(by_new_name), np.asarray(got16))
+    with pytest.raises(ValueError, match="not both"):
+        load_pretrained(path, param_dtype="bfloat16", dtype="bfloat16")
 
 
 def test_loading_streams_tensor_by_tensor(tiny_checkpoint):
