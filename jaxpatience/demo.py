@@ -90,8 +90,8 @@ class DemoConfig:
             raise ConfigError(f"demo: sft_concise_share must be in [0, 1], not {self.sft_concise_share}.")
 
 
-# A reduced run of the same pipeline for the test suite and a quick look (about 40 s; the barely trained model's
-# accuracy is whatever it is, ~16% for seed 0).
+# A reduced run of the same pipeline for the test suite and a quick look (about 40 s on 2 CPU cores; the barely
+# trained model's accuracy is whatever it is, ~16% for seed 0).
 SMALL = (
     "eval_problems=32", "hidden_size=64", "intermediate_size=128", "layers=1", "sft_patient_steps=20",
     "sft_mixed_steps=150", "sft.train.batch_size=16", "sft.train.optimizer.warmup_steps=17", "patience_pairs=32",
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="out/demo", help="output folder (a rerun resumes it)")
     parser.add_argument("--seed", type=int, help="every stage's seed (= seed=S)")
-    parser.add_argument("--small", action="store_true", help="a reduced run of the same pipeline (about a minute)")
+    parser.add_argument("--small", action="store_true", help="a reduced run (about 40 s on 2 cores)")
     parser.add_argument("--overwrite", action="store_true", help="delete --out first")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_intermixed_args(argv)
