@@ -541,7 +541,7 @@ def command_parser(prog: str, description: str, aliases: dict[str, tuple[str, st
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE", help=config_help)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, e.g. sampling.temperature=0.7")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys: section.key=value")
     for flag, (key, help_text) in (aliases or {}).items():
         parser.add_argument(flag, dest=_alias_dest(key), metavar="VALUE", help=f"{help_text} (= {key}=VALUE)")
     parser.set_defaults(_aliases=dict(aliases or {}))

@@ -6,8 +6,9 @@ config -> (multi-host start) -> mesh -> model -> PairLoader -> Trainer (train.py
   all weights, optimizer state, step) and, as JSON, the loader state and the config; a resumed run sees the
   batches it would have seen. Restoring reads each array straight into this run's shardings, so the mesh may
   differ from the one that wrote the checkpoint.
-* Multi-host: every process runs this same program. Each reads only its rows of every global batch; the rows
-  become one global array with `jax.make_array_from_process_local_data`. Checkpoints are written collectively.
+* Multi-host: every process runs this same program. Each reads only its rows of every global batch, and
+  `train.place_batch` (the one way a batch reaches the devices) makes them one global array. Checkpoints are
+  written collectively.
 * Metrics: OUT/metrics.jsonl (+ TensorBoard when tensorboardX is installed), a progress bar, and at the end
   OUT/training.png (loss and chosen/rejected log-probs over steps).
 * Export at the end: OUT/adapter (PEFT format) with LoRA, OUT/merged (HF checkpoint) when `export_merged`.
@@ -15,62 +16,46 @@ config -> (multi-host start) -> mesh -> model -> PairLoader -> Trainer (train.py
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from jaxpatience.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml
+from jaxpatience.config import ConfigError, RunConfig, command_parser, config_from_args, load_config
 
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+if TYPE_CHECKING:  # the heavy modules are imported inside the functions, after jax.distributed starts
+    import numpy as np
+
+    from jaxpatience.checkpoint import Checkpointer
+    from jaxpatience.data.pairs import PairLoader
+    from jaxpatience.train import Trainer
 
 
 def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
-    """A RunConfig from a YAML file (optional) and `section.key=value` overrides; strict about unknown keys."""
-    data = load_yaml(path) if path else {}
-    return from_dict(RunConfig, apply_overrides(data, overrides), where=str(path or "config"))
+    """A RunConfig from a YAML file (optional) and `section.key=value` overrides, ready to run (validated)."""
+    return load_config(RunConfig, path, overrides).validate()
 
 
-def _global_batch(batch: dict, mesh, process_count: int) -> dict:
-    """This host's rows -> global arrays (multi-host); single-process batches stay numpy (train.py places them)."""
-    if process_count == 1:
-        return batch
-    import jax
-
-    from jaxpatience.train import batch_sharding
-
-    target = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(target, v) for k, v in batch.items()}
-
-
-def precompute_reference(trainer, loader) -> dict:
+def precompute_reference(trainer: Trainer, loader: PairLoader) -> np.ndarray:
     """Reference log-probs [N, 2] of every pair under the *initial* model (adapters off), computed once.
 
     Needed for full-parameter DPO (no adapters to switch off); with LoRA it saves the reference forward in
-    every step. Pairs are batched by bucket; the last batch of a bucket repeats pairs to keep shapes fixed.
+    every step. The loader's `reference_batches` visit every pair once in its fixed shapes.
     """
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from jaxpatience.train import make_logps_fn
+    from jaxpatience.train import BATCH_KEYS, make_logps_fn
 
     logps_fn = make_logps_fn(trainer, adapters=False)
     table = np.zeros((len(loader.pairs), 2), np.float32)
-    by_bucket: dict[int, list[int]] = {}
-    for index, pair in enumerate(loader.pairs):
-        by_bucket.setdefault(loader._bucket_of(pair.length), []).append(index)
-    for bucket, indices in by_bucket.items():
-        for start in range(0, len(indices), loader.batch_size):
-            chunk = indices[start : start + loader.batch_size]
-            padded = np.resize(np.asarray(chunk), loader.batch_size)  # repeat to a full batch
-            batch = loader.make_batch(bucket, padded)
-            global_batch = _global_batch({k: batch[k] for k in BATCH_KEYS}, trainer.mesh, loader.process_count)
-            values = logps_fn(global_batch)
-            if not values.is_fully_addressable:
-                values = multihost_utils.process_allgather(values, tiled=True)
-            table[padded[: len(chunk)]] = np.asarray(values)[: len(chunk)]
-    return {"table": table}
+    for indices, batch in loader.reference_batches():
+        values = logps_fn({k: batch[k] for k in BATCH_KEYS})  # [batch_size, 2], split over the devices
+        if not values.is_fully_addressable:
+            values = multihost_utils.process_allgather(values, tiled=True)
+        table[indices] = np.asarray(values)[: len(indices)]  # the first len(indices) rows; the rest are repeats
+    return table
 
 
 # What may change between a run and its resumption: where it runs and how often it logs and saves.
@@ -92,28 +77,43 @@ def _check_same_run(saved: dict, current: dict, out: Path) -> None:
         )
 
 
-def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Run (or resume) training as configured; returns a summary dict (also written to OUT/summary.json).
+@dataclasses.dataclass
+class _Run:
+    """The pieces of one run, built once by `_set_up` and shared by the resume, the loop and the export."""
 
-    `stop_after=k` ends the run after step k with a checkpoint (as a preemption would); a later call resumes.
-    """
+    config: RunConfig
+    out: Path
+    is_main: bool  # process 0 writes the files every process would write alike
+    tokenizer: Any
+    loader: PairLoader
+    trainer: Trainer  # its config holds the resolved max_steps (from `epochs` if set)
+    reference: np.ndarray | None  # [N, 2] reference log-probs of every pair; None: computed inside the step
+    checkpoints: Checkpointer
+
+    @property
+    def max_steps(self) -> int:
+        return self.trainer.config.max_steps
+
+    def save(self, step: int) -> None:
+        """A checkpoint after `step` steps: train state, loader position and config (collective)."""
+        meta = {"step": step, "loader": self.loader.state_dict(), "config": dataclasses.asdict(self.config)}
+        self.checkpoints.save(step, self.trainer.state, meta)
+
+
+def _set_up(config: RunConfig) -> _Run:
+    """Start jax.distributed (before anything touches a device), then mesh, model, loader, trainer, reference."""
     from jaxpatience import sharding
 
-    sharding.initialize_distributed(config.distributed.coordinator_address, config.distributed.num_processes,
-                                    config.distributed.process_id)  # fmt: skip
+    distributed = config.distributed
+    sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes,
+                                    distributed.process_id)  # fmt: skip
     import jax
-    import numpy as np
-    from tqdm import tqdm
 
-    from jaxpatience import lora
     from jaxpatience.checkpoint import Checkpointer
     from jaxpatience.data.pairs import PairLoader
-    from jaxpatience.metrics import MetricsWriter, plot_training
     from jaxpatience.train import create_trainer, make_mesh
-    from jaxpatience.weights import load_pretrained, save_pretrained
+    from jaxpatience.weights import load_pretrained
 
-    out = Path(config.out_dir)
-    is_main = jax.process_index() == 0
     mesh = make_mesh(config.train.mesh)
     model, tokenizer = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh)
     data = config.data
@@ -122,93 +122,125 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
         max_prompt_length=data.max_prompt_length, buckets=data.buckets, seed=data.seed, shuffle=data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), chat_template=data.chat_template,
     )  # fmt: skip
-    max_steps = config.train.max_steps
-    if config.epochs is not None:
-        max_steps = config.epochs * loader.steps_per_epoch
+    max_steps = config.train.max_steps if config.epochs is None else config.epochs * loader.steps_per_epoch
     train_config = dataclasses.replace(config.train, max_steps=max_steps)
     trainer = create_trainer(model, train_config, mesh)
     needs_reference = config.precompute_reference or (train_config.lora is None and train_config.loss.dpo_weight > 0)
     reference = precompute_reference(trainer, loader) if needs_reference else None
-
+    out = Path(config.out_dir)
     checkpoints = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
+    return _Run(config=config, out=out, is_main=jax.process_index() == 0, tokenizer=tokenizer, loader=loader,
+                trainer=trainer, reference=reference, checkpoints=checkpoints)  # fmt: skip
+
+
+def _resume(run: _Run) -> int:
+    """Restore the latest checkpoint, if any (refused under another config); returns the step to start at."""
     start = 0
-    if checkpoints.latest_step() is not None:
-        trainer.state, meta = checkpoints.restore(trainer.state)
-        _check_same_run(meta["config"], dataclasses.asdict(config), out)
-        loader.load_state_dict(meta["loader"])
+    if run.checkpoints.latest_step() is not None:
+        run.trainer.state, meta = run.checkpoints.restore(run.trainer.state)
+        _check_same_run(meta["config"], dataclasses.asdict(run.config), run.out)
+        run.loader.load_state_dict(meta["loader"])
         start = int(meta["step"])
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        print(f"data: {loader.stats.summary()}; {loader.steps_per_epoch} steps per epoch, "
-              f"{loader.dropped_per_epoch} pairs left out per epoch")  # fmt: skip
-    writer = MetricsWriter(out, resume_step=start, enabled=is_main)
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.config), indent=2))
+        print(f"data: {run.loader.stats.summary()}; {run.loader.steps_per_epoch} steps per epoch, "
+              f"{run.loader.dropped_per_epoch} pairs left out per epoch")  # fmt: skip
+    return start
 
-    def save(step: int) -> None:
-        meta = {"step": step, "loader": loader.state_dict(), "config": dataclasses.asdict(config)}
-        checkpoints.save(step, trainer.state, meta)
 
-    batches = iter(loader)
-    bar = tqdm(total=max_steps, initial=start, disable=not (progress and is_main), desc="train", unit="step")
-    tokens_seen, t_start, last = 0, time.perf_counter(), {}
-    end = max_steps if stop_after is None else min(max_steps, stop_after)
-    if stop_after is not None and end <= start:  # asked to stop at or before the step already reached: nothing to do
-        checkpoints.close()
-        return {"steps": start, "resumed_from": start, "final": {}, "exports": {}, "compilations": 0}
+def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
+    """Steps [start, end): metrics every `log_every` steps, checkpoints every `checkpoint_every` (the last step's
+    is left to the caller). Returns the last logged metrics ({} if none were logged)."""
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from jaxpatience.metrics import MetricsWriter
+    from jaxpatience.train import BATCH_KEYS
+
+    config, trainer, processes = run.config, run.trainer, jax.process_count()
+    writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
+    bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and run.is_main), desc="train", unit="step")
+    batches, tokens_seen, t_start, last = iter(run.loader), 0, time.perf_counter(), {}
     for step in range(start, end):
-        host = next(batches)
+        host = next(batches)  # this process's rows of the global batch
         batch = {k: host[k] for k in BATCH_KEYS}
-        if reference is not None:
-            batch["ref_logps"] = reference["table"][host["pair_index"]]
-        metrics = trainer.step(_global_batch(batch, mesh, jax.process_count()))
-        tokens_seen += int(np.sum(host["attention_mask"])) * jax.process_count()
-        if (step + 1) % config.log_every == 0 or step + 1 == max_steps:
+        if run.reference is not None:
+            batch["ref_logps"] = run.reference[host["pair_index"]]  # [B / P, 2]
+        metrics = trainer.step(batch)
+        tokens_seen += int(np.sum(host["attention_mask"])) * processes
+        if (step + 1) % config.log_every == 0 or step + 1 == run.max_steps:
             last = {k: float(v) for k, v in metrics.items()}  # device -> host: one sync per logged step
-            elapsed = time.perf_counter() - t_start
-            last["tokens_per_s"] = tokens_seen / elapsed
+            last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t_start)
             writer.write(step + 1, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
                             tok_s=f"{last['tokens_per_s']:.0f}")  # fmt: skip
         bar.update(1)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < max_steps:
-            save(step + 1)
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < run.max_steps:
+            run.save(step + 1)
     bar.close()
     writer.close()
-    if checkpoints.latest_step() != end:
-        save(end)
-    compilations = trainer.step_fn._cache_size() if hasattr(trainer.step_fn, "_cache_size") else None
-    if end < max_steps:
-        checkpoints.close()
-        return {"steps": end, "resumed_from": start, "final": last, "exports": {}, "compilations": compilations}
+    return last
 
-    trained, exports = trainer.model(), {}
-    if train_config.lora is not None:
-        adapter = lora.save_peft_adapter(trained, train_config.lora, out / "adapter", overwrite=True,
-                                         base_model_name_or_path=config.model)  # fmt: skip
+
+def _export(run: _Run) -> dict[str, str]:
+    """OUT/adapter (PEFT) with LoRA; OUT/merged (HF checkpoint) when export_merged or for full-parameter runs."""
+    from jaxpatience import lora
+    from jaxpatience.weights import save_pretrained
+
+    trained, exports, lora_config = run.trainer.model(), {}, run.trainer.config.lora
+    if lora_config is not None:
+        adapter = lora.save_peft_adapter(trained, lora_config, run.out / "adapter", overwrite=True,
+                                         base_model_name_or_path=run.config.model)  # fmt: skip
         exports["adapter"] = str(adapter)
-    if config.export_merged or train_config.lora is None:  # full-parameter runs always export their weights
-        if train_config.lora is not None:
+    if run.config.export_merged or lora_config is None:  # full-parameter runs always export their weights
+        if lora_config is not None:
             lora.merge(trained)
-        exports["merged"] = str(save_pretrained(trained, tokenizer, out / "merged", overwrite=True))
-    summary = {"steps": max_steps, "resumed_from": start, "final": last, "exports": exports,
-               "compilations": compilations,
-               "truncation": dataclasses.asdict(loader.stats), "wall_s": time.perf_counter() - t_start}  # fmt: skip
-    if is_main:
-        plot = plot_training(out / "metrics.jsonl", out / "training.png", title=str(config.model))
-        summary["plot"] = str(plot) if plot else None
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    checkpoints.close()
-    return summary
+        exports["merged"] = str(save_pretrained(trained, run.tokenizer, run.out / "merged", overwrite=True))
+    return exports
+
+
+def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) training as configured; returns a summary dict (also written to OUT/summary.json).
+
+    `stop_after=k` ends the run after step k with a checkpoint (as a preemption would); a later call resumes.
+    """
+    from jaxpatience.report import plot_training
+
+    run = _set_up(config.validate())
+    try:
+        start = _resume(run)
+        end = run.max_steps if stop_after is None else min(run.max_steps, stop_after)
+        if end <= start and stop_after is not None:  # asked to stop at or before the step reached: nothing to do
+            return {"steps": start, "resumed_from": start, "final": {}, "exports": {}, "compilations": 0}
+        t_start = time.perf_counter()
+        last = _loop(run, start, end, progress)
+        if run.checkpoints.latest_step() != end:
+            run.save(end)
+        step_fn = run.trainer.step_fn
+        compilations = step_fn._cache_size() if hasattr(step_fn, "_cache_size") else None
+        summary = {"steps": end, "resumed_from": start, "final": last, "exports": {}, "compilations": compilations}
+        if end < run.max_steps:  # stopped early: resume later
+            return summary
+        summary |= {"exports": _export(run), "truncation": dataclasses.asdict(run.loader.stats),
+                    "wall_s": time.perf_counter() - t_start}  # fmt: skip
+        if run.is_main:
+            plot = plot_training(run.out / "metrics.jsonl", run.out / "training.png", title=str(config.model))
+            summary["plot"] = str(plot) if plot else None
+            (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        run.checkpoints.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxpatience train", description="DPO / DPO+NLL / SFT training run.")
-    parser.add_argument("--config", help="YAML config (configs/*.yaml); keys not given keep their defaults")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.loss.beta=0.1 out_dir=out/x")
+    parser = command_parser("jaxpatience train", "DPO / DPO+NLL / SFT training run.",
+                            config_help="YAML config (configs/*.yaml); keys not given keep their defaults")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; rerun to resume")
-    args = parser.parse_args(argv)
-    config = load_run_config(args.config, args.overrides)
+    args = parser.parse_intermixed_args(argv)
+    config = config_from_args(RunConfig, args)  # train() validates it
     summary = train(config, progress=not args.no_progress, stop_after=args.stop_after)
     print(json.dumps({"steps": summary["steps"], "final": summary["final"], "exports": summary["exports"]}))
     return 0

@@ -14,7 +14,8 @@ Batches are dicts of [B, 2, T] int arrays (index 1: 0 = chosen, 1 = rejected): `
 (1 = real token) and `loss_mask` (1 = response token), plus optionally `ref_logps` [B, 2] float32 (summed
 log-probs of the response tokens under the reference). The batch is split into M micro-batches whose
 gradients are summed by `lax.scan`; every loss term is normalised by whole-batch denominators
-(losses.Denominators), so M micro-batches give the same update as one big batch.
+(losses.Denominators), so M micro-batches give the same update as one big batch. `place_batch` is the one way
+a batch reaches the devices, on one process or many (each passes its rows; they become one global array).
 
 Shape letters: B pairs, M micro-batches, T tokens, D model dim, V vocab.
 """
@@ -64,8 +65,9 @@ class Trainer:
     frozen_shardings: nnx.State
 
     def step(self, batch: Batch) -> dict[str, Array]:
-        """One optimizer step on a host batch (numpy or jax arrays); returns the metrics (device scalars)."""
-        self.state, metrics = self.step_fn(self.state, self.frozen, shard_batch(batch, self.mesh, self.config))
+        """One optimizer step on this process's rows of a batch (see `place_batch`); returns the metrics (device
+        scalars)."""
+        self.state, metrics = self.step_fn(self.state, self.frozen, place_batch(batch, self.mesh, self.config))
         return metrics
 
     def model(self) -> nnx.Module:
@@ -141,7 +143,10 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
-    """Raise a one-sentence ValueError for a batch the step cannot take."""
+    """Raise a one-sentence ValueError for a global batch the step cannot take.
+
+    `batch` maps names to anything with a `.shape` (arrays, or `jax.ShapeDtypeStruct`s of the global arrays).
+    """
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(f"the batch lacks {missing[0]!r}; it needs {', '.join(BATCH_KEYS)} (optionally ref_logps).")
@@ -161,12 +166,41 @@ def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
         )
 
 
-def shard_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
-    """Validate a host batch and place it on the mesh (each process passes the same global batch)."""
-    validate_batch(batch, config, mesh)
-    target = batch_sharding(mesh)
-    return {k: v if isinstance(v, jax.Array) and v.sharding == target else jax.device_put(np.asarray(v), target)
-            for k, v in batch.items()}  # fmt: skip
+def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
+    """Validate a batch and place it on the mesh as global arrays split along pairs (`batch_sharding`).
+
+    The one way a batch reaches the devices (Trainer.step, make_logps_fn, run.py). Each process passes its own
+    rows, as PairLoader.make_batch gives them: [B / P, ...] on process i are global rows [i·B/P, (i+1)·B/P) of
+    the [B, ...] batch (P = 1: the whole batch; `make_array_from_process_local_data` is then a `device_put`).
+    Arrays already placed with the batch sharding (global [B, ...]) pass through.
+    """
+    target, processes = batch_sharding(mesh), jax.process_count()
+    placed = {k: v for k, v in batch.items() if isinstance(v, jax.Array) and v.sharding == target}
+    local = {k: np.asarray(v) for k, v in batch.items() if k not in placed}
+    # The global arrays: the P processes' rows one after the other.
+    shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * processes, *v.shape[1:]) if v.ndim else v.shape, v.dtype)
+              for k, v in local.items()}  # fmt: skip
+    validate_batch(shapes | placed, config, mesh)
+    if processes > 1 and local:
+        _check_process_rows(target, (shapes | placed)["input_ids"].shape)
+    place = lambda k: jax.make_array_from_process_local_data(target, local[k], shapes[k].shape)
+    return {k: placed[k] if k in placed else place(k) for k in batch}
+
+
+def _check_process_rows(target: NamedSharding, global_shape: tuple[int, ...]) -> None:
+    """Raise unless this process's devices hold exactly global rows [i·B/P, (i+1)·B/P), the rows the loader gives
+    it (`make_array_from_process_local_data` fills the rows the devices hold in order, whichever they are)."""
+    rows_per_process = global_shape[0] // jax.process_count()
+    first = jax.process_index() * rows_per_process
+    held = set()
+    for index in target.addressable_devices_indices_map(global_shape).values():
+        held.update(range(*index[0].indices(global_shape[0])))
+    if held != set(range(first, first + rows_per_process)):
+        raise ValueError(
+            f"process {jax.process_index()}'s devices hold {len(held)} batch rows (from {min(held)}), not rows "
+            f"[{first}, {first + rows_per_process}) that its loader reads; use a mesh whose data axes follow the "
+            "processes."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,4 +370,4 @@ def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batc
             return jnp.swapaxes(parts, 0, 1).reshape(-1, 2)
 
     jitted = jax.jit(logps, out_shardings=batch_sharding(mesh))
-    return lambda batch: jitted(trainer.state.params, trainer.frozen, shard_batch(batch, mesh, trainer.config))
+    return lambda batch: jitted(trainer.state.params, trainer.frozen, place_batch(batch, mesh, trainer.config))

@@ -169,3 +169,27 @@ def test_the_loader_never_imports_jax():
 
     code = "import sys, jaxpatience.data.pairs; print('jax' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_reference_batches_cover_every_pair_once_in_fixed_shapes():
+    records = _records(41)
+    loader = _loader(records)
+    seen, short = [], 0
+    for indices, batch in loader.reference_batches():
+        bucket = batch["input_ids"].shape[-1]
+        assert batch["input_ids"].shape == (4, 2, bucket) and bucket in loader.buckets
+        assert all(bucket == min(b for b in loader.buckets if b >= loader.pairs[i].length) for i in indices)
+        np.testing.assert_array_equal(batch["pair_index"][: len(indices)], indices)  # the first rows are the pairs
+        assert set(batch["pair_index"].tolist()) == set(indices.tolist())  # the other rows repeat them
+        seen += indices.tolist()
+        short += len(indices) < 4
+    assert sorted(seen) == list(range(len(records))) and short >= 1  # each pair once; some batch was padded
+    # Hosts: the same pairs in the same order, each host holding its rows of the global batch.
+    hosts = [_loader(records, batch_size=8, process_index=i, process_count=2) for i in range(2)]
+    whole = _loader(records, batch_size=8)
+    for (indices, batch), *parts in zip(whole.reference_batches(), *(h.reference_batches() for h in hosts),
+                                         strict=True):  # fmt: skip
+        for part_indices, _ in parts:
+            np.testing.assert_array_equal(part_indices, indices)
+        both = np.concatenate([rows["input_ids"] for _, rows in parts])
+        np.testing.assert_array_equal(both, batch["input_ids"])

@@ -99,15 +99,17 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process(setup):
-    """Two CPU processes (2 devices each, gloo collectives) take the same steps as one process with 4 devices."""
+    """Two CPU processes (2 devices each, gloo collectives) take the same steps as one process with 4 devices,
+    reference log-probs precomputed (each process places its rows; the table needs them back in global order)."""
     checkpoint, pairs, tmp = setup
-    args = config_args(checkpoint, pairs, tmp / "one", "train.mesh.data=4", "train.max_steps=4")
+    shared = ("train.mesh.data=4", "train.max_steps=4", "precompute_reference=true")
+    args = config_args(checkpoint, pairs, tmp / "one", *shared)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "jaxpatience.cli", "train", "--no-progress"]
     subprocess.run([*cmd, *args], env=env, check=True, capture_output=True, timeout=300)
     port = _free_port()
-    two = config_args(checkpoint, pairs, tmp / "two", "train.mesh.data=4", "train.max_steps=4",
-                      f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2")  # fmt: skip
+    two = config_args(checkpoint, pairs, tmp / "two", *shared, f"distributed.coordinator_address=127.0.0.1:{port}",
+                      "distributed.num_processes=2")  # fmt: skip
     env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen([*cmd, *two, f"distributed.process_id={i}"], env=env2, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
@@ -136,13 +138,18 @@ def test_cli_end_to_end_and_bad_config(setup, tmp_path):
 
 
 def test_shipped_training_configs_parse():
+    from jaxpatience.demo import load_demo_config
     from jaxpatience.irpo import load_irpo_config
 
     configs = sorted(p for p in Path(__file__).parent.parent.glob("configs/*.yaml") if "prompt" not in p.name)
     assert len(configs) >= 4
     for path in configs:
         if path.name.startswith("irpo_"):
-            config = load_irpo_config(path, ["model=some/checkpoint"]).train
+            trains = [load_irpo_config(path, ["model=some/checkpoint"]).training.train]
+        elif path.name == "toy.yaml":  # the demo's recipe: its stages' training configs
+            demo = load_demo_config(path=path)
+            trains = [demo.sft.train, demo.patience.train, demo.irpo.training.train]
         else:
-            config = load_run_config(path, ["model=some/checkpoint", "data.path=pairs.jsonl"]).train
-        assert config.batch_size % config.micro_batches == 0, path
+            trains = [load_run_config(path, ["model=some/checkpoint", "data.path=pairs.jsonl"]).train]
+        for config in trains:
+            assert config.batch_size % config.micro_batches == 0, path

@@ -241,7 +241,9 @@ def test_gradient_accumulation_and_remat_equal_one_big_batch():
     batch = _batch()
     whole = _run(_config(), (1, 1, 1), batch)
     accumulated = _run(_config(micro_batches=4, remat="full"), (1, 1, 1), batch)
-    _assert_close(whole, accumulated, rtol=1e-5, atol=1e-6)
+    # Parameters to atol 1e-5 (0.1% of one step of lr = 1e-2; seen: 1.7e-6): the micro-batch gradients add up in
+    # another order, and Adam's division by |g| magnifies that float32 noise where a gradient is tiny.
+    _assert_close(whole, accumulated, rtol=1e-5, atol=1e-6, param_atol=1e-5)
 
 
 # Tolerance for sharded vs one-device steps: float32 reductions run in another order. Metrics of two steps agree
@@ -261,6 +263,20 @@ def test_sharded_step_equals_one_device_step(shape):
     assert up_proj["weight"][...].addressable_shards[0].data.shape == (128 // tensor, 64 // fsdp)
     lora_a = trainer.state.params["model"]["layers"][0]["mlp"]["up_proj"]["lora"]["lora_A"][...]
     assert lora_a.addressable_shards[0].data.shape == (4, 64 // fsdp)
+
+
+def test_place_batch_splits_pairs_over_the_data_axes_and_keeps_every_value():
+    """The one placement of a batch: pairs split over data x fsdp, replicated over tensor; placed arrays pass."""
+    mesh, batch = make_mesh(2, 2, 2), _batch() | {"ref_logps": np.zeros((PAIRS, 2), np.float32)}
+    placed = train.place_batch(batch, mesh, _config())
+    for key, value in placed.items():
+        assert value.sharding == train.batch_sharding(mesh) and value.shape == batch[key].shape
+        assert {shard.data.shape[0] for shard in value.addressable_shards} == {PAIRS // 4}
+        np.testing.assert_array_equal(np.asarray(value), batch[key])
+    again = train.place_batch(placed, mesh, _config())
+    assert all(again[key] is placed[key] for key in placed)
+    with pytest.raises(ValueError, match="4 data-parallel devices"):
+        train.place_batch({k: v[:6] for k, v in batch.items()}, mesh, _config(batch_size=6))
 
 
 def test_padding_does_not_change_log_probs():

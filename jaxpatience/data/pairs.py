@@ -276,6 +276,22 @@ class PairLoader:
                 yield self.make_batch(bucket, indices)
             self.epoch, self.step = self.epoch + 1, 0
 
+    def reference_batches(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Every pair exactly once, for a pass that does not train (reference log-probs before training).
+
+        Yields (indices [n], batch): `batch` is this host's rows of a global batch in the loader's fixed shapes
+        ([batch_size / process_count, 2, bucket], as `make_batch`); the global batch's first n <= batch_size rows
+        are the pairs `indices`, the rest repeat them (only a bucket's last batch is short) and are to be ignored.
+        Pairs go to the smallest bucket they fit, in index order; nothing is shuffled, dropped or carried up.
+        """
+        by_bucket: dict[int, list[int]] = {b: [] for b in self.buckets}
+        for index, pair in enumerate(self.pairs):
+            by_bucket[self._bucket_of(pair.length)].append(index)
+        for bucket, indices in by_bucket.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = np.asarray(indices[start : start + self.batch_size], np.int64)
+                yield chunk, self.make_batch(bucket, np.resize(chunk, self.batch_size))  # repeat to a full batch
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_pairs": len(self.pairs)}
 
