@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -332,15 +331,6 @@ class _Plan:
     batch_shards: int
 
 
-def _batch_shards(mesh) -> int:
-    """How many ways the mesh splits the logical `batch` axis (1 without a mesh): B must be a multiple of it."""
-    if mesh is None:
-        return 1
-    mesh_axes = sharding.logical_to_spec(("batch",))[0]  # the mesh axes the rule table gives `batch`
-    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-    return math.prod(mesh.shape[axis] for axis in mesh_axes)
-
-
 def _plan(model: Qwen2ForCausalLM, settings: dict[str, Any], stop_ids: list[int], batch_size: int, mesh) -> _Plan:
     """Split the model once (jit's cache is keyed on the hashable graphdef and shapes) and fix the buckets."""
     temperature, top_p, samples = settings["temperature"], settings["top_p"], settings["num_samples"] or 1
@@ -350,7 +340,7 @@ def _plan(model: Qwen2ForCausalLM, settings: dict[str, Any], stop_ids: list[int]
         model_state = jax.device_put(model_state, sharding.state_shardings(mesh, model_state))
     stop_array = np.full(_bucket(len(stop_ids), 4), -1, np.int32)
     stop_array[: len(stop_ids)] = stop_ids
-    prompts_per_batch, batch_shards = max(1, batch_size // samples), _batch_shards(mesh)
+    prompts_per_batch, batch_shards = max(1, batch_size // samples), sharding.batch_shards(mesh)
     return _Plan(
         graphdef=graphdef,
         model_state=model_state,

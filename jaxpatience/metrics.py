@@ -1,10 +1,11 @@
-"""Training metrics: one JSON line per step in OUT/metrics.jsonl (TensorBoard too when `tensorboardX` is
-installed). report.plot_training draws them."""
+"""Training metrics: one JSON line per logged step in OUT/metrics.jsonl, through the durable JSONL store
+(store.py), and TensorBoard too when `tensorboardX` is installed. report.plot_training draws them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from jaxpatience.store import JsonlStore, read_jsonl
 
 
 class MetricsWriter:
@@ -14,12 +15,12 @@ class MetricsWriter:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tensorboard = None
+        self.store = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.store = JsonlStore(self.path, required=("step",)).open()
         # Keep only the lines the resumed state has really seen (steps after the checkpoint are redone).
-        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.store.rewrite([r for r in self.store.records if r["step"] <= resume_step])
         try:
             from tensorboardX import SummaryWriter
 
@@ -30,18 +31,18 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step} | {k: float(v) for k, v in metrics.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.store.append([{"step": step} | {k: float(v) for k, v in metrics.items()}])
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 self.tensorboard.add_scalar(key, float(value), step)
 
     def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The records of a metrics.jsonl ([] if there is none; a torn last line of a killed run is left out)."""
+    return read_jsonl(path, required=("step",))

@@ -14,14 +14,14 @@ from pathlib import Path
 ANSWER_READINGS = ("strict", "flexible", "math_verify")  # the evaluator's answer readings (evaluate.METRICS)
 
 
-def figure(width: float = 6.0, height: float = 4.0):
-    """(figure, axes) of a new figure drawn by the Agg canvas (no pyplot)."""
+def figure(width: float = 6.0, height: float = 4.0, columns: int = 1):
+    """(figure, axes) of a new figure drawn by the Agg canvas (no pyplot); `columns` > 1 gives a row of axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
+    return fig, (fig.add_subplot() if columns == 1 else fig.subplots(1, columns))
 
 
 def save(fig, path: str | Path) -> str:
@@ -41,12 +41,7 @@ def plot_training(metrics_path: str | Path, out_png: str | Path, title: str = ""
     records = read_metrics(metrics_path)
     if not records:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 3.6))
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
+    fig, (left, right) = figure(10, 3.6, columns=2)
     steps = [r["step"] for r in records]
     series = lambda key: [r.get(key, math.nan) for r in records]
     left.plot(steps, series("loss"), label="loss")

@@ -163,24 +163,26 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
     bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and run.is_main), desc="train", unit="step")
     batches, tokens_seen, t_start, last = iter(run.loader), 0, time.perf_counter(), {}
-    for step in range(start, end):
-        host = next(batches)  # this process's rows of the global batch
-        batch = {k: host[k] for k in BATCH_KEYS}
-        if run.reference is not None:
-            batch["ref_logps"] = run.reference[host["pair_index"]]  # [B / P, 2]
-        metrics = trainer.step(batch)
-        tokens_seen += int(np.sum(host["attention_mask"])) * processes
-        if (step + 1) % config.log_every == 0 or step + 1 == run.max_steps:
-            last = {k: float(v) for k, v in metrics.items()}  # device -> host: one sync per logged step
-            last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t_start)
-            writer.write(step + 1, last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
-                            tok_s=f"{last['tokens_per_s']:.0f}")  # fmt: skip
-        bar.update(1)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < run.max_steps:
-            run.save(step + 1)
-    bar.close()
-    writer.close()
+    try:  # the metrics file is locked while written: release it however the loop ends
+        for step in range(start, end):
+            host = next(batches)  # this process's rows of the global batch
+            batch = {k: host[k] for k in BATCH_KEYS}
+            if run.reference is not None:
+                batch["ref_logps"] = run.reference[host["pair_index"]]  # [B / P, 2]
+            metrics = trainer.step(batch)
+            tokens_seen += int(np.sum(host["attention_mask"])) * processes
+            if (step + 1) % config.log_every == 0 or step + 1 == run.max_steps:
+                last = {k: float(v) for k, v in metrics.items()}  # device -> host: one sync per logged step
+                last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t_start)
+                writer.write(step + 1, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
+                                tok_s=f"{last['tokens_per_s']:.0f}")  # fmt: skip
+            bar.update(1)
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < run.max_steps:
+                run.save(step + 1)
+    finally:
+        bar.close()
+        writer.close()
     return last
 
 

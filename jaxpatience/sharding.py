@@ -106,6 +106,15 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     return PartitionSpec(*spec)
 
 
+def batch_shards(mesh: Mesh | None, rules: Rules = RULES) -> int:
+    """How many ways `mesh` splits the logical `batch` axis (1 without a mesh): a batch must be a multiple of it."""
+    if mesh is None:
+        return 1
+    mesh_axes = logical_to_spec(("batch",), rules=rules)[0]
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    return math.prod(mesh.shape[axis] for axis in mesh_axes)
+
+
 def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None,
                    rules: Rules = RULES) -> NamedSharding:  # fmt: skip
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))

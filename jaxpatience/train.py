@@ -137,11 +137,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return sharding.named_sharding(mesh, ("batch",))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    spec = batch_sharding(mesh).spec[0]
-    return int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))
-
-
 def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
     """Raise a one-sentence ValueError for a global batch the step cannot take.
 
@@ -158,7 +153,7 @@ def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
             raise ValueError(f"{key} has shape {tuple(batch[key].shape)}; expected {shape} like input_ids.")
     if "ref_logps" in batch and tuple(batch["ref_logps"].shape) != shape[:2]:
         raise ValueError(f"ref_logps has shape {tuple(batch['ref_logps'].shape)}; expected {shape[:2]}.")
-    per_micro, shards = shape[0] // config.micro_batches, data_parallel_size(mesh)
+    per_micro, shards = shape[0] // config.micro_batches, sharding.batch_shards(mesh)
     if shape[0] % config.micro_batches or per_micro % shards:
         raise ValueError(
             f"a batch of {shape[0]} pairs cannot be cut into {config.micro_batches} micro-batches that split "
