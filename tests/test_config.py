@@ -77,6 +77,22 @@ def test_unknown_keys_and_bad_values_are_named():
         EvalConfig(dataset="gsm8k", out_dir="x").validate()
 
 
+def test_a_value_of_the_wrong_kind_names_its_key():
+    def error(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as caught:
+            load_config(RunConfig, None, list(overrides))
+        return str(caught.value)
+
+    assert error("train.loss.beta=abc") == "config.train.loss.beta must be a number, not 'abc'."
+    assert error("train.max_steps=2.5") == "config.train.max_steps must be an integer, not 2.5."
+    assert error("data.buckets=[64,x]") == "config.data.buckets[1] must be an integer, not 'x'."
+    assert error("train.lora.rslora=maybe") == "config.train.lora.rslora must be true or false, not 'maybe'."
+    config = load_config(RunConfig, None, ["train.lora.alpha=32", "train.optimizer.learning_rate=1e-5"])
+    assert config.train.lora.alpha == 32.0 and isinstance(config.train.lora.alpha, float)
+    assert config.train.optimizer.learning_rate == 1e-5
+    assert load_config(RunConfig, None, ["train.lora=null"]).train.lora is None
+
+
 def test_templates_validate_only_where_a_run_starts():
     template = RunConfig()  # IrpoConfig.training and the demo's stages leave model and data.path empty
     with pytest.raises(ConfigError, match="model is not set"):

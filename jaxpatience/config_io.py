@@ -1,0 +1,205 @@
+"""Reading configs: strict YAML files, `section.key=value` overrides, and the command line every command shares.
+
+A config is a frozen dataclass (config.py); `load_config(cls, path, overrides)` builds one from a YAML file that
+states only what differs from the defaults, then `key=value` overrides. Loading is strict: an unknown key, or a
+value of the wrong kind, is an error that names the key. `command_parser` + `config_from_args` give every command
+the same line: `--config FILE`, its flags (each an alias of a key), then `key=value`, the last one winning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one sentence naming the file or key."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generic strict loading of nested frozen dataclasses from YAML and `a.b=value` overrides.
+
+
+def _parse_scalar(text: str) -> Any:
+    """`key=value` values are parsed as YAML scalars: 3 → int, 1e-5 → float, true → bool, null → None."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and not text.lstrip().startswith(('"', "'")):
+        try:  # YAML 1.1 reads "1e-5" as a string; accept it as a float.
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings to a nested dict (returns a new dict)."""
+    tree = json.loads(json.dumps(tree))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value.")
+        dotted, text = item.split("=", 1)
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section.")
+        node[leaf] = _parse_scalar(text)
+    return tree
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from `data`, recursing into dataclass-typed fields; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)}).")
+        field_type = _dataclass_in(hints[key])
+        if field_type is not None and isinstance(value, dict):
+            value = from_dict(field_type, value, f"{where}.{key}")
+        elif field_type is None or value is not None:
+            value = _typed(value, hints[key], f"{where}.{key}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}.") from None
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` checked against a field's type hint (bool, int, float, str, tuples, unions of them), so a bad value
+    is one sentence naming its key; ints become floats where a float is expected, lists become tuples."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        kinds = [o for o in options if o is not type(None)]
+        if len(kinds) == 1:  # X | None: X's own message names what is wrong inside it
+            return _typed(value, kinds[0], where)
+        for option in kinds:
+            try:
+                return _typed(value, option, where)
+            except ConfigError:
+                continue
+        names = " or ".join(_KINDS.get(o, getattr(o, "__name__", str(o))) for o in kinds)
+        raise ConfigError(f"{where} must be {names}{' or null' if type(None) in options else ''}, not {value!r}.")
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, not {value!r}.")
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        return tuple(_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(hint)  # fmt: skip
+    if ok is None:
+        return tuple(value) if isinstance(value, list) else value
+    if not ok(value):
+        raise ConfigError(f"{where} must be {_KINDS[hint]}, not {value!r}.")
+    return float(value) if hint is float else value
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass type in `hint` (`X`, `X | None`), if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level.")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every command reads its config the same way: a YAML file, then flags (aliases of keys), then key=value.
+
+
+CONFIG_HELP = "YAML config; keys not given keep their defaults"
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """A `cls` from a YAML file (optional) and `section.key=value` overrides; strict about unknown keys."""
+    data = load_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or "config"))
+
+
+def command_parser(prog: str, description: str, aliases: dict[str, tuple[str, str]] | None = None,
+                   config_help: str = CONFIG_HELP) -> argparse.ArgumentParser:  # fmt: skip
+    """An argparse parser with `--config FILE`, `key=value` overrides and `aliases`: {"--flag": (key, help)}.
+
+    A flag is the same as `key=VALUE`; a value `a=1,b=2` sets keys of a section (`--mesh data=8` = `mesh.data=8`).
+    Commands add their own options (not config keys) to the returned parser.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys: section.key=value")
+    for flag, (key, help_text) in (aliases or {}).items():
+        parser.add_argument(flag, dest=_alias_dest(key), metavar="VALUE", help=f"{help_text} (= {key}=VALUE)")
+    parser.set_defaults(_aliases=dict(aliases or {}))
+    return parser
+
+
+def _alias_dest(key: str) -> str:
+    return "alias__" + key.replace(".", "__")
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config of a parsed command line: YAML file < flags < key=value overrides.
+
+    A flag's value is taken as typed for a text field (`--model yes` is the path "yes", not a boolean) and split
+    into keys for a section (`--mesh data=8,fsdp=2`).
+    """
+    overrides = []
+    for key, _ in args._aliases.values():
+        value = getattr(args, _alias_dest(key))
+        if value is None:
+            continue
+        hint = _field_hint(cls, key)
+        if _dataclass_in(hint) is not None:  # a section's keys: "data=8,fsdp=2"
+            overrides += [f"{key}.{item.strip()}" for item in value.split(",") if item.strip()]
+        elif hint is str or set(typing.get_args(hint)) == {str, type(None)}:
+            overrides.append(f"{key}={json.dumps(value)}")  # a quoted YAML scalar: stays the text it is
+        else:
+            overrides.append(f"{key}={value}")
+    return load_config(cls, args.config, overrides + list(args.overrides))
+
+
+def _field_hint(cls: type, dotted: str) -> Any:
+    """The type hint of the field `a.b.c` of dataclass `cls` (None if there is no such field)."""
+    hint: Any = cls
+    for name in dotted.split("."):
+        owner = _dataclass_in(hint)
+        if owner is None:
+            return None
+        hint = typing.get_type_hints(owner).get(name)
+    return hint
