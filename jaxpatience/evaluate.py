@@ -56,8 +56,9 @@ class EvalError(ValueError):
 
 
 def open_generations(path: Path, samples: int) -> JsonlStore:
-    """The generations store, locked, holding whole problems only: a problem with missing samples (a crash
-    between two batches' writes cannot cause one, an edited file can) is dropped and the file rewritten."""
+    """The generations store, locked, holding whole problems only. A batch is one write, but a crash in the middle
+    of it can leave its first lines whole and cut the rest: a problem with missing samples is dropped (and the
+    file rewritten without it), so that it is generated again with all its samples."""
     store = JsonlStore(path, required=GENERATION_KEYS).open()
     kept, dropped = complete_records(store.records, samples)
     if dropped:
