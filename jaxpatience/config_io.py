@@ -103,6 +103,8 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a list, not {value!r}.")
         item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
         return tuple(_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is str and value is None:  # `key=` or an empty YAML value: empty text ("not set" where that matters)
+        return ""
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as text
         try:
             return float(value)
@@ -147,10 +149,25 @@ def load_yaml(path: str | Path) -> dict:
 CONFIG_HELP = "YAML config; keys not given keep their defaults"
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
-    """A `cls` from a YAML file (optional) and `section.key=value` overrides; strict about unknown keys."""
-    data = load_yaml(path) if path else {}
-    return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or "config"))
+def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                base: str | Path | None = None) -> Any:  # fmt: skip
+    """A `cls` from YAML files and `section.key=value` overrides; strict about unknown keys.
+
+    base: a YAML file read first (the demo's recipe); `path` then states only what differs from it.
+    """
+    data = load_yaml(base) if base else {}
+    if path:
+        data = _merged(data, load_yaml(path))
+    return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or base or "config"))
+
+
+def _merged(tree: dict, update: dict) -> dict:
+    """`tree` with `update` laid over it, section by section (a new dict)."""
+    out = dict(tree)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def command_parser(prog: str, description: str, aliases: dict[str, tuple[str, str]] | None = None,

@@ -298,8 +298,9 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
-# SamplingConfig's defaults (one source), except that no num_samples means a flat list of Generations.
-_SAMPLING_DEFAULTS = {**SamplingConfig().generate_kwargs(), "num_samples": None}
+# SamplingConfig's defaults, except two that generate() has always had: 256 new tokens (configs default to 512,
+# an evaluation's budget) and no num_samples, which means a flat list of Generations.
+_SAMPLING_DEFAULTS = {**SamplingConfig().generate_kwargs(), "max_new_tokens": 256, "num_samples": None}
 
 
 def _sampling_settings(sampling: SamplingConfig | None, given: dict[str, Any]) -> dict[str, Any]:
@@ -429,7 +430,7 @@ def generate(
     """Continue each prompt; returns one `Generation` per prompt, in prompt order.
 
     prompts: chat-formatted strings (encoded without adding special tokens) or lists of token ids.
-    max_new_tokens (default 512, as SamplingConfig), temperature (0), top_p (1), top_k (0), num_samples (None),
+    max_new_tokens (default 256), temperature (0), top_p (1), top_k (0), num_samples (None),
     seed (0), stop_tokens (None): the sampling settings, given one by one or all at once as
         `sampling=SamplingConfig(...)` (then none of them may be passed; its num_samples is an int, so the result
         is a list of lists).

@@ -31,10 +31,8 @@ from pathlib import Path
 from jaxpatience import report
 from jaxpatience.config import (
     ConfigError,
-    EvalConfig,
     IrpoConfig,
     RunConfig,
-    SamplingConfig,
     command_parser,
     load_config,
 )
@@ -103,16 +101,14 @@ TOY_CONFIG = "configs/toy.yaml"
 
 def load_demo_config(overrides: list[str] | tuple[str, ...] = (), *, small: bool = False,
                      path: str | Path | None = None) -> DemoConfig:  # fmt: skip
-    """configs/toy.yaml (or `path`), then SMALL when `small`, then `overrides` (key=value)."""
-    if path is None:
-        # The repository's copy: under the working directory, or next to this package (editable installs).
-        candidates = [Path(TOY_CONFIG), Path(__file__).resolve().parents[1] / TOY_CONFIG]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise ConfigError(
-                f"the demo's recipe {TOY_CONFIG} was not found: run from the repository or pass --config."
-            )
-    return load_config(DemoConfig, path, [*(SMALL if small else ()), *overrides])
+    """configs/toy.yaml, then `path` (a YAML file stating what differs from it), then SMALL when `small`, then
+    `overrides` (key=value)."""
+    # The repository's copy: under the working directory, or next to this package (editable installs).
+    candidates = [Path(TOY_CONFIG), Path(__file__).resolve().parents[1] / TOY_CONFIG]
+    recipe = next((p for p in candidates if p.is_file()), None)
+    if recipe is None and path is None:
+        raise ConfigError(f"the demo's recipe {TOY_CONFIG} was not found; run from a clone of the repository.")
+    return load_config(DemoConfig, path, [*(SMALL if small else ()), *overrides], base=recipe)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,16 +209,14 @@ def irpo_config(config: DemoConfig, base: Path, data: dict[str, Path], out: Path
     )  # fmt: skip
 
 
-def evaluate_model(config: DemoConfig, model_path: Path, heldout: Path, out: Path, *, prefix: str = "",
-                   progress: bool = True) -> dict:  # fmt: skip
-    """Greedy held-out accuracy (resumable; read back when done), as IRPO evaluates (irpo.sampling's token
-    budget, irpo.generation_batch_size). `prefix` starts every answer for the model (not counted as response)."""
+def evaluate_model(irpo: IrpoConfig, model_path: Path, out: Path, *, prefix: str = "", progress: bool = True) -> dict:
+    """Greedy held-out accuracy (resumable; read back when done), exactly as IRPO evaluates its iterations
+    (irpo.eval_config). `prefix` starts every answer for the model (not counted as response)."""
     from jaxpatience.evaluate import evaluate_checkpoint
+    from jaxpatience.irpo import eval_config
 
-    sampling = SamplingConfig(max_new_tokens=config.irpo.sampling.max_new_tokens, seed=config.seed)
-    eval_config = EvalConfig(model=str(model_path), dataset=str(heldout), out_dir=str(out), prompt_style="question",
-                             generation_batch_size=config.irpo.generation_batch_size, sampling=sampling)  # fmt: skip
-    return evaluate_checkpoint(eval_config, answer_prefix=prefix, reuse=True, progress=progress)
+    config = eval_config(irpo, model_path, "eval", out, seed=irpo.sampling.seed)
+    return evaluate_checkpoint(config, answer_prefix=prefix, reuse=True, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,15 +245,16 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True) -> d
             _banner("base model: full-parameter SFT, patient-only phase then concise-heavy mix")
             train(sft_config(config, init_dir, files["sft"], base_dir), progress=progress)
     base_model = base_dir / "merged"
+    irpo_run = irpo_config(config, base_model, files, out / "irpo")  # IRPO, and how every stage is evaluated
 
     rows = {}
     with timings.stage("base_eval", done=(out / "irpo" / "base_eval" / "summary.json").is_file()) as skip:
         _banner("base model: held-out accuracy", skip)
-        rows["base"] = evaluate_model(config, base_model, files["heldout"], out / "irpo" / "base_eval",
+        rows["base"] = evaluate_model(irpo_run, base_model, out / "irpo" / "base_eval",
                                       progress=progress)  # fmt: skip
     with timings.stage("forced_eval", done=(out / "forced_eval" / "summary.json").is_file()) as skip:
         _banner(f"base model, answer started with {PATIENT_START!r}: the latent skill", skip)
-        rows["forced"] = evaluate_model(config, base_model, files["heldout"], out / "forced_eval",
+        rows["forced"] = evaluate_model(irpo_run, base_model, out / "forced_eval",
                                         prefix=PATIENT_START, progress=progress)  # fmt: skip
     with timings.stage("patience_train", done=(out / "patience" / "summary.json").is_file()) as skip:
         if not skip:
@@ -267,11 +262,11 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True) -> d
             train(patience_config(config, base_model, files["patience"], out / "patience"), progress=progress)
     with timings.stage("patience_eval", done=(out / "patience_eval" / "summary.json").is_file()) as skip:
         _banner("Patience model: held-out accuracy", skip)
-        rows["patience"] = evaluate_model(config, out / "patience" / "merged", files["heldout"],
+        rows["patience"] = evaluate_model(irpo_run, out / "patience" / "merged",
                                           out / "patience_eval", progress=progress)  # fmt: skip
     with timings.stage("irpo", done=(out / "irpo" / "summary.json").is_file()) as skip:
         _banner("Iterative RPO from the same base: sample, pair by correctness, DPO + NLL, evaluate", skip)
-        irpo = run_irpo(irpo_config(config, base_model, files, out / "irpo"), progress=progress)
+        irpo = run_irpo(irpo_run, progress=progress)
     return report_demo(config, out, rows, irpo["iterations"][1:], timings.load())
 
 

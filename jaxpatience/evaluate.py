@@ -55,16 +55,14 @@ class EvalError(ValueError):
 # The generations file and the run's settings.
 
 
-def open_generations(path: Path, samples: int) -> JsonlStore:
-    """The generations store, locked, holding whole problems only. A batch is one write, but a crash in the middle
-    of it can leave its first lines whole and cut the rest: a problem with missing samples is dropped (and the
-    file rewritten without it), so that it is generated again with all its samples."""
-    store = JsonlStore(path, required=GENERATION_KEYS).open()
+def _drop_incomplete(store: JsonlStore, samples: int) -> None:
+    """Keep whole problems only. A batch is one write, but a crash in the middle of it can leave its first lines
+    whole and cut the rest: a problem with missing samples is dropped (and the file rewritten without it), so
+    that it is generated again with all its samples."""
     kept, dropped = complete_records(store.records, samples)
     if dropped:
         store.rewrite(kept)
-        print(f"{path}: dropped {dropped} incomplete record(s) of an interrupted run.", file=sys.stderr)
-    return store
+        print(f"{store.path}: dropped {dropped} incomplete record(s) of an interrupted run.", file=sys.stderr)
 
 
 def complete_records(records: list[dict], samples: int) -> tuple[list[dict], int]:
@@ -81,17 +79,25 @@ def complete_records(records: list[dict], samples: int) -> tuple[list[dict], int
     return kept, len(records) - len(kept)
 
 
-def _check_settings(run_path: Path, settings: dict, generations: Path) -> None:
-    """Record the run's settings, or refuse to resume a folder whose generations were made with other settings."""
-    if run_path.exists() and generations.exists() and generations.stat().st_size > 0:
+# run.json of earlier versions: settings then named otherwise, and the value a setting added since then had.
+LEGACY_NAMES = {"samples": "num_samples", "batch_size": "generation_batch_size"}
+LEGACY_VALUES = {"answer_prefix": "", "stop": None}
+
+
+def _check_settings(run_path: Path, settings: dict, store: JsonlStore) -> None:
+    """Record the run's settings, or refuse to resume a folder whose generations were made with other settings.
+    Called with the generations store open (locked), so a second run cannot rewrite run.json under the first."""
+    if run_path.exists() and store.records:
         try:
             previous = json.loads(run_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             raise EvalError(f"{run_path} is not valid JSON; delete it or use another output folder.") from None
+        previous = {LEGACY_NAMES.get(key, key): value for key, value in previous.items()}
         for key, value in settings.items():
-            if key in previous and previous[key] != value:
+            before = previous.get(key, LEGACY_VALUES.get(key, value))  # a key run.json never had: no check
+            if before != value:
                 raise EvalError(
-                    f"{run_path.parent} holds generations made with {key}={previous[key]!r}, not {value!r}; "
+                    f"{run_path.parent} holds generations made with {key}={before!r}, not {value!r}; "
                     f"use another output folder or delete it to start over."
                 )
     run_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -140,11 +146,11 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(run_info, prompt_style, answer_prefix, sampling, generation_batch_size)
-    path = out_dir / "generations.jsonl"
-    _check_settings(out_dir / "run.json", settings, path)
     job = _Job(model, tokenizer, problems, sampling, prompt_style, answer_prefix, generation_batch_size, metric,
                generate_fn, generate_kwargs or {})  # fmt: skip
-    with open_generations(path, sampling.num_samples) as store:
+    with JsonlStore(out_dir / "generations.jsonl", required=GENERATION_KEYS) as store:  # locked against a 2nd run
+        _check_settings(out_dir / "run.json", settings, store)
+        _drop_incomplete(store, sampling.num_samples)
         new_problems = job.run(store, progress)
     summary = summarize(store.records, problems, samples=sampling.num_samples, metric=metric)
     summary.update(settings=settings, out_dir=str(out_dir))
@@ -159,9 +165,7 @@ def _settings(run_info: dict | None, prompt_style: PromptStyle, answer_prefix: s
               generation_batch_size: int) -> dict:  # fmt: skip
     """What the generations depend on (run.json): a rerun into the same folder must have the same."""
     style = prompt_style if isinstance(prompt_style, str) else f"custom:{getattr(prompt_style, '__name__', '?')}"
-    settings = dict(run_info or {}, prompt_style=style, **dataclasses.asdict(sampling))
-    if answer_prefix:
-        settings["answer_prefix"] = answer_prefix
+    settings = dict(run_info or {}, prompt_style=style, answer_prefix=answer_prefix, **dataclasses.asdict(sampling))
     if sampling.temperature > 0:  # sampled streams depend on how problems are batched: a resume must batch alike
         settings["generation_batch_size"] = generation_batch_size
     return json.loads(json.dumps(settings))  # tuples -> lists, as run.json will hold them
@@ -257,12 +261,12 @@ def _batch_seed(seed: int, first_index: int) -> int:
     return (seed * 1_000_003 + first_index) % 2**32
 
 
-def _validate(problems: list[Problem], prompt_style: PromptStyle, sampling: SamplingConfig, batch_size: int,
-              metric: str) -> None:  # fmt: skip
+def _validate(problems: list[Problem] | None, prompt_style: PromptStyle, sampling: SamplingConfig,
+              batch_size: int, metric: str) -> None:  # fmt: skip
+    """One sentence (EvalError) for settings no evaluation can run with; `problems` None checks the settings only
+    (evaluate_checkpoint does, before it loads anything)."""
     samples = sampling.num_samples
     checks = [
-        (len(problems) > 0, "there are no problems to evaluate"),
-        (len({p.id for p in problems}) == len(problems), "problem ids must be unique"),
         (callable(prompt_style) or prompt_style in PROMPT_STYLES,
          f"unknown prompt style {prompt_style!r}: use one of {', '.join(PROMPT_STYLES)}"),
         (isinstance(batch_size, int) and batch_size >= 1, f"generation_batch_size must be >= 1, not {batch_size}"),
@@ -270,6 +274,9 @@ def _validate(problems: list[Problem], prompt_style: PromptStyle, sampling: Samp
          f"num_samples={samples} at temperature 0 would be {samples} identical greedy answers; set a temperature"),
         (metric in (*METRICS, "auto"), f"unknown metric {metric!r}: use auto, {', '.join(METRICS)}"),
     ]  # fmt: skip
+    if problems is not None:
+        checks += [(len(problems) > 0, "there are no problems to evaluate"),
+                   (len({p.id for p in problems}) == len(problems), "problem ids must be unique")]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise EvalError(message + ".")
@@ -484,6 +491,7 @@ def evaluate_checkpoint(config: EvalConfig, problems: Sequence[Problem] | None =
     out = Path(config.out_dir)
     if reuse and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
+    _validate(None, config.prompt_style, config.sampling, config.generation_batch_size, config.metric)
     if problems is None:
         config.validate()
         problems = load_problems(config.dataset, split=config.split, limit=config.limit, seed=config.sampling.seed)

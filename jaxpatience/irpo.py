@@ -33,21 +33,28 @@ def _problems(source: str, split: str, limit: int | None, seed: int):
     return load_problems(source, split=split, limit=limit, seed=seed)
 
 
+def eval_config(config: IrpoConfig, model_path: str | Path, which: str, out_dir: Path, seed: int) -> EvalConfig:
+    """How IRPO evaluates a checkpoint: `which` = "train" draws the iteration's samples (config.sampling) from the
+    training problems; "eval" is the greedy held-out evaluation with the same token budget. (The demo evaluates
+    its other models this way too, so that they compare with IRPO's rows.)"""
+    sampling = config.sampling
+    if which == "eval":
+        sampling = dataclasses.replace(sampling, temperature=0.0, num_samples=1)
+    return EvalConfig(
+        model=str(model_path), dataset=getattr(config, f"{which}_problems"), split=getattr(config, f"{which}_split"),
+        limit=getattr(config, f"{which}_limit"), out_dir=str(out_dir), prompt_style=config.prompt_style,
+        generation_batch_size=config.generation_batch_size, param_dtype=config.training.param_dtype,
+        compute_dtype=config.training.compute_dtype, sampling=dataclasses.replace(sampling, seed=seed),
+    )  # fmt: skip
+
+
 def _evaluate(config: IrpoConfig, model_path: str, problems, which: str, out_dir: Path, *, seed: int,
               progress: bool) -> dict:  # fmt: skip
-    """One evaluation of a checkpoint (run, resumed, or read back when finished): `which` = "train" draws the
-    iteration's samples (config.sampling); "eval" is the greedy held-out evaluation with the same token budget."""
+    """One evaluation of a checkpoint (run, resumed, or read back when finished); see `eval_config`."""
     from jaxpatience.evaluate import evaluate_checkpoint
 
-    sampled = which == "train"
-    sampling = config.sampling if sampled else dataclasses.replace(config.sampling, temperature=0.0, num_samples=1)
-    eval_config = EvalConfig(
-        model=model_path, dataset=getattr(config, f"{which}_problems"), split=getattr(config, f"{which}_split"),
-        out_dir=str(out_dir), prompt_style=config.prompt_style, generation_batch_size=config.generation_batch_size,
-        param_dtype=config.training.param_dtype, compute_dtype=config.training.compute_dtype,
-        sampling=dataclasses.replace(sampling, seed=seed),
-    )  # fmt: skip
-    return evaluate_checkpoint(eval_config, problems, reuse=True, progress=progress, plots=not sampled)
+    eval_config_ = eval_config(config, model_path, which, out_dir, seed)
+    return evaluate_checkpoint(eval_config_, problems, reuse=True, progress=progress, plots=which == "eval")
 
 
 def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict,

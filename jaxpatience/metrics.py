@@ -18,15 +18,15 @@ class MetricsWriter:
         self.store = None
         if not enabled:
             return
-        self.store = JsonlStore(self.path, required=("step",)).open()
-        # Keep only the lines the resumed state has really seen (steps after the checkpoint are redone).
-        self.store.rewrite([r for r in self.store.records if r["step"] <= resume_step])
         try:
             from tensorboardX import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(Path(out_dir) / "tensorboard"))
         except ImportError:
             pass
+        self.store = JsonlStore(self.path, required=("step",)).open()  # last: nothing after it can fail and leak it
+        # Keep only the lines the resumed state has really seen (steps after the checkpoint are redone).
+        self.store.rewrite([r for r in self.store.records if r["step"] <= resume_step])
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,7 +1,8 @@
 """The one durable JSONL store: every file of records the project appends to and resumes from.
 
 Users: the teacher's pairs and drops (data/teacher.py), the evaluator's generations (evaluate.py), self-play
-pairs (data/selfplay.py), the demo's data files (demo.py); `iter_jsonl` also reads users' own .jsonl inputs.
+pairs (data/selfplay.py), training metrics (metrics.py), the demo's data files (demo.py); `iter_jsonl` also
+reads users' own .jsonl inputs.
 
 Durability: `JsonlStore.append` writes a batch of records with one `write`, then flushes and fsyncs before it
 returns, so a crash (even SIGKILL) can leave at most a torn *last* line behind. `write_jsonl` and
@@ -190,7 +191,7 @@ class JsonlStore:
             self._file = None
 
     def __enter__(self) -> JsonlStore:
-        return self.open()
+        return self if self._file is not None else self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -177,6 +177,12 @@ def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
               for k, v in local.items()}  # fmt: skip
     validate_batch(shapes | placed, config, mesh)
     if processes > 1 and local:
+        global_rows = (shapes | placed)["input_ids"].shape[0]
+        if global_rows != config.batch_size:  # e.g. every process passing the whole batch (train.py before 0.2)
+            raise ValueError(
+                f"{processes} processes' rows make a batch of {global_rows} pairs, not batch_size={config.batch_size}: "
+                "each process passes only its own rows (PairLoader.make_batch gives them)."
+            )
         _check_process_rows(target, (shapes | placed)["input_ids"].shape)
     place = lambda k: jax.make_array_from_process_local_data(target, local[k], shapes[k].shape)
     return {k: placed[k] if k in placed else place(k) for k in batch}

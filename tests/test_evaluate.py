@@ -194,6 +194,25 @@ def test_resume_refuses_other_settings_and_names_a_bad_line(tmp_path):
         evaluate(None, make_tokenizer(), problems, sampling=SamplingConfig(max_new_tokens=64), **run)
 
 
+def test_resume_checks_the_answer_prefix_and_reads_older_run_files(tmp_path):
+    problems, script = scripted_problems(n=2, samples=3)
+    two = SamplingConfig(num_samples=2, temperature=1.0)
+    run = dict(out_dir=tmp_path, generate_fn=ScriptedGenerator(script), progress=False, plots=False)
+    evaluate(None, make_tokenizer(), problems, sampling=two, **run)
+    with pytest.raises(EvalError, match="made with answer_prefix='', not 'Start with'"):
+        evaluate(None, make_tokenizer(), problems, sampling=two, answer_prefix="Start with", **run)
+    # a run.json written before SamplingConfig: `samples` and `batch_size`, no answer_prefix or stop
+    settings = json.loads((tmp_path / "run.json").read_text())
+    settings["samples"], settings["batch_size"] = settings.pop("num_samples"), settings.pop("generation_batch_size")
+    del settings["answer_prefix"], settings["stop"]
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    with pytest.raises(EvalError, match="made with num_samples=2, not 3"):
+        evaluate(None, make_tokenizer(), problems, sampling=dataclasses.replace(two, num_samples=3), **run)
+    with pytest.raises(EvalError, match="made with generation_batch_size=16, not 4"):
+        evaluate(None, make_tokenizer(), problems, sampling=two, generation_batch_size=4, **run)
+    evaluate(None, make_tokenizer(), problems, sampling=two, **run)  # the same settings under the old names
+
+
 def test_bad_settings_are_one_sentence(tmp_path):
     problems, script = scripted_problems(n=2, samples=1)
     run = dict(out_dir=tmp_path, generate_fn=ScriptedGenerator(script), progress=False)

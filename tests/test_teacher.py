@@ -556,7 +556,8 @@ def test_config_file_and_flags_give_the_same_config(tmp_path):
     [
         (["colour=blue"], "unknown key 'colour'"),
         (["--config", "{yaml}"], "unknown key 'colour'"),
-        (["--concurrency", "many"], "concurrency must be an integer >= 1, not 'many'"),
+        (["--concurrency", "many"], "concurrency must be an integer, not 'many'"),
+        (["--concurrency", "0"], "concurrency must be an integer >= 1, not 0"),
         (["model="], "model is not set"),
     ],
 )
