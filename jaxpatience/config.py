@@ -15,6 +15,7 @@ from typing import Any
 from jaxpatience.config_io import (  # noqa: F401 - re-exported: the one place users import configs from
     ConfigError,
     apply_overrides,
+    changed_keys,
     command_parser,
     config_from_args,
     from_dict,

@@ -161,6 +161,18 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[s
     return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or base or "config"))
 
 
+def changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config dicts (`train.loss.beta`, not just `train`)."""
+    keys = []
+    for key in sorted(before.keys() | after.keys(), key=str):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def _merged(tree: dict, update: dict) -> dict:
     """`tree` with `update` laid over it, section by section (a new dict)."""
     out = dict(tree)

@@ -33,6 +33,7 @@ from jaxpatience.config import (
     ConfigError,
     IrpoConfig,
     RunConfig,
+    changed_keys,
     command_parser,
     load_config,
 )
@@ -300,7 +301,7 @@ def _check_same_config(config: DemoConfig, out: Path) -> None:
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved != current:
-            changed = sorted(k for k in current if saved.get(k) != current[k])
+            changed = changed_keys(saved, current)
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)}); "
                               f"use another --out or --overwrite.")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jaxpatience.config import ConfigError, RunConfig, command_parser, config_from_args, load_config
+from jaxpatience.config import ConfigError, RunConfig, changed_keys, command_parser, config_from_args, load_config
 
 if TYPE_CHECKING:  # the heavy modules are imported inside the functions, after jax.distributed starts
     import numpy as np
@@ -70,7 +70,7 @@ def _check_same_run(saved: dict, current: dict, out: Path) -> None:
             config.pop(key, None)
         config.get("train", {}).pop("mesh", None)
     if saved != current:
-        diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        diff = changed_keys(saved, current)
         raise ConfigError(
             f"{out} holds a run with another config (differs in: {', '.join(diff)}); resume with the same config "
             "or choose a new out_dir."

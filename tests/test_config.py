@@ -104,6 +104,15 @@ def test_templates_validate_only_where_a_run_starts():
         IrpoConfig(sampling=SamplingConfig(num_samples=4))
 
 
+def test_changed_keys_are_dotted():
+    from jaxpatience.config import changed_keys
+
+    before = {"seed": 0, "train": {"loss": {"beta": 0.1}, "batch_size": 8}}
+    after = {"seed": 0, "train": {"loss": {"beta": 0.2}, "batch_size": 8}, "epochs": 1}
+    assert changed_keys(before, after) == ["epochs", "train.loss.beta"]
+    assert changed_keys(before, before) == []
+
+
 def test_sampling_config_is_generates_keywords():
     sampling = SamplingConfig(temperature=0.7, top_p=0.9, top_k=5, num_samples=3, max_new_tokens=9, seed=2, stop=(7,))
     assert sampling.generate_kwargs() == dict(max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=5, num_samples=3,
