@@ -67,10 +67,13 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         if key not in known:
             raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)}).")
         field_type = _dataclass_in(hints[key])
-        if field_type is not None and isinstance(value, dict):
-            value = from_dict(field_type, value, f"{where}.{key}")
-        elif field_type is None or value is not None:
+        if field_type is None:
             value = _typed(value, hints[key], f"{where}.{key}")
+        elif isinstance(value, dict):
+            value = from_dict(field_type, value, f"{where}.{key}")
+        elif value is not None or type(None) not in typing.get_args(hints[key]):  # `lora: null` turns LoRA off
+            nullable = " or null" if type(None) in typing.get_args(hints[key]) else ""
+            raise ConfigError(f"{where}.{key} must be a section of keys{nullable}, not {value!r}.")
         kwargs[key] = value
     try:
         return cls(**kwargs)

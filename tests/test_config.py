@@ -91,6 +91,8 @@ def test_a_value_of_the_wrong_kind_names_its_key():
     assert config.train.lora.alpha == 32.0 and isinstance(config.train.lora.alpha, float)
     assert config.train.optimizer.learning_rate == 1e-5
     assert load_config(RunConfig, None, ["train.lora=null"]).train.lora is None
+    assert error("train.lora=5") == "config.train.lora must be a section of keys or null, not 5."
+    assert error("data=null") == "config.data must be a section of keys, not None."
 
 
 def test_templates_validate_only_where_a_run_starts():
