@@ -15,7 +15,8 @@ its first real token, exactly as HF's `generate` computes them.
 KV cache (used by decode.py): a `KVCache` of keys and values, each a tuple of L per-layer [B, S, K, H] buffers
 (separate buffers let XLA update each in place; one stacked array was copied several times per step). A call with
 `kv_cache=` writes the new keys/values at slots [cache_index, cache_index + T) and attends over all S slots;
-`attention_mask` is then [B, S] and describes the whole cache (the new tokens included).
+`attention_mask` is then [B, S] and describes the whole cache (the new tokens included). `cache_index` is one slot
+for every row, or one per row [B] (engine.py's slots hold rows at different points of their answers).
 """
 
 from __future__ import annotations
@@ -121,10 +122,9 @@ class Attention(nnx.Module):
         key = apply_rope(self.k_proj(x).reshape(batch, length, k, h), positions, self.rope_theta)  # [B, T, K, H]
         value = self.v_proj(x).reshape(batch, length, k, h)  # [B, T, K, H]
         if kv is not None:  # write this call's keys/values into the cache, then attend over the whole cache
-            start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(kv[0], key.astype(kv[0].dtype), start)  # [B, S, K, H]
-            value = jax.lax.dynamic_update_slice(kv[1], value.astype(kv[1].dtype), start)
+            key, value = _write_cache(kv[0], key, cache_index), _write_cache(kv[1], value, cache_index)  # [B, S, K, H]
             kv = (key, value)
+            key, value = key[:, : mask.shape[-1]], value[:, : mask.shape[-1]]  # attend over the mask's slots only
         q = q.reshape(batch, length, k, n // k, h)  # [B, T, K, G, H]: each kv head serves G query heads
         scores = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores * (h**-0.5)
@@ -132,6 +132,16 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
         out = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(q.dtype)).reshape(batch, length, n * h)
         return self.o_proj(out), kv
+
+
+def _write_cache(buffer: Array, new: Array, cache_index) -> Array:
+    """Write new [B, T, K, H] into buffer [B, S, K, H] at slots [cache_index, cache_index + T): one index for every
+    row (a scalar), or one per row ([B]: the slot engine's rows are at different points of their answers)."""
+    new = new.astype(buffer.dtype)
+    if jnp.ndim(cache_index) == 0:
+        return jax.lax.dynamic_update_slice(buffer, new, (0, cache_index, 0, 0))
+    write_row = lambda row, values, start: jax.lax.dynamic_update_slice(row, values, (start, 0, 0))
+    return jax.vmap(write_row)(buffer, new, cache_index)  # a scatter, in place when the cache is donated
 
 
 class MLP(nnx.Module):
@@ -198,8 +208,13 @@ class Qwen2ForCausalLM(nnx.Module):
         return logits if kv_cache is None else (logits, kv_cache)
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
-                      kv_cache: KVCache | None = None, cache_index: int | Array = 0):  # fmt: skip
+                      kv_cache: KVCache | None = None, cache_index: int | Array = 0,
+                      positions: Array | None = None, attend_len: int | None = None):  # fmt: skip
         """Final normed hidden states [B, T, D] and the updated cache (None without one).
+
+        cache_index: the cache slot of the first input token, the same for every row or one per row [B].
+        positions: RoPE positions [B, T]; None counts the real tokens of `attention_mask` before each slot.
+        attend_len: attend over the first `attend_len` cache slots only (static; every query must sit below it).
 
         Losses call this and project chunks with `logits()` so a [B, T, V] float32 tensor never exists.
         """
@@ -209,11 +224,18 @@ class Qwen2ForCausalLM(nnx.Module):
             attention_mask = jnp.ones((batch, key_len), jnp.int32)
         if attention_mask.shape != (batch, key_len):
             raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(batch, key_len)}.")
-        # Query t sits at slot cache_index + t; it sees real keys at slots <= its own.
-        query_slots = cache_index + jnp.arange(length)  # [T]
-        positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, axis=1)
-        causal = jnp.arange(key_len)[None, :] <= query_slots[:, None]  # [T, S]
-        mask = causal[None] & (attention_mask[:, None, :] > 0)  # [B, T, S]
+        # Query t sits at slot cache_index + t; it sees real keys at slots <= its own. cache_index is a scalar, or
+        # one slot per row [B] (the slot engine).
+        cache_index = jnp.asarray(cache_index)
+        query_slots = cache_index[..., None] + jnp.arange(length)  # [T] or [B, T]
+        if positions is None and cache_index.ndim == 0:
+            positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, axis=1)
+        elif positions is None:
+            positions = jnp.take_along_axis(positions_from_mask(attention_mask), query_slots, axis=1)  # [B, T]
+        # attend_len W < S: attention reads only the first W slots of the cache (the slot engine's filled part).
+        key_len = key_len if attend_len is None else attend_len
+        causal = jnp.arange(key_len) <= query_slots[..., None]  # [T, W] or [B, T, W]
+        mask = causal & (attention_mask[:, None, :key_len] > 0)  # [B, T, W]
 
         x = sharding.constrain(self.model.embed_tokens(input_ids), ("batch", "length", "embed"))
         for i, layer in enumerate(self.model.layers):

@@ -150,6 +150,11 @@ def activate(mesh: Mesh, rules: Rules = RULES) -> Iterator[Mesh]:
         _ACTIVE.reset(token)
 
 
+def activate_if(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """`activate(mesh)`, or nothing without a mesh (single-device code paths)."""
+    return activate(mesh) if mesh is not None else contextlib.nullcontext()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:
@@ -186,3 +191,30 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)  # fmt: skip
     return jax.process_count() > 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host <-> device for arrays every process holds alike (the decoder's prompts and its small per-row results).
+
+
+def put_global(array: np.ndarray, mesh: Mesh | None, axes: Sequence[str | None]):
+    """A host array that every process holds in full -> a global array split along logical `axes`.
+
+    Without a mesh the numpy array is returned as it is (jit places it). On several processes each one supplies
+    only the shards its own devices hold, so the same call works on one host and on a pod.
+    """
+    if mesh is None:
+        return array
+    target = named_sharding(mesh, axes, array.shape)
+    if jax.process_count() == 1:
+        return jax.device_put(array, target)
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host, sharded) array -> the whole array as numpy, the same on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -187,30 +187,6 @@ def test_sample_tokens_respects_top_k_and_top_p():
     assert set(plain) >= {0, 1, 2}
 
 
-def test_no_recompilation_within_a_bucket(loaded):
-    model, tokenizer = loaded
-    compiles = []
-
-    def on_event(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(on_event)
-    try:
-        generate(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0.8, seed=0)  # warm the bucket
-        warm = len(compiles)
-        # Other lengths in the same buckets (prompt <= 16, new tokens <= 16, 4 rows), other values of the traced
-        # settings, a string prompt: nothing new to compile.
-        generate(model, tokenizer, [[1, 2, 3], [4] * 16, "Tom has 3 apples"], max_new_tokens=16, temperature=0.3,
-                 seed=5)  # fmt: skip
-        generate(model, tokenizer, [[7] * 9, [8, 9]], max_new_tokens=9, temperature=1.2, seed=1)
-        assert len(compiles) == warm
-        generate(model, tokenizer, [[7] * 17], max_new_tokens=9, temperature=1.2)  # prompt bucket 32: compiles
-        assert len(compiles) > warm  # the listener does see compilations
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_event)
-
-
 def test_sharded_decode_on_8_devices_equals_one_device(checkpoint, loaded):
     model, tokenizer = loaded
     assert len(jax.devices()) == 8

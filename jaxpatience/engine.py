@@ -1,0 +1,366 @@
+"""The slot engine: continuous batching over a fixed set of cache rows ("slots").
+
+    results = run_slots(plan, requests, tokenizer, progress, on_result, stats)  # decode.generate's default
+
+Why: a static batch (decode_static.py) decodes until its longest row is done, and its finished rows keep
+computing. Here each of B slots holds one (prompt, sample) row with its own cache fill, position and budget, so a
+row that finishes frees its slot for the next waiting prompt while the others go on.
+
+The host loop, until the queue is empty and every slot is done:
+
+1. **insert** (jitted): prefill a bucket of waiting prompts once each ([Bp, P], left-padded), sample each row's
+   first token, and scatter the prompt's keys/values into its `num_samples` free slots (one prefill per prompt,
+   however many samples);
+2. **decode a chunk** (jitted, one `lax.while_loop`): one token per slot per step, until enough slots are free to
+   refill (or every slot is done, or `chunk_steps` steps have passed);
+3. read back each slot's done flag and token count (a few bytes per slot), hand finished rows to `on_result`, and
+   free their slots;
+4. **the tail**: once the queue is empty, the remaining rows are gathered into the smallest power-of-two slot
+   bucket that holds them (on a CPU an idle slot costs as much as a busy one).
+
+Shapes stay static: the slot count B (and its tail buckets B/2, B/4, ...), the cache length S (the call's longest
+prompt bucket + its largest budget bucket), the prompt buckets P and insert buckets Bp are powers of two, so a
+call compiles at most a few executables and a second call with the same buckets compiles nothing.
+
+Per row: its own max_new_tokens (`budget`) and stop tokens; keys from sampling.py (a sample is the same whatever
+slot or batch it lands in). With a mesh, slots are split over the logical `batch` axis and every host-side
+decision is made from arrays all processes read alike (sharding.fetch), so the same loop runs on a pod.
+
+Shape letters: B slots, S cache slots per row, N token buffer per row (largest budget bucket), E stop tokens per
+row, Bp prompts per insert, P prompt bucket, R rows per insert (Bp x num_samples, bucketed), V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import deque
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpatience import sharding
+from jaxpatience.decode_static import CACHE_AXES, MIN_LENGTH_BUCKET, bucket, round_up
+from jaxpatience.model import KVCache, Qwen2ForCausalLM, init_kv_cache
+from jaxpatience.sampling import Generation, row_keys, sample_tokens, step_keys
+
+if TYPE_CHECKING:
+    from jaxpatience.decode import Plan
+
+Array = jax.Array
+ROW = ("batch",)  # logical axes of a per-slot vector
+
+
+class Slots(NamedTuple):
+    """The device state of every slot; one row per slot. Free slots are `done`."""
+
+    kv_cache: KVCache  # L x [B, S, K, H]
+    cache_mask: Array  # [B, S] 1 at real prompt slots and at every generation slot (the causal mask hides the rest)
+    index: Array  # [B] the cache slot the next fed token is written to
+    position: Array  # [B] its RoPE position: real tokens before it
+    last: Array  # [B] the last sampled token, fed at the next step
+    tokens: Array  # [B, N] the row's sampled tokens so far (its stop token included)
+    count: Array  # [B] tokens sampled so far
+    budget: Array  # [B] the row's max_new_tokens
+    stopped: Array  # [B] bool: the row sampled one of its stop tokens
+    done: Array  # [B] bool: stopped or budget reached (free slots are done)
+    stop_ids: Array  # [B, E] the row's stop ids, padded with -1 (never a token)
+    row_id: Array  # [B] the row's key id (sampling.row_keys)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What one call did; pass one to generate(stats=...) to read it (benchmarks and tests do)."""
+
+    prompts: int = 0
+    rows: int = 0  # prompts x samples
+    prefill_rows: int = 0  # prompts run through the model at insert (one per prompt, not per sample)
+    inserts: int = 0
+    chunks: int = 0
+    decode_steps: int = 0
+    slot_steps: int = 0  # sum over decode steps of the slot count (what the device computed)
+    tokens: int = 0  # tokens returned (before stop tokens): the useful work
+    slot_buckets: list[int] = dataclasses.field(default_factory=list)  # the slot counts the tail moved through
+
+
+# ---------------------------------------------------------------------------------------------------
+# The jitted functions. Everything static is keyword-only; the slots are donated (updated in place).
+
+
+def _constrain_slots(slots: Slots) -> Slots:
+    kv = KVCache(*(tuple(sharding.constrain(layer, CACHE_AXES) for layer in part) for part in slots.kv_cache))
+    rows = {name: sharding.constrain(value, ROW + (None,) * (value.ndim - 1))
+            for name, value in slots._asdict().items() if name != "kv_cache"}  # fmt: skip
+    return Slots(kv_cache=kv, **rows)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "mesh"))
+def _empty_slots(*, shape: tuple[int, ...], mesh) -> Slots:
+    """Every slot free. shape = (L, B, S, K, H, N, E, dtype name)."""
+    layers, rows, cache_len, kv_heads, head_dim, new_len, stop_len, dtype = shape
+    with sharding.activate_if(mesh):
+        buffer = lambda: jnp.zeros((rows, cache_len, kv_heads, head_dim), dtype)
+        zeros = jnp.zeros((rows,), jnp.int32)
+        return _constrain_slots(Slots(
+            kv_cache=KVCache(tuple(buffer() for _ in range(layers)), tuple(buffer() for _ in range(layers))),
+            cache_mask=jnp.zeros((rows, cache_len), jnp.int32), index=zeros, position=zeros, last=zeros,
+            tokens=jnp.zeros((rows, new_len), jnp.int32), count=zeros, budget=zeros,
+            stopped=jnp.zeros((rows,), bool), done=jnp.ones((rows,), bool),
+            stop_ids=jnp.full((rows, stop_len), -1, jnp.int32), row_id=zeros,
+        ))  # fmt: skip
+
+
+def _is_stop(token: Array, stop_ids: Array) -> Array:
+    return jnp.any(token[:, None] == stop_ids, axis=-1)  # token [B], stop_ids [B, E] -> [B]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("slots",))
+def _insert(model_state: nnx.State, slots: Slots, prompt_ids: Array, prompt_mask: Array, targets: Array,
+            sources: Array, row_ids: Array, budgets: Array, stop_ids: Array, seed: Array, temperature: Array,
+            top_p: Array, *, graphdef: nnx.GraphDef, sampler, mesh) -> Slots:  # fmt: skip
+    """Prefill prompts [Bp, P] once each; row r (of R) copies prompt `sources[r]` into slot `targets[r]`.
+
+    Padding rows target slot B (out of range): their writes are dropped.
+    """
+    with sharding.activate_if(mesh):
+        model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
+        prompts, prompt_len = prompt_ids.shape
+        empty = init_kv_cache(model.config, prompts, prompt_len)  # zeros, folded away by XLA
+        hidden, prompt_cache = model.hidden_states(prompt_ids, prompt_mask, kv_cache=empty, cache_index=0)
+        logits = model.logits(hidden[:, -1]).astype(jnp.float32)[sources]  # [R, V]: left padding, last slot
+        token = sample_tokens(logits, step_keys(row_keys(seed, row_ids), 0), sampler, temperature, top_p)  # [R]
+        write = lambda buffer, rows: buffer.at[targets, :prompt_len].set(rows[sources], mode="drop")
+        kv = KVCache(*(tuple(write(b, p) for b, p in zip(*parts, strict=True))
+                       for parts in zip(slots.kv_cache, prompt_cache, strict=True)))  # fmt: skip
+        cache_len = slots.cache_mask.shape[1]
+        row_mask = jnp.pad(prompt_mask[sources], ((0, 0), (0, cache_len - prompt_len)), constant_values=1)
+        stopped = _is_stop(token, stop_ids)
+        put = lambda array, values: array.at[targets].set(values, mode="drop")
+        return _constrain_slots(Slots(
+            kv_cache=kv, cache_mask=put(slots.cache_mask, row_mask),
+            index=put(slots.index, jnp.full_like(targets, prompt_len)),  # the first sampled token goes to slot P
+            position=put(slots.position, jnp.sum(prompt_mask[sources], axis=1)),
+            last=put(slots.last, token), tokens=slots.tokens.at[targets, 0].set(token, mode="drop"),
+            count=put(slots.count, jnp.ones_like(targets)), budget=put(slots.budget, budgets),
+            stopped=put(slots.stopped, stopped), done=put(slots.done, stopped | (budgets <= 1)),
+            stop_ids=put(slots.stop_ids, stop_ids), row_id=put(slots.row_id, row_ids),
+        ))  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "window", "mesh"), donate_argnames=("slots",))
+def _decode_chunk(model_state: nnx.State, slots: Slots, max_steps: Array, refill_at: Array, seed: Array,
+                  temperature: Array, top_p: Array, *, graphdef: nnx.GraphDef, sampler, window: int,
+                  mesh) -> tuple[Slots, Array]:  # fmt: skip
+    """One token per slot per step until `refill_at` slots are done, every slot is done, or `max_steps` steps.
+
+    Attention reads only the first `window` cache slots (a bucket above every busy row's last slot in this
+    chunk). Done slots compute too (a static shape) but change nothing. Returns the slots and the steps taken.
+    """
+    with sharding.activate_if(mesh):
+        model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
+        rows, new_len = slots.tokens.shape
+
+        def keep_going(carry) -> Array:
+            state, steps = carry
+            free = jnp.sum(state.done)
+            return (steps < max_steps) & (free < rows) & (free < refill_at)
+
+        def one_step(carry):
+            state, steps = carry
+            active = ~state.done
+            hidden, kv = model.hidden_states(state.last[:, None], state.cache_mask, kv_cache=state.kv_cache,
+                                             cache_index=state.index, positions=state.position[:, None],
+                                             attend_len=window)  # fmt: skip
+            logits = model.logits(hidden[:, 0]).astype(jnp.float32)  # [B, V]
+            keys = step_keys(row_keys(seed, state.row_id), state.count)
+            token = sample_tokens(logits, keys, sampler, temperature, top_p)  # [B]
+            column = jnp.where(active, state.count, new_len)  # done rows write nothing (out of range: dropped)
+            tokens = state.tokens.at[jnp.arange(rows), column].set(token, mode="drop")
+            stopped = state.stopped | (active & _is_stop(token, state.stop_ids))
+            count = state.count + active
+            state = state._replace(
+                kv_cache=kv, index=state.index + active, position=state.position + active,
+                last=jnp.where(active, token, state.last), tokens=tokens, count=count, stopped=stopped,
+                done=stopped | (count >= state.budget),
+            )  # fmt: skip
+            return state, steps + 1
+
+        slots, steps = jax.lax.while_loop(keep_going, one_step, (slots, jnp.zeros((), jnp.int32)))
+        return _constrain_slots(slots), steps
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))  # no donation: the output is smaller
+def _gather_slots(slots: Slots, keep: Array, *, mesh) -> Slots:
+    """The slots `keep` [B'] as a new, smaller state (the tail)."""
+    with sharding.activate_if(mesh):
+        return _constrain_slots(jax.tree.map(lambda array: array[keep], slots))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host side.
+
+
+@dataclasses.dataclass
+class _Queue:
+    """The call's rows: waiting prompts (shortest first), and which (prompt, sample) each slot holds."""
+
+    prompt_ids: list[list[int]]
+    budgets: list[int]
+    stop_ids: list[list[int]]
+    seed_indices: list[int]
+    samples: int
+    waiting: deque[int]
+    owner: list[tuple[int, int] | None]  # slot -> (prompt, sample); None = free
+
+    def free(self) -> list[int]:
+        return [slot for slot, owner in enumerate(self.owner) if owner is None]
+
+
+def _insert_batch(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slots:
+    """Take as many waiting prompts as the free slots hold (at most `plan.max_insert`) and insert them."""
+    free = queue.free()
+    take = min(len(queue.waiting), len(free) // queue.samples, plan.max_insert)
+    batch = [queue.waiting.popleft() for _ in range(take)]
+    prompts = bucket(take)  # Bp
+    prompt_len = bucket(max(len(queue.prompt_ids[p]) for p in batch), MIN_LENGTH_BUCKET)  # P
+    ids = np.zeros((prompts, prompt_len), np.int32)
+    mask = np.zeros((prompts, prompt_len), np.int32)
+    for row, p in enumerate(batch):  # left padding: every prompt's last token sits in slot P - 1
+        ids[row, prompt_len - len(queue.prompt_ids[p]) :] = queue.prompt_ids[p]
+        mask[row, prompt_len - len(queue.prompt_ids[p]) :] = 1
+    rows = round_up(prompts * queue.samples, plan.batch_shards)  # R
+    slot_count, stop_len = slots.done.shape[0], slots.stop_ids.shape[1]
+    targets = np.full(rows, slot_count, np.int32)  # padding rows: out of range, dropped
+    sources, row_ids, budgets = (np.zeros(rows, np.int32) for _ in range(3))
+    stop_ids = np.full((rows, stop_len), -1, np.int32)
+    for r, (i, p) in enumerate((i, p) for i, p in enumerate(batch) for _ in range(queue.samples)):
+        sample = r % queue.samples
+        targets[r], sources[r] = free[r], i
+        row_ids[r] = queue.seed_indices[p] * queue.samples + sample
+        budgets[r] = queue.budgets[p]
+        stop_ids[r, : len(queue.stop_ids[p])] = queue.stop_ids[p]
+        queue.owner[free[r]] = (p, sample)
+    put = functools.partial(sharding.put_global, mesh=plan.mesh)
+    stats.inserts += 1
+    stats.prefill_rows += take
+    return _insert(
+        plan.model_state, slots, put(ids, axes=ROW + (None,)), put(mask, axes=ROW + (None,)), targets, sources,
+        row_ids, budgets, stop_ids, np.uint32(plan.seed), graphdef=plan.graphdef, sampler=plan.sampler,
+        mesh=plan.mesh, **plan.scalars,
+    )  # fmt: skip
+
+
+def _replicated(plan: Plan, *arrays):
+    """Small host arrays and scalars every process holds alike, as (replicated) jit arguments."""
+    return tuple(sharding.put_global(np.asarray(a), plan.mesh, (None,) * np.ndim(a)) for a in arrays)
+
+
+def _finish_rows(queue: _Queue, done: np.ndarray, count: np.ndarray, stopped: np.ndarray, tokens_of, tokenizer,
+                 results: list, on_result) -> int:  # fmt: skip
+    """Hand every newly done row to `results` / `on_result` and free its slot; returns the tokens returned."""
+    finished = [slot for slot, owner in enumerate(queue.owner) if owner is not None and done[slot]]
+    if not finished:
+        return 0
+    tokens = tokens_of()  # [B, N], copied only when some row finished
+    returned = 0
+    for slot in finished:
+        (p, sample), length = queue.owner[slot], int(count[slot] - stopped[slot])  # the stop token is not returned
+        new_ids = tokens[slot, :length].tolist()
+        text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else ""
+        results[p][sample] = Generation(text=text, token_ids=new_ids,
+                                        finish_reason="stop" if stopped[slot] else "length")  # fmt: skip
+        queue.owner[slot] = None
+        returned += length
+        if on_result is not None:
+            on_result(p, sample, results[p][sample])
+    return returned
+
+
+def _shrink(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slots:
+    """The tail: with nothing waiting, move the busy slots into the smallest power-of-two bucket that holds them."""
+    size = slots.done.shape[0]
+    busy = [slot for slot, owner in enumerate(queue.owner) if owner is not None]
+    target = round_up(bucket(max(len(busy), 1)), plan.batch_shards)
+    if queue.waiting or target >= size:
+        return slots
+    keep = busy + [slot for slot in range(size) if queue.owner[slot] is None][: target - len(busy)]
+    queue.owner = [queue.owner[slot] for slot in keep]
+    stats.slot_buckets.append(target)
+    (keep_array,) = _replicated(plan, np.asarray(keep, np.int32))
+    return _gather_slots(slots, keep_array, mesh=plan.mesh)
+
+
+def _refill_at(plan: Plan, queue: _Queue, size: int) -> int:
+    """How many done slots end a chunk: enough for a refill while prompts wait (a batch of slots, or what the
+    queue still needs); with nothing waiting, half the slots (the tail then moves to a bucket half the size)."""
+    free = len(queue.free())
+    if queue.waiting:
+        wanted = round_up(min(len(queue.waiting) * queue.samples, max(queue.samples, plan.refill_rows)), queue.samples)
+        return min(free + wanted, size)
+    half = round_up(size // 2, plan.batch_shards)
+    return size - half if half < size else size + 1  # size + 1: never (the chunk ends when every slot is done)
+
+
+def _window(plan: Plan, slots: Slots, queue: _Queue) -> int:
+    """The attention window of the next chunk: a power of two above the last slot any busy row can reach in it."""
+    index = sharding.fetch(slots.index)
+    busy = [slot for slot, owner in enumerate(queue.owner) if owner is not None]
+    reach = max((int(index[slot]) for slot in busy), default=0) + plan.chunk_steps
+    return min(slots.cache_mask.shape[1], bucket(reach, MIN_LENGTH_BUCKET))
+
+
+def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_ids: list[list[int]],
+              tokenizer, *, progress: bool | None = None, on_result=None,
+              stats: EngineStats | None = None) -> list[list[Generation]]:  # fmt: skip
+    """Generate every (prompt, sample) row; returns results[prompt][sample] in prompt order.
+
+    budgets, stop_ids: per prompt. on_result(prompt, sample, generation) is called as each row finishes.
+    """
+    from tqdm.auto import tqdm
+
+    stats = stats if stats is not None else EngineStats()
+    samples = plan.samples
+    stats.prompts, stats.rows = len(prompt_ids), len(prompt_ids) * samples
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share an insert
+    slot_count = min(plan.slots, round_up(bucket(len(prompt_ids) * samples), plan.batch_shards))  # B
+    queue = _Queue(prompt_ids, budgets, stop_ids, plan.seed_indices, samples, deque(order), [None] * slot_count)
+    config = plan.model_config
+    shape = (config.num_hidden_layers, slot_count,
+             bucket(max(map(len, prompt_ids)), MIN_LENGTH_BUCKET) + bucket(max(budgets), MIN_LENGTH_BUCKET),
+             config.num_key_value_heads, config.resolved_head_dim, bucket(max(budgets), MIN_LENGTH_BUCKET),
+             plan.stop_width, jnp.dtype(config.compute_dtype).name)  # fmt: skip
+    slots = _empty_slots(shape=shape, mesh=plan.mesh)
+    stats.slot_buckets.append(slot_count)
+    results: list[list[Generation | None]] = [[None] * samples for _ in prompt_ids]
+    show = progress if progress is not None else len(prompt_ids) * samples > slot_count
+    bar = tqdm(total=len(prompt_ids) * samples, unit="row", disable=not show, desc="generate")
+    start = time.perf_counter()
+    static = dict(graphdef=plan.graphdef, sampler=plan.sampler, mesh=plan.mesh)
+    seed, temperature, top_p = _replicated(plan, np.uint32(plan.seed), plan.scalars["temperature"],
+                                           plan.scalars["top_p"])  # fmt: skip
+    while queue.waiting or any(owner is not None for owner in queue.owner):
+        while queue.waiting and len(queue.free()) >= samples:
+            slots = _insert_batch(plan, slots, queue, stats)
+        size = slots.done.shape[0]
+        refill_at = _refill_at(plan, queue, size)
+        max_steps, refill = _replicated(plan, np.int32(plan.chunk_steps), np.int32(refill_at))
+        window = _window(plan, slots, queue)
+        slots, steps = _decode_chunk(plan.model_state, slots, max_steps, refill, seed, temperature, top_p,
+                                     window=window, **static)  # fmt: skip
+        done, count, stopped = (sharding.fetch(a) for a in (slots.done, slots.count, slots.stopped))
+        steps = int(sharding.fetch(steps))
+        stats.chunks, stats.decode_steps, stats.slot_steps = (stats.chunks + 1, stats.decode_steps + steps,
+                                                              stats.slot_steps + steps * size)  # fmt: skip
+        before = sum(owner is None for owner in queue.owner)
+        stats.tokens += _finish_rows(queue, done, count, stopped, functools.partial(sharding.fetch, slots.tokens),
+                                     tokenizer,
+                                     results, on_result)  # fmt: skip
+        bar.update(sum(owner is None for owner in queue.owner) - before)
+        bar.set_postfix({"tokens/s": f"{stats.tokens / (time.perf_counter() - start):.1f}"})
+        slots = _shrink(plan, slots, queue, stats)
+    bar.close()
+    return results
