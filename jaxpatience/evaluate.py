@@ -26,12 +26,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from jaxpatience import answers, report
-from jaxpatience.config import ConfigError, EvalConfig, SamplingConfig, command_parser, config_from_args
+from jaxpatience.config import ConfigError, EvalConfig, MeshConfig, SamplingConfig, command_parser, config_from_args
 from jaxpatience.data.problems import (
     PROMPT_STYLES,
     Problem,
@@ -145,14 +146,21 @@ def evaluate(
     metric = resolve_metric(metric, problems)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = _settings(run_info, prompt_style, answer_prefix, sampling, generation_batch_size)
+    settings = _settings(run_info, prompt_style, answer_prefix, sampling)
     job = _Job(model, tokenizer, problems, sampling, prompt_style, answer_prefix, generation_batch_size, metric,
                generate_fn, generate_kwargs or {})  # fmt: skip
+    if _process_count() > 1:
+        return _evaluate_multihost(job, out_dir, settings, progress, plots, start)
     with JsonlStore(out_dir / "generations.jsonl", required=GENERATION_KEYS) as store:  # locked against a 2nd run
         _check_settings(out_dir / "run.json", settings, store)
         _drop_incomplete(store, sampling.num_samples)
-        new_problems = job.run(store, progress)
-    summary = summarize(store.records, problems, samples=sampling.num_samples, metric=metric)
+        new_problems = job.run(store, {record["id"] for record in store.records}, progress)
+    return _write_summary(store.records, job, out_dir, settings, new_problems, plots, start)
+
+
+def _write_summary(records: list[dict], job: _Job, out_dir: Path, settings: dict, new_problems: int, plots: bool,
+                   start: float) -> dict:  # fmt: skip
+    summary = summarize(records, job.problems, samples=job.sampling.num_samples, metric=job.metric)
     summary.update(settings=settings, out_dir=str(out_dir))
     summary["timing"].update(wall_s=time.perf_counter() - start, new_problems=new_problems)
     if plots:
@@ -161,13 +169,42 @@ def evaluate(
     return summary
 
 
-def _settings(run_info: dict | None, prompt_style: PromptStyle, answer_prefix: str, sampling: SamplingConfig,
-              generation_batch_size: int) -> dict:  # fmt: skip
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _evaluate_multihost(job: _Job, out_dir: Path, settings: dict, progress: bool, plots: bool, start: float) -> dict:
+    """Every process generates alike (the decoder splits the rows over the global mesh); process 0 alone owns the
+    store, run.json and summary.json, and tells the others what is done and what the summary is."""
+    from jaxpatience import sharding
+
+    main = sharding.is_main_process()
+    with JsonlStore(out_dir / "generations.jsonl", required=GENERATION_KEYS) if main else nullcontext() as store:
+        state = {"error": None, "done": []}
+        if main:
+            try:
+                _check_settings(out_dir / "run.json", settings, store)
+                _drop_incomplete(store, job.sampling.num_samples)
+                state["done"] = sorted({record["id"] for record in store.records})
+            except EvalError as err:
+                state["error"] = str(err)
+        state = sharding.broadcast_json(state)
+        if state["error"]:
+            raise EvalError(state["error"])
+        new_problems = job.run(store, set(state["done"]), progress and main)
+    summary = _write_summary(store.records, job, out_dir, settings, new_problems, plots, start) if main else None
+    return sharding.broadcast_json(summary)
+    return summary
+
+
+def _settings(run_info: dict | None, prompt_style: PromptStyle, answer_prefix: str, sampling: SamplingConfig) -> dict:
     """What the generations depend on (run.json): a rerun into the same folder must have the same."""
     style = prompt_style if isinstance(prompt_style, str) else f"custom:{getattr(prompt_style, '__name__', '?')}"
+    # Not generation_batch_size: each problem's samples draw from keys fixed by its index in the set, whatever the
+    # batching, so a resume may use another batch size.
     settings = dict(run_info or {}, prompt_style=style, answer_prefix=answer_prefix, **dataclasses.asdict(sampling))
-    if sampling.temperature > 0:  # sampled streams depend on how problems are batched: a resume must batch alike
-        settings["generation_batch_size"] = generation_batch_size
     return json.loads(json.dumps(settings))  # tuples -> lists, as run.json will hold them
 
 
@@ -186,43 +223,39 @@ class _Job:
     generate_fn: Callable | None
     generate_kwargs: dict
 
-    def run(self, store: JsonlStore, progress: bool) -> int:
-        """Generate every problem missing from `store`, appending each batch; returns the number generated."""
+    def run(self, store: JsonlStore | None, done: set[str], progress: bool) -> int:
+        """Generate every problem not in `done`, appending finished problems to `store` (process 0's; None on
+        the others) as the decoder streams them; returns the number generated."""
         from tqdm.auto import tqdm
+
+        from jaxpatience.decode import Request
 
         generate_fn = self.generate_fn
         if generate_fn is None:
             from jaxpatience.decode import generate as generate_fn
-        done = {record["id"] for record in store.records}
         todo = [problem for problem in self.problems if problem.id not in done]
+        if not todo:
+            return 0
         position = {problem.id: index for index, problem in enumerate(self.problems)}
         latex = any(not answers.is_numeric(p.answer) for p in self.problems)  # MATH: ask for \boxed{} answers
         prompts = {p.id: self._prompt(p, latex) for p in todo}
-        lengths = _prompt_lengths(self.model, self.tokenizer, prompts, self.sampling.max_new_tokens)
-        # Similar lengths share a batch: less padding, and one compiled shape per length bucket. The sort is stable
-        # and the done problems are a prefix of it, so a resumed run forms the same batches as an uninterrupted one.
-        todo.sort(key=lambda problem: lengths[problem.id])
+        _prompt_lengths(self.model, self.tokenizer, prompts, self.sampling.max_new_tokens)  # fits the context?
         # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
-        scored = [bool(r["correct"].get(self.metric)) for r in store.records if r["id"] in position]
+        scored = [bool(r["correct"].get(self.metric)) for r in (store.records if store else []) if r["id"] in position]
         bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), unit="problem", desc="eval",
                    disable=not progress, dynamic_ncols=True)  # fmt: skip
-        use_math_verify = answers.math_verify_available() is None
-        shapes_seen: set[tuple[int, int]] = set()
-        for first in range(0, len(todo), self.batch_size):
-            batch = todo[first : first + self.batch_size]
-            # The decoder pads prompts to a power of two (>= 16): a batch of a shape new to this run compiles first.
-            shape = (max(16, 1 << (max(lengths[p.id] for p in batch) - 1).bit_length()), len(batch))
-            new = _generate_batch(
-                generate_fn, self.model, self.tokenizer, batch, [prompts[p.id] for p in batch],
-                seed=_batch_seed(self.sampling.seed, position[batch[0].id]), warmup=shape not in shapes_seen,
-                sampling=self._generate_kwargs(), prompt_style=self.prompt_style, use_math_verify=use_math_verify,
-            )  # fmt: skip
-            shapes_seen.add(shape)
-            store.append(new)
-            scored += [bool(record["correct"].get(self.metric)) for record in new]
-            bar.update(len(batch))
-            bar.set_postfix({"acc": f"{np.mean(scored):.3f}"})
-        bar.close()
+        writer = _Writer(self, todo, store, bar, scored)
+        # Each problem's samples draw from keys fixed by its index in the whole set (Request.seed_index): a
+        # resumed run draws what an uninterrupted one would, however the decoder batches them.
+        requests = [Request(prompts[p.id], seed_index=position[p.id]) for p in todo]
+        try:
+            results = generate_fn(self.model, self.tokenizer, requests, on_result=writer.add, **self._generate_kwargs())
+            for index, per_problem in enumerate(results):  # a generator that does not stream hands over here
+                for sample, generation in enumerate(per_problem):
+                    writer.add(index, sample, generation)
+        finally:
+            writer.flush()  # whole problems already handed over survive an exception
+            bar.close()
         return len(todo)
 
     def _prompt(self, problem: Problem, latex: bool) -> str | list[int]:
@@ -230,35 +263,57 @@ class _Job:
         return prompt + self.answer_prefix if self.answer_prefix else prompt
 
     def _generate_kwargs(self) -> dict:
-        """generate()'s settings for one batch (its seed is set per batch)."""
+        """generate()'s settings: the sampling, and as many slots as `batch_size` problems' samples."""
         kwargs = self.sampling.generate_kwargs()
-        kwargs.pop("seed")
         kwargs.update(batch_size=self.batch_size * self.sampling.num_samples, progress=False)
         return kwargs | self.generate_kwargs
 
 
-def _generate_batch(generate_fn: Callable, model, tokenizer, batch: list[Problem], prompts: list, *, seed: int,
-                    warmup: bool, sampling: dict, prompt_style: PromptStyle,
-                    use_math_verify: bool) -> list[dict]:  # fmt: skip
-    """Generate one batch and return its records (all samples of every problem in it)."""
-    batch_start = time.perf_counter()
-    results = generate_fn(model, tokenizer, prompts, seed=seed, **sampling)  # [problems][samples] Generation
-    timing = {
-        "batch": f"{time.time_ns()}-{batch[0].id}",  # identifies the batch, so its time is counted once
-        "batch_s": time.perf_counter() - batch_start,
-        "warmup": warmup,  # its time includes jit compilation
-    }
-    return [
-        _make_record(problem, s, sample, timing, prompt_style, tokenizer, use_math_verify)
-        for problem, per_problem in zip(batch, results, strict=True)
-        for s, sample in enumerate(per_problem)
-    ]
+class _Writer:
+    """Collects streamed samples; a problem's records are made once all its samples are in, and appended to the
+    store (fsynced) every `batch_size` problems or FLUSH_S seconds, so a crash loses little. Each write is one
+    timing unit ("batch"): the generation time since the previous write, the first including compilation."""
 
+    FLUSH_S = 10.0
 
-def _batch_seed(seed: int, first_index: int) -> int:
-    """The decoder's seed for a batch: fixed by the run's seed and the batch's first problem, so a resumed run
-    draws the same samples as an uninterrupted one (with the same batch size)."""
-    return (seed * 1_000_003 + first_index) % 2**32
+    def __init__(self, job: _Job, todo: list[Problem], store: JsonlStore | None, bar, scored: list[bool]):
+        self.job, self.todo, self.store, self.bar, self.scored = job, todo, store, bar, scored
+        self.samples: dict[int, dict[int, object]] = {}  # problem index in todo -> sample -> Generation
+        self.written: set[int] = set()
+        self.ready: list[int] = []  # whole problems not yet written
+        self.use_math_verify = answers.math_verify_available() is None
+        self.last_flush, self.flushes = time.perf_counter(), 0
+
+    def add(self, index: int, sample: int, generation) -> None:
+        if index in self.written:
+            return  # already handed over (a streaming generator also returns its results at the end)
+        per_problem = self.samples.setdefault(index, {})
+        per_problem[sample] = generation
+        if len(per_problem) == self.job.sampling.num_samples:
+            self.written.add(index)
+            self.ready.append(index)
+            if len(self.ready) >= self.job.batch_size or time.perf_counter() - self.last_flush > self.FLUSH_S:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.ready:
+            return
+        now = time.perf_counter()
+        timing = {"batch": f"{time.time_ns()}-{self.todo[self.ready[0]].id}", "batch_s": now - self.last_flush,
+                  "warmup": self.flushes == 0}  # fmt: skip
+        records = [
+            _make_record(self.todo[index], s, self.samples[index][s], timing, self.job.prompt_style,
+                         self.job.tokenizer, self.use_math_verify)
+            for index in self.ready for s in range(self.job.sampling.num_samples)
+        ]  # fmt: skip
+        for index in self.ready:
+            del self.samples[index]
+        if self.store is not None:
+            self.store.append(records)
+        self.scored += [bool(record["correct"].get(self.job.metric)) for record in records]
+        self.bar.update(len(self.ready))
+        self.bar.set_postfix({"acc": f"{np.mean(self.scored):.3f}"})
+        self.ready, self.last_flush, self.flushes = [], now, self.flushes + 1
 
 
 def _validate(problems: list[Problem] | None, prompt_style: PromptStyle, sampling: SamplingConfig,
@@ -488,20 +543,27 @@ def evaluate_checkpoint(config: EvalConfig, problems: Sequence[Problem] | None =
     reuse: return the summary already in `config.out_dir` without loading anything, if there is one (the IRPO
         loop and the demo skip finished evaluations this way); otherwise a finished folder is re-summarized.
     """
-    out = Path(config.out_dir)
-    if reuse and (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
-    _validate(None, config.prompt_style, config.sampling, config.generation_batch_size, config.metric)
-    if problems is None:
-        config.validate()
-        problems = load_problems(config.dataset, split=config.split, limit=config.limit, seed=config.sampling.seed)
     from jaxpatience import lora, sharding
     from jaxpatience.weights import load_pretrained
 
+    out = Path(config.out_dir)
+    _validate(None, config.prompt_style, config.sampling, config.generation_batch_size, config.metric)
+    if problems is None:
+        config.validate()
+    # Several processes (JAX_COORDINATOR_ADDRESS ... as for train): start jax.distributed before any device work.
+    multihost = sharding.initialize_distributed()
+    if reuse:  # process 0 decides, so that every process takes the same branch
+        finished = out / "summary.json"
+        summary = sharding.broadcast_json(json.loads(finished.read_text()) if finished.is_file() and
+                                          sharding.is_main_process() else None)  # fmt: skip
+        if summary is not None:
+            return summary
+    if problems is None:
+        problems = load_problems(config.dataset, split=config.split, limit=config.limit, seed=config.sampling.seed)
     mesh = None
-    if config.mesh is not None:
+    if config.mesh is not None or multihost:  # several processes: rows split over every device by default
         try:
-            mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh))
+            mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh or MeshConfig(data=-1)))
         except ValueError as err:
             raise ConfigError(f"mesh: {err}") from None
     model, tokenizer = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh)

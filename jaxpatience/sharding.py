@@ -175,6 +175,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     of them set, nothing is started (single process), except on a TPU pod or SLURM job, where
     `jax.distributed.initialize()` finds its peers itself when JAX_DISTRIBUTED_AUTO=1.
     """
+    if jax.distributed.is_initialized():  # a second command in the same program (irpo: eval, then train)
+        return jax.process_count() > 1
     env = os.environ
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
     num_processes = num_processes or (int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None)
@@ -218,3 +220,35 @@ def fetch(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_main_process() -> bool:
+    """Process 0 writes the files every process would write alike."""
+    return jax.process_index() == 0
+
+
+def broadcast_json(value=None):
+    """Process 0's JSON-able `value`, on every process (the others' argument is ignored); one process: `value`.
+
+    How the processes agree on what only process 0 read from disk (which problems are done, a summary), so that
+    every process takes the same branches and calls the same jitted functions.
+    """
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_main_process() else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    padded = np.zeros(size, np.uint8)
+    padded[: min(size, data.size)] = data[:size]
+    return json.loads(bytes(multihost_utils.broadcast_one_to_all(padded)).decode())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (e.g. after process 0 wrote files the others read next)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

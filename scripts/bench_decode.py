@@ -1,26 +1,54 @@
-"""Generated tokens/s and time-to-first-token of jaxpatience.generate against transformers' generate.
+"""Decoding benchmarks: a fixed workload against transformers, and a varied one, slot engine against static batches.
 
     python scripts/bench_decode.py --model HF_DIR --batch-size 16 --prompt-len 64 --new-tokens 64
+    python scripts/bench_decode.py --model qwen2-0.5b --workload varied --prompts 64 --batch-size 16
 
 --model is an HF checkpoint directory, or a preset name from jaxpatience.config.PRESETS ("tiny",
 "qwen2-0.5b", ...), in which case random weights are saved to a temporary directory first so that both sides
-read the same weights (with --no-hf, a preset is initialised in JAX directly and transformers is not used).
+read the same weights (with --no-hf, or with --workload varied, which does not use transformers, a preset is
+initialised in JAX directly and transformers is not used).
 
-Both sides decode greedily from the same random prompts of exactly --prompt-len tokens and must produce exactly
---new-tokens tokens per row: ours is called with stop_tokens=[] (no stop token at all), transformers' with
+--workload fixed (the default): tokens/s and time-to-first-token of jaxpatience.generate against transformers'
+generate. Both sides decode greedily from the same random prompts of exactly --prompt-len tokens and must produce
+exactly --new-tokens tokens per row: ours is called with stop_tokens=[] (no stop token at all), transformers' with
 min_new_tokens=N (it masks EOS until N tokens exist); the script checks the counts. Each figure is the best of
 --repeats timed runs after one untimed warm-up run (compilation for us, lazy initialisation for torch):
 tokens/s = batch * new_tokens / time of a full generate call; TTFT = time of a generate call with
-max_new_tokens=1 (prompt encoding included on both sides, text decoding on ours).
+max_new_tokens=1 (prompt encoding included on both sides, text decoding on ours). The last line printed is one
+JSON object: tokens_per_s, ttft_s, hf_tokens_per_s, hf_ttft_s, ratio (ours over transformers'), batch,
+prompt_len, new_tokens, device, plus, with --bandwidth-gbs, the memory-bandwidth bound on tokens/s (every decode
+step reads all weights and the whole KV cache once).
 
-The last line printed is one JSON object: tokens_per_s, ttft_s, hf_tokens_per_s, hf_ttft_s, ratio (ours over
-transformers'), batch, prompt_len, new_tokens, device, plus, with --bandwidth-gbs, the memory-bandwidth bound on
-tokens/s (every decode step reads all weights and the whole KV cache once).
+--workload varied: answers of mixed lengths, as in a GSM8K evaluation. --prompts random prompts (numpy
+default_rng(0)) of lengths uniform in 80..250 tokens, each with its own budget: a lognormal with median
+180 * c tokens and sigma 0.5, rounded and clipped to [round(40 * c), --max-budget], where c = --max-budget / 512
+(c = 1 by default: median 180, clip 40..512; a smaller --max-budget scales the whole distribution down, so a CPU
+run keeps the spread of lengths that the comparison is about). No stop tokens (stop_tokens=[]): each row
+stops exactly at its budget, and the useful tokens are the sum of the budgets. Both engines run in the same
+process on the same model, prompts and budgets, with --batch-size rows decoded at once:
+
+* slots (engine="slots"): one generate call with a Request(prompt, max_new_tokens=budget) per prompt and
+  batch_size = the slot count; its EngineStats gives decode steps, slot steps (sum over decode steps of the slot
+  count), prefills and inserts.
+* static (engine="static"): the prompts are cut, in the order drawn (no sorting), into batches of --batch-size;
+  each batch is one generate call with max_new_tokens = the batch's largest budget (the static engine takes one
+  budget per call), so every row runs to its batch's longest row, which is exactly what static batching costs
+  when rows stop at their own lengths. A row's useful tokens are its own budget (the first ones it generated).
+  Its slot steps = sum over batches of rows x (largest budget - 1), rows being the batch's padded row count.
+
+In both, a row's first token comes from its prefill, so a row with budget b takes b - 1 decode steps; the
+occupancy is sum(b - 1) / slot steps. Both engines must return each row's budget worth of tokens (checked).
+Each engine is timed as one untimed warm-up call on the same workload (compilation), then the best of
+--repeats; useful tokens/s = sum of budgets / wall seconds (prefill included). A table is printed, and as the
+last line one JSON object with both engines' figures, speedup (slots' useful tokens/s over static's), model,
+dtype, device, slots and prompts; with --bandwidth-gbs, the bound on tokens/s with every slot busy (each decode
+step reads all weights and every slot's whole KV cache once, at the slot engine's cache length).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -86,7 +114,10 @@ def bandwidth_bound(model, batch: int, cache_len: int, bandwidth_gbs: float) -> 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF checkpoint directory or a preset name")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workload", default="fixed", choices=["fixed", "varied"])
+    parser.add_argument("--prompts", type=int, default=64, help="varied: number of prompts")
+    parser.add_argument("--max-budget", type=int, default=512, help="varied: the budgets' upper clip (scales them)")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows at once (varied: slots = static batch)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -108,7 +139,7 @@ def load(args: argparse.Namespace, tmp_dir: Path, mesh):
 
     path = Path(args.model)
     if args.model in PRESETS and not path.exists():
-        if args.no_hf:
+        if args.no_hf or args.workload == "varied":
             return random_jax_model(args.model, args.dtype, mesh), None, None
         path = save_random_checkpoint(args.model, tmp_dir / args.model, args.dtype)
         return load_model(path, args.dtype, mesh=mesh), None, path
@@ -137,14 +168,19 @@ def time_transformers(path: Path, prompts: list[list[int]], args: argparse.Names
                 torch_threads=torch.get_num_threads())  # fmt: skip
 
 
-def main() -> None:
-    args = parse_args()
-    from jaxpatience import generate
-    from jaxpatience.sharding import make_mesh, parse_mesh
+def device_name() -> str:
+    return f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{len(jax.devices())}"
 
-    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
-    tmp = tempfile.TemporaryDirectory()
-    model, tokenizer, path = load(args, Path(tmp.name), mesh)
+
+def rounded(report: dict) -> dict:
+    return {k: rounded(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v
+            for k, v in report.items()}  # fmt: skip
+
+
+def run_fixed(args: argparse.Namespace, model, tokenizer, path: Path | None, mesh) -> dict:
+    """The fixed workload: ours against transformers (see the module docstring)."""
+    from jaxpatience import generate
+
     batch, prompt_len, new_tokens = args.batch_size, args.prompt_len, args.new_tokens
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size if tokenizer is None else min(len(tokenizer), model.config.vocab_size)
@@ -158,7 +194,7 @@ def main() -> None:
     seconds = best_time(lambda: ours(new_tokens), args.repeats)
     report = dict(
         model=args.model,
-        device=f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{len(jax.devices())}",
+        device=device_name(),
         dtype=args.dtype,
         batch=batch,
         prompt_len=prompt_len,
@@ -175,8 +211,131 @@ def main() -> None:
     if not args.no_hf:
         report |= time_transformers(path, prompts, args)
         report["ratio"] = report["tokens_per_s"] / report["hf_tokens_per_s"]
+    return report
+
+
+def varied_workload(count: int, max_budget: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """Prompts of 80..250 random ids and GSM8K-like budgets (lognormal, median 180 c, sigma 0.5, clipped), c =
+    max_budget / 512."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(80, 251, size=count)
+    prompts = [rng.integers(0, vocab, size=n).tolist() for n in lengths]
+    scale = max_budget / 512
+    draws = rng.lognormal(mean=np.log(180 * scale), sigma=0.5, size=count)
+    budgets = np.clip(np.round(draws), max(1, round(40 * scale)), max_budget).astype(int).tolist()
+    return prompts, budgets
+
+
+def slots_engine(model, prompts: list[list[int]], budgets: list[int], slots: int, mesh) -> dict:
+    """One slot-engine call; every row must return exactly its budget. Returns its EngineStats as a dict."""
+    from jaxpatience.decode import EngineStats, Request, generate
+
+    stats = EngineStats()
+    requests = [Request(p, max_new_tokens=b) for p, b in zip(prompts, budgets, strict=True)]
+    results = generate(model, None, requests, stop_tokens=[], batch_size=slots, engine="slots", mesh=mesh,
+                       stats=stats, progress=False)  # fmt: skip
+    assert [len(r.token_ids) for r in results] == budgets, "the slot engine missed a row's budget"
+    assert stats.tokens == sum(budgets), (stats.tokens, sum(budgets))
+    return dataclasses.asdict(stats)
+
+
+def static_engine(model, prompts: list[list[int]], budgets: list[int], slots: int, mesh) -> dict:
+    """Static batches of `slots` prompts in the given order, each run to its largest budget (module docstring)."""
+    from jaxpatience import generate, sharding
+    from jaxpatience.decode_static import bucket, round_up
+
+    counts = dict(prefill_rows=0, batches=0, decode_steps=0, slot_steps=0, tokens=0)
+    for start in range(0, len(prompts), slots):
+        group, group_budgets = prompts[start : start + slots], budgets[start : start + slots]
+        longest = max(group_budgets)
+        results = generate(model, None, group, max_new_tokens=longest, stop_tokens=[], batch_size=slots,
+                           engine="static", mesh=mesh, progress=False)  # fmt: skip
+        assert all(len(r.token_ids) == longest for r in results), "a static row stopped before its batch"
+        rows = min(slots, round_up(bucket(len(group)), sharding.batch_shards(mesh)))  # decode_static._pack_batch
+        counts["prefill_rows"] += len(group)
+        counts["batches"] += 1
+        counts["decode_steps"] += longest - 1
+        counts["slot_steps"] += rows * (longest - 1)
+        counts["tokens"] += sum(min(b, len(r.token_ids)) for b, r in zip(group_budgets, results, strict=True))
+    assert counts["tokens"] == sum(budgets)
+    return counts
+
+
+def time_engine(run, repeats: int) -> dict:
+    """One untimed warm-up call, then the best of `repeats`; the figures of the last call, with its seconds."""
+    last = {}
+
+    def call():
+        last.update(run())
+
+    seconds = best_time(call, repeats)
+    return dict(seconds=seconds, **last)
+
+
+def run_varied(args: argparse.Namespace, model, vocab: int, mesh) -> dict:
+    """Both engines on one varied workload; prints a table and returns the JSON report."""
+    prompts, budgets = varied_workload(args.prompts, args.max_budget, vocab)
+    slots, useful, ideal = args.batch_size, sum(budgets), sum(b - 1 for b in budgets)
+    engines = {
+        "slots": time_engine(lambda: slots_engine(model, prompts, budgets, slots, mesh), args.repeats),
+        "static": time_engine(lambda: static_engine(model, prompts, budgets, slots, mesh), args.repeats),
+    }
+    for figures in engines.values():
+        figures["useful_tokens_per_s"] = useful / figures["seconds"]
+        figures["occupancy"] = ideal / figures["slot_steps"]
+    lengths = [len(p) for p in prompts]
+    report = dict(
+        model=args.model, dtype=args.dtype, device=device_name(), workload="varied", slots=slots,
+        prompts=len(prompts), max_budget=args.max_budget, useful_tokens=useful,
+        prompt_len=dict(min=min(lengths), mean=float(np.mean(lengths)), max=max(lengths)),
+        budget=dict(min=min(budgets), median=float(np.median(budgets)), mean=float(np.mean(budgets)),
+                    max=max(budgets)),
+        slots_engine=engines["slots"], static_engine=engines["static"],
+        speedup=engines["slots"]["useful_tokens_per_s"] / engines["static"]["useful_tokens_per_s"],
+    )  # fmt: skip
+    if args.bandwidth_gbs:
+        cache_len = bucket16(max(lengths)) + bucket16(max(budgets))  # the slot engine's S
+        report["bandwidth_bound_tokens_per_s"] = bandwidth_bound(model, slots, cache_len, args.bandwidth_gbs)
+    print_table(report)
+    return report
+
+
+def bucket16(n: int) -> int:
+    return max(16, 2 ** (n - 1).bit_length())
+
+
+def print_table(report: dict) -> None:
+    slots, static = report["slots_engine"], report["static_engine"]
+    budget = report["budget"]
+    print(f"{report['model']} {report['dtype']} on {report['device']}: {report['prompts']} prompts of "
+          f"{report['prompt_len']['min']}..{report['prompt_len']['max']} tokens, budgets {budget['min']}.."
+          f"{budget['max']} (median {budget['median']:.0f}, mean {budget['mean']:.1f}), {report['slots']} slots, "
+          f"{report['useful_tokens']} useful tokens")  # fmt: skip
+    print(f"{'engine':<8}{'wall s':>10}{'useful tok/s':>14}{'decode steps':>14}{'slot steps':>12}"
+          f"{'occupancy':>11}{'prefills':>10}{'calls':>7}")  # fmt: skip
+    for name, figures, calls in (("slots", slots, slots["inserts"]), ("static", static, static["batches"])):
+        print(f"{name:<8}{figures['seconds']:>10.3f}{figures['useful_tokens_per_s']:>14.1f}"
+              f"{figures['decode_steps']:>14}{figures['slot_steps']:>12}{figures['occupancy']:>11.3f}"
+              f"{figures['prefill_rows']:>10}{calls:>7}")  # fmt: skip
+    print(f"speedup (useful tokens/s, slots / static): {report['speedup']:.3f}; static / slots slot steps: "
+          f"{static['slot_steps'] / slots['slot_steps']:.3f}; slots: {slots['chunks']} chunks, slot buckets "
+          f"{slots['slot_buckets']}")  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    from jaxpatience.sharding import make_mesh, parse_mesh
+
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    tmp = tempfile.TemporaryDirectory()
+    model, tokenizer, path = load(args, Path(tmp.name), mesh)
+    if args.workload == "fixed":
+        report = run_fixed(args, model, tokenizer, path, mesh)
+    else:
+        vocab = model.config.vocab_size if tokenizer is None else min(len(tokenizer), model.config.vocab_size)
+        report = run_varied(args, model, vocab, mesh)
     tmp.cleanup()
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}))
+    print(json.dumps(rounded(report)))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ class ScriptedGenerator:
     """Stands in for `jaxpatience.generate`: answers each prompt from a script keyed by the problem's question.
 
     script[question] is a list of responses, one per sample. With `seed_sensitive`, the response chosen for a
-    sample also depends on the seed the evaluator passes (as real sampling does), so resume must pass the same
-    seeds as an uninterrupted run. Calls are recorded; `crash_after` raises on that call (a simulated crash).
+    sample also depends on the seed and the request's seed index (as real sampling does), so resume must pass
+    the same ones as an uninterrupted run. It streams each problem's samples to `on_result` as the real decoder
+    does; calls are recorded; `crash_after=k` raises after k problems were handed over (a simulated crash).
     """
 
     def __init__(self, script: dict[str, list[str]], seed_sensitive: bool = False, crash_after: int | None = None):
@@ -38,18 +39,23 @@ class ScriptedGenerator:
         self.calls: list[list[str]] = []
         self.prompts: list[str] = []
 
-    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, num_samples, seed, **settings):
-        if self.crash_after is not None and len(self.calls) == self.crash_after:
-            raise RuntimeError("simulated crash")
+    def __call__(self, model, tokenizer, requests, *, max_new_tokens, num_samples, seed, on_result=None, **settings):
+        prompts = [getattr(r, "prompt", r) for r in requests]
         questions = [next(q for q in self.script if q in prompt) for prompt in prompts]
         self.calls.append(questions)
         self.prompts += prompts
         results = []
-        for row, question in enumerate(questions):
+        for row, (request, question) in enumerate(zip(requests, questions, strict=True)):
+            if self.crash_after is not None and row == self.crash_after:
+                raise RuntimeError("simulated crash")
             responses = self.script[question]
-            shift = (seed + row) % len(responses) if self.seed_sensitive else 0
+            index = getattr(request, "seed_index", None)
+            shift = (seed + (row if index is None else index)) % len(responses) if self.seed_sensitive else 0
             picked = [responses[(s + shift) % len(responses)] for s in range(num_samples)]
             results.append([FakeGeneration(text, list(range(len(text.split())))) for text in picked])
+            for sample, generation in enumerate(results[-1]):
+                if on_result is not None:
+                    on_result(row, sample, generation)
         return results
 
 
@@ -158,11 +164,11 @@ def test_resume_after_a_crash_gives_the_uninterrupted_summary(tmp_path):
     whole = evaluate(None, make_tokenizer(), problems, out_dir=tmp_path / "whole",
                      generate_fn=ScriptedGenerator(script, seed_sensitive=True), **settings)  # fmt: skip
 
-    crashing = ScriptedGenerator(script, seed_sensitive=True, crash_after=2)
+    crashing = ScriptedGenerator(script, seed_sensitive=True, crash_after=4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         evaluate(None, make_tokenizer(), problems, out_dir=tmp_path / "resumed", generate_fn=crashing, **settings)
     generations = tmp_path / "resumed" / "generations.jsonl"
-    assert len(generations.read_text().splitlines()) == 2 * 2 * 2  # two whole batches survived the crash
+    assert len(generations.read_text().splitlines()) == 4 * 2  # the four problems handed over survived the crash
     with open(generations, "a") as out:  # and a crash in the middle of a write leaves a torn line
         out.write('{"id": "q4", "sample": 0, "gold": "14", "respo')
 
@@ -203,14 +209,14 @@ def test_resume_checks_the_answer_prefix_and_reads_older_run_files(tmp_path):
         evaluate(None, make_tokenizer(), problems, sampling=two, answer_prefix="Start with", **run)
     # a run.json written before SamplingConfig: `samples` and `batch_size`, no answer_prefix or stop
     settings = json.loads((tmp_path / "run.json").read_text())
-    settings["samples"], settings["batch_size"] = settings.pop("num_samples"), settings.pop("generation_batch_size")
+    settings["samples"], settings["batch_size"] = settings.pop("num_samples"), 16
     del settings["answer_prefix"], settings["stop"]
     (tmp_path / "run.json").write_text(json.dumps(settings))
     with pytest.raises(EvalError, match="made with num_samples=2, not 3"):
         evaluate(None, make_tokenizer(), problems, sampling=dataclasses.replace(two, num_samples=3), **run)
-    with pytest.raises(EvalError, match="made with generation_batch_size=16, not 4"):
-        evaluate(None, make_tokenizer(), problems, sampling=two, generation_batch_size=4, **run)
     evaluate(None, make_tokenizer(), problems, sampling=two, **run)  # the same settings under the old names
+    # Samples draw from keys fixed per problem, whatever the batching: another batch size may resume.
+    evaluate(None, make_tokenizer(), problems, sampling=two, generation_batch_size=4, **run)
 
 
 def test_bad_settings_are_one_sentence(tmp_path):
