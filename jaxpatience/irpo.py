@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from jaxpatience import report
-from jaxpatience.config import ConfigError, EvalConfig, IrpoConfig, command_parser, config_from_args, load_config
+from jaxpatience.config import EvalConfig, IrpoConfig, command_parser, config_from_args, load_config
 
 
 def load_irpo_config(path: str | Path | None, overrides: list[str]) -> IrpoConfig:
@@ -60,6 +60,7 @@ def _evaluate(config: IrpoConfig, model_path: str, problems, which: str, out_dir
 def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict,
                 out: Path) -> dict:  # fmt: skip
     """pairs.jsonl from the iteration's samples (skipped if it exists); returns the self-play stats."""
+    from jaxpatience import sharding
     from jaxpatience.answers import is_numeric
     from jaxpatience.data.problems import build_prompt
     from jaxpatience.data.selfplay import pairs_from_generations, write_pairs
@@ -68,8 +69,12 @@ def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, s
     from jaxpatience.tokenizer import load_tokenizer
 
     path = out / "pairs.jsonl"
-    if path.is_file():
-        return json.loads(Path(str(path) + ".stats.json").read_text())
+    stats_path = Path(str(path) + ".stats.json")
+    if not stats_path.is_file() and not sharding.is_main_process():
+        sharding.barrier(f"irpo pairs {iteration}")  # process 0 writes them; the others read its stats
+        return json.loads(stats_path.read_text())
+    if stats_path.is_file():
+        return json.loads(stats_path.read_text())
     tokenizer = load_tokenizer(model_path)
     latex = any(not is_numeric(p.answer) for p in problems)  # as the evaluator decides it, once per dataset
     prompts = {p.id: build_prompt(p, tokenizer, config.prompt_style, latex) for p in problems}
@@ -79,6 +84,7 @@ def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, s
                                           iteration=iteration, seed=config.sampling.seed)  # fmt: skip
     write_pairs(path, pairs, stats)
     print(f"iteration {iteration}: {stats.summary()}")
+    sharding.barrier(f"irpo pairs {iteration}")
     return dataclasses.asdict(stats)
 
 
@@ -107,17 +113,19 @@ def _row(iteration: int, model_path: str, result: dict, stats: dict | None = Non
 
 def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     """Run (or resume) every iteration; returns the summary (also OUT/summary.json, plot OUT/irpo.png)."""
-    import os
+    from jaxpatience import sharding
 
     config.validate()
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAX_DISTRIBUTED_AUTO") == "1":
-        raise ConfigError(
-            "jaxpatience irpo runs on one host (sampling is single-process for now); run its train stage on a pod "
-            "with jaxpatience train on each iteration's pairs.jsonl."
-        )
+    # Several processes (the same variables as train): every process runs this loop alike; process 0 writes the
+    # files. OUT must be a folder every host sees (each reads the pairs and the merged model process 0 wrote).
+    distributed = config.training.distributed
+    sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes,
+                                    distributed.process_id)  # fmt: skip
+    main = sharding.is_main_process()
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     seed = config.sampling.seed
     train_problems = _problems(config.train_problems, config.train_split, config.train_limit, seed)
     eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, seed + 1)
@@ -132,14 +140,16 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
         if stats["pairs"] == 0:
             print(f"iteration {iteration}: no pairs (every problem all right or all wrong); stopping.")
             break
-        _train(config, model_path, step_dir, progress)
+        _train(config, model_path, step_dir, progress and main)
+        sharding.barrier(f"irpo train {iteration}")  # merged/ is written by process 0; every process loads it next
         model_path = str(step_dir / "train" / "merged")
         result = _evaluate(config, model_path, eval_problems, "eval", step_dir / "eval", seed=seed, progress=progress)
         rows.append(_row(iteration, model_path, result, stats))
     summary = {"iterations": rows}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    summary["plot"] = report.plot_irpo(rows, out / "irpo.png")
-    print(report.irpo_table(rows))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["plot"] = report.plot_irpo(rows, out / "irpo.png")
+        print(report.irpo_table(rows))
     return summary
 
 
