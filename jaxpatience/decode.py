@@ -107,7 +107,7 @@ def _stop_ids(tokenizer, stop_tokens: Sequence[int | str] | None, vocab_size: in
     return ids
 
 
-def _check_settings(settings: dict[str, Any], batch_size: int) -> None:
+def _check_settings(settings: dict[str, Any], batch_size: int, engine: str) -> None:
     """One clear ValueError for a bad sampling setting (before any tokenization or compilation)."""
     max_new_tokens, temperature, top_p, top_k, num_samples = (
         settings[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "num_samples"))  # fmt: skip
@@ -119,6 +119,7 @@ def _check_settings(settings: dict[str, Any], batch_size: int) -> None:
         (num_samples is None or (isinstance(num_samples, int) and num_samples >= 1),
          f"num_samples must be >= 1, not {num_samples}"),
         (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be >= 1, not {batch_size}"),
+        (engine in ENGINES, f"unknown engine {engine!r}: use {' or '.join(ENGINES)}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -245,45 +246,37 @@ def generate(
 
     prompts: chat-formatted strings (encoded without adding special tokens), lists of token ids, or `Request`s
         (a prompt with its own max_new_tokens / stop tokens / seed index).
-    max_new_tokens (default 256), temperature (0), top_p (1), top_k (0), num_samples (None),
-    seed (0), stop_tokens (None): the sampling settings, given one by one or all at once as
-        `sampling=SamplingConfig(...)` (then none of them may be passed; its num_samples is an int, so the result
-        is a list of lists).
+    max_new_tokens (256), temperature (0), top_p (1), top_k (0), num_samples (None), seed (0), stop_tokens (None):
+        the sampling settings, one by one or all at once as `sampling=SamplingConfig(...)` (not both).
     temperature: 0 = greedy (argmax); otherwise sample from softmax(logits / temperature), optionally restricted
         to the top_k most likely tokens and/or the smallest set holding top_p of the probability (nucleus).
-    num_samples: None -> a list [len(prompts)] of Generation. An int k -> a list [len(prompts)] of lists [k]
-        (sample j of prompt i is result[i][j]); each sample draws from its own key, so rerunning with the same
-        seed reproduces it whatever the batch it lands in. Each prompt is prefilled once for its k samples.
+    num_samples: None -> a list [len(prompts)] of Generation; an int k (SamplingConfig's is) -> lists [k] per
+        prompt. Each sample draws from its own key: the same seed reproduces it whatever batch it lands in.
     stop_tokens: ids or single-token strings that end a row (not included in the output). None: the tokenizer's
         eos token and "<|im_end|>" when the vocabulary has it. [] never stops early (benchmarks).
     batch_size: rows (prompt x sample) decoded at once: the slot count (or the static batch size).
-    mesh: a sharding.make_mesh() mesh; weights are placed by sharding.RULES (a no-op when the model was loaded
-        with the same mesh), rows are split along the logical `batch` axis. On several processes every process
-        calls generate with the same arguments and gets the same results (load the model with the mesh).
-    progress: a tqdm bar with tokens/s; None shows it when there is more than one batch of rows.
-    engine: "slots" (continuous batching, engine.py) or "static" (decode_static.py: one budget and one set of
-        stop tokens for the call, single process).
-    on_result: called as on_result(prompt index, sample index, Generation) as soon as each row is done.
-    stats: an `EngineStats` the slot engine fills in (prefills, decode steps, slot steps, tokens).
-    chunk_steps: the slot engine's most decode steps between two looks from the host.
-    tokenizer: may be None when prompts and stop tokens are ids; `.text` is then "".
+    mesh: a sharding.make_mesh() mesh; weights are placed by sharding.RULES, rows split along the logical `batch`
+        axis. On several processes every process calls generate alike (model loaded with the mesh).
+    engine: "slots" (engine.py) or "static" (decode_static.py: one budget and stop set per call, one process).
+    on_result: on_result(prompt index, sample index, Generation) as soon as each row is done (streaming).
+    stats: an `EngineStats` the slot engine fills in; chunk_steps: its most decode steps between host looks.
+    progress: a tqdm bar; None shows it when there is more than one batch of rows. tokenizer: may be None when
+        prompts and stop tokens are ids (`.text` is then "").
     """
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                  num_samples=num_samples, seed=seed, stop_tokens=stop_tokens)  # fmt: skip
     settings = _sampling_settings(sampling, given)
-    _check_settings(settings, batch_size)
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}.")
+    _check_settings(settings, batch_size, engine)
     config = model.config
     texts, budgets, stops, seed_indices = _requests(prompts, settings, tokenizer, config.vocab_size)
     prompt_ids = _tokenize(tokenizer, texts)
     _check_prompts(prompt_ids, config.vocab_size, config.max_position_embeddings, budgets)
     if not prompt_ids:
         return []
+    if engine == "static" and (len(set(budgets)) > 1 or any(stop != stops[0] for stop in stops)):
+        raise ValueError("the static engine takes one max_new_tokens and one set of stop tokens per call.")
     plan = _plan(model, settings, stops, budgets, seed_indices, batch_size, mesh, chunk_steps)
     if engine == "static":
-        if len(set(budgets)) > 1 or any(stop != stops[0] for stop in stops):
-            raise ValueError("the static engine takes one max_new_tokens and one set of stop tokens per call.")
         results = run_batches(plan, prompt_ids, tokenizer, progress, on_result)
     else:
         results = run_slots(plan, prompt_ids, budgets, stops, tokenizer, progress=progress, on_result=on_result,
