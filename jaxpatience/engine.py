@@ -19,8 +19,9 @@ The host loop, until the queue is empty and every slot is done:
    bucket that holds them (on a CPU an idle slot costs as much as a busy one).
 
 Shapes stay static: the slot count B (and its tail buckets B/2, B/4, ...), the cache length S (the call's longest
-prompt bucket + its largest budget bucket), the prompt buckets P and insert buckets Bp are powers of two, so a
-call compiles at most a few executables and a second call with the same buckets compiles nothing.
+prompt bucket + its largest budget bucket), the inserts' prompt counts Bp and the attention windows are powers
+of two, prompt lengths P are 2^k or 1.5 * 2^k, so a call compiles a few executables and a second call with the
+same buckets compiles nothing.
 
 Per row: its own max_new_tokens (`budget`) and stop tokens; keys from sampling.py (a sample is the same whatever
 slot or batch it lands in). With a mesh, slots are split over the logical `batch` axis and every host-side
@@ -220,13 +221,27 @@ class _Queue:
         return [slot for slot, owner in enumerate(self.owner) if owner is None]
 
 
+def prompt_bucket(n: int) -> int:
+    """The prefill length of an insert: the smallest 2^k or 1.5 * 2^k >= n (>= 16), so that at most a third of
+    a prefill (about a sixth on average) is padding, with twice as many buckets as powers of two."""
+    power = bucket(n, MIN_LENGTH_BUCKET)
+    return power * 3 // 4 if power * 3 // 4 >= n and power > MIN_LENGTH_BUCKET else power
+
+
+def _power_of_two_below(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
+
+
 def _insert_batch(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slots:
     """Take as many waiting prompts as the free slots hold (at most `plan.max_insert`) and insert them."""
     free = queue.free()
-    take = min(len(queue.waiting), len(free) // queue.samples, plan.max_insert)
+    # A power of two, so that no padding row is prefilled (on a CPU each one costs as much as a real prompt); the
+    # caller inserts again while slots are free, e.g. 3 free slots take 2 prompts, then 1.
+    take = _power_of_two_below(min(len(queue.waiting), len(free) // queue.samples, plan.max_insert))
     batch = [queue.waiting.popleft() for _ in range(take)]
-    prompts = bucket(take)  # Bp
-    prompt_len = bucket(max(len(queue.prompt_ids[p]) for p in batch), MIN_LENGTH_BUCKET)  # P
+    prompts = take  # Bp
+    prompt_len = prompt_bucket(max(len(queue.prompt_ids[p]) for p in batch))  # P
     ids = np.zeros((prompts, prompt_len), np.int32)
     mask = np.zeros((prompts, prompt_len), np.int32)
     for row, p in enumerate(batch):  # left padding: every prompt's last token sits in slot P - 1
@@ -285,7 +300,7 @@ def _shrink(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slot
     size = slots.done.shape[0]
     busy = [slot for slot, owner in enumerate(queue.owner) if owner is not None]
     target = round_up(bucket(max(len(busy), 1)), plan.batch_shards)
-    if queue.waiting or target >= size:
+    if queue.waiting or not busy or target >= size:
         return slots
     keep = busy + [slot for slot in range(size) if queue.owner[slot] is None][: target - len(busy)]
     queue.owner = [queue.owner[slot] for slot in keep]
