@@ -382,7 +382,7 @@ class EvalConfig:
     out_dir: str = ""  # rerunning into it resumes
     prompt_style: str = "zero_shot"  # see data/problems.build_prompt
     metric: str = "auto"  # the answer reading behind accuracy: auto, strict, flexible, math_verify
-    generation_batch_size: int = 16  # problems per generation batch
+    generation_batch_size: int = 16  # problems decoded at once (the decoder's slots / num_samples)
     param_dtype: str = "float32"
     compute_dtype: str | None = None
     mesh: MeshConfig | None = None  # None: one device
@@ -422,7 +422,7 @@ class IrpoConfig:
     iterations: int = 2
     max_pairs_per_problem: int = 10  # K
     prompt_style: str = "zero_shot"  # see data/problems.build_prompt
-    generation_batch_size: int = 16  # problems per generation batch
+    generation_batch_size: int = 16  # problems decoded at once (the decoder's slots / num_samples)
     # Self-sampling: N = num_samples solutions per training problem (the paper: 30). The held-out evaluation is
     # greedy with the same max_new_tokens; the seed also draws the pairs.
     sampling: SamplingConfig = dataclasses.field(

@@ -8,9 +8,9 @@
 the IRPO loop (its samples and its held-out evaluations) and the demo all call it.
 
 Output folder:
-  generations.jsonl  one line per (problem, sample), appended and fsynced after every batch (store.JsonlStore):
-                     a crash loses at most the batch in flight, and a rerun into the same folder skips the
-                     problems already done
+  generations.jsonl  one line per (problem, sample), appended and fsynced as problems finish (store.JsonlStore;
+                     every generation_batch_size problems or 10 s): a crash loses at most those in flight, and a
+                     rerun into the same folder skips the problems already done
   run.json           the settings the generations were made with (a rerun with other settings is refused)
   summary.json       accuracy per answer reading with a 95% Wilson interval, maj@k, response lengths,
                      behaviour markers, timing; `jaxpatience eval --compare A B` prints two side by side
@@ -128,8 +128,8 @@ def evaluate(
 
     sampling: how solutions are drawn (default: greedy, 512 new tokens, one sample).
     answer_prefix: text that starts every answer for the model (appended to the prompt, not part of the response).
-    generation_batch_size: problems per generation batch (each batch is `generation_batch_size * num_samples`
-        rows) and per JSONL flush; problems are batched in order of prompt length, so a batch holds similar lengths.
+    generation_batch_size: problems decoded at once (the decoder's slots: `generation_batch_size * num_samples`
+        rows; a finished row's slot takes the next problem) and per JSONL flush.
     metric: the answer reading behind `accuracy` and maj@k: strict, flexible, math_verify, or auto (math_verify
         when some gold answer is LaTeX and math-verify is installed, else strict).
     generate_fn: `jaxpatience.generate` by default; any function with its signature (tests pass a fake).
@@ -448,7 +448,7 @@ FLAGS = {
     "--dataset": ("dataset", "gsm8k, math (MATH-500), gsm_symbolic, or a .jsonl/.json/.parquet file"),
     "--split": ("split", "hub dataset split (default: test)"),
     "--limit": ("limit", "evaluate the first N problems"),
-    "--batch-size": ("generation_batch_size", "problems per generation batch (default: 16)"),
+    "--batch-size": ("generation_batch_size", "problems decoded at once (default: 16)"),
     "--max-new-tokens": ("sampling.max_new_tokens", "default: 512"),
     "--samples": ("sampling.num_samples", "solutions per problem, for maj@k (default: 1)"),
     "--temperature": ("sampling.temperature", "0 = greedy (default)"),
