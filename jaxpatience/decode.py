@@ -107,7 +107,7 @@ def _stop_ids(tokenizer, stop_tokens: Sequence[int | str] | None, vocab_size: in
     return ids
 
 
-def _check_settings(settings: dict[str, Any], batch_size: int, engine: str) -> None:
+def _check_settings(settings: dict[str, Any], batch_size: int, engine: str, chunk_steps: int) -> None:
     """One clear ValueError for a bad sampling setting (before any tokenization or compilation)."""
     max_new_tokens, temperature, top_p, top_k, num_samples = (
         settings[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "num_samples"))  # fmt: skip
@@ -120,6 +120,7 @@ def _check_settings(settings: dict[str, Any], batch_size: int, engine: str) -> N
          f"num_samples must be >= 1, not {num_samples}"),
         (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be >= 1, not {batch_size}"),
         (engine in ENGINES, f"unknown engine {engine!r}: use {' or '.join(ENGINES)}"),
+        (isinstance(chunk_steps, int) and chunk_steps >= 1, f"chunk_steps must be an integer >= 1, not {chunk_steps}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -265,7 +266,7 @@ def generate(
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                  num_samples=num_samples, seed=seed, stop_tokens=stop_tokens)  # fmt: skip
     settings = _sampling_settings(sampling, given)
-    _check_settings(settings, batch_size, engine)
+    _check_settings(settings, batch_size, engine, chunk_steps)
     config = model.config
     texts, budgets, stops, seed_indices = _requests(prompts, settings, tokenizer, config.vocab_size)
     prompt_ids = _tokenize(tokenizer, texts)

@@ -18,17 +18,19 @@ The host loop, until the queue is empty and every slot is done:
 4. **the tail**: once the queue is empty, the remaining rows are gathered into the smallest power-of-two slot
    bucket that holds them (on a CPU an idle slot costs as much as a busy one).
 
-Shapes stay static: the slot count B (and its tail buckets B/2, B/4, ...), the cache length S (the call's longest
-prompt bucket + its largest budget bucket), the inserts' prompt counts Bp and the attention windows are powers
-of two, prompt lengths P are 2^k or 1.5 * 2^k, so a call compiles a few executables and a second call with the
-same buckets compiles nothing.
+Shapes stay static: the slot count B (`batch_size` rounded up to the mesh's batch shards, or the call's row count
+bucketed when smaller) and the tail's buckets (powers of two rounded up to the batch shards), the cache length S
+(the call's longest prompt bucket + its largest budget bucket), the inserts' prompt counts Bp and the attention
+windows (powers of two), prompt lengths P (2^k or 1.5 * 2^k): a call compiles a few executables and a second
+call with the same buckets compiles nothing.
 
 Per row: its own max_new_tokens (`budget`) and stop tokens; keys from sampling.py (a sample is the same whatever
 slot or batch it lands in). With a mesh, slots are split over the logical `batch` axis and every host-side
 decision is made from arrays all processes read alike (sharding.fetch), so the same loop runs on a pod.
 
 Shape letters: B slots, S cache slots per row, N token buffer per row (largest budget bucket), E stop tokens per
-row, Bp prompts per insert, P prompt bucket, R rows per insert (Bp x num_samples, bucketed), V vocab.
+row, Bp prompts per insert, P prompt bucket, R rows per insert (Bp x num_samples, rounded up to the batch
+shards), V vocab.
 """
 
 from __future__ import annotations
@@ -316,8 +318,14 @@ def _refill_at(plan: Plan, queue: _Queue, size: int) -> int:
     if queue.waiting:
         wanted = round_up(min(len(queue.waiting) * queue.samples, max(queue.samples, plan.refill_rows)), queue.samples)
         return min(free + wanted, size)
-    half = round_up(size // 2, plan.batch_shards)
-    return size - half if half < size else size + 1  # size + 1: never (the chunk ends when every slot is done)
+    # The next smaller bucket _shrink can move to: the largest 2^k busy rows whose bucket, rounded up to the
+    # batch shards, is below `size` (with 3 shards and 6 slots there is none: run to the end).
+    busy_at_most = 1 << max(size - 1, 1).bit_length()
+    while busy_at_most > 1 and round_up(busy_at_most, plan.batch_shards) >= size:
+        busy_at_most //= 2
+    if round_up(busy_at_most, plan.batch_shards) >= size:
+        return size + 1  # never: the chunk ends when every slot is done (or after chunk_steps)
+    return size - busy_at_most
 
 
 def _window(plan: Plan, slots: Slots, queue: _Queue) -> int:
@@ -368,6 +376,8 @@ def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_
                                      window=window, **static)  # fmt: skip
         done, count, stopped = (sharding.fetch(a) for a in (slots.done, slots.count, slots.stopped))
         steps = int(sharding.fetch(steps))
+        if steps == 0 and not any(owner is not None and done[slot] for slot, owner in enumerate(queue.owner)):
+            raise RuntimeError(f"the slot engine made no progress (slots {size}, refill at {refill_at}); a bug.")
         stats.chunks, stats.decode_steps, stats.slot_steps = (stats.chunks + 1, stats.decode_steps + steps,
                                                               stats.slot_steps + steps * size)  # fmt: skip
         before = sum(owner is None for owner in queue.owner)

@@ -22,6 +22,7 @@ plots are in report.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -194,7 +195,6 @@ def _evaluate_multihost(job: _Job, out_dir: Path, settings: dict, progress: bool
         new_problems = job.run(store, set(state["done"]), progress and main)
     summary = _write_summary(store.records, job, out_dir, settings, new_problems, plots, start) if main else None
     return sharding.broadcast_json(summary)
-    return summary
 
 
 def _settings(run_info: dict | None, prompt_style: PromptStyle, answer_prefix: str, sampling: SamplingConfig) -> dict:
@@ -251,8 +251,12 @@ class _Job:
             for index, per_problem in enumerate(results):  # a generator that does not stream hands over here
                 for sample, generation in enumerate(per_problem):
                     writer.add(index, sample, generation)
+            writer.flush()
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the problems already handed over; the first error wins
+                writer.flush()
+            raise
         finally:
-            writer.flush()  # whole problems already handed over survive an exception
             bar.close()
         return len(todo)
 

@@ -59,8 +59,20 @@ def _evaluate(config: IrpoConfig, model_path: str, problems, which: str, out_dir
 
 def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict,
                 out: Path) -> dict:  # fmt: skip
-    """pairs.jsonl from the iteration's samples (skipped if it exists); returns the self-play stats."""
+    """pairs.jsonl from the iteration's samples (skipped if it exists); returns the self-play stats.
+
+    Process 0 reads the samples and writes the pairs; every process gets its stats (a broadcast, after the
+    pairs file is complete, so that the others' training finds it).
+    """
     from jaxpatience import sharding
+
+    stats = _pairs_on_main(config, model_path, problems, iteration, samples_summary, out) if (
+        sharding.is_main_process()) else None  # fmt: skip
+    return sharding.broadcast_json(stats)
+
+
+def _pairs_on_main(config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict,
+                   out: Path) -> dict:  # fmt: skip
     from jaxpatience.answers import is_numeric
     from jaxpatience.data.problems import build_prompt
     from jaxpatience.data.selfplay import pairs_from_generations, write_pairs
@@ -69,12 +81,8 @@ def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, s
     from jaxpatience.tokenizer import load_tokenizer
 
     path = out / "pairs.jsonl"
-    stats_path = Path(str(path) + ".stats.json")
-    if not stats_path.is_file() and not sharding.is_main_process():
-        sharding.barrier(f"irpo pairs {iteration}")  # process 0 writes them; the others read its stats
-        return json.loads(stats_path.read_text())
-    if stats_path.is_file():
-        return json.loads(stats_path.read_text())
+    if path.is_file():  # written last and atomically (selfplay.write_pairs): the stage is done
+        return json.loads(Path(str(path) + ".stats.json").read_text())
     tokenizer = load_tokenizer(model_path)
     latex = any(not is_numeric(p.answer) for p in problems)  # as the evaluator decides it, once per dataset
     prompts = {p.id: build_prompt(p, tokenizer, config.prompt_style, latex) for p in problems}
@@ -84,7 +92,6 @@ def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, s
                                           iteration=iteration, seed=config.sampling.seed)  # fmt: skip
     write_pairs(path, pairs, stats)
     print(f"iteration {iteration}: {stats.summary()}")
-    sharding.barrier(f"irpo pairs {iteration}")
     return dataclasses.asdict(stats)
 
 

@@ -140,3 +140,25 @@ def test_unknown_engine_and_static_limits(loaded):
         generate(model, tokenizer, [[5, 6]], engine="fast")
     with pytest.raises(ValueError, match="static engine takes one max_new_tokens"):
         generate(model, tokenizer, [Request([5, 6], max_new_tokens=3), [7, 8]], max_new_tokens=5, engine="static")
+
+
+def test_a_batch_axis_split_three_ways_finishes_like_one_device(loaded):
+    """Slot counts rounded up to 3 batch shards: the tail must still end (no bucket below 6 holds 3 busy rows)."""
+    from jaxpatience.sharding import make_mesh
+
+    model, tokenizer = loaded
+    with pytest.warns(UserWarning, match="uses 6 of 8 devices"):
+        mesh = make_mesh(data=3, tensor=2)
+    prompts = requests(PROMPTS[:6], [1, 1, 1, 9, 12, 15])
+    single = generate(model, tokenizer, prompts, stop_tokens=[], batch_size=6)
+    assert generate(model, tokenizer, prompts, stop_tokens=[], batch_size=6, mesh=mesh) == single
+    many = requests(PROMPTS * 2, BUDGETS * 2)
+    assert generate(model, tokenizer, many, stop_tokens=[], batch_size=3, mesh=mesh) == generate(
+        model, tokenizer, many, stop_tokens=[], batch_size=3
+    )
+
+
+def test_chunk_steps_must_be_positive(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(ValueError, match="chunk_steps must be an integer >= 1, not 0"):
+        generate(model, tokenizer, [[5, 6]], max_new_tokens=4, chunk_steps=0)

@@ -106,3 +106,22 @@ def test_irpo_loop_runs_two_iterations_and_resumes(tiny_checkpoint, tmp_path):
         right = [answers.answers_equal(answers.extract_strict(r["response"]), r["gold"]) for r in records]
         assert len(records) == 8 and row["accuracy"] == sum(right) / 8
     assert (tmp_path / "irpo" / "irpo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pairs_stage_killed_after_its_stats_is_redone(tiny_checkpoint, tmp_path):
+    """write_pairs writes the stats, then the pairs file: a stats file alone is an unfinished stage."""
+    from jaxpatience.config import IrpoConfig
+    from jaxpatience.data.problems import Problem
+    from jaxpatience.irpo import _make_pairs
+
+    problems = [Problem("p0", "What is 1 + 1?", "2")]
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    records = [_record("p0", "The answer is 2.", True, "2"), _record("p0", "The answer is 3.", False, "3")]
+    (samples / "generations.jsonl").write_text("".join(json.dumps({**r, "sample": i}) + "\n"
+                                                       for i, r in enumerate(records)))  # fmt: skip
+    (tmp_path / "pairs.jsonl.stats.json").write_text(json.dumps({"pairs": 99}))  # the kill came before the pairs
+    config = IrpoConfig(model=str(tiny_checkpoint()), out_dir=str(tmp_path), prompt_style="question")
+    stats = _make_pairs(config, config.model, problems, 1, {"metric": "strict"}, tmp_path)
+    assert stats["pairs"] == 1 and (tmp_path / "pairs.jsonl").is_file()
+    assert _make_pairs(config, config.model, problems, 1, {"metric": "strict"}, tmp_path) == stats  # now done
