@@ -368,6 +368,7 @@ def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_
     while queue.waiting or any(owner is not None for owner in queue.owner):
         while queue.waiting and len(queue.free()) >= samples:
             slots = _insert_batch(plan, slots, queue, stats)
+        slots = _shrink(plan, slots, queue, stats)  # nothing waiting: into the smallest bucket that holds the rows
         size = slots.done.shape[0]
         refill_at = _refill_at(plan, queue, size)
         max_steps, refill = _replicated(plan, np.int32(plan.chunk_steps), np.int32(refill_at))
@@ -382,10 +383,8 @@ def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_
                                                               stats.slot_steps + steps * size)  # fmt: skip
         before = sum(owner is None for owner in queue.owner)
         stats.tokens += _finish_rows(queue, done, count, stopped, functools.partial(sharding.fetch, slots.tokens),
-                                     tokenizer,
-                                     results, on_result)  # fmt: skip
+                                     tokenizer, results, on_result)  # fmt: skip
         bar.update(sum(owner is None for owner in queue.owner) - before)
         bar.set_postfix({"tokens/s": f"{stats.tokens / (time.perf_counter() - start):.1f}"})
-        slots = _shrink(plan, slots, queue, stats)
     bar.close()
     return results
