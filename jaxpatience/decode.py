@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxpatience import sharding
 from jaxpatience.config import SamplingConfig
-from jaxpatience.decode_static import bucket, round_up, run_batches
+from jaxpatience.decode_static import MIN_LENGTH_BUCKET, bucket, round_up, run_batches
 from jaxpatience.engine import EngineStats, run_slots
 from jaxpatience.model import Qwen2ForCausalLM
 from jaxpatience.sampling import Generation, Sampler, sample_tokens
@@ -217,7 +217,7 @@ def _plan(model: Qwen2ForCausalLM, settings: dict[str, Any], stops: list[list[in
         seed=settings["seed"], seed_indices=seed_indices, samples=samples, batch_shards=batch_shards,
         slots=slots, chunk_steps=chunk_steps, refill_rows=max(1, slots // 8), max_insert=max(1, slots // samples),
         stop_width=stop_width, stop_array=stop_array, max_new_tokens=max(budgets),
-        new_bucket=bucket(max(budgets), 16), prompts_per_batch=prompts_per_batch,
+        new_bucket=bucket(max(budgets), MIN_LENGTH_BUCKET), prompts_per_batch=prompts_per_batch,
         full_rows=round_up(prompts_per_batch * samples, batch_shards),
     )  # fmt: skip
 

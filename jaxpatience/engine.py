@@ -264,11 +264,10 @@ def _insert_batch(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -
     put = functools.partial(sharding.put_global, mesh=plan.mesh)
     stats.inserts += 1
     stats.prefill_rows += take
-    return _insert(
-        plan.model_state, slots, put(ids, axes=ROW + (None,)), put(mask, axes=ROW + (None,)), targets, sources,
-        row_ids, budgets, stop_ids, np.uint32(plan.seed), graphdef=plan.graphdef, sampler=plan.sampler,
-        mesh=plan.mesh, **plan.scalars,
-    )  # fmt: skip
+    small = _replicated(plan, targets, sources, row_ids, budgets, stop_ids, np.uint32(plan.seed))
+    scalars = dict(zip(plan.scalars, _replicated(plan, *plan.scalars.values()), strict=True))
+    return _insert(plan.model_state, slots, put(ids, axes=ROW + (None,)), put(mask, axes=ROW + (None,)), *small,
+                   graphdef=plan.graphdef, sampler=plan.sampler, mesh=plan.mesh, **scalars)  # fmt: skip
 
 
 def _replicated(plan: Plan, *arrays):

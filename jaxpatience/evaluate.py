@@ -237,7 +237,7 @@ class _Job:
         position = {problem.id: index for index, problem in enumerate(self.problems)}
         latex = any(not answers.is_numeric(p.answer) for p in self.problems)  # MATH: ask for \boxed{} answers
         prompts = {p.id: self._prompt(p, latex) for p in todo}
-        _prompt_lengths(self.model, self.tokenizer, prompts, self.sampling.max_new_tokens)  # fits the context?
+        _check_context(self.model, self.tokenizer, prompts, self.sampling.max_new_tokens)
         # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
         scored = [bool(r["correct"].get(self.metric)) for r in (store.records if store else []) if r["id"] in position]
         bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), unit="problem", desc="eval",
@@ -350,25 +350,24 @@ def resolve_metric(metric: str, problems: Sequence[Problem]) -> str:
     return "math_verify" if latex and not unavailable else "strict"
 
 
-def _prompt_lengths(model, tokenizer, prompts: dict[str, str | list[int]], max_new_tokens: int) -> dict[str, int]:
-    """Prompt lengths in tokens by problem id; names the first problem whose prompt + max_new_tokens does not fit
-    the model's context (before anything is generated)."""
+def _check_context(model, tokenizer, prompts: dict[str, str | list[int]], max_new_tokens: int) -> None:
+    """Name the first problem whose prompt + max_new_tokens does not fit the model's context, before anything is
+    generated (the decoder's own error could only give the prompt's position)."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    lengths = {}
+    if context is None or tokenizer is None:  # a fake generator: nothing to check
+        return
     for problem_id, prompt in prompts.items():
-        if not isinstance(prompt, str):
-            lengths[problem_id] = len(prompt)  # a callable prompt style may return token ids
-        elif tokenizer is not None:
-            lengths[problem_id] = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        else:
-            lengths[problem_id] = len(prompt)  # no tokenizer (a fake generator): characters, for sorting only
-        if context is not None and lengths[problem_id] + max_new_tokens > context:
+        # a callable prompt style may return token ids
+        length = (
+            len(prompt)
+            if not isinstance(prompt, str)
+            else len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        )
+        if length + max_new_tokens > context:
             raise EvalError(
-                f"problem {problem_id}: its prompt has {lengths[problem_id]} tokens, and with max_new_tokens="
-                f"{max_new_tokens} it runs past the model's context of {context}; lower --max-new-tokens or use a "
-                f"shorter prompt style."
+                f"problem {problem_id}: its prompt has {length} tokens, and with max_new_tokens={max_new_tokens} it "
+                f"runs past the model's context of {context}; lower --max-new-tokens or use a shorter prompt style."
             )
-    return lengths
 
 
 def _make_record(problem: Problem, sample_index: int, generation, timing: dict, prompt_style: PromptStyle,
