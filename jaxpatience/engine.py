@@ -10,7 +10,8 @@ The host loop, until the queue is empty and every slot is done:
 
 1. **insert** (jitted): prefill a bucket of waiting prompts once each ([Bp, P], left-padded), sample each row's
    first token, and scatter the prompt's keys/values into its `num_samples` free slots (one prefill per prompt,
-   however many samples);
+   however many samples), at cache slots [0, len): no padding inside a slot, so a row's cache slot is its
+   RoPE position;
 2. **decode a chunk** (jitted, one `lax.while_loop`): one token per slot per step, until enough slots are free to
    refill (or every slot is done, or `chunk_steps` steps have passed);
 3. read back each slot's done flag and token count (a few bytes per slot), hand finished rows to `on_result`, and
@@ -20,11 +21,12 @@ The host loop, until the queue is empty and every slot is done:
 
 Shapes stay static: the slot count B (`batch_size` rounded up to the mesh's batch shards, or the call's row count
 bucketed when smaller) and the tail's buckets (powers of two rounded up to the batch shards), the cache length S
-(the call's longest prompt bucket + its largest budget bucket), the inserts' prompt counts Bp and the attention
+(a power of two above the longest prompt + its budget), the inserts' prompt counts Bp and the attention
 windows (powers of two), prompt lengths P (2^k or 1.5 * 2^k): a call compiles a few executables and a second
 call with the same buckets compiles nothing.
 
-Per row: its own max_new_tokens (`budget`) and stop tokens; keys from sampling.py (a sample is the same whatever
+Per row: its own max_new_tokens (`budget`), stop tokens, seed, temperature, top_p and top_k (serve_engine.py
+mixes requests; `generate` gives every row the call's); keys from sampling.py (a sample is the same whatever
 slot or batch it lands in). With a mesh, slots are split over the logical `batch` axis and every host-side
 decision is made from arrays all processes read alike (sharding.fetch), so the same loop runs on a pod.
 
@@ -39,7 +41,8 @@ import dataclasses
 import functools
 import time
 from collections import deque
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +52,7 @@ from flax import nnx
 from jaxpatience import sharding
 from jaxpatience.decode_static import CACHE_AXES, MIN_LENGTH_BUCKET, bucket, round_up
 from jaxpatience.model import KVCache, Qwen2ForCausalLM, init_kv_cache
-from jaxpatience.sampling import Generation, row_keys, sample_tokens, step_keys
+from jaxpatience.sampling import Generation, chosen_logprobs, row_keys, sample_tokens, step_keys
 
 if TYPE_CHECKING:
     from jaxpatience.decode import Plan
@@ -61,18 +64,21 @@ ROW = ("batch",)  # logical axes of a per-slot vector
 class Slots(NamedTuple):
     """The device state of every slot; one row per slot. Free slots are `done`."""
 
-    kv_cache: KVCache  # L x [B, S, K, H]
-    cache_mask: Array  # [B, S] 1 at real prompt slots and at every generation slot (the causal mask hides the rest)
-    index: Array  # [B] the cache slot the next fed token is written to
-    position: Array  # [B] its RoPE position: real tokens before it
+    kv_cache: KVCache  # L x [B, S, K, H]: a row's prompt at slots [0, len), its new tokens after it
+    index: Array  # [B] the cache slot the next fed token is written to (= its RoPE position: no padding inside)
     last: Array  # [B] the last sampled token, fed at the next step
     tokens: Array  # [B, N] the row's sampled tokens so far (its stop token included)
+    logprobs: Array  # [B, N] float32: each sampled token's log-probability under the model (temperature 1)
     count: Array  # [B] tokens sampled so far
     budget: Array  # [B] the row's max_new_tokens
     stopped: Array  # [B] bool: the row sampled one of its stop tokens
     done: Array  # [B] bool: stopped or budget reached (free slots are done)
     stop_ids: Array  # [B, E] the row's stop ids, padded with -1 (never a token)
     row_id: Array  # [B] the row's key id (sampling.row_keys)
+    seed: Array  # [B] uint32: the row's seed
+    temperature: Array  # [B] float32 (0: greedy)
+    top_p: Array  # [B] float32
+    top_k: Array  # [B] int32 (0: off); read by Sampler.per_row only (else the sampler's static top_k)
 
 
 @dataclasses.dataclass
@@ -101,33 +107,47 @@ def _constrain_slots(slots: Slots) -> Slots:
     return Slots(kv_cache=kv, **rows)
 
 
+def _mark_free(slots: Slots) -> Slots:
+    """Zeroed slots made free: done, with no stop id (-1 is never a token)."""
+    return slots._replace(done=jnp.ones_like(slots.done), stop_ids=jnp.full_like(slots.stop_ids, -1))
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "mesh"))
 def _empty_slots(*, shape: tuple[int, ...], mesh) -> Slots:
     """Every slot free. shape = (L, B, S, K, H, N, E, dtype name)."""
     layers, rows, cache_len, kv_heads, head_dim, new_len, stop_len, dtype = shape
     with sharding.activate_if(mesh):
         buffer = lambda: jnp.zeros((rows, cache_len, kv_heads, head_dim), dtype)
-        zeros = jnp.zeros((rows,), jnp.int32)
-        return _constrain_slots(Slots(
+        zeros = lambda dtype=jnp.int32: jnp.zeros((rows,), dtype)
+        return _constrain_slots(_mark_free(Slots(
             kv_cache=KVCache(tuple(buffer() for _ in range(layers)), tuple(buffer() for _ in range(layers))),
-            cache_mask=jnp.zeros((rows, cache_len), jnp.int32), index=zeros, position=zeros, last=zeros,
-            tokens=jnp.zeros((rows, new_len), jnp.int32), count=zeros, budget=zeros,
-            stopped=jnp.zeros((rows,), bool), done=jnp.ones((rows,), bool),
-            stop_ids=jnp.full((rows, stop_len), -1, jnp.int32), row_id=zeros,
-        ))  # fmt: skip
+            index=zeros(), last=zeros(), tokens=jnp.zeros((rows, new_len), jnp.int32),
+            logprobs=jnp.zeros((rows, new_len), jnp.float32), count=zeros(), budget=zeros(), stopped=zeros(bool),
+            done=zeros(bool), stop_ids=jnp.zeros((rows, stop_len), jnp.int32), row_id=zeros(),
+            seed=zeros(jnp.uint32), temperature=zeros(jnp.float32), top_p=zeros(jnp.float32), top_k=zeros(),
+        )))  # fmt: skip
 
 
 def _is_stop(token: Array, stop_ids: Array) -> Array:
     return jnp.any(token[:, None] == stop_ids, axis=-1)  # token [B], stop_ids [B, E] -> [B]
 
 
+def _left_to_front(rows: Array, lengths: Array) -> Array:
+    """Left-padded prompt rows [Bp, P, ...] rolled so that each row's `lengths` real entries come first."""
+    prompt_len = rows.shape[1]
+    source = (jnp.arange(prompt_len)[None, :] + (prompt_len - lengths)[:, None]) % prompt_len  # [Bp, P]
+    return jnp.take_along_axis(rows, source.reshape(source.shape + (1,) * (rows.ndim - 2)), axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("slots",))
 def _insert(model_state: nnx.State, slots: Slots, prompt_ids: Array, prompt_mask: Array, targets: Array,
-            sources: Array, row_ids: Array, budgets: Array, stop_ids: Array, seed: Array, temperature: Array,
-            top_p: Array, *, graphdef: nnx.GraphDef, sampler, mesh) -> Slots:  # fmt: skip
+            sources: Array, settings: dict[str, Array], *, graphdef: nnx.GraphDef, sampler, mesh) -> Slots:  # fmt: skip
     """Prefill prompts [Bp, P] once each; row r (of R) copies prompt `sources[r]` into slot `targets[r]`.
 
-    Padding rows target slot B (out of range): their writes are dropped.
+    settings: the rows' own values [R] of row_id, budget, stop_ids [R, E], seed, temperature, top_p, top_k.
+    The prompt's keys/values go to cache slots [0, len) (its left padding rolled to the back, where the row's
+    first new tokens overwrite it; the causal mask hides it until then). Padding rows target slot B (out of
+    range): their writes are dropped.
     """
     with sharding.activate_if(mesh):
         model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
@@ -135,29 +155,31 @@ def _insert(model_state: nnx.State, slots: Slots, prompt_ids: Array, prompt_mask
         empty = init_kv_cache(model.config, prompts, prompt_len)  # zeros, folded away by XLA
         hidden, prompt_cache = model.hidden_states(prompt_ids, prompt_mask, kv_cache=empty, cache_index=0)
         logits = model.logits(hidden[:, -1]).astype(jnp.float32)[sources]  # [R, V]: left padding, last slot
-        token = sample_tokens(logits, step_keys(row_keys(seed, row_ids), 0), sampler, temperature, top_p)  # [R]
-        write = lambda buffer, rows: buffer.at[targets, :prompt_len].set(rows[sources], mode="drop")
+        keys = step_keys(row_keys(settings["seed"], settings["row_id"]), 0)
+        token = sample_tokens(logits, keys, sampler, settings["temperature"], settings["top_p"], settings["top_k"])
+        lengths = jnp.sum(prompt_mask, axis=1)  # [Bp]
+        write = lambda buffer, rows: buffer.at[targets, :prompt_len].set(_left_to_front(rows, lengths)[sources],
+                                                                          mode="drop")  # fmt: skip
         kv = KVCache(*(tuple(write(b, p) for b, p in zip(*parts, strict=True))
                        for parts in zip(slots.kv_cache, prompt_cache, strict=True)))  # fmt: skip
-        cache_len = slots.cache_mask.shape[1]
-        row_mask = jnp.pad(prompt_mask[sources], ((0, 0), (0, cache_len - prompt_len)), constant_values=1)
-        stopped = _is_stop(token, stop_ids)
+        stopped = _is_stop(token, settings["stop_ids"])
         put = lambda array, values: array.at[targets].set(values, mode="drop")
+        first = lambda array, values: array.at[targets, 0].set(values, mode="drop")
         return _constrain_slots(Slots(
-            kv_cache=kv, cache_mask=put(slots.cache_mask, row_mask),
-            index=put(slots.index, jnp.full_like(targets, prompt_len)),  # the first sampled token goes to slot P
-            position=put(slots.position, jnp.sum(prompt_mask[sources], axis=1)),
-            last=put(slots.last, token), tokens=slots.tokens.at[targets, 0].set(token, mode="drop"),
-            count=put(slots.count, jnp.ones_like(targets)), budget=put(slots.budget, budgets),
-            stopped=put(slots.stopped, stopped), done=put(slots.done, stopped | (budgets <= 1)),
-            stop_ids=put(slots.stop_ids, stop_ids), row_id=put(slots.row_id, row_ids),
+            kv_cache=kv, index=put(slots.index, lengths[sources]),  # the first sampled token goes to slot len
+            last=put(slots.last, token), tokens=first(slots.tokens, token),
+            logprobs=first(slots.logprobs, chosen_logprobs(logits, token)),
+            count=put(slots.count, jnp.ones_like(targets)),
+            budget=put(slots.budget, settings["budget"]), stopped=put(slots.stopped, stopped),
+            done=put(slots.done, stopped | (settings["budget"] <= 1)),
+            **{name: put(getattr(slots, name), settings[name])
+               for name in ("stop_ids", "row_id", "seed", "temperature", "top_p", "top_k")},
         ))  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "window", "mesh"), donate_argnames=("slots",))
-def _decode_chunk(model_state: nnx.State, slots: Slots, max_steps: Array, refill_at: Array, seed: Array,
-                  temperature: Array, top_p: Array, *, graphdef: nnx.GraphDef, sampler, window: int,
-                  mesh) -> tuple[Slots, Array]:  # fmt: skip
+def _decode_chunk(model_state: nnx.State, slots: Slots, max_steps: Array, refill_at: Array, *,
+                  graphdef: nnx.GraphDef, sampler, window: int, mesh) -> tuple[Slots, Array]:  # fmt: skip
     """One token per slot per step until `refill_at` slots are done, every slot is done, or `max_steps` steps.
 
     Attention reads only the first `window` cache slots (a bucket above every busy row's last slot in this
@@ -175,20 +197,20 @@ def _decode_chunk(model_state: nnx.State, slots: Slots, max_steps: Array, refill
         def one_step(carry):
             state, steps = carry
             active = ~state.done
-            hidden, kv = model.hidden_states(state.last[:, None], state.cache_mask, kv_cache=state.kv_cache,
-                                             cache_index=state.index, positions=state.position[:, None],
-                                             attend_len=window)  # fmt: skip
+            hidden, kv = model.hidden_states(state.last[:, None], kv_cache=state.kv_cache, cache_index=state.index,
+                                             positions=state.index[:, None], attend_len=window)  # fmt: skip
             logits = model.logits(hidden[:, 0]).astype(jnp.float32)  # [B, V]
-            keys = step_keys(row_keys(seed, state.row_id), state.count)
-            token = sample_tokens(logits, keys, sampler, temperature, top_p)  # [B]
+            keys = step_keys(row_keys(state.seed, state.row_id), state.count)
+            token = sample_tokens(logits, keys, sampler, state.temperature, state.top_p, state.top_k)  # [B]
             column = jnp.where(active, state.count, new_len)  # done rows write nothing (out of range: dropped)
-            tokens = state.tokens.at[jnp.arange(rows), column].set(token, mode="drop")
+            at_column = lambda buffer, values: buffer.at[jnp.arange(rows), column].set(values, mode="drop")
             stopped = state.stopped | (active & _is_stop(token, state.stop_ids))
             count = state.count + active
             state = state._replace(
-                kv_cache=kv, index=state.index + active, position=state.position + active,
-                last=jnp.where(active, token, state.last), tokens=tokens, count=count, stopped=stopped,
-                done=stopped | (count >= state.budget),
+                kv_cache=kv, index=state.index + active, last=jnp.where(active, token, state.last),
+                tokens=at_column(state.tokens, token),
+                logprobs=at_column(state.logprobs, chosen_logprobs(logits, token)),
+                count=count, stopped=stopped, done=stopped | (count >= state.budget),
             )  # fmt: skip
             return state, steps + 1
 
@@ -196,15 +218,126 @@ def _decode_chunk(model_state: nnx.State, slots: Slots, max_steps: Array, refill
         return _constrain_slots(slots), steps
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",))  # no donation: the output is smaller
-def _gather_slots(slots: Slots, keep: Array, *, mesh) -> Slots:
-    """The slots `keep` [B'] as a new, smaller state (the tail)."""
+@functools.partial(jax.jit, static_argnames=("mesh",))  # no donation: the output has another size
+def _resize_slots(slots: Slots, keep: Array, *, mesh) -> Slots:
+    """A new state of len(keep) slots: slot i is old slot keep[i], or a free one where keep[i] >= B (the tail
+    shrinks this way; the server also grows)."""
     with sharding.activate_if(mesh):
-        return _constrain_slots(jax.tree.map(lambda array: array[keep], slots))
+        fresh = _mark_free(jax.tree.map(lambda a: jnp.zeros((keep.shape[0],) + a.shape[1:], a.dtype), slots))
+        joined = jax.tree.map(lambda old, new: jnp.concatenate([old, new]), slots, fresh)
+        return _constrain_slots(jax.tree.map(lambda array: array[keep], joined))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnames=("slots",))
+def _release_slots(slots: Slots, release: Array, *, mesh) -> Slots:
+    """Mark the slots `release` [B] bool done (a cancelled request's rows: their slots become free)."""
+    with sharding.activate_if(mesh):
+        return _constrain_slots(slots._replace(done=slots.done | release))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Host side.
+# Host side: one call per jitted function (shared with serve_engine.py), then the batch loop `run_slots`.
+
+
+class Placed(Protocol):
+    """What the host calls need of a model: decode.Plan has it, and so has serve_engine's engine."""
+
+    graphdef: nnx.GraphDef
+    model_state: nnx.State
+    mesh: Any
+    batch_shards: int  # the mesh's split of the batch axis: row counts are multiples of it
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One (prompt, sample) row to insert: where it goes and its own settings."""
+
+    slot: int
+    prompt: int  # index into the insert's prompts
+    row_id: int  # its key id (sampling.row_keys)
+    budget: int  # max_new_tokens
+    stop_ids: Sequence[int]
+    seed: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def prompt_bucket(n: int) -> int:
+    """The prefill length of an insert: the smallest 2^k or 1.5 * 2^k >= n (>= 16), so that at most a third of
+    a prefill (about a sixth on average) is padding, with twice as many buckets as powers of two."""
+    power = bucket(n, MIN_LENGTH_BUCKET)
+    return power * 3 // 4 if power * 3 // 4 >= n and power > MIN_LENGTH_BUCKET else power
+
+
+def _power_of_two_below(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
+
+
+def _replicated(placed: Placed, *arrays):
+    """Small host arrays and scalars every process holds alike, as (replicated) jit arguments."""
+    return tuple(sharding.put_global(np.asarray(a), placed.mesh, (None,) * np.ndim(a)) for a in arrays)
+
+
+def insert(placed: Placed, slots: Slots, sampler, prompts: list[list[int]], rows: list[Row]) -> Slots:
+    """Prefill `prompts` (once each; a power of two of them wastes no prefill row) and start `rows` in their slots.
+
+    Each row's prompt length + budget must fit the cache (the callers check it).
+    """
+    slot_count, cache_len = slots.done.shape[0], slots.kv_cache.k[0].shape[1]
+    prompt_len = min(prompt_bucket(max(map(len, prompts))), cache_len)  # P
+    ids = np.zeros((len(prompts), prompt_len), np.int32)
+    mask = np.zeros((len(prompts), prompt_len), np.int32)
+    for i, prompt in enumerate(prompts):  # left padding: every prompt's last token sits in slot P - 1
+        ids[i, prompt_len - len(prompt) :] = prompt
+        mask[i, prompt_len - len(prompt) :] = 1
+    count = round_up(len(rows), placed.batch_shards)  # R
+    targets = np.full(count, slot_count, np.int32)  # padding rows: out of range, dropped
+    sources = np.zeros(count, np.int32)
+    settings = {"row_id": np.zeros(count, np.int32), "budget": np.zeros(count, np.int32),
+                "stop_ids": np.full((count, slots.stop_ids.shape[1]), -1, np.int32),
+                "seed": np.zeros(count, np.uint32), "temperature": np.zeros(count, np.float32),
+                "top_p": np.ones(count, np.float32), "top_k": np.zeros(count, np.int32)}  # fmt: skip
+    for r, row in enumerate(rows):
+        targets[r], sources[r] = row.slot, row.prompt
+        settings["stop_ids"][r, : len(row.stop_ids)] = row.stop_ids
+        for name in ("row_id", "budget", "seed", "temperature", "top_p", "top_k"):
+            settings[name][r] = getattr(row, name)
+    put = functools.partial(sharding.put_global, mesh=placed.mesh, axes=ROW + (None,))
+    targets, sources, *values = _replicated(placed, targets, sources, *settings.values())
+    return _insert(placed.model_state, slots, put(ids), put(mask), targets, sources,
+                   dict(zip(settings, values, strict=True)), graphdef=placed.graphdef, sampler=sampler,
+                   mesh=placed.mesh)  # fmt: skip
+
+
+def decode_chunk(placed: Placed, slots: Slots, sampler, *, steps: int, refill_at: int, busy: list[int]
+                 ) -> tuple[Slots, int]:  # fmt: skip
+    """Decode up to `steps` tokens per slot (until `refill_at` slots are done); returns the slots and steps taken.
+
+    busy: the slots in use, whose furthest cache slot in this chunk fixes the attention window.
+    """
+    index = sharding.fetch(slots.index)
+    reach = max((int(index[slot]) for slot in busy), default=0) + steps
+    window = min(slots.kv_cache.k[0].shape[1], bucket(reach, MIN_LENGTH_BUCKET))  # a power of two above it
+    max_steps, refill = _replicated(placed, np.int32(steps), np.int32(refill_at))
+    slots, taken = _decode_chunk(placed.model_state, slots, max_steps, refill, graphdef=placed.graphdef,
+                                 sampler=sampler, window=window, mesh=placed.mesh)  # fmt: skip
+    return slots, int(sharding.fetch(taken))
+
+
+def resize(placed: Placed, slots: Slots, keep: list[int]) -> Slots:
+    """The slots `keep` (indices >= the slot count: new free slots) as a state of len(keep) slots."""
+    (keep_array,) = _replicated(placed, np.asarray(keep, np.int32))
+    return _resize_slots(slots, keep_array, mesh=placed.mesh)
+
+
+def release(placed: Placed, slots: Slots, free: list[int]) -> Slots:
+    """Make the slots `free` done (their rows' results are dropped)."""
+    release_mask = np.zeros(slots.done.shape[0], bool)
+    release_mask[free] = True
+    (release_array,) = _replicated(placed, release_mask)
+    return _release_slots(slots, release_array, mesh=placed.mesh)
 
 
 @dataclasses.dataclass
@@ -223,18 +356,6 @@ class _Queue:
         return [slot for slot, owner in enumerate(self.owner) if owner is None]
 
 
-def prompt_bucket(n: int) -> int:
-    """The prefill length of an insert: the smallest 2^k or 1.5 * 2^k >= n (>= 16), so that at most a third of
-    a prefill (about a sixth on average) is padding, with twice as many buckets as powers of two."""
-    power = bucket(n, MIN_LENGTH_BUCKET)
-    return power * 3 // 4 if power * 3 // 4 >= n and power > MIN_LENGTH_BUCKET else power
-
-
-def _power_of_two_below(n: int) -> int:
-    """The largest power of two <= n (n >= 1)."""
-    return 1 << (n.bit_length() - 1)
-
-
 def _insert_batch(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slots:
     """Take as many waiting prompts as the free slots hold (at most `plan.max_insert`) and insert them."""
     free = queue.free()
@@ -242,37 +363,17 @@ def _insert_batch(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -
     # caller inserts again while slots are free, e.g. 3 free slots take 2 prompts, then 1.
     take = _power_of_two_below(min(len(queue.waiting), len(free) // queue.samples, plan.max_insert))
     batch = [queue.waiting.popleft() for _ in range(take)]
-    prompts = take  # Bp
-    prompt_len = prompt_bucket(max(len(queue.prompt_ids[p]) for p in batch))  # P
-    ids = np.zeros((prompts, prompt_len), np.int32)
-    mask = np.zeros((prompts, prompt_len), np.int32)
-    for row, p in enumerate(batch):  # left padding: every prompt's last token sits in slot P - 1
-        ids[row, prompt_len - len(queue.prompt_ids[p]) :] = queue.prompt_ids[p]
-        mask[row, prompt_len - len(queue.prompt_ids[p]) :] = 1
-    rows = round_up(prompts * queue.samples, plan.batch_shards)  # R
-    slot_count, stop_len = slots.done.shape[0], slots.stop_ids.shape[1]
-    targets = np.full(rows, slot_count, np.int32)  # padding rows: out of range, dropped
-    sources, row_ids, budgets = (np.zeros(rows, np.int32) for _ in range(3))
-    stop_ids = np.full((rows, stop_len), -1, np.int32)
-    for r, (i, p) in enumerate((i, p) for i, p in enumerate(batch) for _ in range(queue.samples)):
-        sample = r % queue.samples
-        targets[r], sources[r] = free[r], i
-        row_ids[r] = queue.seed_indices[p] * queue.samples + sample
-        budgets[r] = queue.budgets[p]
-        stop_ids[r, : len(queue.stop_ids[p])] = queue.stop_ids[p]
-        queue.owner[free[r]] = (p, sample)
-    put = functools.partial(sharding.put_global, mesh=plan.mesh)
+    settings = dict(seed=plan.seed, temperature=float(plan.scalars["temperature"]), top_p=float(plan.scalars["top_p"]))
+    rows = []
+    for i, p in enumerate(batch):
+        for sample in range(queue.samples):
+            slot = free[len(rows)]
+            rows.append(Row(slot=slot, prompt=i, row_id=queue.seed_indices[p] * queue.samples + sample,
+                            budget=queue.budgets[p], stop_ids=queue.stop_ids[p], **settings))  # fmt: skip
+            queue.owner[slot] = (p, sample)
     stats.inserts += 1
     stats.prefill_rows += take
-    small = _replicated(plan, targets, sources, row_ids, budgets, stop_ids, np.uint32(plan.seed))
-    scalars = dict(zip(plan.scalars, _replicated(plan, *plan.scalars.values()), strict=True))
-    return _insert(plan.model_state, slots, put(ids, axes=ROW + (None,)), put(mask, axes=ROW + (None,)), *small,
-                   graphdef=plan.graphdef, sampler=plan.sampler, mesh=plan.mesh, **scalars)  # fmt: skip
-
-
-def _replicated(plan: Plan, *arrays):
-    """Small host arrays and scalars every process holds alike, as (replicated) jit arguments."""
-    return tuple(sharding.put_global(np.asarray(a), plan.mesh, (None,) * np.ndim(a)) for a in arrays)
+    return insert(plan, slots, plan.sampler, [queue.prompt_ids[p] for p in batch], rows)
 
 
 def _finish_rows(queue: _Queue, done: np.ndarray, count: np.ndarray, stopped: np.ndarray, tokens_of, tokenizer,
@@ -306,8 +407,7 @@ def _shrink(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slot
     keep = busy + [slot for slot in range(size) if queue.owner[slot] is None][: target - len(busy)]
     queue.owner = [queue.owner[slot] for slot in keep]
     stats.slot_buckets.append(target)
-    (keep_array,) = _replicated(plan, np.asarray(keep, np.int32))
-    return _gather_slots(slots, keep_array, mesh=plan.mesh)
+    return resize(plan, slots, keep)
 
 
 def _refill_at(plan: Plan, queue: _Queue, size: int) -> int:
@@ -327,14 +427,6 @@ def _refill_at(plan: Plan, queue: _Queue, size: int) -> int:
     return size - busy_at_most
 
 
-def _window(plan: Plan, slots: Slots, queue: _Queue) -> int:
-    """The attention window of the next chunk: a power of two above the last slot any busy row can reach in it."""
-    index = sharding.fetch(slots.index)
-    busy = [slot for slot, owner in enumerate(queue.owner) if owner is not None]
-    reach = max((int(index[slot]) for slot in busy), default=0) + plan.chunk_steps
-    return min(slots.cache_mask.shape[1], bucket(reach, MIN_LENGTH_BUCKET))
-
-
 def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_ids: list[list[int]],
               tokenizer, *, progress: bool | None = None, on_result=None,
               stats: EngineStats | None = None) -> list[list[Generation]]:  # fmt: skip
@@ -351,31 +443,27 @@ def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_
     slot_count = min(plan.slots, round_up(bucket(len(prompt_ids) * samples), plan.batch_shards))  # B
     queue = _Queue(prompt_ids, budgets, stop_ids, plan.seed_indices, samples, deque(order), [None] * slot_count)
     config = plan.model_config
-    shape = (config.num_hidden_layers, slot_count,
-             bucket(max(map(len, prompt_ids)), MIN_LENGTH_BUCKET) + bucket(max(budgets), MIN_LENGTH_BUCKET),
-             config.num_key_value_heads, config.resolved_head_dim, bucket(max(budgets), MIN_LENGTH_BUCKET),
-             plan.stop_width, jnp.dtype(config.compute_dtype).name)  # fmt: skip
+    cache_len = bucket(
+        max(len(ids) + budget for ids, budget in zip(prompt_ids, budgets, strict=True)), MIN_LENGTH_BUCKET
+    )  # S: every prompt sits at slots [0, len) and its new tokens follow
+    shape = (config.num_hidden_layers, slot_count, cache_len, config.num_key_value_heads, config.resolved_head_dim,
+             bucket(max(budgets), MIN_LENGTH_BUCKET), plan.stop_width,
+             jnp.dtype(config.compute_dtype).name)  # fmt: skip
     slots = _empty_slots(shape=shape, mesh=plan.mesh)
     stats.slot_buckets.append(slot_count)
     results: list[list[Generation | None]] = [[None] * samples for _ in prompt_ids]
     show = progress if progress is not None else len(prompt_ids) * samples > slot_count
     bar = tqdm(total=len(prompt_ids) * samples, unit="row", disable=not show, desc="generate")
     start = time.perf_counter()
-    static = dict(graphdef=plan.graphdef, sampler=plan.sampler, mesh=plan.mesh)
-    seed, temperature, top_p = _replicated(plan, np.uint32(plan.seed), plan.scalars["temperature"],
-                                           plan.scalars["top_p"])  # fmt: skip
     while queue.waiting or any(owner is not None for owner in queue.owner):
         while queue.waiting and len(queue.free()) >= samples:
             slots = _insert_batch(plan, slots, queue, stats)
         slots = _shrink(plan, slots, queue, stats)  # nothing waiting: into the smallest bucket that holds the rows
         size = slots.done.shape[0]
         refill_at = _refill_at(plan, queue, size)
-        max_steps, refill = _replicated(plan, np.int32(plan.chunk_steps), np.int32(refill_at))
-        window = _window(plan, slots, queue)
-        slots, steps = _decode_chunk(plan.model_state, slots, max_steps, refill, seed, temperature, top_p,
-                                     window=window, **static)  # fmt: skip
+        busy = [slot for slot, owner in enumerate(queue.owner) if owner is not None]
+        slots, steps = decode_chunk(plan, slots, plan.sampler, steps=plan.chunk_steps, refill_at=refill_at, busy=busy)
         done, count, stopped = (sharding.fetch(a) for a in (slots.done, slots.count, slots.stopped))
-        steps = int(sharding.fetch(steps))
         if steps == 0 and not any(owner is not None and done[slot] for slot, owner in enumerate(queue.owner)):
             raise RuntimeError(f"the slot engine made no progress (slots {size}, refill at {refill_at}); a bug.")
         stats.chunks, stats.decode_steps, stats.slot_steps = (stats.chunks + 1, stats.decode_steps + steps,
