@@ -3,7 +3,7 @@
     demo   jaxpatience.demo.main            train  jaxpatience.run.main
     irpo   jaxpatience.irpo.main            eval   jaxpatience.evaluate.main
     pairs  jaxpatience.data.teacher.main    info   weights.describe_checkpoint
-    tiny   weights.make_tiny_checkpoint
+    serve  jaxpatience.serve.main           tiny   weights.make_tiny_checkpoint
 
 Every command's module is imported only when that command runs, so `jaxpatience --help` does not start JAX.
 The delegated commands parse their own arguments (`jaxpatience eval --help`). User errors (ValueError, OSError:
@@ -44,6 +44,12 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    from jaxpatience.serve import main
+
+    return main(argv)
+
+
 def _pairs(argv: list[str]) -> int:
     from jaxpatience.data.teacher import main
 
@@ -57,6 +63,7 @@ DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "irpo": (_irpo, "Iterative RPO: sample, pair, train DPO+NLL, evaluate, repeat"),
     "eval": (_eval, "evaluate a checkpoint on GSM8K / MATH / gsm_symbolic / a file"),
     "pairs": (_pairs, "build Patience pairs with a teacher model (OpenAI-compatible)"),
+    "serve": (_serve, "serve a checkpoint over an OpenAI-compatible HTTP API"),
 }
 
 

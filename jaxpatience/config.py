@@ -395,6 +395,36 @@ class EvalConfig:
         return self
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`jaxpatience serve`: a checkpoint (and adapter) behind an OpenAI-compatible HTTP API (serve.py)."""
+
+    model: str = ""  # HF checkpoint directory or .gguf file
+    adapter: str | None = None  # a PEFT LoRA adapter directory applied on top of `model`
+    served_model_name: str | None = None  # None: the checkpoint folder's name
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 opens the port to the network
+    port: int = 8000
+    api_key: str | None = None  # None: $JAXPATIENCE_API_KEY, else no key
+    slots: int = 16  # rows decoded at once (rounded up to a power of two)
+    max_model_len: int | None = None  # prompt + max_tokens per slot; None: the model's context
+    max_queue: int = 256  # requests waiting for a slot before the server answers 429
+    chunk_steps: int = 8  # decode steps between two looks from the host (a new request waits at most this)
+    param_dtype: str = "float32"
+    compute_dtype: str | None = None
+    mesh: MeshConfig | None = None  # None: one device
+
+    def validate(self) -> ServeConfig:
+        if not self.model:
+            raise ConfigError("serve: model is not set (model=... or --model ...).")
+        for key, low in (("port", 0), ("slots", 1), ("max_queue", 0), ("chunk_steps", 1), ("max_model_len", 2)):
+            value = getattr(self, key)
+            if value is not None and value < low:
+                raise ConfigError(f"serve: {key} must be >= {low}, not {value}.")
+        if self.port > 65535:
+            raise ConfigError(f"serve: port must be <= 65535, not {self.port}.")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------------
 # Iterative RPO (irpo.py, `jaxpatience irpo`).
 

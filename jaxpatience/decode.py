@@ -88,6 +88,11 @@ def _check_prompts(ids: list[list[int]], vocab_size: int, context: int, budgets:
             raise ValueError(f"prompt {i} holds a token id outside the vocabulary [0, {vocab_size}).")
 
 
+def default_stop_ids(tokenizer) -> list[int]:
+    """The ids that end a row by default: the tokenizer's eos and ChatML's <|im_end|> when the vocabulary has it."""
+    return _stop_ids(tokenizer, None, 0)
+
+
 def _stop_ids(tokenizer, stop_tokens: Sequence[int | str] | None, vocab_size: int) -> list[int]:
     """Stop token ids. None: the tokenizer's eos and ChatML's <|im_end|> when the vocabulary has it."""
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}  # token string -> id (no unk fallback)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpatience import engine, sharding
+from jaxpatience.decode import default_stop_ids
 from jaxpatience.decode_static import bucket, round_up
 from jaxpatience.sampling import ROW_SAMPLER, Sampler
 
@@ -106,6 +107,7 @@ class LiveEngine:
         if mesh is not None:
             self.model_state = jax.device_put(self.model_state, sharding.state_shardings(mesh, self.model_state))
         self.batch_shards = sharding.batch_shards(mesh)
+        self.end_ids = default_stop_ids(tokenizer)  # what ends a row unless a request adds stops
         self.max_slots = round_up(bucket(slots), self.batch_shards)
         self._shape = (
             config.num_hidden_layers,

@@ -1,0 +1,235 @@
+"""The OpenAI wire format of `jaxpatience serve`: request bodies in (checked field by field), response bodies out.
+
+No web framework and no JAX here: serve.py moves bytes, this file says what they mean, and the tests call it
+directly. A bad field is an `ApiError` (HTTP status + one sentence naming the field), returned in OpenAI's error
+shape `{"error": {"message", "type", "param", "code"}}`.
+
+Accepted fields (others that clients routinely send, such as `user` or `presence_penalty: 0`, are ignored; ones
+that would change the answer and are not implemented, such as `echo` or a non-zero penalty, are refused):
+
+    model, prompt (string, list of strings, token ids, list of token-id lists) / messages, max_tokens
+    (chat: also max_completion_tokens), temperature [0, 2], top_p (0, 1], top_k (>= 0; -1 = off), n, seed,
+    stop (string or list of strings), stream, stream_options.include_usage, logprobs (completions: an integer;
+    chat: true/false): the log-probabilities of the chosen tokens (top alternatives are not computed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+import uuid
+from typing import Any
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+ACCEPTED_ONLY = {  # fields not implemented -> the values that ask for nothing (besides null)
+    "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
+    "frequency_penalty": (0,), "tools": ([],), "response_format": ({"type": "text"},),
+}  # fmt: skip
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP `status` and one sentence."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One request's prompts and sampling settings, checked (prompt_ids: one list per prompt)."""
+
+    prompt_ids: list[list[int]]
+    max_tokens: int
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop_ids: list[int]
+    stop_strings: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
+    """body[name] if it is one of `kinds` (never a bool for a number), else a 400 naming the field."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    is_bool = isinstance(value, bool)
+    if (is_bool and bool not in kinds) or not isinstance(value, kinds):
+        raise ApiError(400, f"'{name}' must be {what}, not {type(value).__name__} {value!r:.40}.", name)
+    return value
+
+
+def _in_range(name: str, value, ok: bool, rule: str):
+    if not ok:
+        raise ApiError(400, f"'{name}' must be {rule}, not {value!r}.", name)
+    return value
+
+
+def check_body(body: Any, served_name: str) -> dict:
+    """The parsed JSON body as a dict whose `model` (if given) is the served one."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, f"'model' must be a string, not {type(model).__name__}.", "model")
+    if model not in (None, served_name):
+        raise ApiError(404, f"model {model!r} does not exist; this server serves {served_name!r}.", "model",
+                       "not_found_error")  # fmt: skip
+    for name, accepted in ACCEPTED_ONLY.items():
+        if body.get(name) is not None and body[name] not in accepted:
+            raise ApiError(400, f"'{name}' = {body[name]!r:.40} is not supported by this server.", name)
+    return body
+
+
+def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists -> ids per prompt."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids (and not empty).", "prompt")
+    ids = []
+    for item in prompt:
+        if isinstance(item, str):
+            ids.append(list(tokenizer(item, add_special_tokens=False)["input_ids"]))
+        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            ids.append(list(item))
+        else:
+            raise ApiError(400, "each 'prompt' item must be a string or a list of integer token ids.", "prompt")
+    return ids
+
+
+def chat_prompt(body: dict, tokenizer) -> list[list[int]]:
+    """`messages` through the checkpoint's chat template (with the assistant's turn opened) -> ids."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects.", "messages")
+    plain = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a string 'role'.", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                       for part in content):  # fmt: skip
+                raise ApiError(400, f"messages[{i}].content may hold text parts only.", "messages")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts.", "messages")
+        plain.append({"role": message["role"], "content": content})
+    try:
+        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # the template's own complaint (jinja raises its own exception types)
+        raise ApiError(400, f"the chat template rejected the messages: {err}", "messages") from None
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"])]
+
+
+def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, chat: bool, max_model_len: int,
+                      max_n: int, end_ids: list[int]) -> Settings:  # fmt: skip
+    """Check every sampling field against the model (vocabulary, context) and the server (slots)."""
+    vocab = len(tokenizer)
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise ApiError(400, f"prompt {i} is empty.", "prompt")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ApiError(400, f"prompt {i} holds a token id outside the vocabulary [0, {vocab}).", "prompt")
+    number = (int, float)
+    temperature = _field(body, "temperature", number, 1.0, "a number")
+    top_p = _field(body, "top_p", number, 1.0, "a number")
+    top_k = _field(body, "top_k", (int,), 0, "an integer")
+    n = _field(body, "n", (int,), 1, "an integer")
+    _in_range("temperature", temperature, 0 <= temperature <= 2, "in [0, 2]")
+    _in_range("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")
+    _in_range("top_k", top_k, top_k >= -1, ">= 0 (0 or -1: off)")
+    _in_range("n", n, 1 <= n <= max_n, f"in [1, {max_n}] (the server's slots)")
+    seed = _field(body, "seed", (int,), None, "an integer")
+    seed = secrets.randbits(32) if seed is None else seed % 2**32
+    stop = _field(body, "stop", (str, list), [], "a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings.", "stop")
+    vocab_ids = tokenizer.get_vocab()
+    stop_ids = list(end_ids) + [vocab_ids[s] for s in stop if s in vocab_ids]  # "<|im_end|>" never reaches the text
+    stream = _field(body, "stream", (bool,), False, "true or false")
+    options = _field(body, "stream_options", (dict,), {}, "an object")
+    logprobs = _field(body, "logprobs", (bool,) if chat else (int,), None, "true or false" if chat else "an integer")
+    if not chat and logprobs is not None:
+        _in_range("logprobs", logprobs, 0 <= logprobs <= 5, "in [0, 5]")
+    longest = max(map(len, prompt_ids))
+    room = max_model_len - longest
+    if room < 1:
+        raise ApiError(400, f"the prompt has {longest} tokens, which leaves no room in the context of {max_model_len} "
+                            "tokens.", "prompt")  # fmt: skip
+    names = ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",)
+    max_tokens = next((_field(body, name, (int,), None, "an integer") for name in names if body.get(name) is not None),
+                      None)  # fmt: skip
+    if max_tokens is None:
+        max_tokens = room if chat else min(16, room)  # OpenAI's defaults: the rest of the context / 16
+    _in_range("max_tokens", max_tokens, max_tokens >= 1, ">= 1")
+    if longest + max_tokens > max_model_len:
+        raise ApiError(400, f"the prompt has {longest} tokens and max_tokens is {max_tokens}: "
+                            f"{longest + max_tokens} tokens, more than the context of {max_model_len}; lower "
+                            "max_tokens.", "max_tokens")  # fmt: skip
+    return Settings(prompt_ids=prompt_ids, max_tokens=max_tokens, n=n, temperature=float(temperature),
+                    top_p=float(top_p), top_k=max(top_k, 0), seed=seed, stop_ids=sorted(set(stop_ids)),
+                    stop_strings=[s for s in stop if s], stream=stream,
+                    include_usage=bool(options.get("include_usage", False)), logprobs=bool(logprobs) or
+                    (logprobs == 0 and not chat))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Responses.
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def logprobs_body(tokenizer, token_ids: list[int], logprobs: list[float], *, chat: bool, offset: int = 0) -> dict:
+    """The chosen tokens' log-probabilities in OpenAI's shape (top alternatives: none computed)."""
+    pieces = [tokenizer.decode([t]) for t in token_ids]
+    if chat:
+        return {"content": [{"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": []}
+                            for piece, lp in zip(pieces, logprobs, strict=True)]}  # fmt: skip
+    offsets, at = [], offset
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def choice_body(index: int, text: str, finish_reason: str | None, logprobs: dict | None, *, chat: bool,
+                stream: bool, first: bool = False) -> dict:  # fmt: skip
+    """One choice of a response (stream: of a chunk)."""
+    if not chat:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if stream:
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}  # fmt: skip
+
+
+def response_body(request_id: str, model: str, choices: list[dict], *, chat: bool, stream: bool,
+                  usage_body: dict | None) -> dict:  # fmt: skip
+    kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+    if usage_body is not None or not stream:
+        body["usage"] = usage_body
+    return body
