@@ -148,7 +148,7 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
 
     @app.get("/health")
     async def health():
-        facts = {"slots": engine.max_slots, "busy": engine.busy, "waiting": engine.waiting}
+        facts = {"slots": engine.max_slots, "busy": engine.busy, "waiting": engine.waiting, **engine.stats}
         if engine.error is not None:
             return JSONResponse({"status": "error", "error": engine.error, **facts}, status_code=503)
         return {"status": "ok", **facts}

@@ -10,7 +10,8 @@ that would change the answer and are not implemented, such as `echo` or a non-ze
     model, prompt (string, list of strings, token ids, list of token-id lists) / messages, max_tokens
     (chat: also max_completion_tokens), temperature [0, 2], top_p (0, 1], top_k (>= 0; -1 = off), n, seed,
     stop (string or list of strings), stream, stream_options.include_usage, logprobs (completions: an integer;
-    chat: true/false): the log-probabilities of the chosen tokens (top alternatives are not computed)
+    chat: true/false): the log-probabilities of the chosen tokens (top alternatives are not computed),
+    ignore_eos (vLLM's extension: only max_tokens and stop strings end a row; benchmarks use it)
 """
 
 from __future__ import annotations
@@ -159,8 +160,11 @@ def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, cha
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings.", "stop")
+    ignore_eos = _field(body, "ignore_eos", (bool,), False, "true or false")
     vocab_ids = tokenizer.get_vocab()
-    stop_ids = list(end_ids) + [vocab_ids[s] for s in stop if s in vocab_ids]  # "<|im_end|>" never reaches the text
+    stop_ids = [] if ignore_eos else list(end_ids)
+    stop_ids += [vocab_ids[s] for s in stop if s in vocab_ids]  # a special token such as "<|im_end|>" never reaches
+    # the text (it is skipped when decoding), so a one-token stop string also stops as a token
     stream = _field(body, "stream", (bool,), False, "true or false")
     options = _field(body, "stream_options", (dict,), {}, "an object")
     logprobs = _field(body, "logprobs", (bool,) if chat else (int,), None, "true or false" if chat else "an integer")

@@ -125,6 +125,7 @@ class LiveEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: str | None = None
+        # Totals since start (GET /health shows them): tokens = sampled tokens, stop tokens and cancelled rows' too.
         self.stats = {"requests": 0, "rows": 0, "chunks": 0, "decode_steps": 0, "tokens": 0}
 
     # -- the caller's side (any thread) ---------------------------------------------------------------
@@ -264,13 +265,13 @@ class LiveEngine:
         finished = []
         for slot in busy:
             row = self._rows[slot]
+            self.stats["tokens"] += int(count[slot]) - row.read  # what the device produced, cancelled rows too
+            new = slice(row.read, int(count[slot]) - int(bool(stopped[slot])))  # the stop token is not returned
+            row.read = int(count[slot])
             if row.job.cancelled:
                 continue  # freed at the next look
-            new = slice(row.read, int(count[slot]) - int(bool(stopped[slot])))  # the stop token is not returned
             row.ids += tokens[slot, new].tolist()
             row.logprobs += logprobs[slot, new].tolist()
-            row.read = int(count[slot])
-            self.stats["tokens"] += new.stop - new.start
             reason = ("stop" if stopped[slot] else "length") if done[slot] else None
             if self._hand_out(row, reason):
                 finished.append(slot)

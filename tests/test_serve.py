@@ -1,0 +1,288 @@
+"""`jaxpatience serve` (serve.py, serve_api.py, serve_engine.py) against the `openai` client, on loopback only.
+
+One server process (a tiny random checkpoint, 8 slots, an API key) serves most tests; a second one with a single
+slot and a queue of one shows the 429. Greedy answers are compared with `generate` in this process on the same
+checkpoint; the checkpoint's random weights are drawn wide (initializer_range 0.1) so greedy has no near-ties.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import make_hf_checkpoint
+from test_teacher import make_problems, write_problems
+
+from jaxpatience import generate, load_pretrained
+from jaxpatience.decode import Request
+
+KEY = "test-key"
+NAME = "tiny-test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(checkpoint, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`jaxpatience serve` in a subprocess; returns it and its base URL once /health answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "jaxpatience", "serve", "--model", str(checkpoint), "--port", str(port),
+               "--served-model-name", NAME, *flags]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("serve did not answer /health within 180 s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", initializer_range=0.1,
+                              max_position_embeddings=1024)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    process, url = start_server(checkpoint, "--slots", "8", "--api-key", KEY, "--max-queue", "64")
+    yield url
+    stop_server(process)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=5).json()
+
+
+def wait_until_idle(url: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        facts = health(url)
+        if facts["busy"] == 0 and facts["waiting"] == 0:
+            return facts
+        time.sleep(0.1)
+    return health(url)
+
+
+PROMPTS = ["The cat sat on", "Once upon a time", "1 + 2 =", "Hello there, general", "abc abc abc", "Q: why?"]
+
+
+def test_models_and_health(client, server):
+    assert [model.id for model in client.models.list().data] == [NAME]
+    assert health(server)["status"] == "ok"
+
+
+def test_completions_greedy_equal_generate_stream_or_not(client, loaded):
+    model, tokenizer = loaded
+    for prompt, budget in zip(PROMPTS[:3], (12, 30, 7), strict=True):
+        expected = generate(model, tokenizer, [prompt], max_new_tokens=budget, temperature=0.0)[0]
+        reply = client.completions.create(model=NAME, prompt=prompt, max_tokens=budget, temperature=0, logprobs=0)
+        choice = reply.choices[0]
+        assert choice.text == expected.text and choice.finish_reason == expected.finish_reason
+        assert reply.usage.completion_tokens == len(expected.token_ids) == len(choice.logprobs.token_logprobs)
+        assert reply.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+        chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=budget, temperature=0,
+                                                stream=True))  # fmt: skip
+        assert "".join(c.choices[0].text for c in chunks) == expected.text
+        assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
+def test_chat_greedy_equals_generate_on_the_chat_template(client, loaded):
+    model, tokenizer = loaded
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = generate(model, tokenizer, [text], max_new_tokens=20, temperature=0.0)[0]
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
+    assert reply.choices[0].message.content == expected.text and reply.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_n_samples_and_seeds_reproduce(client):
+    ask = lambda seed: client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=16, temperature=1.0,
+                                                 top_p=0.9, n=2, seed=seed, extra_body={"top_k": 50})  # fmt: skip
+    first, again, other = ask(7), ask(7), ask(8)
+    texts = lambda reply: [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert [c.index for c in first.choices] == [0, 1]
+    assert texts(first) == texts(again)
+    assert texts(first)[0] != texts(first)[1] and texts(first) != texts(other)
+    streamed = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_p=0.9,
+                                         n=2, seed=7, stream=True, extra_body={"top_k": 50})  # fmt: skip
+    joined = ["", ""]
+    for chunk in streamed:
+        joined[chunk.choices[0].index] += chunk.choices[0].text
+    assert joined == texts(first)
+
+
+def test_stop_strings_cut_the_text(client):
+    full = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+    at = len(full) // 2
+    stop = full[at : at + 3]
+    cut = full.find(stop)
+    for stream in (False, True):
+        reply = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=[stop],
+                                          stream=stream, extra_body={"ignore_eos": True})  # fmt: skip
+        if stream:
+            chunks = list(reply)
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = reply.choices[0].text, reply.choices[0].finish_reason
+        assert (text, reason) == (full[:cut], "stop"), stream
+
+
+def test_concurrent_requests_each_answered_once_as_generate(server, loaded):
+    model, tokenizer = loaded
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(32)]
+    budgets = [4 + (7 * i) % 29 for i in range(32)]
+    requests = [Request(p, max_new_tokens=b) for p, b in zip(prompts, budgets, strict=True)]
+    expected = generate(model, tokenizer, requests, temperature=0.0)
+
+    async def ask_all():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300) as client:
+            return await asyncio.gather(*(client.completions.create(model=NAME, prompt=p, max_tokens=b, temperature=0)
+                                          for p, b in zip(prompts, budgets, strict=True)))  # fmt: skip
+
+    replies = asyncio.run(ask_all())
+    assert len({reply.id for reply in replies}) == 32
+    assert [reply.choices[0].text for reply in replies] == [want.text for want in expected]
+    assert wait_until_idle(server)["busy"] == 0
+
+
+def test_disconnected_clients_free_their_slots(server, client):
+    slots, before = health(server)["slots"], health(server)["tokens"]
+    budget = 900
+    body = {"model": NAME, "prompt": PROMPTS[3], "max_tokens": budget, "temperature": 0, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+
+    def leave_after_the_first_chunk():
+        with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=60) as response:  # fmt: skip
+            assert response.status_code == 200
+            next(response.iter_lines())  # then the client goes away mid-stream
+
+    clients = [threading.Thread(target=leave_after_the_first_chunk) for _ in range(slots)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(timeout=120)
+    assert wait_until_idle(server)["busy"] == 0
+    # Every slot was taken, and freed long before its 900 tokens: the device stopped decoding the rows.
+    produced = health(server)["tokens"] - before
+    assert produced < slots * budget / 4, produced
+    replies = [client.completions.create(model=NAME, prompt=p, max_tokens=5, temperature=0) for p in PROMPTS]
+    assert all(reply.usage.completion_tokens >= 1 for reply in replies)
+
+
+@pytest.mark.parametrize(
+    "payload, status, words",
+    [
+        ("{not json", 400, "not valid JSON"),
+        ([1, 2], 400, "JSON object"),
+        ({"model": "other", "prompt": "a"}, 404, "does not exist"),
+        ({"prompt": "a", "temperature": "hot"}, 400, "'temperature' must be a number"),
+        ({"prompt": "a", "max_tokens": 2.5}, 400, "'max_tokens' must be an integer"),
+        ({"prompt": "a", "stream": "yes"}, 400, "'stream' must be true or false"),
+        ({"prompt": "a", "n": 0}, 400, "'n' must be in"),
+        ({"prompt": "a", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
+        ({"prompt": "a", "max_tokens": 5000}, 400, "more than the context of 1024"),
+        ({"prompt": [1, 99999]}, 400, "outside the vocabulary"),
+        ({"prompt": ""}, 400, "prompt 0 is empty"),
+        ({"prompt": "a", "echo": True}, 400, "'echo' = True is not supported"),
+        ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 strings"),
+        ({"messages": "hi"}, 400, "'messages' must be a non-empty list"),
+    ],
+)
+def test_bad_requests_get_their_status_and_one_sentence(server, payload, status, words):
+    endpoint = "chat/completions" if isinstance(payload, dict) and "messages" in payload else "completions"
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    response = httpx.post(f"{server}/v1/{endpoint}", content=data, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]["message"]
+
+
+def test_a_wrong_or_missing_api_key_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(f"{server}/v1/completions", json={"prompt": "a"}, headers=headers, timeout=30)
+        assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+    assert httpx.get(f"{server}/v1/models", timeout=30).status_code == 401
+
+
+def test_a_full_queue_answers_429_with_retry_after(checkpoint):
+    """One slot and a queue of one: of 16 requests sent at once (each ~1000 tokens, a second or more), the first
+    runs, the next waits, and the others are refused at once rather than left hanging."""
+    process, url = start_server(checkpoint, "--slots", "1", "--max-queue", "1")
+    body = {"prompt": PROMPTS[3], "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+
+    async def send_all():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(http.post(f"{url}/v1/completions", json=body) for _ in range(16)))
+
+    try:
+        replies = asyncio.run(send_all())
+    finally:
+        stop_server(process)
+    refused = [reply for reply in replies if reply.status_code == 429]
+    assert all(reply.status_code in (200, 429) for reply in replies)
+    assert refused and len(refused) <= 14, [reply.status_code for reply in replies]
+    assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"] for r in refused)
+    answered = [reply.json() for reply in replies if reply.status_code == 200]
+    assert all(answer["usage"]["completion_tokens"] == 1000 for answer in answered)
+
+
+def test_pairs_runs_against_a_served_checkpoint(server, tmp_path):
+    problems = make_problems(2)
+    out = tmp_path / "pairs.jsonl"
+    command = [sys.executable, "-m", "jaxpatience", "pairs", "--problems", str(write_problems(tmp_path / "p.jsonl",
+               problems)), "--out", str(out), "--base-url", f"{server}/v1", "--model", NAME]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OPENAI_API_KEY": KEY})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "pairs.summary.json").read_text())
+    # A random model never reaches the gold answers: every problem is asked and dropped for its reply, none is
+    # lost to a transport error.
+    assert summary["written"] + sum(summary["dropped"].values()) == len(problems), summary
+    assert not summary["failed"] and summary["requests"] >= len(problems), summary
