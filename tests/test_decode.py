@@ -26,6 +26,7 @@ from transformers import Qwen2ForCausalLM as TorchQwen2
 from jaxpatience import generate, load_pretrained
 from jaxpatience.config import SamplingConfig
 from jaxpatience.decode import Generation, Sampler, sample_tokens
+from jaxpatience.sampling import ROW_SAMPLER
 from jaxpatience.sharding import make_mesh
 
 MARGIN = 1e-4  # the smallest top-1/top-2 logit gap a compared greedy step may have
@@ -185,6 +186,30 @@ def test_sample_tokens_respects_top_k_and_top_p():
     assert set(nucleus) == {0, 1}  # 0.5 < 0.7 so token 1 is needed too; 0.8 >= 0.7 so token 2 is not
     plain = np.asarray(sample_tokens(logits, keys, Sampler(False, 0, False), one, one))
     assert set(plain) >= {0, 1, 2}
+
+
+def test_per_row_sampler_keeps_each_rows_settings_whatever_its_neighbours():
+    """Sampler.per_row (the server's slots): each row its own temperature / top_k / top_p; a row's draw does not
+    depend on the other rows' settings, and temperature 0 is the argmax."""
+    rows = 256
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * rows))
+    keys = jax.random.split(jax.random.key(0), rows)
+    settings = lambda t, p, k: (jnp.full(rows, t, jnp.float32), jnp.full(rows, p, jnp.float32), jnp.full(rows, k))
+    draw = lambda t, p, k: np.asarray(sample_tokens(logits, keys, ROW_SAMPLER, *settings(t, p, k)))
+    assert set(draw(1.0, 1.0, 2)) == {0, 1}
+    assert set(draw(1.0, 0.7, 0)) == {0, 1}  # as the static nucleus above
+    assert set(draw(1.0, 1.0, 0)) == {0, 1, 2, 3}
+    assert set(draw(0.0, 1.0, 0)) == {0}  # greedy rows take the argmax
+    # Mixed rows: every other row greedy / top-2 / nucleus; the rest plain. Each row equals its uniform draw.
+    temperature, top_p, top_k = settings(1.0, 1.0, 0)
+    kinds = np.arange(rows) % 4
+    temperature = jnp.where(kinds == 1, 0.0, temperature)
+    top_k = jnp.where(kinds == 2, 2, top_k)
+    top_p = jnp.where(kinds == 3, 0.7, top_p)
+    mixed = np.asarray(sample_tokens(logits, keys, ROW_SAMPLER, temperature, top_p, top_k))
+    uniform = {0: draw(1.0, 1.0, 0), 1: draw(0.0, 1.0, 0), 2: draw(1.0, 1.0, 2), 3: draw(1.0, 0.7, 0)}
+    for kind, expected in uniform.items():
+        assert np.array_equal(mixed[kinds == kind], expected[kinds == kind])
 
 
 def test_sharded_decode_on_8_devices_equals_one_device(checkpoint, loaded):
