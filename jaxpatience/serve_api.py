@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import Any
 
-MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; lm-evaluation-harness's local-completions may send more
 ACCEPTED_ONLY = {  # fields not implemented -> the values that ask for nothing (besides null)
     "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
     "frequency_penalty": (0,), "tools": ([],), "response_format": ({"type": "text"},),

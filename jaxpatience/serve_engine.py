@@ -42,7 +42,7 @@ from jaxpatience.decode_static import bucket, round_up
 from jaxpatience.sampling import ROW_SAMPLER, Sampler
 
 GREEDY = Sampler(greedy=True, top_k=0, use_top_p=False)
-STOP_WIDTH = 8  # E: stop ids per row (the tokenizer's end tokens + single-token stop strings)
+STOP_WIDTH = 32  # E: stop ids per row (the tokenizer's end tokens + up to 16 single-token stop strings)
 
 
 class QueueFull(Exception):

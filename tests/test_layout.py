@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKED_DIRS = ("jaxpatience", "scripts", "tests")
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 60
-COMMANDS = ("demo", "train", "irpo", "eval", "pairs", "info", "tiny")
+COMMANDS = ("demo", "train", "irpo", "eval", "pairs", "serve", "info", "tiny")
 
 
 def python_files() -> list[Path]:
