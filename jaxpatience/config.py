@@ -416,7 +416,7 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         if not self.model:
             raise ConfigError("serve: model is not set (model=... or --model ...).")
-        for key, low in (("port", 0), ("slots", 1), ("max_queue", 0), ("chunk_steps", 1), ("max_model_len", 2)):
+        for key, low in (("port", 0), ("slots", 1), ("max_queue", 1), ("chunk_steps", 1), ("max_model_len", 2)):
             value = getattr(self, key)
             if value is not None and value < low:
                 raise ConfigError(f"serve: {key} must be >= {low}, not {value}.")

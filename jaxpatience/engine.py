@@ -280,6 +280,12 @@ def _replicated(placed: Placed, *arrays):
     return tuple(sharding.put_global(np.asarray(a), placed.mesh, (None,) * np.ndim(a)) for a in arrays)
 
 
+def empty_slots(placed: Placed, shape: tuple) -> Slots:
+    """A state of free slots. shape = (B, L, S, K, H, N, E, dtype name)."""
+    rows, layers, *others = shape
+    return _empty_slots(shape=(layers, rows, *others), mesh=placed.mesh)
+
+
 def insert(placed: Placed, slots: Slots, sampler, prompts: list[list[int]], rows: list[Row]) -> Slots:
     """Prefill `prompts` (once each; a power of two of them wastes no prefill row) and start `rows` in their slots.
 

@@ -35,13 +35,15 @@ class Sampler(NamedTuple):
     greedy: bool  # temperature == 0: argmax
     top_k: int  # 0 = no top-k filter
     use_top_p: bool  # top_p < 1
-    # Per-row settings (the server's slots, each from another request): every row ranks the whole vocabulary, keeps
-    # its own top_k (0 = all) and top_p, and a row with temperature 0 takes the argmax. One candidate layout for all
-    # rows, so that a row's draw never depends on its neighbours' settings.
+    # Per-row settings (the server's slots, each from another request): temperature, top_p and top_k per row, and
+    # a row with temperature 0 takes the argmax. A row without a filter draws from the whole vocabulary, a row with
+    # one from the vocabulary ranked (use_top_p then says whether any row filters), so a row's draw depends on its
+    # own settings only, never on its neighbours'.
     per_row: bool = False
 
 
-ROW_SAMPLER = Sampler(greedy=False, top_k=0, use_top_p=True, per_row=True)
+ROW_PLAIN = Sampler(greedy=False, top_k=0, use_top_p=False, per_row=True)  # no busy row filters
+ROW_FILTERED = Sampler(greedy=False, top_k=0, use_top_p=True, per_row=True)  # some busy row has top_k or top_p
 
 
 def _column(value: Array) -> Array:
@@ -59,7 +61,7 @@ def sample_tokens(logits: Array, keys: Array, sampler: Sampler, temperature: Arr
     if sampler.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampler.per_row:
-        return _sample_per_row(logits, keys, temperature, top_p, top_k)
+        return _sample_per_row(logits, keys, temperature, top_p, top_k, filtered=sampler.use_top_p)
     logits = logits / _column(temperature)
     if sampler.top_k:
         candidates, candidate_ids = jax.lax.top_k(logits, sampler.top_k)  # [B, k], sorted high to low
@@ -83,19 +85,23 @@ def _nucleus(candidates: Array, top_p: Array) -> Array:
     return jnp.where(mass_before < top_p, candidates, -jnp.inf)  # the top candidate always survives
 
 
-def _sample_per_row(logits: Array, keys: Array, temperature: Array, top_p: Array, top_k: Array) -> Array:
+def _sample_per_row(logits: Array, keys: Array, temperature: Array, top_p: Array, top_k: Array, *,
+                    filtered: bool) -> Array:  # fmt: skip
     """Sampler.per_row: temperature, top_p, top_k [B] each; rows with temperature 0 take the argmax."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    candidate_ids = jnp.argsort(-scaled, axis=-1)  # [B, V] high to low
-    candidates = jnp.take_along_axis(scaled, candidate_ids, axis=-1)
-    rank = jnp.arange(candidates.shape[-1])
-    candidates = jnp.where((top_k[:, None] <= 0) | (rank < top_k[:, None]), candidates, -jnp.inf)
-    # top_p = 1 keeps every candidate (a cumulative sum rounded up to 1.0 must not drop the tail).
-    candidates = jnp.where(top_p[:, None] >= 1.0, candidates, _nucleus(candidates, top_p[:, None]))
-    choice = jax.vmap(jax.random.categorical)(keys, candidates)
-    sampled = jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    choice = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)  # rows without a filter
+    if filtered:  # rank the vocabulary once for every row; only the rows with a filter use it
+        candidate_ids = jnp.argsort(-scaled, axis=-1)  # [B, V] high to low
+        candidates = jnp.take_along_axis(scaled, candidate_ids, axis=-1)
+        rank = jnp.arange(candidates.shape[-1])
+        candidates = jnp.where((top_k[:, None] <= 0) | (rank < top_k[:, None]), candidates, -jnp.inf)
+        # top_p = 1 keeps every candidate (a cumulative sum rounded up to 1.0 must not drop the tail).
+        candidates = jnp.where(top_p[:, None] >= 1.0, candidates, _nucleus(candidates, top_p[:, None]))
+        ranked = jax.vmap(jax.random.categorical)(keys, candidates)
+        ranked = jnp.take_along_axis(candidate_ids, ranked[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        choice = jnp.where((top_k > 0) | (top_p < 1.0), ranked, choice)
+    return jnp.where(temperature > 0, choice, greedy)
 
 
 def chosen_logprobs(logits: Array, tokens: Array) -> Array:

@@ -15,12 +15,14 @@ import asyncio
 import json
 import os
 import secrets
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxpatience import serve_api
 from jaxpatience.config import ConfigError, MeshConfig, ServeConfig, command_parser, config_from_args
@@ -38,8 +40,8 @@ class _Request:
         post = lambda prompt: lambda delta: loop.call_soon_threadsafe(self.events.put_nowait, (prompt, delta))
         self.jobs = [Job(prompt_ids=ids, emit=post(i), n=settings.n, max_tokens=settings.max_tokens,
                          temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                         seed=settings.seed, stop_ids=settings.stop_ids, stop_strings=settings.stop_strings)
-                     for i, ids in enumerate(settings.prompt_ids)]  # fmt: skip
+                         seed=settings.seed, seed_index=i, stop_ids=settings.stop_ids,
+                         stop_strings=settings.stop_strings) for i, ids in enumerate(settings.prompt_ids)]  # fmt: skip
         self.unfinished = len(self.jobs) * settings.n
 
     def submit(self) -> None:
@@ -140,6 +142,11 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
         headers = {"Retry-After": "1"} if err.status == 429 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):  # unknown path, wrong method
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(ApiError(err.status_code, message).body(), status_code=err.status_code)
+
     def authorize(request: Request) -> None:
         given = request.headers.get("authorization", "")
         if api_key and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -162,15 +169,9 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
 
     async def complete(request: Request, chat: bool):
         authorize(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-        body = serve_api.check_body(body, model_name)
-        prompt_ids = (serve_api.chat_prompt if chat else serve_api.completion_prompts)(body, tokenizer)
-        settings = serve_api.sampling_settings(body, prompt_ids, tokenizer, chat=chat,
-                                               max_model_len=engine.max_model_len, max_n=engine.max_slots,
-                                               end_ids=engine.end_ids)  # fmt: skip
+        raw = await request.body()
+        # Parsing and tokenizing run beside the event loop: a large prompt must not stall the other streams.
+        settings = await asyncio.to_thread(read_request, raw, chat)
         pending = _Request(engine, settings)
         pending.submit()
         if settings.stream:
@@ -178,6 +179,17 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
                                      media_type="text/event-stream")  # fmt: skip
         result = await _collect(request, pending, tokenizer, chat=chat, model=model_name)
         return JSONResponse(result if result is not None else {}, status_code=200 if result is not None else 499)
+
+    def read_request(raw: bytes, chat: bool) -> serve_api.Settings:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
+            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+        body = serve_api.check_body(body, model_name)
+        prompt_ids = (serve_api.chat_prompt if chat else serve_api.completion_prompts)(body, tokenizer)
+        return serve_api.sampling_settings(body, prompt_ids, tokenizer, chat=chat, max_model_len=engine.max_model_len,
+                                           max_n=engine.max_slots, max_prompts=engine.max_queue,
+                                           end_ids=engine.end_ids)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -249,9 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _warm_up(engine)
         app = build_app(engine, tokenizer, model_name=name, api_key=api_key)
+        # In-flight requests get 10 s to finish on Ctrl-C / SIGTERM; a failed engine stops the server (exit 1), so
+        # that a supervisor can restart it rather than keep a process that answers 503.
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                               timeout_graceful_shutdown=10))  # fmt: skip
+        engine.on_failure = lambda: setattr(server, "should_exit", True)
         print(f"serving {name!r} at http://{config.host}:{config.port}/v1 ({engine.max_slots} slots, context "
               f"{engine.max_model_len} tokens{', API key required' if api_key else ''})", flush=True)  # fmt: skip
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        server.run()
     finally:
         engine.stop()
+    if engine.error is not None:
+        print(f"jaxpatience serve: the engine failed: {engine.error}", file=sys.stderr)
+        return 1
     return 0

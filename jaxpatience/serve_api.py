@@ -17,6 +17,7 @@ that would change the answer and are not implemented, such as `echo` or a non-ze
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import time
 import uuid
@@ -37,7 +38,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,8 @@ def chat_prompt(body: dict, tokenizer) -> list[list[int]]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a string 'role'.", "messages")
         content = message.get("content")
+        if content is None and message["role"] == "assistant":  # an assistant turn that only called tools
+            content = ""
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
                        for part in content):  # fmt: skip
@@ -137,9 +140,12 @@ def chat_prompt(body: dict, tokenizer) -> list[list[int]]:
 
 
 def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, chat: bool, max_model_len: int,
-                      max_n: int, end_ids: list[int]) -> Settings:  # fmt: skip
-    """Check every sampling field against the model (vocabulary, context) and the server (slots)."""
+                      max_n: int, max_prompts: int, end_ids: list[int]) -> Settings:  # fmt: skip
+    """Check every sampling field against the model (vocabulary, context) and the server (slots, queue)."""
     vocab = len(tokenizer)
+    if len(prompt_ids) > max_prompts:
+        raise ApiError(400, f"the request holds {len(prompt_ids)} prompts; this server queues at most {max_prompts} "
+                            "(--max-queue).", "prompt")  # fmt: skip
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise ApiError(400, f"prompt {i} is empty.", "prompt")
@@ -155,7 +161,8 @@ def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, cha
     _in_range("top_k", top_k, top_k >= -1, ">= 0 (0 or -1: off)")
     _in_range("n", n, 1 <= n <= max_n, f"in [1, {max_n}] (the server's slots)")
     seed = _field(body, "seed", (int,), None, "an integer")
-    seed = secrets.randbits(32) if seed is None else seed % 2**32
+    seed = secrets.randbits(32) if seed is None else seed % 2**32  # any integer, as OpenAI takes
+    top_k = min(top_k, vocab)  # a larger cut keeps every token anyway
     stop = _field(body, "stop", (str, list), [], "a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
@@ -167,14 +174,17 @@ def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, cha
     # the text (it is skipped when decoding), so a one-token stop string also stops as a token
     stream = _field(body, "stream", (bool,), False, "true or false")
     options = _field(body, "stream_options", (dict,), {}, "an object")
+    include_usage = _field(options, "include_usage", (bool,), False, "true or false")
+    if chat and _field(body, "top_logprobs", (int,), 0, "an integer"):
+        raise ApiError(400, "'top_logprobs' is not supported: logprobs gives the chosen tokens' only.", "top_logprobs")
     logprobs = _field(body, "logprobs", (bool,) if chat else (int,), None, "true or false" if chat else "an integer")
     if not chat and logprobs is not None:
         _in_range("logprobs", logprobs, 0 <= logprobs <= 5, "in [0, 5]")
     longest = max(map(len, prompt_ids))
     room = max_model_len - longest
     if room < 1:
-        raise ApiError(400, f"the prompt has {longest} tokens, which leaves no room in the context of {max_model_len} "
-                            "tokens.", "prompt")  # fmt: skip
+        raise ApiError(400, f"the prompt has {_tokens(longest)}, which leaves no room in the context of "
+                            f"{_tokens(max_model_len)}.", "prompt")  # fmt: skip
     names = ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",)
     max_tokens = next((_field(body, name, (int,), None, "an integer") for name in names if body.get(name) is not None),
                       None)  # fmt: skip
@@ -182,18 +192,22 @@ def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, cha
         max_tokens = room if chat else min(16, room)  # OpenAI's defaults: the rest of the context / 16
     _in_range("max_tokens", max_tokens, max_tokens >= 1, ">= 1")
     if longest + max_tokens > max_model_len:
-        raise ApiError(400, f"the prompt has {longest} tokens and max_tokens is {max_tokens}: "
+        raise ApiError(400, f"the prompt has {_tokens(longest)} and max_tokens is {max_tokens}: "
                             f"{longest + max_tokens} tokens, more than the context of {max_model_len}; lower "
                             "max_tokens.", "max_tokens")  # fmt: skip
     return Settings(prompt_ids=prompt_ids, max_tokens=max_tokens, n=n, temperature=float(temperature),
                     top_p=float(top_p), top_k=max(top_k, 0), seed=seed, stop_ids=sorted(set(stop_ids)),
                     stop_strings=[s for s in stop if s], stream=stream,
-                    include_usage=bool(options.get("include_usage", False)), logprobs=bool(logprobs) or
+                    include_usage=include_usage, logprobs=bool(logprobs) or
                     (logprobs == 0 and not chat))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
 # Responses.
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token" if count == 1 else f"{count} tokens"
 
 
 def new_id(chat: bool) -> str:
@@ -206,16 +220,40 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def logprobs_body(tokenizer, token_ids: list[int], logprobs: list[float], *, chat: bool, offset: int = 0) -> dict:
-    """The chosen tokens' log-probabilities in OpenAI's shape (top alternatives: none computed)."""
+    """The chosen tokens' log-probabilities in OpenAI's shape (top alternatives: none computed).
+
+    A token's `text_offset` is where its text starts in the completion (`offset`: the text already sent), found by
+    decoding each prefix, so that a character split over several tokens does not shift the rest.
+    """
     pieces = [tokenizer.decode([t]) for t in token_ids]
     if chat:
-        return {"content": [{"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": []}
-                            for piece, lp in zip(pieces, logprobs, strict=True)]}  # fmt: skip
-    offsets, at = [], offset
-    for piece in pieces:
-        offsets.append(at)
-        at += len(piece)
+        rows = zip(token_ids, pieces, logprobs, strict=True)
+        return {"content": [{"token": piece, "logprob": lp, "bytes": list(_token_bytes(tokenizer, t, piece)),
+                             "top_logprobs": []} for t, piece, lp in rows]}  # fmt: skip
+    offsets = [offset + len(tokenizer.decode(token_ids[:i], skip_special_tokens=True)) for i in range(len(token_ids))]
     return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def _token_bytes(tokenizer, token_id: int, piece: str) -> bytes:
+    """A token's own bytes: a byte-level BPE token (Qwen's) maps each character back to one byte; other
+    tokenizers give the UTF-8 of the token's text."""
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    table = _unicode_to_bytes()
+    if isinstance(token, str) and token and all(char in table for char in token):
+        return bytes(table[char] for char in token)
+    return piece.encode()
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    """The inverse of GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for 256 + i."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {chr(b): b for b in printable}, 0
+    for byte in range(256):
+        if byte not in printable:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
 
 
 def choice_body(index: int, text: str, finish_reason: str | None, logprobs: dict | None, *, chat: bool,

@@ -39,7 +39,7 @@ from flax import nnx
 from jaxpatience import engine, sharding
 from jaxpatience.decode import default_stop_ids
 from jaxpatience.decode_static import bucket, round_up
-from jaxpatience.sampling import ROW_SAMPLER, Sampler
+from jaxpatience.sampling import ROW_FILTERED, ROW_PLAIN, Sampler
 
 GREEDY = Sampler(greedy=True, top_k=0, use_top_p=False)
 STOP_WIDTH = 32  # E: stop ids per row (the tokenizer's end tokens + up to 16 single-token stop strings)
@@ -77,6 +77,7 @@ class Job:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    seed_index: int = 0  # sample j draws from key(seed) folded with seed_index * n + j: a request's prompts differ
     stop_ids: list[int] = dataclasses.field(default_factory=list)  # token ids that end a row (not returned)
     stop_strings: list[str] = dataclasses.field(default_factory=list)  # matched on the text, which is cut
     cancelled: bool = False  # set by cancel(); the engine frees the job's slots at its next look
@@ -122,16 +123,20 @@ class LiveEngine:
         self._waiting: deque[Job] = deque()
         self._rows: list[_Row | None] = []  # slot -> row; None = free
         self._slots = None
+        self._starting: list[Job] = []  # jobs taken from the queue and not yet in slots (failed too on an error)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: str | None = None
+        self.on_failure: Callable[[], None] | None = None  # called (from the engine thread) after a failure
         # Totals since start (GET /health shows them): tokens = sampled tokens, stop tokens and cancelled rows' too.
-        self.stats = {"requests": 0, "rows": 0, "chunks": 0, "decode_steps": 0, "tokens": 0}
+        self.stats = {"prompts": 0, "rows": 0, "chunks": 0, "decode_steps": 0, "tokens": 0}
 
     # -- the caller's side (any thread) ---------------------------------------------------------------
 
     def start(self) -> LiveEngine:
-        self._slots = self._empty(round_up(1, self.batch_shards))
+        size = round_up(1, self.batch_shards)
+        self._rows = [None] * size
+        self._slots = engine.empty_slots(self, (size, *self._shape))
         self._thread = threading.Thread(target=self._run, name="jaxpatience-engine", daemon=True)
         self._thread.start()
         return self
@@ -151,13 +156,15 @@ class LiveEngine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting for a slot")
             self._waiting.append(job)
-            self.stats["requests"] += 1
+            self.stats["prompts"] += 1
             self._lock.notify_all()
 
     def cancel(self, job: Job) -> None:
         """Drop a job (its client left): it leaves the queue, and its rows' slots are freed at the next look."""
         with self._lock:
             job.cancelled = True
+            if job in self._waiting:  # a waiting job no longer counts against max_queue
+                self._waiting.remove(job)
             self._lock.notify_all()
 
     @property
@@ -170,12 +177,6 @@ class LiveEngine:
 
     # -- the engine thread ----------------------------------------------------------------------------
 
-    def _empty(self, size: int):
-        layers, cache_len, kv_heads, head_dim, new_len, stop_len, dtype = self._shape
-        self._rows = [None] * size
-        return engine._empty_slots(shape=(layers, size, cache_len, kv_heads, head_dim, new_len, stop_len, dtype),
-                                   mesh=self.mesh)  # fmt: skip
-
     def _run(self) -> None:
         try:
             while True:
@@ -184,14 +185,17 @@ class LiveEngine:
                         self._lock.wait(timeout=1.0)
                     if self._stopping:
                         return
-                    jobs = self._take_jobs()
+                    self._starting = self._take_jobs()
                 self._drop_cancelled()
-                if jobs:
-                    self._insert(jobs)
+                if self._starting:
+                    self._insert(self._starting)
+                    self._starting = []
                 if self.busy:
                     self._decode()
         except Exception as err:  # a device error: fail every job rather than leave one waiting
             self._fail(f"{type(err).__name__}: {err}")
+            if self.on_failure is not None:
+                self.on_failure()
 
     def _take_jobs(self) -> list[Job]:
         """(Lock held.) Waiting jobs that fit in the slots, first come first served; cancelled ones are dropped."""
@@ -236,11 +240,12 @@ class LiveEngine:
             for prompt, job in enumerate(group):
                 for sample in range(job.n):
                     slot = free[len(rows)]
-                    rows.append(engine.Row(slot=slot, prompt=prompt, row_id=sample, budget=job.max_tokens,
+                    row_id = job.seed_index * job.n + sample
+                    rows.append(engine.Row(slot=slot, prompt=prompt, row_id=row_id, budget=job.max_tokens,
                                            stop_ids=job.stop_ids, seed=job.seed, temperature=job.temperature,
                                            top_p=job.top_p, top_k=job.top_k))  # fmt: skip
                     self._rows[slot] = _Row(job, sample)
-            sampler = GREEDY if all(job.temperature == 0 for job in group) else ROW_SAMPLER
+            sampler = _sampler(group)
             self._slots = engine.insert(self, self._slots, sampler, [job.prompt_ids for job in group], rows)
             self.stats["rows"] += len(rows)
 
@@ -255,9 +260,9 @@ class LiveEngine:
         # End the chunk as soon as one row finishes (its answer goes out at once), or when the first waiting
         # job's rows would fit.
         refill_at = min(size - len(busy) + max(1, waiting), size)
-        greedy = all(self._rows[slot].job.temperature == 0 for slot in busy)
-        self._slots, steps = engine.decode_chunk(self, self._slots, GREEDY if greedy else ROW_SAMPLER,
-                                                 steps=self.chunk_steps, refill_at=refill_at, busy=busy)  # fmt: skip
+        sampler = _sampler([self._rows[slot].job for slot in busy])
+        self._slots, steps = engine.decode_chunk(self, self._slots, sampler, steps=self.chunk_steps,
+                                                 refill_at=refill_at, busy=busy)  # fmt: skip
         self.stats["chunks"] += 1
         self.stats["decode_steps"] += steps
         done, count, stopped = (sharding.fetch(a) for a in (self._slots.done, self._slots.count, self._slots.stopped))
@@ -283,35 +288,39 @@ class LiveEngine:
                 self._rows[slot] = None
 
     def _hand_out(self, row: _Row, reason: str | None) -> bool:
-        """Emit the row's settled new text; returns whether the row is finished (by its slot or a stop string)."""
-        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        """Emit the row's settled new text and the tokens behind it; returns whether the row is finished (by its
+        slot or by a stop string)."""
+        text = self._decode_ids(row.ids)
         cut = min((i for i in (text.find(s) for s in row.job.stop_strings if s) if i >= 0), default=-1)
-        if cut >= 0:
+        if cut >= 0:  # keep the tokens up to the one that completes the text before the stop string
             text, reason = text[:cut], "stop"
-            keep = next(
-                (
-                    k
-                    for k in range(len(row.ids) + 1)
-                    if len(self.tokenizer.decode(row.ids[:k], skip_special_tokens=True)) >= cut
-                ),
-                len(row.ids),
-            )
-            row.ids, row.logprobs = row.ids[:keep], row.logprobs[:keep]  # fmt: skip
+            keep = len(row.ids)
+            while keep > row.sent_tokens and len(self._decode_ids(row.ids[: keep - 1])) >= cut:
+                keep -= 1
+            row.ids, row.logprobs = row.ids[:keep], row.logprobs[:keep]
         end = len(text) if reason else _settled(text, row.job.stop_strings)
         if end <= row.sent_text and not reason:
             return False
-        delta = Delta(row.sample, text[row.sent_text : max(end, row.sent_text)], row.ids[row.sent_tokens :],
-                      row.logprobs[row.sent_tokens :], finish_reason=reason)  # fmt: skip
-        row.sent_text, row.sent_tokens = max(end, row.sent_text), len(row.ids)
+        tokens = len(row.ids)  # while streaming, only the tokens whose text goes out now
+        while not reason and tokens > row.sent_tokens and len(self._decode_ids(row.ids[:tokens])) > end:
+            tokens -= 1
+        delta = Delta(row.sample, text[row.sent_text : max(end, row.sent_text)], row.ids[row.sent_tokens : tokens],
+                      row.logprobs[row.sent_tokens : tokens], finish_reason=reason)  # fmt: skip
+        row.sent_text, row.sent_tokens = max(end, row.sent_text), tokens
         row.job.emit(delta)
         return reason is not None
 
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def _fail(self, message: str) -> None:
+        """Every job still in the engine gets an error Delta; later submits raise EngineFailed."""
         with self._lock:
             self.error = message
-            jobs = list(self._waiting) + list({id(r.job): r.job for r in self._rows if r is not None}.values())
+            jobs = list(self._waiting) + self._starting + [row.job for row in self._rows if row is not None]
             self._waiting.clear()
-        for job in jobs:
+            self._starting, self._rows = [], []
+        for job in {id(job): job for job in jobs}.values():
             for sample in range(job.n):
                 job.emit(Delta(sample, "", [], [], finish_reason=None, error=message))
 
@@ -323,6 +332,15 @@ class LiveEngine:
                 return True
             time.sleep(0.01)
         return False
+
+
+def _sampler(jobs: list[Job]) -> Sampler:
+    """The static sampler for these rows: argmax when all are greedy, else per-row sampling (ranking the vocabulary
+    only when some row filters by top_k / top_p)."""
+    if all(job.temperature == 0 for job in jobs):
+        return GREEDY
+    filtered = any(job.temperature > 0 and (job.top_k > 0 or job.top_p < 1) for job in jobs)
+    return ROW_FILTERED if filtered else ROW_PLAIN
 
 
 def _settled(text: str, stop_strings: list[str]) -> int:

@@ -26,7 +26,7 @@ from transformers import Qwen2ForCausalLM as TorchQwen2
 from jaxpatience import generate, load_pretrained
 from jaxpatience.config import SamplingConfig
 from jaxpatience.decode import Generation, Sampler, sample_tokens
-from jaxpatience.sampling import ROW_SAMPLER
+from jaxpatience.sampling import ROW_FILTERED, ROW_PLAIN
 from jaxpatience.sharding import make_mesh
 
 MARGIN = 1e-4  # the smallest top-1/top-2 logit gap a compared greedy step may have
@@ -195,10 +195,11 @@ def test_per_row_sampler_keeps_each_rows_settings_whatever_its_neighbours():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * rows))
     keys = jax.random.split(jax.random.key(0), rows)
     settings = lambda t, p, k: (jnp.full(rows, t, jnp.float32), jnp.full(rows, p, jnp.float32), jnp.full(rows, k))
-    draw = lambda t, p, k: np.asarray(sample_tokens(logits, keys, ROW_SAMPLER, *settings(t, p, k)))
+    draw = lambda t, p, k, sampler=ROW_FILTERED: np.asarray(sample_tokens(logits, keys, sampler, *settings(t, p, k)))
     assert set(draw(1.0, 1.0, 2)) == {0, 1}
     assert set(draw(1.0, 0.7, 0)) == {0, 1}  # as the static nucleus above
     assert set(draw(1.0, 1.0, 0)) == {0, 1, 2, 3}
+    assert np.array_equal(draw(1.0, 1.0, 0, ROW_PLAIN), draw(1.0, 1.0, 0))  # an unfiltered row: either sampler
     assert set(draw(0.0, 1.0, 0)) == {0}  # greedy rows take the argmax
     # Mixed rows: every other row greedy / top-2 / nucleus; the rest plain. Each row equals its uniform draw.
     temperature, top_p, top_k = settings(1.0, 1.0, 0)
@@ -206,7 +207,7 @@ def test_per_row_sampler_keeps_each_rows_settings_whatever_its_neighbours():
     temperature = jnp.where(kinds == 1, 0.0, temperature)
     top_k = jnp.where(kinds == 2, 2, top_k)
     top_p = jnp.where(kinds == 3, 0.7, top_p)
-    mixed = np.asarray(sample_tokens(logits, keys, ROW_SAMPLER, temperature, top_p, top_k))
+    mixed = np.asarray(sample_tokens(logits, keys, ROW_FILTERED, temperature, top_p, top_k))
     uniform = {0: draw(1.0, 1.0, 0), 1: draw(0.0, 1.0, 0), 2: draw(1.0, 1.0, 2), 3: draw(1.0, 0.7, 0)}
     for kind, expected in uniform.items():
         assert np.array_equal(mixed[kinds == kind], expected[kinds == kind])

@@ -162,15 +162,18 @@ def test_stop_strings_cut_the_text(client):
     at = len(full) // 2
     stop = full[at : at + 3]
     cut = full.find(stop)
+    tokens = {}
     for stream in (False, True):
         reply = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=[stop],
-                                          stream=stream, extra_body={"ignore_eos": True})  # fmt: skip
-        if stream:
-            chunks = list(reply)
-            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
-        else:
-            text, reason = reply.choices[0].text, reply.choices[0].finish_reason
+                                          stream=stream, logprobs=0, extra_body={"ignore_eos": True})  # fmt: skip
+        chunks = list(reply) if stream else [reply]
+        text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
         assert (text, reason) == (full[:cut], "stop"), stream
+        logprobs = [c.choices[0].logprobs for c in chunks]
+        tokens[stream] = [pair for lp in logprobs for pair in zip(lp.tokens, lp.text_offset, strict=True)]
+        offsets = [o for _, o in tokens[stream]]
+        assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(text)
+    assert tokens[True] == tokens[False]  # a streamed token goes out with its text, never ahead of a cut
 
 
 def test_concurrent_requests_each_answered_once_as_generate(server, loaded):
@@ -216,6 +219,15 @@ def test_disconnected_clients_free_their_slots(server, client):
     assert all(reply.usage.completion_tokens >= 1 for reply in replies)
 
 
+def test_repeated_prompts_in_one_request_are_sampled_apart_and_big_top_k_is_fine(client):
+    reply = client.completions.create(model=NAME, prompt=[PROMPTS[1], PROMPTS[1]], max_tokens=12, temperature=1.0,
+                                      seed=3, extra_body={"top_k": 2**40})  # fmt: skip
+    first, second = (c.text for c in sorted(reply.choices, key=lambda c: c.index))
+    assert first != second
+    single = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=1.0, seed=3)
+    assert single.choices[0].text == first  # prompt 0 of a list draws what it draws alone
+
+
 @pytest.mark.parametrize(
     "payload, status, words",
     [
@@ -233,6 +245,8 @@ def test_disconnected_clients_free_their_slots(server, client):
         ({"prompt": "a", "echo": True}, 400, "'echo' = True is not supported"),
         ({"prompt": "a", "stop": ["a"] * 17}, 400, "at most 16 strings"),
         ({"messages": "hi"}, 400, "'messages' must be a non-empty list"),
+        ("[" * 100000, 400, "not valid JSON"),
+        ('{"prompt": "a", "seed": ' + "9" * 5000 + "}", 400, "not valid JSON"),
     ],
 )
 def test_bad_requests_get_their_status_and_one_sentence(server, payload, status, words):
@@ -242,6 +256,11 @@ def test_bad_requests_get_their_status_and_one_sentence(server, payload, status,
                           headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
     assert response.status_code == status, response.text
     assert words in response.json()["error"]["message"]
+
+
+def test_unknown_paths_and_methods_answer_in_openai_shape(server):
+    assert httpx.get(f"{server}/v1/nothing", timeout=30).json()["error"]["message"].startswith("GET /v1/nothing")
+    assert httpx.get(f"{server}/v1/completions", timeout=30).status_code == 405
 
 
 def test_a_wrong_or_missing_api_key_is_401(server):

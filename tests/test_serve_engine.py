@@ -1,0 +1,43 @@
+"""The live engine (serve_engine.py) in-process: a failure reaches every job, none is left waiting."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import make_hf_checkpoint
+
+from jaxpatience import engine, load_pretrained
+from jaxpatience.serve_engine import EngineFailed, Job, LiveEngine
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load_pretrained(make_hf_checkpoint(tmp_path_factory.mktemp("live") / "ckpt"))
+
+
+def test_a_device_error_fails_every_job_and_later_submits(loaded, monkeypatch):
+    model, tokenizer = loaded
+    live = LiveEngine(model, tokenizer, slots=2, max_model_len=64).start()
+    ended, failed = [], threading.Event()
+    live.on_failure = failed.set
+    gate = threading.Event()
+    real_insert = engine.insert
+
+    def broken_insert(*args, **kwargs):
+        gate.wait(timeout=30)  # let every job reach the engine first
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "insert", broken_insert)
+    jobs = [Job([5, 6, 7], emit=ended.append, n=n, max_tokens=4) for n in (1, 2, 1, 2)]  # more rows than slots
+    for job in jobs:
+        live.submit(job)
+    gate.set()
+    assert failed.wait(timeout=60)
+    assert sorted((d.sample, d.error) for d in ended) == sorted((s, "RuntimeError: device lost")
+                                                                for job in jobs for s in range(job.n))  # fmt: skip
+    with pytest.raises(EngineFailed, match="device lost"):
+        live.submit(Job([5], emit=ended.append))
+    assert live.busy == 0 and live.waiting == 0
+    live.stop()
+    monkeypatch.setattr(engine, "insert", real_insert)
