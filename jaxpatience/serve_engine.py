@@ -346,7 +346,9 @@ def _sampler(jobs: list[Job]) -> Sampler:
 def _settled(text: str, stop_strings: list[str]) -> int:
     """How much of `text` can go out: not a trailing partial character, nor a tail that may begin a stop string."""
     end = len(text)
-    while end and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence decodes to U+FFFD
+    # A character cut between tokens decodes to U+FFFD until its last byte comes: hold back a short trailing run
+    # (never a long one, which is invalid text for good and would stall the stream).
+    while end and text[end - 1] == "\ufffd" and len(text) - end < 3:
         end -= 1
     for stop in stop_strings:
         for length in range(min(len(stop) - 1, end), 0, -1):

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_hf_checkpoint
 
 from jaxpatience import engine, load_pretrained
-from jaxpatience.serve_engine import EngineFailed, Job, LiveEngine
+from jaxpatience.serve_engine import EngineFailed, Job, LiveEngine, _settled
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +41,11 @@ def test_a_device_error_fails_every_job_and_later_submits(loaded, monkeypatch):
     assert live.busy == 0 and live.waiting == 0
     live.stop()
     monkeypatch.setattr(engine, "insert", real_insert)
+
+
+def test_settled_text_holds_back_partial_characters_and_stop_prefixes_only():
+    assert _settled("abc", []) == 3
+    assert _settled("ab\ufffd", []) == 2  # a character whose last byte has not come yet
+    assert _settled("a" + "\ufffd" * 10, []) == 8  # invalid bytes for good: the stream goes on
+    assert _settled("the end. Que", ["Question:"]) == len("the end. ")  # may start a stop string
+    assert _settled("the end. Q!", ["Question:"]) == len("the end. Q!")
