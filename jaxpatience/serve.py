@@ -133,19 +133,34 @@ async def _stream(request: _Request, tokenizer, *, chat: bool, model: str) -> As
             request.cancel()
 
 
+async def _api_error(_, err: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if err.status == 429 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
+    message = f"{request.method} {request.url.path}: {err.detail}"
+    return JSONResponse(ApiError(err.status_code, message).body(), status_code=err.status_code)
+
+
+def _read_request(raw: bytes, chat: bool, engine: LiveEngine, tokenizer, model_name: str) -> serve_api.Settings:
+    """A request body checked and tokenized (serve_api), against this engine's limits."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    body = serve_api.check_body(body, model_name)
+    prompt_ids = (serve_api.chat_prompt if chat else serve_api.completion_prompts)(body, tokenizer)
+    return serve_api.sampling_settings(body, prompt_ids, tokenizer, chat=chat, max_model_len=engine.max_model_len,
+                                       max_n=engine.max_slots, max_prompts=engine.max_queue,
+                                       end_ids=engine.end_ids)  # fmt: skip
+
+
 def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | None = None):
     """The FastAPI application over a started engine."""
     app = FastAPI(title="jaxpatience", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_, err: ApiError):
-        headers = {"Retry-After": "1"} if err.status == 429 else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException):  # unknown path, wrong method
-        message = f"{request.method} {request.url.path}: {err.detail}"
-        return JSONResponse(ApiError(err.status_code, message).body(), status_code=err.status_code)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
     def authorize(request: Request) -> None:
         given = request.headers.get("authorization", "")
@@ -171,7 +186,7 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
         authorize(request)
         raw = await request.body()
         # Parsing and tokenizing run beside the event loop: a large prompt must not stall the other streams.
-        settings = await asyncio.to_thread(read_request, raw, chat)
+        settings = await asyncio.to_thread(_read_request, raw, chat, engine, tokenizer, model_name)
         pending = _Request(engine, settings)
         pending.submit()
         if settings.stream:
@@ -179,17 +194,6 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
                                      media_type="text/event-stream")  # fmt: skip
         result = await _collect(request, pending, tokenizer, chat=chat, model=model_name)
         return JSONResponse(result if result is not None else {}, status_code=200 if result is not None else 499)
-
-    def read_request(raw: bytes, chat: bool) -> serve_api.Settings:
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
-            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-        body = serve_api.check_body(body, model_name)
-        prompt_ids = (serve_api.chat_prompt if chat else serve_api.completion_prompts)(body, tokenizer)
-        return serve_api.sampling_settings(body, prompt_ids, tokenizer, chat=chat, max_model_len=engine.max_model_len,
-                                           max_n=engine.max_slots, max_prompts=engine.max_queue,
-                                           end_ids=engine.end_ids)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request):

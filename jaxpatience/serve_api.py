@@ -139,10 +139,7 @@ def chat_prompt(body: dict, tokenizer) -> list[list[int]]:
     return [list(tokenizer(text, add_special_tokens=False)["input_ids"])]
 
 
-def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, chat: bool, max_model_len: int,
-                      max_n: int, max_prompts: int, end_ids: list[int]) -> Settings:  # fmt: skip
-    """Check every sampling field against the model (vocabulary, context) and the server (slots, queue)."""
-    vocab = len(tokenizer)
+def _check_prompt_ids(prompt_ids: list[list[int]], vocab: int, max_prompts: int) -> None:
     if len(prompt_ids) > max_prompts:
         raise ApiError(400, f"the request holds {len(prompt_ids)} prompts; this server queues at most {max_prompts} "
                             "(--max-queue).", "prompt")  # fmt: skip
@@ -151,6 +148,13 @@ def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, cha
             raise ApiError(400, f"prompt {i} is empty.", "prompt")
         if min(ids) < 0 or max(ids) >= vocab:
             raise ApiError(400, f"prompt {i} holds a token id outside the vocabulary [0, {vocab}).", "prompt")
+
+
+def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, chat: bool, max_model_len: int,
+                      max_n: int, max_prompts: int, end_ids: list[int]) -> Settings:  # fmt: skip
+    """Check every sampling field against the model (vocabulary, context) and the server (slots, queue)."""
+    vocab = len(tokenizer)
+    _check_prompt_ids(prompt_ids, vocab, max_prompts)
     number = (int, float)
     temperature = _field(body, "temperature", number, 1.0, "a number")
     top_p = _field(body, "top_p", number, 1.0, "a number")

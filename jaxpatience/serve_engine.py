@@ -14,7 +14,8 @@ token when a slot is free.
 
 * **Per-row settings.** Every row has its own budget, stop ids, seed, temperature, top_p and top_k
   (sampling.Sampler.per_row), so a request's samples do not depend on which others share its chunk: the same
-  seed gives the same text. Greedy rows take the argmax, token-exact with `generate`.
+  seed gives the same text. Greedy rows take the argmax, token-exact with `generate`. (Up to float rounding: the
+  slot count and attention window change reduction orders, moving a logit by ~1e-7, which flips only a near-tie.)
 * **Stop strings** are matched on the decoded text (a string may span tokens): the text is cut before it and the
   row freed; while streaming, text that could be the start of a stop string is held back until it is not.
 * **Slot buckets.** The state holds a power of two of slots (rounded up to the mesh's batch shards), grown when

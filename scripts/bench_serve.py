@@ -6,8 +6,10 @@ Starts the server in a subprocess on a free 127.0.0.1 port (never another addres
 --size (tiny: the `jaxpatience tiny` preset; small: 8 layers, hidden 512, ~25M parameters, the same 320-token
 BPE tokenizer), or --model DIR, and --slots = the largest concurrency. Then, per level C:
 
-* a cold pass: --requests requests as below, during which the server compiles the slot buckets, insert shapes
-  and attention windows the level uses (its wall time and losses are reported as cold_wall_s, cold_lost);
+* --warm-passes untimed passes (default 2) of --requests requests as below, during which the server compiles
+  the slot buckets, insert groupings and attention windows the level meets (arrivals group differently from one
+  pass to the next; on the tiny model one pass left a second one 30x slower than the third). The first pass's
+  wall time is reported as cold_wall_s, the losses of all of them as warm_lost;
 * the timed pass: the same --requests streaming completions, at most C in flight (asyncio + httpx), each a
   random prompt of --prompt-len token ids (numpy default_rng(level)) with max_tokens = --max-tokens, temperature
   0 and ignore_eos, so every answer is exactly --max-tokens tokens (the usage chunk says how many came).
@@ -15,8 +17,10 @@ BPE tokenizer), or --model DIR, and --slots = the largest concurrency. Then, per
 Bounded: each request times out after --timeout s, and a level stops starting requests after --time-limit s, so
 the script always ends. Per level: requests/s and output tokens/s (completed requests and their tokens over the
 level's wall time), latency p50 / p99 (send -> `data: [DONE]`), time to first token p50 / p99 (send -> first
-chunk with text), and lost requests (an error status, a timeout, or a wrong token count; goal 0). A table is
-printed and, as the last line, one JSON object with every level's figures.
+chunk with text), and lost requests (an error status, a timeout, or a wrong token count; goal 0). With
+--baseline, the same --requests prompts also go through one in-process `generate` call (batch_size = the largest
+concurrency, after the server has stopped): the engine's throughput without HTTP, streaming or arrivals. A table
+is printed and, as the last line, one JSON object with every level's figures.
 """
 
 from __future__ import annotations
@@ -127,6 +131,25 @@ async def run_level(url: str, concurrency: int, count: int, args: argparse.Names
             "ttft_p50_s": pct("ttft", 50), "ttft_p99_s": pct("ttft", 99)}  # fmt: skip
 
 
+def generate_baseline(model: Path, args: argparse.Namespace, vocab: int) -> dict:
+    """The same work without HTTP: one `generate` call on --requests prompts with batch_size = the largest
+    concurrency, in this process after the server is gone (best of two calls; the first compiles)."""
+    from jaxpatience import generate, load_pretrained
+
+    loaded, tokenizer = load_pretrained(model)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, vocab, args.prompt_len).tolist() for _ in range(args.requests)]
+    walls = []
+    for _ in range(2):
+        start = time.perf_counter()
+        out = generate(loaded, tokenizer, prompts, max_new_tokens=args.max_tokens, stop_tokens=[],
+                       batch_size=max(args.concurrency), progress=False)  # fmt: skip
+        walls.append(time.perf_counter() - start)
+    assert all(len(g.token_ids) == args.max_tokens for g in out)
+    return {"batch_size": max(args.concurrency), "wall_s": round(min(walls), 2),
+            "tokens_per_s": round(len(prompts) * args.max_tokens / min(walls), 1)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=("tiny", "small"), default="small", help="random checkpoint to serve")
@@ -137,6 +160,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per level before it stops sending")
+    parser.add_argument("--warm-passes", type=int, default=2, help="untimed passes per level before the timed one")
+    parser.add_argument("--baseline", action="store_true", help="also time generate() on the same work, no HTTP")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else make_checkpoint(args.size, Path(tmp))
@@ -145,20 +170,27 @@ def main() -> None:
         try:
             levels = []
             for concurrency in args.concurrency:
-                cold = asyncio.run(run_level(url, concurrency, args.requests, args, vocab))  # compiles as it goes
+                # Untimed passes first: the server compiles as it meets new shapes (arrivals group differently
+                # from one pass to the next, so one pass does not meet them all).
+                warm = [asyncio.run(run_level(url, concurrency, args.requests, args, vocab))
+                        for _ in range(args.warm_passes)]  # fmt: skip
                 levels.append({**asyncio.run(run_level(url, concurrency, args.requests, args, vocab)),
-                               "cold_wall_s": cold["wall_s"], "cold_lost": cold["lost"]})  # fmt: skip
+                               "cold_wall_s": warm[0]["wall_s"] if warm else None,
+                               "warm_lost": sum(w["lost"] for w in warm)})  # fmt: skip
         finally:
             process.terminate()
             process.wait(timeout=30)
+        baseline = generate_baseline(model, args, vocab) if args.baseline else None
     print(f"{'C':>3} {'done':>5} {'lost':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'ttft50':>7} "
           f"{'ttft99':>7} {'cold s':>7}")  # fmt: skip
     for level in levels:
         print(f"{level['concurrency']:>3} {level['completed']:>5} {level['lost']:>4} {level['requests_per_s']:>7} "
               f"{level['tokens_per_s']:>7} {level['latency_p50_s']:>7} {level['latency_p99_s']:>7} "
               f"{level['ttft_p50_s']:>7} {level['ttft_p99_s']:>7} {level['cold_wall_s']:>7}")  # fmt: skip
+    if baseline:
+        print(f"generate(), batch_size {baseline['batch_size']}, no HTTP: {baseline['tokens_per_s']} tokens/s")
     print(json.dumps({"model": str(args.model or args.size), "prompt_len": args.prompt_len,
-                      "max_tokens": args.max_tokens, "levels": levels}))  # fmt: skip
+                      "max_tokens": args.max_tokens, "levels": levels, "generate_baseline": baseline}))  # fmt: skip
 
 
 if __name__ == "__main__":
