@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -40,12 +41,14 @@ def start_server(checkpoint, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "jaxpatience", "serve", "--model", str(checkpoint), "--port", str(port),
                "--served-model-name", NAME, *flags]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a full pipe nobody reads would block the server
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"serve exited with {process.returncode}:\n{process.stdout.read()}")
+            log.seek(0)
+            raise RuntimeError(f"serve exited with {process.returncode}:\n{log.read()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process, url
