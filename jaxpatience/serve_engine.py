@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -199,16 +198,13 @@ class LiveEngine:
                 self.on_failure()
 
     def _take_jobs(self) -> list[Job]:
-        """(Lock held.) Waiting jobs that fit in the slots, first come first served; cancelled ones are dropped."""
-        while self._waiting and self._waiting[0].cancelled:
-            self._waiting.popleft()
+        """(Lock held.) Waiting jobs that fit in the free slots, first come first served (cancel() has already
+        taken cancelled ones out of the queue)."""
         free = self.max_slots - self.busy
         jobs = []
-        while self._waiting and (self._waiting[0].cancelled or self._waiting[0].n <= free):
-            job = self._waiting.popleft()
-            if not job.cancelled:
-                jobs.append(job)
-                free -= job.n
+        while self._waiting and self._waiting[0].n <= free:
+            jobs.append(self._waiting.popleft())
+            free -= jobs[-1].n
         return jobs
 
     def _drop_cancelled(self) -> None:
@@ -324,15 +320,6 @@ class LiveEngine:
         for job in {id(job): job for job in jobs}.values():
             for sample in range(job.n):
                 job.emit(Delta(sample, "", [], [], finish_reason=None, error=message))
-
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Whether every slot is free and nothing waits within `timeout` seconds (tests)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.busy and not self._waiting:
-                return True
-            time.sleep(0.01)
-        return False
 
 
 def _sampler(jobs: list[Job]) -> Sampler:
