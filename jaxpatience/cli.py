@@ -8,7 +8,8 @@
 Every command's module is imported only when that command runs, so `jaxpatience --help` does not start JAX.
 The delegated commands parse their own arguments (`jaxpatience eval --help`). User errors (ValueError, OSError:
 bad paths, configs, checkpoints) print one line, `jaxpatience: error: ...`, and exit with status 2; set
-JAXPATIENCE_DEBUG=1 to see the traceback instead.
+JAXPATIENCE_DEBUG=1 to see the traceback instead. A training run stopped by SIGTERM (with a checkpoint, see
+preemption.py) exits with status 143, as a process killed by SIGTERM would.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import os
 import sys
 from collections.abc import Callable
+
+from jaxpatience.preemption import TERMINATED_EXIT_STATUS, Preempted
 
 
 def _demo(argv: list[str]) -> int:
@@ -132,6 +135,9 @@ def _guarded(run: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("jaxpatience: interrupted", file=sys.stderr)
         return 130
+    except Preempted as stop:  # SIGTERM during training: a checkpoint was written, the same command resumes
+        print(f"jaxpatience: {stop}", file=sys.stderr)
+        return TERMINATED_EXIT_STATUS
 
 
 if __name__ == "__main__":

@@ -151,18 +151,22 @@ def _resume(run: _Run) -> int:
 
 def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
     """Steps [start, end): metrics every `log_every` steps, checkpoints every `checkpoint_every` (the last step's
-    is left to the caller). Returns the last logged metrics ({} if none were logged)."""
+    is left to the caller). Returns the last logged metrics ({} if none were logged).
+
+    SIGTERM (a preemption, `scancel`, a TPU VM's maintenance) ends the loop after the current step, with a
+    checkpoint of that step on every process, by raising `Preempted`."""
     import jax
     import numpy as np
     from tqdm import tqdm
 
     from jaxpatience.metrics import MetricsWriter
+    from jaxpatience.preemption import Preempted, Watch
     from jaxpatience.train import BATCH_KEYS
 
     config, trainer, processes = run.config, run.trainer, jax.process_count()
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
     bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and run.is_main), desc="train", unit="step")
-    batches, tokens_seen, t_start, last = iter(run.loader), 0, time.perf_counter(), {}
+    batches, tokens_seen, t_start, last, watch = iter(run.loader), 0, time.perf_counter(), {}, Watch()
     try:  # the metrics file is locked while written: release it however the loop ends
         for step in range(start, end):
             host = next(batches)  # this process's rows of the global batch
@@ -178,9 +182,13 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")  # fmt: skip
             bar.update(1)
+            if watch.reached(step + 1):  # every process sees it after the same step
+                run.save(step + 1)
+                raise Preempted(step + 1, run.max_steps)
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < run.max_steps:
                 run.save(step + 1)
     finally:
+        watch.close()
         bar.close()
         writer.close()
     return last

@@ -172,8 +172,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Start `jax.distributed` from arguments or the environment; returns True if it is multi-process.
 
     Reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID when the arguments are None. With none
-    of them set, nothing is started (single process), except on a TPU pod or SLURM job, where
-    `jax.distributed.initialize()` finds its peers itself when JAX_DISTRIBUTED_AUTO=1.
+    of them set, nothing is started (single process), except with JAX_DISTRIBUTED_AUTO=1: then
+    `jax.distributed.initialize()` finds its peers itself from a SLURM job step's SLURM_* variables (one
+    process per GPU unless JAX_LOCAL_DEVICE_IDS lists the devices each process drives, as
+    scripts/slurm/jaxpatience.sbatch does), a TPU VM's metadata, Open MPI, or Kubernetes.
     """
     if jax.distributed.is_initialized():  # a second command in the same program (irpo: eval, then train)
         return jax.process_count() > 1
@@ -182,14 +184,21 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     num_processes = num_processes or (int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None)
     if process_id is None and "JAX_PROCESS_ID" in env:
         process_id = int(env["JAX_PROCESS_ID"])
-    if coordinator_address is None:
-        if env.get("JAX_DISTRIBUTED_AUTO") == "1":
-            jax.distributed.initialize()
-            return jax.process_count() > 1
+    auto = coordinator_address is None and env.get("JAX_DISTRIBUTED_AUTO") == "1"
+    if coordinator_address is None and not auto:
         return False
     # Cross-process collectives on CPU need gloo; the setting does not affect GPU/TPU backends. (Asking for the
     # backend here would initialise it, which must not happen before jax.distributed.initialize.)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if auto:
+        try:
+            jax.distributed.initialize()
+        except ValueError as err:  # no cluster found: JAX says only "coordinator_address should be defined"
+            raise ValueError(
+                f"JAX_DISTRIBUTED_AUTO=1 but jax.distributed found no cluster to join ({err}): run inside a SLURM "
+                "job step (srun), on a TPU VM, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."
+            ) from err
+        return jax.process_count() > 1
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)  # fmt: skip
     return jax.process_count() > 1

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_hf_checkpoint
+from fake_slurm import fake_slurm_env, finished, sbatch
 
 CLI = [sys.executable, "-m", "jaxpatience.cli"]
 
@@ -73,7 +74,9 @@ def test_two_processes_evaluate_like_one(problems_and_model, tmp_path):
     one = subprocess.run([*CLI, *args, "--out", str(tmp_path / "one"), "--mesh", "data=4"], env=_env(4),
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    _finish(_start_two([*args, "--out", str(tmp_path / "two")]))  # no --mesh: every device of both processes
+    # The two processes start as a SLURM job step would start them (fake_slurm.py): jax.distributed finds its
+    # peers from SLURM's variables. No --mesh: every device of both processes.
+    finished(sbatch(fake_slurm_env(tmp_path), *args, "--out", str(tmp_path / "two")), tmp_path / "logs")
     assert _records(tmp_path / "two") == _records(tmp_path / "one")
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
     same = ("accuracy", "accuracy_ci95", "mean_response_tokens", "problems", "samples")

@@ -1,11 +1,10 @@
-"""Training runs (run.py): exact resume, resume onto another mesh, fixed compilations, two-process CPU run,
-and `jaxpatience train` end to end (train, checkpoint, resume, export, plot)."""
+"""Training runs (run.py): exact resume, resume onto another mesh, fixed compilations, and `jaxpatience train`
+end to end (train, checkpoint, resume, export, plot). Two processes x 2 devices against one x 4 (through the
+SLURM template, with a requeue) are in test_pods.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -90,33 +89,6 @@ def test_full_parameter_dpo_precomputes_the_reference(setup):
     # at step 1 the policy is the reference: the DPO term is log 2 and the margins are zero
     assert abs(first["rewards/margins"]) < 1e-5
     assert Path(summary["exports"]["merged"], "config.json").is_file()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process(setup):
-    """Two CPU processes (2 devices each, gloo collectives) take the same steps as one process with 4 devices,
-    reference log-probs precomputed (each process places its rows; the table needs them back in global order)."""
-    checkpoint, pairs, tmp = setup
-    shared = ("train.mesh.data=4", "train.max_steps=4", "precompute_reference=true")
-    args = config_args(checkpoint, pairs, tmp / "one", *shared)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "jaxpatience.cli", "train", "--no-progress"]
-    subprocess.run([*cmd, *args], env=env, check=True, capture_output=True, timeout=300)
-    port = _free_port()
-    two = config_args(checkpoint, pairs, tmp / "two", *shared, f"distributed.coordinator_address=127.0.0.1:{port}",
-                      "distributed.num_processes=2")  # fmt: skip
-    env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([*cmd, *two, f"distributed.process_id={i}"], env=env2, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    np.testing.assert_allclose(losses_of(tmp / "two"), losses_of(tmp / "one"), rtol=1e-5)
-    assert (tmp / "two" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_cli_end_to_end_and_bad_config(setup, tmp_path):
