@@ -45,7 +45,8 @@ def _train_args(pairs_and_model, out: Path, steps: int, devices: int = 4) -> lis
     pairs, checkpoint = pairs_and_model
     return ["train", "--no-progress",
             *config_args(checkpoint, pairs, out, f"train.mesh.data={devices}", f"train.max_steps={steps}",
-                         "log_every=1", "checkpoint_every=1000", "precompute_reference=true", "data.buckets=[160]")]  # fmt: skip
+                         "log_every=1", "checkpoint_every=1000", "precompute_reference=true",
+                         "data.buckets=[160]")]  # fmt: skip
 
 
 def test_sbatch_trains_like_one_process_through_a_requeue(pairs_and_model, fake_slurm, tmp_path):
