@@ -1,16 +1,21 @@
 """Stop a training loop cleanly on SIGTERM: every process saves the same step, then the run ends.
 
-SIGTERM is how a cluster takes a job back: SLURM on preemption, `scancel` and at the time limit (the SLURM
-template turns the limit into a requeue), a TPU VM before maintenance. The default would kill the process and
-lose the steps since the last checkpoint; a single process could save at once, but on several hosts the save is
-collective, so all of them must agree on the step.
+SIGTERM is how a job is asked to end: `scancel --signal=TERM` (the SLURM template sends it near the time limit),
+the shutdown of a preempted VM, `launch.py stop`, `kill`. The default would kill the process
+and lose the steps since the last checkpoint; a single process could save at once, but on several hosts the save
+is collective, so all of them must agree on the step.
 
-* Several processes: `jax.distributed` already catches SIGTERM on every host (it then no longer kills the
-  process) and `multihost_utils.reached_preemption_sync_point(step)` becomes True at the same step everywhere.
-* One process: a handler of our own sets a flag; the next step boundary sees it.
+* Several processes: `jax.distributed` catches SIGTERM on every host for the life of the process (SIGTERM then
+  no longer kills it) and `multihost_utils.reached_preemption_sync_point(step)` becomes True at the same step
+  everywhere: one past the furthest step any process had reported when the notice came. The loop reports its
+  start before the first step, so a notice that came while the run was being set up (or during an earlier
+  stage of the same program, irpo's sampling say) would point at a step this loop never passes: the processes
+  check for such a notice at the start and agree, through process 0, to stop at once.
+* One process: a handler of our own sets a flag for the duration of the loop; the next step boundary sees it.
 
-The loop calls `watch.reached(step)` once per step, on every process, with the step number it has just finished.
-JAX is imported only by `Watch`, so the command-line dispatcher can catch `Preempted` without starting it.
+The loop calls `watch.reached(step)` once per step, on every process, with the step number it has just finished
+(orbax's own save reports the same step numbers). JAX is imported only by `Watch`, so the command-line
+dispatcher can catch `Preempted` without starting it.
 """
 
 from __future__ import annotations
@@ -19,27 +24,32 @@ import signal
 import threading
 
 TERMINATED_EXIT_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # the coordination service's key for "a process got SIGTERM"
 
 
 class Preempted(Exception):
-    """The run stopped after `step` of `max_steps` steps, with a checkpoint: the same command resumes it."""
+    """The run stopped after `step` of `max_steps` steps (saved: a checkpoint of that step was written, rather
+    than the step being where the run had started); the same command resumes it."""
 
-    def __init__(self, step: int, max_steps: int):
-        super().__init__(f"stopped by SIGTERM after step {step} of {max_steps}, with a checkpoint; run the same "
-                         "command again to resume")  # fmt: skip
+    def __init__(self, step: int, max_steps: int, saved: bool = True):
+        where = f"after step {step} of {max_steps}, with a checkpoint" if saved else f"at step {step} of {max_steps}"
+        super().__init__(f"stopped by SIGTERM {where}; run the same command again to resume")
         self.step, self.max_steps = step, max_steps
 
 
 class Watch:
-    """`reached(step)`: has any process been asked to stop? True at the same step on every process."""
+    """`pending`: SIGTERM came before the loop; `reached(step)`: stop after this step (the same on every process)."""
 
-    def __init__(self):
+    def __init__(self, start: int):
         import jax
 
         self._multi = jax.process_count() > 1
         self._signalled = threading.Event()
         self._previous = None
-        if not self._multi and threading.current_thread() is threading.main_thread():  # handlers: main thread only
+        self.pending = False
+        if self._multi:
+            self.pending = _agree_on_earlier_notice(start)
+        elif threading.current_thread() is threading.main_thread():  # signal handlers: main thread only
             self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._signalled.set())
 
     def reached(self, step: int) -> bool:
@@ -50,7 +60,29 @@ class Watch:
         return self._signalled.is_set()
 
     def close(self) -> None:
-        """Give SIGTERM back to whoever handled it before (outside the loop it ends the process at once)."""
+        """Give SIGTERM back to whoever handled it before (for one process, outside the loop, it ends it at once)."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+def _agree_on_earlier_notice(start: int) -> bool:
+    """Several processes, before the first step: report `start` (a notice from now on stops after step start + 1),
+    then agree on whether a notice came before. Every process calls this."""
+    from jax.experimental import multihost_utils
+
+    from jaxpatience import sharding
+
+    multihost_utils.reached_preemption_sync_point(start)
+    sharding.barrier("preemption watch")  # every process has reported `start` before process 0 looks
+    return bool(sharding.broadcast_json(_notice_received() if sharding.is_main_process() else None))
+
+
+def _notice_received() -> bool:
+    """Has any process of this jax.distributed program got SIGTERM? (False where JAX offers no way to tell.)"""
+    try:
+        from jax._src.distributed import global_state  # the client holds the coordination service's key-values
+
+        return global_state.client.key_value_try_get(NOTICE_KEY) is not None
+    except Exception:  # the key is absent (no notice), or this JAX version has no such client call
+        return False

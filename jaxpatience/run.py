@@ -153,7 +153,7 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
     """Steps [start, end): metrics every `log_every` steps, checkpoints every `checkpoint_every` (the last step's
     is left to the caller). Returns the last logged metrics ({} if none were logged).
 
-    SIGTERM (a preemption, `scancel`, a TPU VM's maintenance) ends the loop after the current step, with a
+    SIGTERM (`scancel --signal=TERM`, a VM's shutdown, `kill`) ends the loop after the current step, with a
     checkpoint of that step on every process, by raising `Preempted`."""
     import jax
     import numpy as np
@@ -166,8 +166,10 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
     config, trainer, processes = run.config, run.trainer, jax.process_count()
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
     bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and run.is_main), desc="train", unit="step")
-    batches, tokens_seen, t_start, last, watch = iter(run.loader), 0, time.perf_counter(), {}, Watch()
+    batches, tokens_seen, t_start, last, watch = iter(run.loader), 0, time.perf_counter(), {}, Watch(start)
     try:  # the metrics file is locked while written: release it however the loop ends
+        if watch.pending:  # SIGTERM came while the run was set up: the checkpoint of `start` (if any) stands
+            raise Preempted(start, run.max_steps, saved=False)
         for step in range(start, end):
             host = next(batches)  # this process's rows of the global batch
             batch = {k: host[k] for k in BATCH_KEYS}

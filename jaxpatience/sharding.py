@@ -194,6 +194,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         try:
             jax.distributed.initialize()
         except ValueError as err:  # no cluster found: JAX says only "coordinator_address should be defined"
+            if "coordinator_address" not in str(err):
+                raise
             raise ValueError(
                 f"JAX_DISTRIBUTED_AUTO=1 but jax.distributed found no cluster to join ({err}): run inside a SLURM "
                 "job step (srun), on a TPU VM, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."

@@ -1,9 +1,10 @@
 """A fake SLURM on one machine, for running scripts/slurm/jaxpatience.sbatch unchanged under bash.
 
-Two small stand-ins go first on PATH: `srun` starts SLURM_NTASKS copies of the command with the variables a real
-job step has (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NODELIST=localhost, ...), one log per task from
-`--output`, and forwards SIGTERM to them as srun does; `scontrol requeue` records the call and ends the job step,
-as SLURM does before it requeues a job. Each task has 2 CPU devices, so two tasks form one 4-device program
+Three small stand-ins go first on PATH. `srun` starts SLURM_NTASKS copies of the command with the variables a
+real job step has (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NODELIST=localhost, ...) and one log per task from
+`--output`; like the real one, it answers a SIGTERM of its own with a SIGKILL of the tasks. `scancel
+--signal=SIG` sends SIG to the tasks only, as SLURM does without `--batch`/`--full`; `scontrol` records its
+calls. Each task has 2 CPU devices, so two tasks form one 4-device program
 (jax.distributed started from SLURM's variables, as on a cluster).
 """
 
@@ -30,15 +31,16 @@ while argv and argv[0].startswith("--"):  # the template passes its options as -
     option = argv.pop(0)
     if option.startswith("--output="):
         output = option.split("=", 1)[1]
-Path(os.environ["FAKE_SLURM_DIR"], "srun.pid").write_text(str(os.getpid()))
 tasks, procs = int(os.environ["SLURM_NTASKS"]), []
-for task in range(tasks):
-    env = dict(os.environ, SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_STEP_NODELIST="localhost",
+for task in range(tasks):  # one task per node: SLURM_LOCALID is 0 on every node
+    env = dict(os.environ, SLURM_PROCID=str(task), SLURM_LOCALID="0", SLURM_STEP_NODELIST="localhost",
                SLURM_STEP_NUM_NODES=str(tasks), SLURM_STEP_NUM_TASKS=str(tasks), SLURM_STEP_ID="0")
     name = output.replace("%t", str(task)).replace("%j", os.environ["SLURM_JOB_ID"])
     log = open(name.replace("%x", os.environ["SLURM_JOB_NAME"]), "a")
     procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
-signal.signal(signal.SIGTERM, lambda signum, frame: [p.send_signal(signum) for p in procs if p.poll() is None])
+Path(os.environ["FAKE_SLURM_DIR"], "tasks.pid").write_text(" ".join(str(p.pid) for p in procs))
+# srun's own SIGTERM (a plain scancel, a preemption) becomes a SIGKILL of the tasks: "forcing job termination".
+signal.signal(signal.SIGTERM, lambda signum, frame: [p.kill() for p in procs if p.poll() is None])
 while any(p.poll() is None for p in procs):
     if any(p.poll() not in (None, 0) for p in procs):  # --kill-on-bad-exit
         for p in procs:
@@ -48,9 +50,14 @@ while any(p.poll() is None for p in procs):
 sys.exit(max((p.returncode for p in procs), key=abs))
 """
 
+# `scancel --signal=SIG JOB` signals the tasks of the job's steps, not the batch step (so not srun).
+FAKE_SCANCEL = """#!/bin/bash
+echo "$*" >> "$FAKE_SLURM_DIR/scancel.log"
+if [[ "$1" == --signal=* ]]; then kill -s "${1#--signal=}" $(cat "$FAKE_SLURM_DIR/tasks.pid"); fi
+"""
+
 FAKE_SCONTROL = """#!/bin/bash
 echo "$*" >> "$FAKE_SLURM_DIR/scontrol.log"
-if [[ "$1" == requeue ]]; then kill -TERM "$(cat "$FAKE_SLURM_DIR/srun.pid")"; fi
 """
 
 
@@ -69,7 +76,8 @@ def fake_slurm_env(tmp_path: Path) -> dict:
     stand-ins go to tmp_path/fake_slurm, the per-task logs to tmp_path/logs."""
     bin_dir = tmp_path / "fake_slurm"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN.format(python=sys.executable)), ("scontrol", FAKE_SCONTROL)):
+    fakes = {"srun": FAKE_SRUN.format(python=sys.executable), "scancel": FAKE_SCANCEL, "scontrol": FAKE_SCONTROL}
+    for name, text in fakes.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return dict(

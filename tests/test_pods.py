@@ -9,7 +9,6 @@ import os
 import shlex
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -49,16 +48,30 @@ def _train_args(pairs_and_model, out: Path, steps: int, devices: int = 4) -> lis
                          "data.buckets=[160]")]  # fmt: skip
 
 
+def test_sbatch_gives_each_task_every_gpu_of_its_node(fake_slurm, tmp_path):
+    """JAX's SLURM detection gives each process GPU number SLURM_LOCALID only; with one task per node the
+    template lists all of the node's GPUs instead, and leaves JAX's default alone for one task per GPU."""
+    dump = tmp_path / "dump_srun"
+    dump.write_text('#!/bin/bash\necho "ids=${JAX_LOCAL_DEVICE_IDS:-unset} auto=$JAX_DISTRIBUTED_AUTO"\n')
+    dump.chmod(0o755)
+    (Path(fake_slurm["FAKE_SLURM_DIR"]) / "srun").unlink()
+    (Path(fake_slurm["FAKE_SLURM_DIR"]) / "srun").symlink_to(dump)
+    for per_node, expected in (("1", "ids=0,1,2,3,4,5,6,7 auto=1"), ("8", "ids=unset auto=1")):
+        env = dict(fake_slurm, SLURM_GPUS_ON_NODE="8", SLURM_NTASKS_PER_NODE=per_node)
+        output = finished(sbatch(env, "eval", "--help"), tmp_path / "logs")
+        assert expected in output, output
+
+
 def test_sbatch_trains_like_one_process_through_a_requeue(pairs_and_model, fake_slurm, tmp_path):
     """2 tasks x 2 devices under the template take the steps 1 process x 4 devices takes, through a requeue: told
-    that its time limit is near (USR1), the job requeues itself, its tasks save the step they reached (exit
-    143), and the requeued job (the same script, the same arguments) resumes there and finishes. The reference
-    log-probs are precomputed: each process computes its rows, the table needs them back in global order."""
-    steps, out, logs = 16, tmp_path / "two", Path(fake_slurm["JAXPATIENCE_LOGS"])
-    one = subprocess.run([*CLI, *_train_args(pairs_and_model, tmp_path / "one", steps)], env=cpu_env(4),
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
+    that its time limit is near (USR1), the job sends SIGTERM to its tasks, they save the step they reached (exit
+    143), the job requeues itself, and the requeued job (the same script) resumes there. The reference log-probs
+    are precomputed: each process computes its rows, the table needs them back in global order.
 
+    The run is long (1000 steps) so that it cannot end before the signal lands (jax.distributed notices a
+    SIGTERM within about a second); the requeued run and the reference stop with `--stop-after` a few steps
+    past the interruption, with the same `max_steps` (the schedule depends on it)."""
+    out, logs, steps = tmp_path / "two", Path(fake_slurm["JAXPATIENCE_LOGS"]), 1000
     job = sbatch(fake_slurm, *_train_args(pairs_and_model, out, steps))
     metrics, deadline = out / "metrics.jsonl", time.time() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
@@ -66,45 +79,47 @@ def test_sbatch_trains_like_one_process_through_a_requeue(pairs_and_model, fake_
         time.sleep(0.05)
     job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` sends near the time limit
     first = finished(job, logs, status=143)
-    assert "restart 0" in first and "requeueing job" in first
-    assert (Path(fake_slurm["FAKE_SLURM_DIR"]) / "scontrol.log").read_text().split() == [
-        "requeue", fake_slurm["SLURM_JOB_ID"]]  # fmt: skip
+    assert "restart 0" in first and "the time limit is near" in first
+    slurm = Path(fake_slurm["FAKE_SLURM_DIR"])
+    assert (slurm / "scancel.log").read_text().split() == ["--signal=TERM", fake_slurm["SLURM_JOB_ID"]]
+    assert (slurm / "scontrol.log").read_text().split() == ["requeue", fake_slurm["SLURM_JOB_ID"]]
     saved, stopped = saved_steps(out), len(losses_of(out))
     assert saved == [stopped] and 2 <= stopped < steps, (saved, stopped)
     assert {p.name for p in logs.glob("rank-*.log")} == {"rank-0.log", "rank-1.log"}
     assert all(f"stopped by SIGTERM after step {stopped} of {steps}" in (logs / f"rank-{i}.log").read_text()
                for i in range(2))  # fmt: skip
 
-    requeued = dict(fake_slurm, SLURM_RESTART_COUNT="1")
-    again = finished(sbatch(requeued, *_train_args(pairs_and_model, out, steps)), logs)
+    stop_after = ["--stop-after", str(stopped + 3)]
+    again = finished(sbatch(dict(fake_slurm, SLURM_RESTART_COUNT="1"),
+                            *_train_args(pairs_and_model, out, steps), *stop_after), logs)  # fmt: skip
     assert "restart 1" in again and "job step ended with status 0" in again
+    one = subprocess.run([*CLI, *_train_args(pairs_and_model, tmp_path / "one", steps), *stop_after], env=cpu_env(4),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert len(losses_of(out)) == stopped + 3
     np.testing.assert_allclose(losses_of(out), losses_of(tmp_path / "one"), rtol=1e-5)
 
 
-def test_sigterm_ends_a_single_process_run_with_a_checkpoint(pairs_and_model, tmp_path):
-    """One process (its own SIGTERM handler, not jax.distributed's): SIGTERM mid-run ends the run after the
-    current step with a checkpoint of that step; outside the loop SIGTERM is handled as before."""
+def test_sigterm_ends_a_single_process_run_with_a_checkpoint(pairs_and_model, tmp_path, monkeypatch):
+    """One process (its own SIGTERM handler, not jax.distributed's): SIGTERM during step 2 ends the run after
+    that step with a checkpoint of it; after the loop SIGTERM is handled as before."""
+    from jaxpatience.metrics import MetricsWriter
     from jaxpatience.preemption import Preempted
     from jaxpatience.run import load_run_config, train
 
-    out, steps = tmp_path / "run", 20
-    config = load_run_config(None, _train_args(pairs_and_model, out, steps, devices=1)[2:])
+    out, before, write = tmp_path / "run", signal.getsignal(signal.SIGTERM), MetricsWriter.write
 
-    def terminate_after_two_steps():
-        deadline = time.time() + 240
-        while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
-                                              and (out / "metrics.jsonl").read_text().count("\n") >= 2):  # fmt: skip
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+    def write_then_terminate(self, step, metrics):
+        write(self, step, metrics)
+        if step == 2:
+            assert signal.getsignal(signal.SIGTERM) is not before, "no handler: SIGTERM would end the test run"
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    before = signal.getsignal(signal.SIGTERM)
-    sender = threading.Thread(target=terminate_after_two_steps)
-    sender.start()
+    monkeypatch.setattr(MetricsWriter, "write", write_then_terminate)
+    config = load_run_config(None, _train_args(pairs_and_model, out, 20, devices=1)[2:])
     with pytest.raises(Preempted) as stop:
         train(config, progress=False)
-    sender.join()
-    stopped = len(losses_of(out))
-    assert stop.value.step == stopped and 2 <= stopped < steps and saved_steps(out) == [stopped]
+    assert stop.value.step == 2 and len(losses_of(out)) == 2 and saved_steps(out) == [2]
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -196,3 +211,22 @@ def test_tpu_launcher_scripts_run_on_a_worker(tmp_path):
             time.sleep(0.05)
         assert _calls(home) == [["jaxpatience", "auto=1", *command]]  # JAX_DISTRIBUTED_AUTO=1: find the peers
     assert len(list((home / "jaxpatience" / "logs").glob("*.log"))) == 1
+
+
+def test_tpu_launcher_stop_terminates_then_kills(tmp_path):
+    """`stop` sends SIGTERM to this checkout's jaxpatience only; what ignores it is killed after --grace."""
+    launch = _launcher()
+    home, env = _fake_worker(tmp_path)
+    bin_dir = home / "jaxpatience" / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    stubborn = bin_dir / "jaxpatience"  # ignores SIGTERM, as a multi-host eval does (jax.distributed catches it)
+    stubborn.write_text("#!/bin/bash\ntrap '' TERM\nwhile true; do sleep 0.1; done\n")
+    stubborn.chmod(0o755)
+    stop = _remote(launch.build_commands(launch.parse_args(["stop", "--tpu", "t", "--zone", "z", "--grace", "1"]))[0])
+    done = subprocess.run(["bash", "-c", stop], cwd=home, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "nothing running" in done.stdout, done.stdout + done.stderr
+    worker = subprocess.Popen([str(stubborn)], cwd=home / "jaxpatience")
+    time.sleep(0.3)
+    done = subprocess.run(["bash", "-c", stop], cwd=home, env=env, capture_output=True, text=True, timeout=30)
+    assert "killed on" in done.stdout, done.stdout + done.stderr
+    assert worker.wait(timeout=10) == -signal.SIGKILL

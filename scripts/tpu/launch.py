@@ -5,7 +5,7 @@
         train --config configs/qwen2_7b_irpo_tpu_pod.yaml model=/mnt/shared/Qwen2-7B-Instruct \
         data.path=/mnt/shared/pairs.jsonl out_dir=/mnt/shared/runs/irpo7b
     python scripts/tpu/launch.py logs --tpu my-v5p --zone us-east5-a      # follow worker 0's log
-    python scripts/tpu/launch.py stop --tpu my-v5p --zone us-east5-a      # SIGTERM: train saves its step and ends
+    python scripts/tpu/launch.py stop --tpu my-v5p --zone us-east5-a      # SIGTERM (train saves its step), then KILL
 
 * `setup` copies this checkout's HEAD (`git archive`: commit what you want to run) to every worker and installs it
   with the `[tpu]` extra (jax[tpu], which brings libtpu) into a virtual environment there.
@@ -13,6 +13,8 @@
   JAX_DISTRIBUTED_AUTO=1: jax.distributed finds the slice's workers itself. Each worker logs to
   LOG_DIR/<its hostname>.log. Running the same `run` again after a preemption resumes the job.
 * `stop` sends SIGTERM: `train` finishes its step, every worker saves it, and the same `run` resumes from there.
+  What has not ended after `--grace` seconds is killed (a multi-host eval, or irpo's sampling, ignore SIGTERM:
+  jax.distributed catches it; they resume exactly anyway).
 
 Only the command lines are built here (`build_commands`, tested without gcloud); `--dry-run` prints them.
 """
@@ -38,10 +40,12 @@ def gcloud(verb: str, args: argparse.Namespace, *rest: str, worker: str = "all")
 
 
 def setup_script(args: argparse.Namespace) -> str:
-    """What every worker runs to unpack the checkout and install it with the [tpu] extra."""
-    folder = shlex.quote(args.remote_dir)
+    """What every worker runs to unpack the checkout (replacing an older one; its venv and logs stay) and install
+    it with the [tpu] extra."""
+    folder, logs = shlex.quote(args.remote_dir), shlex.quote(args.log_dir)
     return " && ".join([
         f"mkdir -p {folder}",
+        f"find {folder} -mindepth 1 -maxdepth 1 ! -name .venv ! -name {logs} -exec rm -rf {{}} +",
         f"tar -xzf ~/{ARCHIVE} -C {folder}",
         f"cd {folder}",
         f"{shlex.quote(args.python)} -m venv .venv",
@@ -52,13 +56,14 @@ def setup_script(args: argparse.Namespace) -> str:
 
 
 def run_script(args: argparse.Namespace) -> str:
-    """What every worker runs: the jaxpatience command, detached, logging to LOG_DIR/<hostname>.log."""
-    command = shlex.join(["env", "JAX_DISTRIBUTED_AUTO=1", ".venv/bin/jaxpatience", *args.command])
+    """What every worker runs: the jaxpatience command, detached, logging to LOG_DIR/<hostname>.log. The command
+    is started by its absolute path, which is what `stop` looks for."""
+    command = 'env JAX_DISTRIBUTED_AUTO=1 "$PWD"/.venv/bin/jaxpatience ' + shlex.join(args.command)
     folder, logs = shlex.quote(args.remote_dir), shlex.quote(args.log_dir)
     log = f'{logs}/"$(hostname)".log'
     prepare = f"cd {folder} && mkdir -p {logs}"
     if args.foreground:  # every worker's output on this terminal (gcloud prefixes each line with its worker)
-        return f"{prepare} && {command} 2>&1 | tee -a {log}"
+        return f"set -o pipefail && {prepare} && {command} 2>&1 | tee -a {log}"
     return f'{prepare} && (setsid nohup {command} >> {log} 2>&1 < /dev/null &) && echo started on "$(hostname)"'
 
 
@@ -73,10 +78,19 @@ def build_commands(args: argparse.Namespace) -> list[list[str]]:
     if args.action == "run":
         return [gcloud("ssh", args, args.tpu, f"--command={run_script(args)}")]
     if args.action == "logs":
-        follow = f'tail -n 100 -F {shlex.quote(args.remote_dir)}/{shlex.quote(args.log_dir)}/"$(hostname)".log'
+        follow = f'cd {shlex.quote(args.remote_dir)} && tail -n 100 -F {shlex.quote(args.log_dir)}/"$(hostname)".log'
         return [gcloud("ssh", args, args.tpu, f"--command={follow}", worker=args.worker)]
-    stop = "pkill -TERM -f '[.]venv/bin/jaxpatience' && echo stopping on \"$(hostname)\" || echo nothing running"
-    return [gcloud("ssh", args, args.tpu, f"--command={stop}")]
+    return [gcloud("ssh", args, args.tpu, f"--command={stop_script(args)}")]
+
+
+def stop_script(args: argparse.Namespace) -> str:
+    """What every worker runs to stop: SIGTERM to this checkout's jaxpatience, SIGKILL after `--grace` seconds."""
+    pattern = '"$PWD"/[.]venv/bin/jaxpatience'  # a regex: [.] keeps it from matching this script's own command line
+    return (f"cd {shlex.quote(args.remote_dir)} && host=$(hostname) && "
+            f'if ! pkill -TERM -f {pattern}; then echo "nothing running on $host"; exit 0; fi; '
+            f"for second in $(seq {args.grace}); do "
+            f'pgrep -f {pattern} > /dev/null || {{ echo "stopped on $host"; exit 0; }}; sleep 1; done; '
+            f'pkill -KILL -f {pattern}; echo "killed on $host after {args.grace} s"')  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--archive", default=f"/tmp/{ARCHIVE}", help="where setup packs the checkout locally")
     parser.add_argument("--worker", default="0", help="the worker whose log `logs` follows")
     parser.add_argument("--foreground", action="store_true", help="run: stay attached, all workers' output here")
+    parser.add_argument("--grace", type=int, default=120, help="stop: seconds between SIGTERM and SIGKILL")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # after `--`: the jaxpatience command line, verbatim
