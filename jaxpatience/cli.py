@@ -124,20 +124,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(run: Callable[[], int]) -> int:
-    """Run a command; a user error becomes one line on stderr and exit status 2."""
-    if os.environ.get("JAXPATIENCE_DEBUG") == "1":
-        return run()
+    """Run a command; a user error becomes one line on stderr and exit status 2 (a traceback with DEBUG)."""
+    debug = os.environ.get("JAXPATIENCE_DEBUG") == "1"
     try:
         return run()
+    except Preempted as stop:  # not an error: SIGTERM during training, with a checkpoint; the same command resumes
+        print(f"jaxpatience: {stop}", file=sys.stderr)
+        return TERMINATED_EXIT_STATUS
     except (ValueError, OSError) as err:  # ConfigError and CheckpointError are ValueErrors
+        if debug:
+            raise
         print(f"jaxpatience: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("jaxpatience: interrupted", file=sys.stderr)
         return 130
-    except Preempted as stop:  # SIGTERM during training: a checkpoint was written, the same command resumes
-        print(f"jaxpatience: {stop}", file=sys.stderr)
-        return TERMINATED_EXIT_STATUS
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ def _resume(run: _Run) -> int:
         _check_same_run(meta["config"], dataclasses.asdict(run.config), run.out)
         run.loader.load_state_dict(meta["loader"])
         start = int(meta["step"])
+        if run.is_main:
+            print(f"resuming from step {start} of {run.max_steps} ({run.checkpoints.directory})")
     if run.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.config), indent=2))
@@ -166,8 +168,9 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
     config, trainer, processes = run.config, run.trainer, jax.process_count()
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
     bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and run.is_main), desc="train", unit="step")
-    batches, tokens_seen, t_start, last, watch = iter(run.loader), 0, time.perf_counter(), {}, Watch(start)
+    batches, tokens_seen, t_start, last, watch = iter(run.loader), 0, time.perf_counter(), {}, None
     try:  # the metrics file is locked while written: release it however the loop ends
+        watch = Watch(start)
         if watch.pending:  # SIGTERM came while the run was set up: the checkpoint of `start` (if any) stands
             raise Preempted(start, run.max_steps, saved=False)
         for step in range(start, end):
@@ -190,7 +193,8 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < run.max_steps:
                 run.save(step + 1)
     finally:
-        watch.close()
+        if watch is not None:
+            watch.close()
         bar.close()
         writer.close()
     return last

@@ -68,7 +68,9 @@ def free_port() -> int:
 
 
 def cpu_env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    """This environment on `devices` CPU devices, without the SLURM variables of a job the tests might run in."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
 
 
 def fake_slurm_env(tmp_path: Path) -> dict:

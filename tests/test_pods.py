@@ -9,6 +9,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,11 +94,55 @@ def test_sbatch_trains_like_one_process_through_a_requeue(pairs_and_model, fake_
     again = finished(sbatch(dict(fake_slurm, SLURM_RESTART_COUNT="1"),
                             *_train_args(pairs_and_model, out, steps), *stop_after), logs)  # fmt: skip
     assert "restart 1" in again and "job step ended with status 0" in again
+    assert f"resuming from step {stopped} of {steps}" in (logs / "rank-0.log").read_text()
     one = subprocess.run([*CLI, *_train_args(pairs_and_model, tmp_path / "one", steps), *stop_after], env=cpu_env(4),
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     assert len(losses_of(out)) == stopped + 3
     np.testing.assert_allclose(losses_of(out), losses_of(tmp_path / "one"), rtol=1e-5)
+
+
+def test_sbatch_requeues_what_ignores_sigterm_after_a_delay(fake_slurm, tmp_path):
+    """A job step that does not end on SIGTERM (a multi-host eval: jax.distributed catches it) is requeued anyway,
+    JAXPATIENCE_REQUEUE_AFTER seconds after the USR1; a step that ends by itself with 0 is not requeued again."""
+    slurm = Path(fake_slurm["FAKE_SLURM_DIR"])
+    stub = slurm / "srun"  # a job step that ignores SIGTERM and ends on its own
+    stub.write_text(f'#!/bin/bash\ntrap "" TERM\necho $$ > {slurm}/tasks.pid\ntouch {slurm}/ready\nsleep 4\n')
+    job = sbatch(dict(fake_slurm, JAXPATIENCE_REQUEUE_AFTER="1"), "eval", "--model", "m")
+    deadline = time.time() + 30
+    while not (slurm / "ready").is_file():
+        assert job.poll() is None and time.time() < deadline, job.communicate()[0]
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    output = finished(job, tmp_path / "logs")
+    assert (slurm / "scontrol.log").read_text().split() == ["requeue", fake_slurm["SLURM_JOB_ID"]], output
+    assert "job step ended with status 0" in output
+
+
+def test_a_sigterm_before_training_is_seen_by_the_next_loop(tmp_path):
+    """Under jax.distributed (one process here), JAX catches SIGTERM; the coordination service's notice is what
+    tells a loop that starts later (a resumed run still loading, irpo's next stage) to stop at once."""
+    from fake_slurm import free_port
+
+    code = """
+import os, signal, time
+from jaxpatience import preemption, sharding
+assert not sharding.initialize_distributed()  # one process, but with jax.distributed running
+assert not preemption._notice_received()
+first = preemption.Watch(5)
+assert not first.pending and not first.reached(6)
+os.kill(os.getpid(), signal.SIGTERM)  # caught by JAX: the process lives on
+deadline = time.time() + 30
+while not preemption._notice_received():
+    assert time.time() < deadline, "the notice never reached the coordination service"
+    time.sleep(0.1)
+assert preemption.Watch(9).pending
+print("pending seen")
+"""
+    env = dict(cpu_env(1), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="1",
+               JAX_PROCESS_ID="0")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "pending seen" in done.stdout, done.stderr[-3000:]
 
 
 def test_sigterm_ends_a_single_process_run_with_a_checkpoint(pairs_and_model, tmp_path, monkeypatch):
@@ -206,8 +251,8 @@ def test_tpu_launcher_scripts_run_on_a_worker(tmp_path):
         run = _remote(launch.build_commands(launch.parse_args(["run", *base, *flags, "--", *command]))[0])
         done = subprocess.run(["bash", "-c", run], cwd=home, env=env, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
-        deadline = time.time() + 10  # detached: the worker's command runs after the ssh command returned
-        while not (home / "calls.txt").is_file() and time.time() < deadline:
+        deadline, calls = time.time() + 10, home / "calls.txt"  # detached: it runs after the ssh command returned
+        while not (calls.is_file() and calls.read_text().endswith("--\n")) and time.time() < deadline:
             time.sleep(0.05)
         assert _calls(home) == [["jaxpatience", "auto=1", *command]]  # JAX_DISTRIBUTED_AUTO=1: find the peers
     assert len(list((home / "jaxpatience" / "logs").glob("*.log"))) == 1
@@ -220,13 +265,15 @@ def test_tpu_launcher_stop_terminates_then_kills(tmp_path):
     bin_dir = home / "jaxpatience" / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     stubborn = bin_dir / "jaxpatience"  # ignores SIGTERM, as a multi-host eval does (jax.distributed catches it)
-    stubborn.write_text("#!/bin/bash\ntrap '' TERM\nwhile true; do sleep 0.1; done\n")
+    stubborn.write_text("#!/bin/bash\ntrap '' TERM\ntouch ready\nwhile true; do sleep 0.1; done\n")
     stubborn.chmod(0o755)
     stop = _remote(launch.build_commands(launch.parse_args(["stop", "--tpu", "t", "--zone", "z", "--grace", "1"]))[0])
     done = subprocess.run(["bash", "-c", stop], cwd=home, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "nothing running" in done.stdout, done.stdout + done.stderr
     worker = subprocess.Popen([str(stubborn)], cwd=home / "jaxpatience")
-    time.sleep(0.3)
+    deadline = time.time() + 10
+    while not (home / "jaxpatience" / "ready").is_file() and time.time() < deadline:  # SIGTERM is ignored from now
+        time.sleep(0.05)
     done = subprocess.run(["bash", "-c", stop], cwd=home, env=env, capture_output=True, text=True, timeout=30)
     assert "killed on" in done.stdout, done.stdout + done.stderr
     assert worker.wait(timeout=10) == -signal.SIGKILL
