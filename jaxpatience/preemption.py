@@ -79,8 +79,8 @@ def _sync_point(step: int) -> bool | None:
 
 
 def _agree_on_earlier_notice(start: int) -> bool:
-    """Several processes, before the first step: report `start` (a notice from now on stops after step start + 1),
-    then agree on whether a notice came before. Every process calls this."""
+    """Under jax.distributed, before the first step: report `start` (a notice from now on stops after step
+    start + 1), then agree on whether a notice came before. Every process calls this."""
     from jaxpatience import sharding
 
     if _sync_point(start) is None:

@@ -8,30 +8,19 @@ real subprocesses (the same command line a pod runs on every host), so each take
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import make_hf_checkpoint
-from fake_slurm import fake_slurm_env, finished, sbatch
-
-CLI = [sys.executable, "-m", "jaxpatience.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fake_slurm import CLI, cpu_env, fake_slurm_env, finished, free_port, sbatch
 
 
 def _env(devices: int, process: int | None = None, port: int | None = None, processes: int = 2) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = cpu_env(devices)
     if process is not None:
         env |= dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                     JAX_PROCESS_ID=str(process))  # fmt: skip
@@ -39,7 +28,7 @@ def _env(devices: int, process: int | None = None, port: int | None = None, proc
 
 
 def _start_two(args: list[str]) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen([*CLI, *args], env=_env(2, i, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True) for i in range(2)]  # fmt: skip
 
