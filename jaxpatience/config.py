@@ -266,7 +266,8 @@ class TrainConfig:
     batch_size: int = 8  # pairs per optimizer step, over all devices
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many micro-batches
     max_steps: int = 100  # length of the learning-rate schedule
-    remat: str = "none"  # none, full (recompute each layer), dots (save matmul outputs only)
+    remat: str = "none"  # none, full (recompute each layer), dots (save matmul outputs), lora (base projections')
+    attention: str = "auto"  # auto (cudnn on GPU in bf16, else xla), xla, cudnn, einsum (the reference)
     logits_chunk_size: int = 256  # tokens per chunk when turning hidden states into log-probs
     seed: int = 0  # LoRA init and dropout
 
@@ -275,8 +276,10 @@ class TrainConfig:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a positive multiple of micro_batches ({self.micro_batches})."
             )
-        if self.remat not in ("none", "full", "dots"):
-            raise ConfigError(f"remat must be none, full or dots, not {self.remat!r}.")
+        if self.remat not in ("none", "full", "dots", "lora"):
+            raise ConfigError(f"remat must be none, full, dots or lora, not {self.remat!r}.")
+        if self.attention not in ("auto", "xla", "cudnn", "einsum"):
+            raise ConfigError(f"attention must be auto, xla, cudnn or einsum, not {self.attention!r}.")
         if self.max_steps <= 0 or self.logits_chunk_size <= 0:
             raise ConfigError("max_steps and logits_chunk_size must be positive.")
 
@@ -296,6 +299,13 @@ class DataConfig:
     seed: int = 0  # shuffling
     shuffle: bool = True
     chat_template: bool = True  # apply the tokenizer's chat template to the prompt
+    packing: bool = True  # pack several pairs per row (data/packing.py) instead of padding each sequence
+    pack_length: int | None = None  # tokens per packed row; default twice the largest bucket (any pair fits)
+    reference_cache: str | None = None  # directory of precomputed reference log-probs; default: beside the data
+
+    def __post_init__(self):
+        if self.pack_length is not None and self.pack_length <= 0:
+            raise ConfigError(f"data.pack_length must be positive, not {self.pack_length!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,20 +58,33 @@ def sequence_logps_from_logits(logits: Array, input_ids: Array, loss_mask: Array
     return jnp.sum(token_logps(logits, targets) * weights, axis=-1), jnp.sum(weights, axis=-1)
 
 
+def segment_weights(weights: Array, segment_ids: Array, num_segments: int) -> Array:
+    """Target weights [N, T] of packed rows -> [N, T, S]: column s holds segment s + 1's weights (0 = padding)."""
+    targets_segment = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=-1)
+    same = (targets_segment == segment_ids).astype(weights.dtype)  # never predict across a segment boundary
+    return (weights * same)[..., None] * jax.nn.one_hot(segment_ids - 1, num_segments, dtype=weights.dtype)
+
+
 def sequence_logps(hidden: Array, project: Callable[[Array], Array], input_ids: Array, loss_mask: Array,
-                   attention_mask: Array, chunk_size: int = 256) -> tuple[Array, Array]:  # fmt: skip
+                   attention_mask: Array, chunk_size: int = 256, segment_ids: Array | None = None,
+                   num_segments: int = 1) -> tuple[Array, Array]:  # fmt: skip
     """Like `sequence_logps_from_logits`, from hidden states [N, T, D] and `project` ([..., D] -> [..., V]).
 
-    Logits exist only for one chunk of C positions at a time, and the chunk is rematerialised in the backward
-    pass, so neither the forward nor the backward ever holds an [N, T, V] array.
+    Packed rows (`segment_ids` [N, T], 0 = padding, 1..S one per sequence) give sums and counts per segment,
+    [N, S] each; otherwise [N]. Logits exist only for one chunk of C positions at a time, and the chunk is
+    rematerialised in the backward pass, so neither the forward nor the backward ever holds an [N, T, V] array.
     """
     rows, length, dim = hidden.shape
     targets, weights = shift_targets(input_ids, loss_mask, attention_mask)  # [N, T] each
+    if segment_ids is None:
+        weights = weights[..., None]  # [N, T, 1]: one sequence per row
+    else:
+        weights = segment_weights(weights, segment_ids, num_segments)  # [N, T, S]
     chunk = min(chunk_size, length)
     pad = -length % chunk  # pad T to a multiple of C; padded positions have weight 0
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+        targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad), (0, 0)))
     chunks = (length + pad) // chunk
 
     def to_chunks(x: Array) -> Array:  # [N, T, ...] -> [T/C, N, C, ...]
@@ -79,13 +92,14 @@ def sequence_logps(hidden: Array, project: Callable[[Array], Array], input_ids: 
 
     @jax.checkpoint  # save only the chunk's inputs; recompute its [N, C, V] logits when differentiating
     def one_chunk(carry: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, None]:
-        hidden_chunk, target_chunk, weight_chunk = xs  # [N, C, D], [N, C], [N, C]
+        hidden_chunk, target_chunk, weight_chunk = xs  # [N, C, D], [N, C], [N, C, S]
         logps = token_logps(project(hidden_chunk), target_chunk)  # [N, C]
-        return carry + jnp.sum(logps * weight_chunk, axis=-1), None
+        return carry + jnp.einsum("nc,ncs->ns", logps, weight_chunk), None
 
-    sums, _ = jax.lax.scan(one_chunk, jnp.zeros((rows,), jnp.float32), (to_chunks(hidden), to_chunks(targets),
-                                                                        to_chunks(weights)))  # fmt: skip
-    return sums, jnp.sum(weights, axis=-1)
+    init = jnp.zeros((rows, weights.shape[-1]), jnp.float32)
+    sums, _ = jax.lax.scan(one_chunk, init, (to_chunks(hidden), to_chunks(targets), to_chunks(weights)))
+    counts = jnp.sum(weights, axis=1)  # [N, S]
+    return (sums[:, 0], counts[:, 0]) if segment_ids is None else (sums, counts)
 
 
 # ---------------------------------------------------------------------------------------------------

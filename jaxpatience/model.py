@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxpatience import sharding
 from jaxpatience.config import ModelConfig
@@ -51,6 +52,19 @@ def positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def segment_positions(segment_ids: Array) -> Array:
+    """[B, T] segment ids of packed rows -> [B, T] positions: 0 at each segment's first token, then counting."""
+    length = segment_ids.shape[-1]
+    index = jnp.arange(length)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [B, T] the slot where each token's segment starts
+    return index - first
+
+
+BASE_OUTPUT = "base_projection"  # the name every Linear gives its base matmul's output (jax.checkpoint policies)
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
 class Linear(nnx.Module):
     """y = x @ weight.T (+ bias), with `weight` stored as HF stores it: [out, in].
 
@@ -69,6 +83,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        y = checkpoint_name(y, BASE_OUTPUT)  # what train.py's remat="lora" keeps (not the adapters' outputs)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -113,6 +128,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(n * h, d, axes=("embed", "heads"), use_bias=False, config=config, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.rope_theta = config.rope_theta
+        self.implementation = "einsum"  # see `attend`; train.py sets its own (set_attention)
 
     def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, cache_index):
         """x [B, T, D]; positions [B, T]; mask [B, T, S] bool; kv: this layer's ([B, S, K, H], [B, S, K, H])."""
@@ -125,13 +141,39 @@ class Attention(nnx.Module):
             key, value = _write_cache(kv[0], key, cache_index), _write_cache(kv[1], value, cache_index)  # [B, S, K, H]
             kv = (key, value)
             key, value = key[:, : mask.shape[-1]], value[:, : mask.shape[-1]]  # attend over the mask's slots only
-        q = q.reshape(batch, length, k, n // k, h)  # [B, T, K, G, H]: each kv head serves G query heads
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, key.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores * (h**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, value.astype(q.dtype)).reshape(batch, length, n * h)
+        out = attend(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation)  # [B, T, N, H]
+        out = out.reshape(batch, length, n * h)
         return self.o_proj(out), kv
+
+
+def attend(q: Array, key: Array, value: Array, mask: Array, implementation: str = "einsum") -> Array:
+    """Softmax attention with GQA: q [B, T, N, H], key/value [B, S, K, H], mask [B, T, S] bool -> [B, T, N, H].
+
+    "einsum": written out here, scores in float32 (the reference, and what decoding uses). "xla" / "cudnn":
+    `jax.nn.dot_product_attention` (cuDNN's fused flash attention on NVIDIA GPUs, bf16/fp16 only; XLA's fused
+    attention elsewhere). A query row whose mask is all False (padding) gets an undefined output; its logits are
+    never read.
+    """
+    batch, length, n, h = q.shape
+    k = key.shape[2]
+    if implementation != "einsum":
+        is_causal = implementation == "cudnn"  # cuDNN skips the masked-out upper triangle; the mask still applies
+        return jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], is_causal=is_causal,
+                                            implementation=implementation)  # fmt: skip
+    q = q.reshape(batch, length, k, n // k, h)  # [B, T, K, G, H]: each kv head serves G query heads
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32) * (h**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
+    return jnp.einsum("bkgts,bskh->btkgh", probs, value).reshape(batch, length, n, h)
+
+
+def set_attention(model: nnx.Module, implementation: str) -> None:
+    """Choose every layer's attention implementation (see `attend`); changes the module in place."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, not {implementation!r}.")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Attention):
+            module.implementation = implementation
 
 
 def _write_cache(buffer: Array, new: Array, cache_index) -> Array:
@@ -209,12 +251,15 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
                       kv_cache: KVCache | None = None, cache_index: int | Array = 0,
-                      positions: Array | None = None, attend_len: int | None = None):  # fmt: skip
+                      positions: Array | None = None, attend_len: int | None = None,
+                      segment_ids: Array | None = None):  # fmt: skip
         """Final normed hidden states [B, T, D] and the updated cache (None without one).
 
         cache_index: the cache slot of the first input token, the same for every row or one per row [B].
         positions: RoPE positions [B, T]; None counts the real tokens of `attention_mask` before each slot.
         attend_len: attend over the first `attend_len` cache slots only (static; every query must sit below it).
+        segment_ids: packed rows (no cache): [B, T] ints, 0 at padding, one value per sequence. A token attends
+            only to earlier tokens of its own segment, and positions (when not given) restart at each segment.
 
         Losses call this and project chunks with `logits()` so a [B, T, V] float32 tensor never exists.
         """
@@ -226,6 +271,12 @@ class Qwen2ForCausalLM(nnx.Module):
             raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(batch, key_len)}.")
         # Query t sits at slot cache_index + t; it sees real keys at slots <= its own. cache_index is a scalar, or
         # one slot per row [B] (the slot engine).
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
+            attention_mask = attention_mask * (segment_ids > 0)
+            if positions is None:
+                positions = segment_positions(segment_ids)
         cache_index = jnp.asarray(cache_index)
         query_slots = cache_index[..., None] + jnp.arange(length)  # [T] or [B, T]
         if positions is None and cache_index.ndim == 0:
@@ -236,6 +287,8 @@ class Qwen2ForCausalLM(nnx.Module):
         key_len = key_len if attend_len is None else attend_len
         causal = jnp.arange(key_len) <= query_slots[..., None]  # [T, W] or [B, T, W]
         mask = causal & (attention_mask[:, None, :key_len] > 0)  # [B, T, W]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, T]: within a segment only
 
         x = sharding.constrain(self.model.embed_tokens(input_ids), ("batch", "length", "embed"))
         for i, layer in enumerate(self.model.layers):

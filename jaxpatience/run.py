@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,16 +47,55 @@ def precompute_reference(trainer: Trainer, loader: PairLoader) -> np.ndarray:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from jaxpatience.train import BATCH_KEYS, make_logps_fn
+    from jaxpatience.train import device_batch, make_logps_fn
 
     logps_fn = make_logps_fn(trainer, adapters=False)
     table = np.zeros((len(loader.pairs), 2), np.float32)
-    for indices, batch in loader.reference_batches():
-        values = logps_fn({k: batch[k] for k in BATCH_KEYS})  # [batch_size, 2], split over the devices
+    for pair_index, batch in loader.reference_batches():
+        values = logps_fn(device_batch(batch))  # [batch_size, 2] (packed: [R, K, 2]), split over the devices
         if not values.is_fully_addressable:
             values = multihost_utils.process_allgather(values, tiled=True)
-        table[indices] = np.asarray(values)[: len(indices)]  # the first len(indices) rows; the rest are repeats
+        real = pair_index >= 0  # the global batch's outputs that belong to a pair (once each)
+        table[pair_index[real]] = np.asarray(values)[real]
     return table
+
+
+def cached_reference(config: RunConfig, trainer: Trainer, loader: PairLoader, is_main: bool) -> np.ndarray:
+    """`precompute_reference`, or the table a run with the same pairs, weights and dtypes stored before
+    (reference_cache.py). Every process must find it, or all of them compute it (the pass is collective)."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from jaxpatience import reference_cache
+
+    data = config.data
+    directory = Path(data.reference_cache) if data.reference_cache else reference_cache.default_directory(data.path)
+    settings = {"param_dtype": config.param_dtype, "compute_dtype": config.compute_dtype or config.param_dtype}
+    key, parts = reference_cache.cache_key(config.model, loader.pairs, settings)
+    table = reference_cache.load(directory, key, len(loader.pairs))
+    found = np.asarray(table is not None)
+    if jax.process_count() > 1:
+        found = np.all(multihost_utils.process_allgather(found))
+    if found:
+        if is_main:
+            print(f"reference log-probs: reusing {directory / key}.npy")
+        return table
+    table = precompute_reference(trainer, loader)
+    if is_main:
+        try:
+            print(f"reference log-probs: computed, saved to {reference_cache.save(directory, key, table, parts)}")
+        except OSError as err:  # a read-only data directory: train anyway
+            print(f"reference log-probs: computed; cannot save them to {directory} ({err.strerror})")
+    return table
+
+
+def reference_rows(reference: np.ndarray, pair_index: np.ndarray) -> np.ndarray:
+    """The reference log-probs of a batch's pairs: [B, 2] (packed: [R, K, 2], 0 in empty slots)."""
+    import numpy as np
+
+    real = pair_index >= 0
+    return np.where(real[..., None], reference[np.where(real, pair_index, 0)], 0.0).astype(np.float32)
 
 
 # What may change between a run and its resumption: where it runs and how often it logs and saves.
@@ -69,6 +109,7 @@ def _check_same_run(saved: dict, current: dict, out: Path) -> None:
         for key in RESUMABLE_CHANGES:
             config.pop(key, None)
         config.get("train", {}).pop("mesh", None)
+        config.get("data", {}).pop("reference_cache", None)  # where a table is kept, not what it holds
     if saved != current:
         diff = changed_keys(saved, current)
         raise ConfigError(
@@ -89,6 +130,7 @@ class _Run:
     trainer: Trainer  # its config holds the resolved max_steps (from `epochs` if set)
     reference: np.ndarray | None  # [N, 2] reference log-probs of every pair; None: computed inside the step
     checkpoints: Checkpointer
+    shapes: set = dataclasses.field(default_factory=set)  # the batch shapes the loop has stepped on (compilations)
 
     @property
     def max_steps(self) -> int:
@@ -117,19 +159,23 @@ def _set_up(config: RunConfig) -> _Run:
     mesh = make_mesh(config.train.mesh)
     model, tokenizer = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh)
     data = config.data
+    # Packed rows split evenly over the hosts, and each micro-batch's over the data-parallel devices.
+    row_multiple = math.lcm(config.train.micro_batches * sharding.batch_shards(mesh), jax.process_count())
     loader = PairLoader.from_source(
         data.path, tokenizer, batch_size=config.train.batch_size, max_length=data.max_length,
         max_prompt_length=data.max_prompt_length, buckets=data.buckets, seed=data.seed, shuffle=data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), chat_template=data.chat_template,
+        packing=data.packing, pack_length=data.pack_length, row_multiple=row_multiple,
     )  # fmt: skip
     max_steps = config.train.max_steps if config.epochs is None else config.epochs * loader.steps_per_epoch
     train_config = dataclasses.replace(config.train, max_steps=max_steps)
     trainer = create_trainer(model, train_config, mesh)
     needs_reference = config.precompute_reference or (train_config.lora is None and train_config.loss.dpo_weight > 0)
-    reference = precompute_reference(trainer, loader) if needs_reference else None
+    is_main = jax.process_index() == 0
+    reference = cached_reference(config, trainer, loader, is_main) if needs_reference else None
     out = Path(config.out_dir)
     checkpoints = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
-    return _Run(config=config, out=out, is_main=jax.process_index() == 0, tokenizer=tokenizer, loader=loader,
+    return _Run(config=config, out=out, is_main=is_main, tokenizer=tokenizer, loader=loader,
                 trainer=trainer, reference=reference, checkpoints=checkpoints)  # fmt: skip
 
 
@@ -163,26 +209,30 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
 
     from jaxpatience.metrics import MetricsWriter
     from jaxpatience.preemption import Preempted, Watch
-    from jaxpatience.train import BATCH_KEYS
+    from jaxpatience.train import device_batch
 
     config, trainer, processes = run.config, run.trainer, jax.process_count()
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
     bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and run.is_main), desc="train", unit="step")
-    batches, tokens_seen, t_start, last, watch = iter(run.loader), 0, time.perf_counter(), {}, None
+    batches, t_start, last, watch = iter(run.loader), time.perf_counter(), {}, None
+    tokens_seen, slots_seen = 0, 0  # real tokens and all token slots (padding included) since `start`
     try:  # the metrics file is locked while written: release it however the loop ends
         watch = Watch(start)
         if watch.pending:  # SIGTERM came while the run was set up: the checkpoint of `start` (if any) stands
             raise Preempted(start, run.max_steps, saved=False)
         for step in range(start, end):
             host = next(batches)  # this process's rows of the global batch
-            batch = {k: host[k] for k in BATCH_KEYS}
+            batch = device_batch(host)
             if run.reference is not None:
-                batch["ref_logps"] = run.reference[host["pair_index"]]  # [B / P, 2]
+                batch["ref_logps"] = reference_rows(run.reference, host["pair_index"])  # [B / P, 2] or [R / P, K, 2]
             metrics = trainer.step(batch)
-            tokens_seen += int(np.sum(host["attention_mask"])) * processes
+            run.shapes.add(tuple(host["input_ids"].shape))
+            tokens_seen += int(np.sum(host["attention_mask"])) * processes  # hosts' batches have equal shapes
+            slots_seen += host["attention_mask"].size * processes
             if (step + 1) % config.log_every == 0 or step + 1 == run.max_steps:
                 last = {k: float(v) for k, v in metrics.items()}  # device -> host: one sync per logged step
-                last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t_start)
+                last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t_start)  # real tokens only
+                last["padding_share"] = 1.0 - tokens_seen / slots_seen
                 writer.write(step + 1, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")  # fmt: skip
@@ -236,7 +286,8 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
             run.save(end)
         step_fn = run.trainer.step_fn
         compilations = step_fn._cache_size() if hasattr(step_fn, "_cache_size") else None
-        summary = {"steps": end, "resumed_from": start, "final": last, "exports": {}, "compilations": compilations}
+        summary = {"steps": end, "resumed_from": start, "final": last, "exports": {}, "compilations": compilations,
+                   "batch_shapes": sorted(run.shapes)}  # fmt: skip
         if end < run.max_steps:  # stopped early: resume later
             return summary
         summary |= {"exports": _export(run), "truncation": dataclasses.asdict(run.loader.stats),

@@ -35,10 +35,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpatience import lora, losses, sharding
 from jaxpatience.config import ConfigError, MeshConfig, OptimizerConfig, TrainConfig
+from jaxpatience.data import packing
+from jaxpatience.model import BASE_OUTPUT, set_attention
 
 Array = jax.Array
 Batch = dict[str, Any]
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+PACKED_KEYS = packing.PACKED_KEYS  # packed rows: BATCH_KEYS + segment_ids, positions, pair_slots (data/packing.py)
 
 
 @struct.dataclass
@@ -142,22 +145,29 @@ def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
 
     `batch` maps names to anything with a `.shape` (arrays, or `jax.ShapeDtypeStruct`s of the global arrays).
     """
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    packed = "segment_ids" in batch
+    keys = PACKED_KEYS if packed else BATCH_KEYS
+    missing = [k for k in keys if k not in batch]
     if missing:
-        raise ValueError(f"the batch lacks {missing[0]!r}; it needs {', '.join(BATCH_KEYS)} (optionally ref_logps).")
+        raise ValueError(f"the batch lacks {missing[0]!r}; it needs {', '.join(keys)} (optionally ref_logps).")
     shape = tuple(batch["input_ids"].shape)
-    if len(shape) != 3 or shape[1] != 2:
+    if packed and len(shape) != 2:
+        raise ValueError(f"input_ids of a packed batch has shape {shape}; expected [R, L] (rows, tokens).")
+    if not packed and (len(shape) != 3 or shape[1] != 2):
         raise ValueError(f"input_ids has shape {shape}; expected [B, 2, T] (chosen, rejected).")
-    for key in BATCH_KEYS[1:]:
+    for key in keys[1:5]:
         if tuple(batch[key].shape) != shape:
             raise ValueError(f"{key} has shape {tuple(batch[key].shape)}; expected {shape} like input_ids.")
-    if "ref_logps" in batch and tuple(batch["ref_logps"].shape) != shape[:2]:
-        raise ValueError(f"ref_logps has shape {tuple(batch['ref_logps'].shape)}; expected {shape[:2]}.")
+    pairs_shape = (shape[0], batch["pair_slots"].shape[1], 2) if packed else shape[:2]  # [R, K, 2] or [B, 2]
+    if packed and tuple(batch["pair_slots"].shape[:1]) != shape[:1]:
+        raise ValueError(f"pair_slots has shape {tuple(batch['pair_slots'].shape)}; expected [{shape[0]}, K].")
+    if "ref_logps" in batch and tuple(batch["ref_logps"].shape) != pairs_shape:
+        raise ValueError(f"ref_logps has shape {tuple(batch['ref_logps'].shape)}; expected {pairs_shape}.")
     per_micro, shards = shape[0] // config.micro_batches, sharding.batch_shards(mesh)
     if shape[0] % config.micro_batches or per_micro % shards:
         raise ValueError(
-            f"a batch of {shape[0]} pairs cannot be cut into {config.micro_batches} micro-batches that split "
-            f"evenly over {shards} data-parallel devices."
+            f"a batch of {shape[0]} {'rows' if packed else 'pairs'} cannot be cut into {config.micro_batches} "
+            f"micro-batches that split evenly over {shards} data-parallel devices."
         )
 
 
@@ -178,7 +188,8 @@ def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
     validate_batch(shapes | placed, config, mesh)
     if processes > 1 and local:
         global_rows = (shapes | placed)["input_ids"].shape[0]
-        if global_rows != config.batch_size:  # e.g. every process passing the whole batch (train.py before 0.2)
+        # e.g. every process passing the whole batch (train.py before 0.2); packed rows are not pairs
+        if global_rows != config.batch_size and "segment_ids" not in batch:
             raise ValueError(
                 f"{processes} processes' rows make a batch of {global_rows} pairs, not batch_size={config.batch_size}: "
                 "each process passes only its own rows (PairLoader.make_batch gives them)."
@@ -223,7 +234,19 @@ class _RematLayer(nnx.Module):
         return jax.checkpoint(run, policy=self.policy)(state, x), kv
 
 
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = {
+    "full": None,  # save each layer's input only
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every matmul output, adapters' included
+    "lora": jax.checkpoint_policies.save_only_these_names(BASE_OUTPUT),  # the base projections' outputs only
+}
+
+
+def resolve_attention(choice: str, compute_dtype: str) -> str:
+    """ "auto" -> cuDNN flash attention on an NVIDIA GPU in bf16/fp16, else XLA's; other choices as they are."""
+    if choice != "auto":
+        return choice
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def apply_remat(model: nnx.Module, remat: str) -> None:
@@ -236,13 +259,37 @@ def apply_remat(model: nnx.Module, remat: str) -> None:
 
 
 def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int) -> tuple[Array, Array]:
-    """Summed response log-probs [B, R] and counted tokens [B, R] of the R = 2 (chosen, rejected) rows of each
-    pair in one forward; R = 1 when only the chosen rows are given (SFT)."""
+    """Summed response log-probs [P, R] and counted tokens [P, R] of each pair's R = 2 (chosen, rejected)
+    sequences in one forward; R = 1 when only the chosen rows are given (SFT). P = B for a padded batch; a packed
+    one ([R, L] rows of K pair slots each, data/packing.py) gives P = R·K, slot by slot, empty slots counting 0.
+    """
+    if "segment_ids" in batch:
+        rows, slots = batch["pair_slots"].shape
+        ids, attention, response, segments = (batch[k] for k in (*BATCH_KEYS, "segment_ids"))
+        hidden, _ = model.hidden_states(ids, attention, positions=batch["positions"], segment_ids=segments)
+        sums, counts = losses.sequence_logps(hidden, model.logits, ids, response, attention, chunk_size,
+                                             segment_ids=segments, num_segments=2 * slots)  # fmt: skip
+        return sums.reshape(rows * slots, 2), counts.reshape(rows * slots, 2)  # segment 2k+1+s = slot k, side s
     pairs, rows, length = batch["input_ids"].shape
     ids, attention, response = (batch[k].reshape(pairs * rows, length) for k in BATCH_KEYS)  # [B*R, T]
     hidden, _ = model.hidden_states(ids, attention)  # [B*R, T, D]
     sums, counts = losses.sequence_logps(hidden, model.logits, ids, response, attention, chunk_size)
     return sums.reshape(pairs, rows), counts.reshape(pairs, rows)
+
+
+def token_counts(batch: Batch) -> Array:
+    """Counted response tokens [P, 2] per pair (chosen, rejected), as `pair_logps` orders the pairs."""
+    _, weights = losses.shift_targets(batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
+    if "segment_ids" not in batch:
+        return jnp.sum(weights, axis=-1)  # [B, 2]
+    slots = batch["pair_slots"].shape[1]
+    counts = jnp.sum(losses.segment_weights(weights, batch["segment_ids"], 2 * slots), axis=1)  # [R, 2K]
+    return counts.reshape(-1, 2)
+
+
+def device_batch(host: Batch) -> Batch:
+    """The arrays of a loader batch that the step takes (the loader's pair_index stays on the host)."""
+    return {k: host[k] for k in (PACKED_KEYS if "segment_ids" in host else BATCH_KEYS) + ("ref_logps",) if k in host}
 
 
 def _micro_batches(batch: Batch, count: int) -> Batch:
@@ -272,6 +319,7 @@ def create_trainer(model: nnx.Module, config: TrainConfig, mesh: Mesh | None = N
     gives the trained one.
     """
     mesh = make_mesh(config.mesh) if mesh is None else mesh
+    config = dataclasses.replace(config, attention=resolve_attention(config.attention, model.config.compute_dtype))
     if config.lora is not None and not lora.has_adapters(model):
         lora.apply_lora(model, config.lora, seed=config.seed)
     graphdef, params, frozen = split_model(model)
@@ -301,18 +349,23 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def micro_loss(params: nnx.State, frozen: nnx.State, batch: Batch, norm: losses.Denominators, key: Array):
         model = nnx.merge(graphdef, params, frozen)
+        set_attention(model, config.attention)
         apply_remat(model, config.remat)
         with_adapters = lora.has_adapters(model)
         ref_logps = batch.get("ref_logps")
+        ref_logps = None if ref_logps is None else ref_logps.reshape(-1, 2)  # packed: [R, K, 2] -> [R·K, 2]
         if ref_logps is None and loss_config.dpo_weight:
             if not with_adapters:
                 raise ValueError("full-parameter DPO needs ref_logps in the batch (see train.make_logps_fn).")
             with lora.adapters_off(model):  # the reference: base weights, adapters off, no gradient
                 ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, config.logits_chunk_size))
         lora.set_dropout_key(model, key)
-        if ref_logps is None and not loss_config.dpo_weight:  # SFT: no term reads the rejected row; skip its forward
-            chosen = {k: batch[k][:, :1] for k in BATCH_KEYS}  # [B, 1, T]
-            chosen_logps, chosen_counts = pair_logps(model, chosen, config.logits_chunk_size)  # [B, 1] each
+        if ref_logps is None and not loss_config.dpo_weight:  # SFT: no term reads the rejected row
+            if "segment_ids" in batch:  # packed rows hold both sequences: compute both, read the chosen
+                chosen_logps, chosen_counts = (x[:, :1] for x in pair_logps(model, batch, config.logits_chunk_size))
+            else:  # skip the rejected row's forward
+                chosen = {k: batch[k][:, :1] for k in BATCH_KEYS}  # [B, 1, T]
+                chosen_logps, chosen_counts = pair_logps(model, chosen, config.logits_chunk_size)  # [B, 1] each
             loss, metrics = losses.preference_loss(
                 jnp.pad(chosen_logps, ((0, 0), (0, 1))),
                 jnp.pad(chosen_counts, ((0, 0), (0, 1))),
@@ -326,8 +379,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def step(state: TrainState, frozen: nnx.State, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         with sharding.activate(mesh):  # constraints inside the model take effect while tracing
-            _, weights = losses.shift_targets(batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
-            norm = losses.denominators(jnp.sum(weights, axis=-1))  # whole-batch normalisers
+            norm = losses.denominators(token_counts(batch))  # whole-batch normalisers
             keys = jax.random.split(jax.random.fold_in(base_key, state.step), micro)
             grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -350,7 +402,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batch], Array]:
-    """batch -> summed response log-probs [B, 2] float32 of the current model (adapters off by default).
+    """batch -> summed response log-probs [B, 2] ([R, K, 2] packed) float32 of the current model (adapters off by
+    default).
 
     Use it once before training to precompute `ref_logps` (required for full-parameter DPO).
     """
@@ -359,6 +412,7 @@ def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batc
 
     def one_micro_batch(params: nnx.State, frozen: nnx.State, batch: Batch) -> Array:
         model = nnx.merge(graphdef, params, frozen)
+        set_attention(model, trainer.config.attention)
         if adapters:
             return pair_logps(model, batch, chunk)[0]
         with lora.adapters_off(model):
@@ -367,8 +421,11 @@ def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batc
     def logps(params: nnx.State, frozen: nnx.State, batch: Batch) -> Array:
         with sharding.activate(mesh):  # micro-batches one after the other, as in the step: the same peak memory
             parts = jax.lax.map(lambda b: one_micro_batch(params, frozen, b), _micro_batches(batch, micro))
-            # parts[m, j] is row j * M + m of the batch (see _micro_batches): [M, B/M, 2] -> [B, 2]
-            return jnp.swapaxes(parts, 0, 1).reshape(-1, 2)
+            # parts[m, j] is row j * M + m of the batch (see _micro_batches): [M, B/M, 2] -> [B, 2]; packed,
+            # [M, R/M·K, 2] -> [R, K, 2] (the layout of the batch's pair_slots)
+            parts = parts.reshape(micro, batch["input_ids"].shape[0] // micro, -1, 2)  # [M, B/M or R/M, 1 or K, 2]
+            out = jnp.swapaxes(parts, 0, 1).reshape(-1, *parts.shape[2:])
+            return out if "segment_ids" in batch else out[:, 0]
 
     jitted = jax.jit(logps, out_shardings=batch_sharding(mesh))
     return lambda batch: jitted(trainer.state.params, trainer.frozen, place_batch(batch, mesh, trainer.config))

@@ -175,7 +175,9 @@ def test_reference_batches_cover_every_pair_once_in_fixed_shapes():
     records = _records(41)
     loader = _loader(records)
     seen, short = [], 0
-    for indices, batch in loader.reference_batches():
+    for pair_index, batch in loader.reference_batches():
+        indices = pair_index[pair_index >= 0]
+        assert np.all(pair_index[len(indices) :] == -1)  # the pairs first, then rows to ignore
         bucket = batch["input_ids"].shape[-1]
         assert batch["input_ids"].shape == (4, 2, bucket) and bucket in loader.buckets
         assert all(bucket == min(b for b in loader.buckets if b >= loader.pairs[i].length) for i in indices)
