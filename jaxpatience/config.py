@@ -268,6 +268,7 @@ class TrainConfig:
     max_steps: int = 100  # length of the learning-rate schedule
     remat: str = "none"  # none, full (recompute each layer), dots (save matmul outputs), lora (base projections')
     attention: str = "auto"  # auto (cudnn on GPU in bf16, else xla), xla, cudnn, einsum (the reference)
+    scan_layers: bool = True  # one decoder layer scanned over stacked weights (model.LayerStack), not L unrolled
     logits_chunk_size: int = 256  # tokens per chunk when turning hidden states into log-probs
     seed: int = 0  # LoRA init and dropout
 
@@ -300,7 +301,7 @@ class DataConfig:
     shuffle: bool = True
     chat_template: bool = True  # apply the tokenizer's chat template to the prompt
     packing: bool = True  # pack several pairs per row (data/packing.py) instead of padding each sequence
-    pack_length: int | None = None  # tokens per packed row; default twice the largest bucket (any pair fits)
+    pack_length: int | None = None  # tokens per packed row; default: the longest pair's, rounded up to 128
     reference_cache: str | None = None  # directory of precomputed reference log-probs; default: beside the data
 
     def __post_init__(self):

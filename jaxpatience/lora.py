@@ -143,9 +143,15 @@ def adapters_off(model: nnx.Module) -> Iterator[nnx.Module]:
 
 
 def set_dropout_key(model: nnx.Module, key: Array | None) -> None:
-    """Give every adapter its own dropout key derived from `key` (None turns dropout off)."""
+    """Give every adapter its own dropout key derived from `key` (None turns dropout off); a stacked adapter
+    (model.LayerStack: a leading layer axis) gets one key per layer."""
     for index, (_, lora) in enumerate(adapters(model)):
-        lora.dropout_key = None if key is None else jax.random.fold_in(key, index)
+        if key is None:
+            lora.dropout_key = None
+            continue
+        own = jax.random.fold_in(key, index)
+        stacked = lora.lora_A[...].ndim == 3  # [L, R, in]
+        lora.dropout_key = jax.random.split(own, lora.lora_A[...].shape[0]) if stacked else own
 
 
 def has_adapters(model: nnx.Module) -> bool:

@@ -12,6 +12,13 @@ Attention masks: `attention_mask` [B, S] marks real tokens (1) and padding (0), 
 from the mask (the count of real tokens before a slot), so a left-padded prompt gets positions 0, 1, ... from
 its first real token, exactly as HF's `generate` computes them.
 
+Packed rows (training, data/packing.py): `segment_ids` [B, T] give each sequence of a row its own number (0 =
+padding); a token attends only to earlier tokens of its own segment and positions restart at every segment.
+Attention is written out (`attend(..., "einsum")`, scores in float32: the reference, and what decoding uses) or
+goes through `jax.nn.dot_product_attention` ("xla", "cudnn"); `set_attention` picks it for a whole model.
+Training stacks the decoder layers into a `LayerStack` (one layer scanned over weights with a leading [L] axis);
+everything else sees the per-layer list with HF names (`stack_layers` / `unstack_layers`).
+
 KV cache (used by decode.py): a `KVCache` of keys and values, each a tuple of L per-layer [B, S, K, H] buffers
 (separate buffers let XLA update each in place; one stacked array was copied several times per step). A call with
 `kv_cache=` writes the new keys/values at slots [cache_index, cache_index + T) and attends over all S slots;
@@ -213,6 +220,64 @@ class DecoderLayer(nnx.Module):
         return sharding.constrain(x, ("batch", "length", "embed")), kv
 
 
+class LayerStack(nnx.Module):
+    """L decoder layers of one structure as a single layer whose every weight has a leading [L] axis.
+
+    `hidden_states` runs it with `lax.scan`: one layer's program, compiled once whatever L is (28 layers of a 7B
+    or 80 of a 72B), and under FSDP each iteration gathers only its own layer's weights. Training uses it
+    (train.py); loading, saving, LoRA merging and decoding use the per-layer list with HF names, so
+    `stack_layers` / `unstack_layers` convert between the two. Weights' logical axes gain "layers" in front.
+    `remat` is the jax.checkpoint policy of the scanned body (train.apply_remat sets it; False = no remat).
+    """
+
+    def __init__(self, layers: list[DecoderLayer]):
+        graphdef, first = nnx.split(layers[0])
+        for i, layer in enumerate(layers[1:], 1):
+            if nnx.split(layer)[0] != graphdef:
+                raise ValueError(f"layer {i} differs in structure from layer 0 (LoRA on some layers only?).")
+        states = [nnx.state(layer) for layer in layers]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        for _, variable in nnx.to_flat_state(stacked):  # the new leading axis has a logical name too
+            if variable.get_metadata().get("axes") is not None:
+                variable.set_metadata("axes", ("layers", *variable.get_metadata()["axes"]))
+        self.layer = nnx.merge(graphdef, stacked)
+        self.count = len(layers)
+        self.remat = False  # False, or a jax.checkpoint policy (None = save nothing but the layer's input)
+
+    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+        graphdef, state = nnx.split(self.layer)
+
+        def body(x: Array, layer_state) -> tuple[Array, None]:
+            return nnx.merge(graphdef, layer_state)(x, positions, mask, None, 0)[0], None
+
+        if self.remat is not False:
+            body = jax.checkpoint(body, policy=self.remat)
+        return jax.lax.scan(body, x, state)[0]
+
+    def unstack(self) -> list[DecoderLayer]:
+        graphdef, state = nnx.split(self.layer)
+        layers = []
+        for i in range(self.count):
+            layer_state = jax.tree.map(lambda x, i=i: x[i], state)
+            for _, variable in nnx.to_flat_state(layer_state):
+                if variable.get_metadata().get("axes") is not None:
+                    variable.set_metadata("axes", variable.get_metadata()["axes"][1:])
+            layers.append(nnx.merge(graphdef, layer_state))
+        return layers
+
+
+def stack_layers(model: Qwen2ForCausalLM) -> None:
+    """Replace the model's per-layer list with a LayerStack (in place; copies the layers' weights once)."""
+    if not isinstance(model.model.layers, LayerStack):
+        model.model.layers = LayerStack(list(model.model.layers))
+
+
+def unstack_layers(model: Qwen2ForCausalLM) -> None:
+    """Back to the per-layer list with HF names (in place; slices the stacked weights into L copies)."""
+    if isinstance(model.model.layers, LayerStack):
+        model.model.layers = nnx.List(model.model.layers.unstack())
+
+
 class Embedding(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(stddev=0.02)
@@ -291,6 +356,10 @@ class Qwen2ForCausalLM(nnx.Module):
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, T]: within a segment only
 
         x = sharding.constrain(self.model.embed_tokens(input_ids), ("batch", "length", "embed"))
+        if isinstance(self.model.layers, LayerStack):  # training: one layer's program, scanned over the stack
+            if kv_cache is not None:
+                raise ValueError("stacked layers take no KV cache; call unstack_layers(model) before decoding.")
+            return self.model.norm(self.model.layers(x, positions, mask)), None
         for i, layer in enumerate(self.model.layers):
             kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
             x, kv = layer(x, positions, mask, kv, cache_index)

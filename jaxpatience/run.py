@@ -9,6 +9,9 @@ config -> (multi-host start) -> mesh -> model -> PairLoader -> Trainer (train.py
 * Multi-host: every process runs this same program. Each reads only its rows of every global batch, and
   `train.place_batch` (the one way a batch reaches the devices) makes them one global array. Checkpoints are
   written collectively.
+* Reference log-probs, when precomputed (`precompute_reference`, or full-parameter DPO), are stored under a
+  content hash of the tokenised pairs, the weight files and the dtypes (reference_cache.py; beside the data by
+  default, `data.reference_cache=DIR` elsewhere) and read back by any later run with the same hash.
 * Metrics: OUT/metrics.jsonl (+ TensorBoard when tensorboardX is installed), a progress bar, and at the end
   OUT/training.png (loss and chosen/rejected log-probs over steps).
 * Export at the end: OUT/adapter (PEFT format) with LoRA, OUT/merged (HF checkpoint) when `export_merged`.

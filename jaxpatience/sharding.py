@@ -40,6 +40,7 @@ RULES: Rules = (
     ("length", None),
     ("norm", None),
     ("lora_rank", None),
+    ("layers", None),  # the leading axis of stacked layer weights (model.LayerStack)
 )
 
 

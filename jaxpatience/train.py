@@ -10,12 +10,20 @@ Reference log-probs, in order of preference: `ref_logps` [B, 2] carried in the b
 `make_logps_fn`); else, with LoRA, the same base weights with adapters off (lora.adapters_off) inside the same
 step under stop_gradient, no second copy of the weights; a DPO loss in full-parameter mode must carry them.
 
+Training scans one decoder layer over stacked weights (model.LayerStack, `scan_layers`, the default): compile
+time does not grow with the layer count and FSDP gathers one layer's weights at a time. `remat` rematerialises
+the scanned body: "full" saves each layer's input, "dots" every matmul output, "lora" only the base
+projections' outputs (named model.BASE_OUTPUT) and recomputes the rest, the adapters' outputs included.
+
 Batches are dicts of [B, 2, T] int arrays (index 1: 0 = chosen, 1 = rejected): `input_ids`, `attention_mask`
 (1 = real token) and `loss_mask` (1 = response token), plus optionally `ref_logps` [B, 2] float32 (summed
 log-probs of the response tokens under the reference). The batch is split into M micro-batches whose
 gradients are summed by `lax.scan`; every loss term is normalised by whole-batch denominators
 (losses.Denominators), so M micro-batches give the same update as one big batch. `place_batch` is the one way
 a batch reaches the devices, on one process or many (each passes its rows; they become one global array).
+A packed batch (data/packing.py) holds the same pairs in [R, L] rows with `segment_ids`, `positions` and
+`pair_slots` [R, K]; `pair_logps` maps it to per-pair values, so every loss, metric and denominator is the
+padded batch's, and micro-batches split rows (a pair never straddles two rows).
 
 Shape letters: B pairs, M micro-batches, T tokens, D model dim, V vocab.
 """
@@ -36,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxpatience import lora, losses, sharding
 from jaxpatience.config import ConfigError, MeshConfig, OptimizerConfig, TrainConfig
 from jaxpatience.data import packing
-from jaxpatience.model import BASE_OUTPUT, set_attention
+from jaxpatience.model import BASE_OUTPUT, LayerStack, set_attention, stack_layers, unstack_layers
 
 Array = jax.Array
 Batch = dict[str, Any]
@@ -80,7 +88,9 @@ class Trainer:
         next `step` donates the trained arrays: call `model()` again after stepping.
         """
         fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # new Variable objects around the same arrays
-        return nnx.merge(self.graphdef, fresh(self.state.params), fresh(self.frozen))
+        model = nnx.merge(self.graphdef, fresh(self.state.params), fresh(self.frozen))
+        unstack_layers(model)  # per-layer weights with HF names (a copy when the trainer scans stacked layers)
+        return model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,10 +260,14 @@ def resolve_attention(choice: str, compute_dtype: str) -> str:
 
 
 def apply_remat(model: nnx.Module, remat: str) -> None:
-    """Wrap each decoder layer of a model *merged inside a trace* (never call this on a long-lived model)."""
+    """Wrap each decoder layer of a model *merged inside a trace* (never call this on a long-lived model); a
+    LayerStack rematerialises its scanned body instead."""
     if remat == "none":
         return
     layers = model.model.layers
+    if isinstance(layers, LayerStack):
+        layers.remat = REMAT_POLICIES[remat]
+        return
     for i in range(len(layers)):
         layers[i] = _RematLayer(layers[i], REMAT_POLICIES[remat])
 
@@ -312,6 +326,28 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, trained_type, ...)
 
 
+def prepare_model(model: nnx.Module, config: TrainConfig) -> TrainConfig:
+    """Attach LoRA (if configured) and stack the layers (if scanned), in place; returns the config with its
+    attention implementation resolved. Works on real and on abstract (`nnx.eval_shape`) models."""
+    config = dataclasses.replace(config, attention=resolve_attention(config.attention, model.config.compute_dtype))
+    if config.lora is not None and not lora.has_adapters(model):
+        lora.apply_lora(model, config.lora, seed=config.seed)
+    if config.scan_layers:
+        stack_layers(model)  # one scanned layer: compile time and FSDP's gathered weights independent of L
+    return config
+
+
+def _master(params: nnx.State) -> nnx.State:
+    """Trained weights are float32 master copies: AdamW steps on bf16 weights mostly round away (a 5e-6 update of
+    a weight near 0.02 is below bf16's resolution). Linear casts to the compute dtype when it uses them."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _state_shardings(mesh: Mesh, params: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
+    opt_sh = tree_shardings(mesh, jax.eval_shape(optimizer.init, params))
+    return TrainState(step=NamedSharding(mesh, PartitionSpec()), params=tree_shardings(mesh, params), opt_state=opt_sh)
+
+
 def create_trainer(model: nnx.Module, config: TrainConfig, mesh: Mesh | None = None) -> Trainer:
     """Attach LoRA (if configured), split the model once, place everything on the mesh, build the step.
 
@@ -319,25 +355,42 @@ def create_trainer(model: nnx.Module, config: TrainConfig, mesh: Mesh | None = N
     gives the trained one.
     """
     mesh = make_mesh(config.mesh) if mesh is None else mesh
-    config = dataclasses.replace(config, attention=resolve_attention(config.attention, model.config.compute_dtype))
-    if config.lora is not None and not lora.has_adapters(model):
-        lora.apply_lora(model, config.lora, seed=config.seed)
+    config = prepare_model(model, config)
     graphdef, params, frozen = split_model(model)
-    # Trained weights are float32 master copies: AdamW steps on bf16 weights mostly round away (a 5e-6 update of
-    # a weight near 0.02 is below bf16's resolution). Linear casts to the compute dtype when it uses them.
-    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    params = _master(params)
     optimizer = make_optimizer(config.optimizer, config.max_steps)
-    params_sh, frozen_sh = tree_shardings(mesh, params), tree_shardings(mesh, frozen)
-    params, frozen = jax.device_put(params, params_sh), jax.device_put(frozen, frozen_sh)
-    opt_sh = tree_shardings(mesh, jax.eval_shape(optimizer.init, params))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_sh = TrainState(step=replicated, params=params_sh, opt_state=opt_sh)
+    state_sh, frozen_sh = _state_shardings(mesh, params, optimizer), tree_shardings(mesh, frozen)
+    params, frozen = jax.device_put(params, state_sh.params), jax.device_put(frozen, frozen_sh)
     state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), out_shardings=state_sh)(
         params
     )
     step_fn = make_train_step(graphdef, optimizer, config, mesh, state_sh, frozen_sh)
     schedule = make_schedule(config.optimizer, config.max_steps)
     return Trainer(graphdef, state, frozen, step_fn, mesh, config, schedule, state_sh, frozen_sh)
+
+
+def lower_abstract_step(model_config, config: TrainConfig, mesh: Mesh, batch: Batch) -> jax.stages.Lowered:
+    """The train step lowered from shapes alone: no weight is ever materialised (a 72B plans on a laptop).
+
+    `batch` maps names to arrays or `jax.ShapeDtypeStruct`s of the global batch. `.compile()` the result for
+    compile time, `memory_analysis()` and `cost_analysis()` (the sharding lab; bench_train.py --aot).
+    """
+    from jaxpatience.model import Qwen2ForCausalLM
+
+    def build() -> nnx.Module:
+        model = Qwen2ForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
+        prepare_model(model, config)
+        return model
+
+    config = dataclasses.replace(config, attention=resolve_attention(config.attention, model_config.compute_dtype))
+    graphdef, params, frozen = split_model(nnx.eval_shape(build))
+    params = jax.eval_shape(_master, params)
+    optimizer = make_optimizer(config.optimizer, config.max_steps)
+    state_sh, frozen_sh = _state_shardings(mesh, params, optimizer), tree_shardings(mesh, frozen)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(optimizer.init, params))
+    step_fn = make_train_step(graphdef, optimizer, config, mesh, state_sh, frozen_sh)
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    return step_fn.lower(state, frozen, shapes)
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: TrainConfig,

@@ -1,18 +1,24 @@
-"""Benchmark the train step: prints, last, one JSON line with tokens_per_s, step_s, peak_mem_gb and mfu.
+"""Benchmark the train step: prints, last, one JSON line with tokens_per_s, padding_share, step_s, compile_s, mfu.
 
     python scripts/bench_train.py --model tiny --batch-size 2 --seq-len 128 --steps 3
     python scripts/bench_train.py --model qwen2-7b --batch-size 8 --seq-len 1024 --mesh fsdp=8 \
-        --dtype bfloat16 --remat full --peak-flops 989e12
+        --dtype bfloat16 --remat lora --peak-flops 989e12
+    python scripts/bench_train.py --model tiny --batch-size 8 --seq-len 1024 --lengths patience --packing
+    python scripts/bench_train.py --model qwen2-7b --batch-size 8 --seq-len 1024 --dtype bfloat16 --aot
 
 `--model` is a preset of jaxpatience.config.PRESETS (random weights) or an HF checkpoint directory.
-B counts pairs; T is the length of each of chosen and rejected, so a step processes 2·B·T tokens. The first
-step (compilation) is timed separately and not counted. `--lora-rank 0` trains every parameter (DPO then uses
-reference log-probs precomputed once, outside the timing).
+B counts pairs; T is the length of each of chosen and rejected, so a step processes 2·B·T token slots. With
+`--lengths patience` the pairs are ragged (the Patience data's lengths) and go through the PairLoader, padded
+into buckets or `--packing` packed rows; tokens_per_s then counts real tokens only and padding_share the rest.
+Each batch shape compiles once first (compile_s, untimed). `--lora-rank 0` trains every parameter (DPO then
+uses reference log-probs precomputed once, outside the timing). `--aot` only lowers and compiles the step from
+abstract shapes (train.lower_abstract_step): compile time, memory and FLOPs of any preset on any machine.
 
 MFU = model FLOPs per step / step time / (peak FLOP/s per device × devices). Model FLOPs per token count the
-matmuls (2 per weight: every linear layer and the LM head) plus attention scores and values (4·T·N·H per layer,
-the full square as computed): F forward; the step is F (policy) + F (input gradients) + F (weight gradients,
-full-parameter only) + F (in-step reference, LoRA DPO only). Recomputation under remat is not counted.
+matmuls (2 per weight: every linear layer and the LM head) plus attention scores and values counted causally
+(4·(T/2)·N·H per layer: a query sees T/2 keys on average; before 0.3 this counted the full square): F forward;
+the step is F (policy) + F (input gradients) + F (weight gradients, full-parameter only) + F (in-step
+reference, LoRA DPO only) — 6N per token for LoRA DPO. Recomputation under remat is not counted.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from jaxpatience.config import (
     TrainConfig,
     preset,
 )
+from jaxpatience.data.pairs import EncodedPair, PairLoader, default_buckets
 from jaxpatience.model import Qwen2ForCausalLM
 
 LOSSES = {"dpo": LossConfig(), "irpo": LossConfig(nll_weight=1.0), "sft": LossConfig(dpo_weight=0.0, nll_weight=1.0)}
@@ -60,7 +67,7 @@ def model_flops_per_token(config, seq_len: int) -> float:
                      config.num_key_value_heads, config.resolved_head_dim)  # fmt: skip
     per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f  # q, o; k, v; gate, up, down
     matmul_weights = config.num_hidden_layers * per_layer + config.vocab_size * d  # + LM head
-    return 2.0 * matmul_weights + config.num_hidden_layers * 4.0 * seq_len * n * h
+    return 2.0 * matmul_weights + config.num_hidden_layers * 2.0 * seq_len * n * h  # causal: T/2 keys on average
 
 
 def peak_memory_gb() -> tuple[float, str]:
@@ -83,7 +90,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and matmuls")
     parser.add_argument("--loss", default="dpo", choices=sorted(LOSSES))
     parser.add_argument("--micro-batches", type=int, default=1)
-    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots", "lora"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
+    parser.add_argument("--unrolled", action="store_true", help="L unrolled layers instead of one scanned layer")
+    parser.add_argument("--lengths", default="full", choices=["full", "patience"],
+                        help="full: every sequence T tokens; patience: ragged pairs (prompt 60-250, chosen 150-700, "
+                        "rejected 50-300 tokens, cut to T) through the PairLoader")  # fmt: skip
+    parser.add_argument("--packing", action="store_true", help="with --lengths patience: packed rows")
+    parser.add_argument(
+        "--aot",
+        action="store_true",
+        help="only compile, from abstract shapes (nothing materialised): compile time, memory, FLOPs",
+    )
     return parser.parse_args(argv)
 
 
@@ -97,8 +115,12 @@ def setup(args: argparse.Namespace) -> tuple[TrainConfig, Mesh, Qwen2ForCausalLM
         batch_size=args.batch_size,
         micro_batches=args.micro_batches,
         remat=args.remat,
+        attention=args.attention,
+        scan_layers=not args.unrolled,
     )
     mesh = train.make_mesh(config.mesh)
+    if args.aot:
+        return config, mesh, None
     if Path(args.model).is_dir():
         from jaxpatience.weights import load_model
 
@@ -116,6 +138,60 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, np
         "attention_mask": np.ones(shape, np.int32),
         "loss_mask": np.broadcast_to(np.arange(seq_len) >= seq_len // 2, shape).astype(np.int32),
     }
+
+
+def patience_loader(args: argparse.Namespace, config: TrainConfig, mesh: Mesh, vocab_size: int) -> PairLoader:
+    """Random pairs with the Patience data's lengths (uniform in each range), padded into the default buckets
+    or packed; enough of them for the warm-up and the timed steps."""
+    rng = np.random.default_rng(0)
+    ids = lambda low, high: rng.integers(0, vocab_size, size=int(rng.integers(low, high + 1))).astype(np.int32)
+    pairs = []
+    for _ in range(args.batch_size * (args.steps + 8)):
+        prompt = ids(60, 250)[-args.seq_len // 2 :]
+        room = args.seq_len - len(prompt)
+        pairs.append(EncodedPair(prompt, ids(150, 700)[:room], ids(50, 300)[:room]))
+    row_multiple = args.micro_batches * sharding.batch_shards(mesh)
+    return PairLoader(pairs, args.batch_size, default_buckets(args.seq_len), pad_id=0, seed=0, packing=args.packing,
+                      row_multiple=row_multiple)  # fmt: skip
+
+
+def time_loader_steps(trainer, loader: PairLoader, steps: int) -> tuple[float, list[float], int, int]:
+    """(compile_s, step times, real tokens, token slots): every batch shape of the plan is compiled (one step
+    each, untimed) before `steps` timed steps over the plan's batches."""
+    plan = loader.plan(0)
+    batches = [loader.make_batch(bucket, indices) for bucket, indices in plan[:steps]]
+    start, seen = time.perf_counter(), set()
+    for batch in batches:
+        if batch["input_ids"].shape not in seen:
+            seen.add(batch["input_ids"].shape)
+            jax.block_until_ready(trainer.step(train.device_batch(batch)))
+    compile_s = time.perf_counter() - start
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        jax.block_until_ready(trainer.step(train.device_batch(batch)))
+        times.append(time.perf_counter() - start)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return compile_s, times, real, sum(b["attention_mask"].size for b in batches)
+
+
+def aot(args: argparse.Namespace, config: TrainConfig, mesh: Mesh) -> dict:
+    """Lower and compile the step from abstract shapes; what the compiled program says about itself."""
+    model_config = preset(args.model).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
+    batch = random_batch(args.batch_size, args.seq_len, model_config.vocab_size)
+    start = time.perf_counter()
+    lowered = train.lower_abstract_step(model_config, config, mesh, batch)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start - lower_s
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    gb = lambda name: round(getattr(memory, name, 0) / 2**30, 3) if memory is not None else None
+    return {"model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "mesh": dict(mesh.shape), "remat": args.remat, "scan_layers": config.scan_layers,
+            "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2), "argument_gb": gb("argument_size_in_bytes"),
+            "temp_gb": gb("temp_size_in_bytes"), "output_gb": gb("output_size_in_bytes"),
+            "xla_flops": (cost or {}).get("flops")}  # fmt: skip
 
 
 def time_steps(trainer, batch: dict[str, np.ndarray], steps: int) -> tuple[float, list[float]]:
@@ -139,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"bench_train: {err}", file=sys.stderr)
         return 2
+    if args.aot:
+        print(json.dumps(aot(args, config, mesh)))
+        return 0
     model_config = model.config
     total_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     batch = random_batch(args.batch_size, args.seq_len, model_config.vocab_size)
@@ -149,10 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         batch["ref_logps"] = np.asarray(train.make_logps_fn(trainer)(batch))
     setup_s = time.perf_counter() - start
     trainable = sum(x.size for x in jax.tree.leaves(trainer.state.params))
-    compile_s, times = time_steps(trainer, batch, args.steps)
-
-    step_s = statistics.median(times) if times else float("nan")
-    tokens = 2 * args.batch_size * args.seq_len
+    if args.lengths == "patience":
+        loader = patience_loader(args, config, mesh, model_config.vocab_size)
+        compile_s, times, real, slots = time_loader_steps(trainer, loader, args.steps)
+        step_s = sum(times) / len(times)  # batches differ: the mean, not the median
+        tokens, padding_share = real / len(times), 1 - real / slots  # real tokens per step
+    else:
+        compile_s, times = time_steps(trainer, batch, args.steps)
+        step_s = statistics.median(times) if times else float("nan")
+        tokens, padding_share = 2 * args.batch_size * args.seq_len, 0.0
     passes = 2 + (config.lora is None) + (config.lora is not None and config.loss.dpo_weight > 0)
     flops = passes * model_flops_per_token(model_config, args.seq_len) * tokens
     peak_mem, mem_source = peak_memory_gb()
@@ -173,7 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         "setup_s": round(setup_s, 3),
         "compile_s": round(compile_s, 3),
         "step_s": round(step_s, 4),
-        "tokens_per_s": round(tokens / step_s, 2),
+        "lengths": args.lengths,
+        "packing": args.packing,
+        "attention": trainer.config.attention,
+        "scan_layers": config.scan_layers,
+        "tokens_per_s": round(tokens / step_s, 2),  # real (non-padding) tokens
+        "padding_share": round(padding_share, 4),
         "model_flops_per_step": flops,
         "peak_mem_gb": round(peak_mem, 3),
         "peak_mem_source": mem_source,

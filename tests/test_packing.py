@@ -34,7 +34,7 @@ def _loaders(pairs, **kwargs):
 def test_packed_batches_hold_the_same_pairs_once_each_with_restarting_positions():
     pairs = _pairs()
     padded, packed = _loaders(pairs, row_multiple=4, buckets=(48,))  # one bucket: sequences of 9 to 30 tokens
-    assert packed.pack_length == 96 and padded.steps_per_epoch == packed.steps_per_epoch
+    assert packed.pack_length == 128 and padded.steps_per_epoch == packed.steps_per_epoch
     slots = [0, 0]  # token slots of the epoch: packed, padded
     for bucket, indices in padded.plan(0):
         batch = packed.make_batch(bucket, indices)
@@ -162,3 +162,20 @@ def test_lora_remat_policy_gives_the_same_steps():
         trainer = _fresh(_config(remat=remat))
         runs.append((_host([trainer.step(batch) for _ in range(2)]), _host(trainer.state.params)))
     _assert_close(*runs, rtol=1e-5, atol=1e-6, param_atol=1e-5)
+
+
+def test_scanned_layers_equal_unrolled_layers():
+    """model.LayerStack (the default) against the per-layer loop: the same steps; Trainer.model() has HF names."""
+    batch = train.device_batch(_loaders(_pairs(seed=5), row_multiple=2)[1].make_batch(32, np.arange(PAIRS)))
+    runs = []
+    for config in (_config(scan_layers=False), _config(), _config(remat="full", micro_batches=2)):
+        trainer = _fresh(config)
+        runs.append((_host([trainer.step(batch) for _ in range(2)]), trainer))
+    for metrics, _ in runs[1:]:
+        for step_a, step_b in zip(runs[0][0], metrics, strict=True):
+            for name in ("loss", "nll", "grad_norm", "rewards/margins"):
+                np.testing.assert_allclose(step_b[name], step_a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    unrolled, scanned = (lora.adapters(trainer.model()) for _, trainer in runs[:2])
+    for (name_a, a), (name_b, b) in zip(unrolled, scanned, strict=True):
+        assert name_a == name_b  # e.g. model.layers.1.mlp.up_proj
+        np.testing.assert_allclose(np.asarray(b.lora_B[...]), np.asarray(a.lora_B[...]), atol=1e-5)

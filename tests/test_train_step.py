@@ -259,10 +259,11 @@ def test_sharded_step_equals_one_device_step(shape):
     # The weights really are split as the rules say: up_proj [F, D] over (tensor, fsdp); its lora_A [R, D] over fsdp.
     _, fsdp, tensor = shape
     trainer = _fresh(config, shape)
-    up_proj = trainer.frozen["model"]["layers"][0]["mlp"]["up_proj"]
-    assert up_proj["weight"][...].addressable_shards[0].data.shape == (128 // tensor, 64 // fsdp)
-    lora_a = trainer.state.params["model"]["layers"][0]["mlp"]["up_proj"]["lora"]["lora_A"][...]
-    assert lora_a.addressable_shards[0].data.shape == (4, 64 // fsdp)
+    # Both layers stacked (model.LayerStack): a leading [L = 2] axis, never split.
+    up_proj = trainer.frozen["model"]["layers"]["layer"]["mlp"]["up_proj"]
+    assert up_proj["weight"][...].addressable_shards[0].data.shape == (2, 128 // tensor, 64 // fsdp)
+    lora_a = trainer.state.params["model"]["layers"]["layer"]["mlp"]["up_proj"]["lora"]["lora_A"][...]
+    assert lora_a.addressable_shards[0].data.shape == (2, 4, 64 // fsdp)
 
 
 def test_place_batch_splits_pairs_over_the_data_axes_and_keeps_every_value():

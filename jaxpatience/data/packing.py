@@ -14,7 +14,7 @@ and the model attends only within a segment (model.hidden_states' `segment_ids`)
 are what its own padded row gives. Keeping pairs whole means any split of the rows — over hosts, devices or
 micro-batches — keeps a pair's two log-probs together, and the losses stay per pair.
 
-Static shapes: L is fixed (default twice the largest bucket, so any pair fits), K is fixed per data set (the
+Static shapes: L is fixed (default: the data's longest pair rounded up to 128 tokens), K is fixed per data set (the
 most pairs that could share a row), and R is the number of rows first-fit-decreasing needs, rounded up to
 `row_multiple` (hosts × micro-batches × data-parallel devices divide it). A run therefore compiles once per
 distinct R, a handful of values.
@@ -27,6 +27,12 @@ from collections.abc import Sequence
 import numpy as np
 
 PACKED_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions", "pair_slots")
+
+
+def default_row_length(longest_pair: int, multiple: int = 128) -> int:
+    """The data's longest pair (packed tokens) rounded up to a multiple of 128: every pair fits, and the row is
+    no longer than it must be (attention costs grow with the row's length)."""
+    return -(-longest_pair // multiple) * multiple
 
 
 def pair_tokens(pair) -> int:

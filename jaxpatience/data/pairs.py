@@ -187,7 +187,7 @@ class PairLoader:
     epoch: int = 0
     step: int = 0  # batches already yielded in `epoch`
     packing: bool = False  # packed rows (data/packing.py) instead of one padded row per sequence
-    pack_length: int | None = None  # tokens per packed row; default twice the largest bucket (any pair fits)
+    pack_length: int | None = None  # tokens per packed row; default: the longest pair's, rounded up to 128
     row_multiple: int = 1  # packed rows per batch are a multiple of this (hosts x micro-batches x devices)
 
     def __post_init__(self):
@@ -206,11 +206,11 @@ class PairLoader:
             raise DataError(f"{len(self.pairs)} pairs cannot fill one batch of {self.batch_size}.")
 
     def _check_packing(self) -> None:
-        self.pack_length = self.pack_length or 2 * self.buckets[-1]
         if self.row_multiple <= 0 or self.row_multiple % self.process_count:
             raise DataError(f"row_multiple ({self.row_multiple}) must be a positive multiple of the "
                             f"{self.process_count} hosts.")  # fmt: skip
         longest = max(packing.pair_tokens(p) for p in self.pairs)
+        self.pack_length = self.pack_length or packing.default_row_length(longest)
         if longest > self.pack_length:
             raise DataError(f"a pair takes {longest} tokens packed (its prompt twice and both responses), more "
                             f"than pack_length={self.pack_length}; raise pack_length.")  # fmt: skip
