@@ -97,12 +97,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="full: every sequence T tokens; patience: ragged pairs (prompt 60-250, chosen 150-700, "
                         "rejected 50-300 tokens, cut to T) through the PairLoader")  # fmt: skip
     parser.add_argument("--packing", action="store_true", help="with --lengths patience: packed rows")
+    parser.add_argument("--shape", default="", help="preset fields to override, e.g. hidden_size=512,vocab_size=8192")
     parser.add_argument(
         "--aot",
         action="store_true",
         help="only compile, from abstract shapes (nothing materialised): compile time, memory, FLOPs",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--topology",
+        default=None,
+        help="with --aot: compile for abstract TPU devices, e.g. v5p:4x4x4 (needs jax[tpu]'s libtpu)",
+    )
+    return parser.parse_args(argv)  # fmt: skip
 
 
 def setup(args: argparse.Namespace) -> tuple[TrainConfig, Mesh, Qwen2ForCausalLM]:
@@ -118,6 +124,11 @@ def setup(args: argparse.Namespace) -> tuple[TrainConfig, Mesh, Qwen2ForCausalLM
         attention=args.attention,
         scan_layers=not args.unrolled,
     )
+    if args.aot and args.topology:  # abstract TPU devices: nothing runs, XLA's TPU compiler only compiles
+        from jax.experimental import topologies
+
+        devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
+        return config, sharding.make_mesh(**sharding.parse_mesh(args.mesh), devices=devices), None
     mesh = train.make_mesh(config.mesh)
     if args.aot:
         return config, mesh, None
@@ -125,8 +136,14 @@ def setup(args: argparse.Namespace) -> tuple[TrainConfig, Mesh, Qwen2ForCausalLM
         from jaxpatience.weights import load_model
 
         return config, mesh, load_model(args.model, args.dtype, mesh=mesh)
-    model_config = preset(args.model).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
-    return config, mesh, random_model(model_config, mesh)
+    return config, mesh, random_model(model_shape(args), mesh)
+
+
+def model_shape(args: argparse.Namespace):
+    """The preset in the benchmark's dtype, with `--shape` overrides (integers)."""
+    fields = dict(item.split("=", 1) for item in args.shape.split(",") if item)
+    overrides = {key: int(value) for key, value in fields.items()}
+    return preset(args.model).replace(param_dtype=args.dtype, compute_dtype=args.dtype, **overrides)
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
@@ -177,7 +194,7 @@ def time_loader_steps(trainer, loader: PairLoader, steps: int) -> tuple[float, l
 
 def aot(args: argparse.Namespace, config: TrainConfig, mesh: Mesh) -> dict:
     """Lower and compile the step from abstract shapes; what the compiled program says about itself."""
-    model_config = preset(args.model).replace(param_dtype=args.dtype, compute_dtype=args.dtype)
+    model_config = model_shape(args)
     batch = random_batch(args.batch_size, args.seq_len, model_config.vocab_size)
     start = time.perf_counter()
     lowered = train.lower_abstract_step(model_config, config, mesh, batch)
@@ -188,7 +205,8 @@ def aot(args: argparse.Namespace, config: TrainConfig, mesh: Mesh) -> dict:
     cost = cost[0] if isinstance(cost, list) else cost
     gb = lambda name: round(getattr(memory, name, 0) / 2**30, 3) if memory is not None else None
     return {"model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "mesh": dict(mesh.shape), "remat": args.remat, "scan_layers": config.scan_layers,
+            "mesh": dict(mesh.shape), "devices": f"{mesh.size}x {mesh.devices.flat[0].device_kind}",
+            "loss": args.loss, "remat": args.remat, "scan_layers": config.scan_layers,
             "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2), "argument_gb": gb("argument_size_in_bytes"),
             "temp_gb": gb("temp_size_in_bytes"), "output_gb": gb("output_size_in_bytes"),
             "xla_flops": (cost or {}).get("flops")}  # fmt: skip
@@ -206,6 +224,16 @@ def time_steps(trainer, batch: dict[str, np.ndarray], steps: int) -> tuple[float
         times.append(time.perf_counter() - start)
         print(f"step {step + 1}/{steps}: {times[-1]:.3f}s loss {float(metrics['loss']):.4f}", file=sys.stderr)
     return compile_s, times
+
+
+def measure(args: argparse.Namespace, trainer, batch: dict[str, np.ndarray], mesh: Mesh, vocab_size: int):
+    """(compile_s, step_s, real tokens per step, padding share) on fixed or Patience-like lengths."""
+    if args.lengths == "patience":
+        loader = patience_loader(args, trainer.config, mesh, vocab_size)
+        compile_s, times, real, slots = time_loader_steps(trainer, loader, args.steps)
+        return compile_s, sum(times) / len(times), real / len(times), 1 - real / slots  # mean: batches differ
+    compile_s, times = time_steps(trainer, batch, args.steps)
+    return compile_s, statistics.median(times), 2 * args.batch_size * args.seq_len, 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,15 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         batch["ref_logps"] = np.asarray(train.make_logps_fn(trainer)(batch))
     setup_s = time.perf_counter() - start
     trainable = sum(x.size for x in jax.tree.leaves(trainer.state.params))
-    if args.lengths == "patience":
-        loader = patience_loader(args, config, mesh, model_config.vocab_size)
-        compile_s, times, real, slots = time_loader_steps(trainer, loader, args.steps)
-        step_s = sum(times) / len(times)  # batches differ: the mean, not the median
-        tokens, padding_share = real / len(times), 1 - real / slots  # real tokens per step
-    else:
-        compile_s, times = time_steps(trainer, batch, args.steps)
-        step_s = statistics.median(times) if times else float("nan")
-        tokens, padding_share = 2 * args.batch_size * args.seq_len, 0.0
+    compile_s, step_s, tokens, padding_share = measure(args, trainer, batch, mesh, model_config.vocab_size)
     passes = 2 + (config.lora is None) + (config.lora is not None and config.loss.dpo_weight > 0)
     flops = passes * model_flops_per_token(model_config, args.seq_len) * tokens
     peak_mem, mem_source = peak_memory_gb()

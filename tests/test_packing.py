@@ -11,7 +11,7 @@ from flax import nnx
 from test_train_step import PAIRS, _assert_close, _config, _fresh, _host, _model
 
 from jaxpatience import lora, losses, train
-from jaxpatience.config import PRESETS
+from jaxpatience.config import PRESETS, LossConfig
 from jaxpatience.data.pairs import EncodedPair, PairLoader
 from jaxpatience.model import attend, set_attention
 
@@ -39,7 +39,7 @@ def test_packed_batches_hold_the_same_pairs_once_each_with_restarting_positions(
     for bucket, indices in padded.plan(0):
         batch = packed.make_batch(bucket, indices)
         rows, length = batch["input_ids"].shape
-        assert length == 96 and rows % 4 == 0 and batch["pair_index"].shape == (rows, packed.pair_slots)
+        assert length == 128 and rows % 4 == 0 and batch["pair_index"].shape == (rows, packed.pair_slots)
         index = batch["pair_index"]
         assert sorted(index[index >= 0].tolist()) == sorted(indices.tolist())  # the padded batch's pairs, once each
         for row, slot in zip(*np.nonzero(index >= 0), strict=True):
@@ -108,14 +108,17 @@ def test_packed_step_equals_the_padded_step_on_the_same_pairs():
     _assert_close(*runs, rtol=1e-4, atol=1e-6, param_atol=1e-6)
 
 
-def test_packed_micro_batches_on_a_mesh_equal_one_padded_batch():
+@pytest.mark.parametrize("loss", ["dpo+nll", "sft"])
+def test_packed_micro_batches_on_a_mesh_equal_one_padded_batch(loss):
     pairs = _pairs(seed=2)
     padded_loader, packed_loader = _loaders(pairs, row_multiple=4)  # 2 micro-batches x 2 data-parallel devices
     bucket, indices = padded_loader.plan(0)[0]
     padded = train.device_batch(padded_loader.make_batch(bucket, indices))
     packed = train.device_batch(packed_loader.make_batch(bucket, indices))
+    changes = {"sft": {"lora": None, "loss": LossConfig(dpo_weight=0.0, nll_weight=1.0)}}.get(loss, {})
     runs = []
-    for batch, config, mesh in ((padded, _config(), (1, 1, 1)), (packed, _config(micro_batches=2), (2, 1, 1))):
+    for batch, config, mesh in ((padded, _config(**changes), (1, 1, 1)),
+                                (packed, _config(micro_batches=2, **changes), (2, 1, 1))):  # fmt: skip
         trainer = _fresh(config, mesh)
         runs.append((_host([trainer.step(batch) for _ in range(2)]), _host(trainer.state.params)))
     _assert_close(*runs, rtol=1e-4, atol=1e-5, param_atol=3e-5)  # the tolerance of test_train_step's meshes
