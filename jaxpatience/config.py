@@ -301,7 +301,7 @@ class DataConfig:
     shuffle: bool = True
     chat_template: bool = True  # apply the tokenizer's chat template to the prompt
     packing: bool = True  # pack several pairs per row (data/packing.py) instead of padding each sequence
-    pack_length: int | None = None  # tokens per packed row; default: the longest pair's, rounded up to 128
+    pack_length: int | None = None  # tokens per packed row; default: the largest bucket (max_length)
     reference_cache: str | None = None  # directory of precomputed reference log-probs; default: beside the data
 
     def __post_init__(self):

@@ -55,7 +55,7 @@ def precompute_reference(trainer: Trainer, loader: PairLoader) -> np.ndarray:
     logps_fn = make_logps_fn(trainer, adapters=False)
     table = np.zeros((len(loader.pairs), 2), np.float32)
     for pair_index, batch in loader.reference_batches():
-        values = logps_fn(device_batch(batch))  # [batch_size, 2] (packed: [R, K, 2]), split over the devices
+        values = logps_fn(device_batch(batch))  # [batch_size, 2], split over the devices
         if not values.is_fully_addressable:
             values = multihost_utils.process_allgather(values, tiled=True)
         real = pair_index >= 0  # the global batch's outputs that belong to a pair (once each)
@@ -94,7 +94,7 @@ def cached_reference(config: RunConfig, trainer: Trainer, loader: PairLoader, is
 
 
 def reference_rows(reference: np.ndarray, pair_index: np.ndarray) -> np.ndarray:
-    """The reference log-probs of a batch's pairs: [B, 2] (packed: [R, K, 2], 0 in empty slots)."""
+    """The reference log-probs [B, 2] of a batch's pairs (0 where pair_index is -1)."""
     import numpy as np
 
     real = pair_index >= 0
@@ -168,7 +168,8 @@ def _set_up(config: RunConfig) -> _Run:
         data.path, tokenizer, batch_size=config.train.batch_size, max_length=data.max_length,
         max_prompt_length=data.max_prompt_length, buckets=data.buckets, seed=data.seed, shuffle=data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), chat_template=data.chat_template,
-        packing=data.packing, pack_length=data.pack_length, row_multiple=row_multiple,
+        packing=data.packing, pack_length=data.pack_length, micro_batches=config.train.micro_batches,
+        row_multiple=row_multiple,
     )  # fmt: skip
     max_steps = config.train.max_steps if config.epochs is None else config.epochs * loader.steps_per_epoch
     train_config = dataclasses.replace(config.train, max_steps=max_steps)
@@ -227,7 +228,7 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
             host = next(batches)  # this process's rows of the global batch
             batch = device_batch(host)
             if run.reference is not None:
-                batch["ref_logps"] = reference_rows(run.reference, host["pair_index"])  # [B / P, 2] or [R / P, K, 2]
+                batch["ref_logps"] = reference_rows(run.reference, host["pair_index"])  # [B / P, 2]
             metrics = trainer.step(batch)
             run.shapes.add(tuple(host["input_ids"].shape))
             tokens_seen += int(np.sum(host["attention_mask"])) * processes  # hosts' batches have equal shapes

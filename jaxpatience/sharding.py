@@ -46,6 +46,7 @@ RULES: Rules = (
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
     """A mesh of shape (data, fsdp, tensor). One of the sizes may be -1: "all remaining devices"."""
+    all_devices = devices is None  # the process's devices: jax.make_mesh may order them for locality
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -64,7 +65,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence |
     # Auto axes: XLA's partitioner propagates shardings from the weights and the constraints we place (GSPMD);
     # jax.make_mesh orders devices so that `tensor` (the last, most communication-heavy axis) stays local.
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
+    if all_devices and len(devices) == len(jax.devices()):
         return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types)
     return Mesh(np.array(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
 

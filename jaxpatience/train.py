@@ -21,9 +21,9 @@ log-probs of the response tokens under the reference). The batch is split into M
 gradients are summed by `lax.scan`; every loss term is normalised by whole-batch denominators
 (losses.Denominators), so M micro-batches give the same update as one big batch. `place_batch` is the one way
 a batch reaches the devices, on one process or many (each passes its rows; they become one global array).
-A packed batch (data/packing.py) holds the same pairs in [R, L] rows with `segment_ids`, `positions` and
-`pair_slots` [R, K]; `pair_logps` maps it to per-pair values, so every loss, metric and denominator is the
-padded batch's, and micro-batches split rows (a pair never straddles two rows).
+A packed batch (data/packing.py) holds the same pairs as sequences in [R, L] rows with `segment_ids`,
+`positions`, `segment_pairs` [R, S] and `pair_mask` [B]; `pair_logps` sums segments into pairs, so every loss,
+metric and denominator is the padded batch's; micro-batch m takes rows and pairs m, m + M, ... of both.
 
 Shape letters: B pairs, M micro-batches, T tokens, D model dim, V vocab.
 """
@@ -49,7 +49,7 @@ from jaxpatience.model import BASE_OUTPUT, LayerStack, set_attention, stack_laye
 Array = jax.Array
 Batch = dict[str, Any]
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
-PACKED_KEYS = packing.PACKED_KEYS  # packed rows: BATCH_KEYS + segment_ids, positions, pair_slots (data/packing.py)
+PACKED_KEYS = packing.PACKED_KEYS  # BATCH_KEYS + segment_ids, positions, segment_pairs, pair_mask (data/packing.py)
 
 
 @struct.dataclass
@@ -168,17 +168,18 @@ def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
     for key in keys[1:5]:
         if tuple(batch[key].shape) != shape:
             raise ValueError(f"{key} has shape {tuple(batch[key].shape)}; expected {shape} like input_ids.")
-    pairs_shape = (shape[0], batch["pair_slots"].shape[1], 2) if packed else shape[:2]  # [R, K, 2] or [B, 2]
-    if packed and tuple(batch["pair_slots"].shape[:1]) != shape[:1]:
-        raise ValueError(f"pair_slots has shape {tuple(batch['pair_slots'].shape)}; expected [{shape[0]}, K].")
-    if "ref_logps" in batch and tuple(batch["ref_logps"].shape) != pairs_shape:
-        raise ValueError(f"ref_logps has shape {tuple(batch['ref_logps'].shape)}; expected {pairs_shape}.")
-    per_micro, shards = shape[0] // config.micro_batches, sharding.batch_shards(mesh)
-    if shape[0] % config.micro_batches or per_micro % shards:
-        raise ValueError(
-            f"a batch of {shape[0]} {'rows' if packed else 'pairs'} cannot be cut into {config.micro_batches} "
-            f"micro-batches that split evenly over {shards} data-parallel devices."
-        )
+    pairs = batch["pair_mask"].shape[0] if packed else shape[0]
+    if packed and (len(batch["segment_pairs"].shape) != 2 or batch["segment_pairs"].shape[0] != shape[0]):
+        raise ValueError(f"segment_pairs has shape {tuple(batch['segment_pairs'].shape)}; expected [{shape[0]}, S].")
+    if "ref_logps" in batch and tuple(batch["ref_logps"].shape) != (pairs, 2):
+        raise ValueError(f"ref_logps has shape {tuple(batch['ref_logps'].shape)}; expected {(pairs, 2)}.")
+    shards = sharding.batch_shards(mesh)
+    for count, what in ((shape[0], "rows" if packed else "pairs"), (pairs, "pairs")):
+        if count % config.micro_batches or count // config.micro_batches % shards:
+            raise ValueError(
+                f"a batch of {count} {what} cannot be cut into {config.micro_batches} micro-batches that split "
+                f"evenly over {shards} data-parallel devices."
+            )
 
 
 def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
@@ -196,6 +197,8 @@ def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
     shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * processes, *v.shape[1:]) if v.ndim else v.shape, v.dtype)
               for k, v in local.items()}  # fmt: skip
     validate_batch(shapes | placed, config, mesh)
+    if "segment_pairs" in local:
+        _check_packed_layout(local["segment_pairs"], config.micro_batches)
     if processes > 1 and local:
         global_rows = (shapes | placed)["input_ids"].shape[0]
         # e.g. every process passing the whole batch (train.py before 0.2); packed rows are not pairs
@@ -207,6 +210,17 @@ def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
         _check_process_rows(target, (shapes | placed)["input_ids"].shape)
     place = lambda k: jax.make_array_from_process_local_data(target, local[k], shapes[k].shape)
     return {k: placed[k] if k in placed else place(k) for k in batch}
+
+
+def _check_packed_layout(named: np.ndarray, micro_batches: int) -> None:
+    """Raise unless every segment of this process's rows names a pair of the row's own micro-batch (row k·M + m
+    and pair b belong to micro-batch m = k mod M, b mod M): a packed batch is laid out for one micro-batch count."""
+    rows = (jax.process_index() * named.shape[0] + np.arange(named.shape[0]))[:, None]
+    if np.any((named >= 0) & (named // 2 % micro_batches != rows % micro_batches)):
+        raise ValueError(
+            f"this packed batch was laid out for another number of micro-batches than {micro_batches}; build it "
+            f"with PairLoader(..., micro_batches={micro_batches})."
+        )
 
 
 def _check_process_rows(target: NamedSharding, global_shape: tuple[int, ...]) -> None:
@@ -272,18 +286,23 @@ def apply_remat(model: nnx.Module, remat: str) -> None:
         layers[i] = _RematLayer(layers[i], REMAT_POLICIES[remat])
 
 
-def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int) -> tuple[Array, Array]:
-    """Summed response log-probs [P, R] and counted tokens [P, R] of each pair's R = 2 (chosen, rejected)
-    sequences in one forward; R = 1 when only the chosen rows are given (SFT). P = B for a padded batch; a packed
-    one ([R, L] rows of K pair slots each, data/packing.py) gives P = R·K, slot by slot, empty slots counting 0.
-    """
+def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int, micro_batches: int = 1) -> tuple[Array, Array]:
+    """Summed response log-probs [B, R] and counted tokens [B, R] of each pair's R = 2 (chosen, rejected)
+    sequences in one forward; R = 1 when only the chosen rows are given (SFT). A packed batch (data/packing.py)
+    gives [B, 2] in the order of its pair_mask, 0 for positions without a pair; when it is micro-batch m of M
+    (`micro_batches`), its segments name the whole batch's pair b = j·M + m, which is its pair j."""
     if "segment_ids" in batch:
-        rows, slots = batch["pair_slots"].shape
         ids, attention, response, segments = (batch[k] for k in (*BATCH_KEYS, "segment_ids"))
         hidden, _ = model.hidden_states(ids, attention, positions=batch["positions"], segment_ids=segments)
+        count = batch["segment_pairs"].shape[1]  # S segments per row
         sums, counts = losses.sequence_logps(hidden, model.logits, ids, response, attention, chunk_size,
-                                             segment_ids=segments, num_segments=2 * slots)  # fmt: skip
-        return sums.reshape(rows * slots, 2), counts.reshape(rows * slots, 2)  # segment 2k+1+s = slot k, side s
+                                             segment_ids=segments, num_segments=count)  # fmt: skip
+        # Segments -> pairs: 2·b + side (-1: none) -> 2·j + side; a sum over rows, which may be on any device.
+        named = batch["segment_pairs"]
+        slot = jnp.where(named >= 0, named // 2 // micro_batches * 2 + named % 2, -1)
+        to_pairs = jax.nn.one_hot(slot, 2 * batch["pair_mask"].shape[0], dtype=jnp.float32)
+        per_pair = lambda x: jnp.einsum("rs,rsq->q", x, to_pairs).reshape(-1, 2)  # [P, 2]
+        return per_pair(sums), per_pair(counts)
     pairs, rows, length = batch["input_ids"].shape
     ids, attention, response = (batch[k].reshape(pairs * rows, length) for k in BATCH_KEYS)  # [B*R, T]
     hidden, _ = model.hidden_states(ids, attention)  # [B*R, T, D]
@@ -291,14 +310,15 @@ def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int) -> tuple[Array,
     return sums.reshape(pairs, rows), counts.reshape(pairs, rows)
 
 
-def token_counts(batch: Batch) -> Array:
-    """Counted response tokens [P, 2] per pair (chosen, rejected), as `pair_logps` orders the pairs."""
+def batch_denominators(batch: Batch) -> losses.Denominators:
+    """The whole batch's loss denominators (pairs with a chosen response, chosen tokens), either layout."""
     _, weights = losses.shift_targets(batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
     if "segment_ids" not in batch:
-        return jnp.sum(weights, axis=-1)  # [B, 2]
-    slots = batch["pair_slots"].shape[1]
-    counts = jnp.sum(losses.segment_weights(weights, batch["segment_ids"], 2 * slots), axis=1)  # [R, 2K]
-    return counts.reshape(-1, 2)
+        return losses.denominators(jnp.sum(weights, axis=-1))  # counts [B, 2]
+    segment_pairs = batch["segment_pairs"]  # [R, S]; a pair's chosen sequence is exactly one segment
+    counts = jnp.sum(losses.segment_weights(weights, batch["segment_ids"], segment_pairs.shape[1]), axis=1)  # [R, S]
+    chosen = jnp.where((segment_pairs >= 0) & (segment_pairs % 2 == 0), counts, 0.0)
+    return losses.denominators(jnp.stack([chosen.reshape(-1), jnp.zeros_like(chosen.reshape(-1))], axis=-1))
 
 
 def device_batch(host: Batch) -> Batch:
@@ -406,16 +426,16 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         apply_remat(model, config.remat)
         with_adapters = lora.has_adapters(model)
         ref_logps = batch.get("ref_logps")
-        ref_logps = None if ref_logps is None else ref_logps.reshape(-1, 2)  # packed: [R, K, 2] -> [R·K, 2]
         if ref_logps is None and loss_config.dpo_weight:
             if not with_adapters:
                 raise ValueError("full-parameter DPO needs ref_logps in the batch (see train.make_logps_fn).")
             with lora.adapters_off(model):  # the reference: base weights, adapters off, no gradient
-                ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, config.logits_chunk_size))
+                ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, config.logits_chunk_size, micro))
         lora.set_dropout_key(model, key)
         if ref_logps is None and not loss_config.dpo_weight:  # SFT: no term reads the rejected row
             if "segment_ids" in batch:  # packed rows hold both sequences: compute both, read the chosen
-                chosen_logps, chosen_counts = (x[:, :1] for x in pair_logps(model, batch, config.logits_chunk_size))
+                both = pair_logps(model, batch, config.logits_chunk_size, micro)
+                chosen_logps, chosen_counts = (x[:, :1] for x in both)
             else:  # skip the rejected row's forward
                 chosen = {k: batch[k][:, :1] for k in BATCH_KEYS}  # [B, 1, T]
                 chosen_logps, chosen_counts = pair_logps(model, chosen, config.logits_chunk_size)  # [B, 1] each
@@ -427,12 +447,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                 norm,
             )
             return loss, {k: v for k, v in metrics.items() if k != "logps/rejected"}  # not computed
-        policy_logps, counts = pair_logps(model, batch, config.logits_chunk_size)
+        policy_logps, counts = pair_logps(model, batch, config.logits_chunk_size, micro)
         return losses.preference_loss(policy_logps, counts, ref_logps, loss_config, norm)
 
     def step(state: TrainState, frozen: nnx.State, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         with sharding.activate(mesh):  # constraints inside the model take effect while tracing
-            norm = losses.denominators(token_counts(batch))  # whole-batch normalisers
+            norm = batch_denominators(batch)  # whole-batch normalisers
             keys = jax.random.split(jax.random.fold_in(base_key, state.step), micro)
             grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -455,8 +475,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batch], Array]:
-    """batch -> summed response log-probs [B, 2] ([R, K, 2] packed) float32 of the current model (adapters off by
-    default).
+    """batch -> summed response log-probs [B, 2] float32 of the current model (adapters off by default).
 
     Use it once before training to precompute `ref_logps` (required for full-parameter DPO).
     """
@@ -467,18 +486,15 @@ def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batc
         model = nnx.merge(graphdef, params, frozen)
         set_attention(model, trainer.config.attention)
         if adapters:
-            return pair_logps(model, batch, chunk)[0]
+            return pair_logps(model, batch, chunk, micro)[0]
         with lora.adapters_off(model):
-            return pair_logps(model, batch, chunk)[0]
+            return pair_logps(model, batch, chunk, micro)[0]
 
     def logps(params: nnx.State, frozen: nnx.State, batch: Batch) -> Array:
         with sharding.activate(mesh):  # micro-batches one after the other, as in the step: the same peak memory
             parts = jax.lax.map(lambda b: one_micro_batch(params, frozen, b), _micro_batches(batch, micro))
-            # parts[m, j] is row j * M + m of the batch (see _micro_batches): [M, B/M, 2] -> [B, 2]; packed,
-            # [M, R/M·K, 2] -> [R, K, 2] (the layout of the batch's pair_slots)
-            parts = parts.reshape(micro, batch["input_ids"].shape[0] // micro, -1, 2)  # [M, B/M or R/M, 1 or K, 2]
-            out = jnp.swapaxes(parts, 0, 1).reshape(-1, *parts.shape[2:])
-            return out if "segment_ids" in batch else out[:, 0]
+            # parts[m, j] is pair j * M + m of the batch (see _micro_batches): [M, B/M, 2] -> [B, 2]
+            return jnp.swapaxes(parts, 0, 1).reshape(-1, 2)
 
     jitted = jax.jit(logps, out_shardings=batch_sharding(mesh))
     return lambda batch: jitted(trainer.state.params, trainer.frozen, place_batch(batch, mesh, trainer.config))

@@ -169,7 +169,7 @@ def patience_loader(args: argparse.Namespace, config: TrainConfig, mesh: Mesh, v
         pairs.append(EncodedPair(prompt, ids(150, 700)[:room], ids(50, 300)[:room]))
     row_multiple = args.micro_batches * sharding.batch_shards(mesh)
     return PairLoader(pairs, args.batch_size, default_buckets(args.seq_len), pad_id=0, seed=0, packing=args.packing,
-                      row_multiple=row_multiple)  # fmt: skip
+                      micro_batches=args.micro_batches, row_multiple=row_multiple)  # fmt: skip
 
 
 def time_loader_steps(trainer, loader: PairLoader, steps: int) -> tuple[float, list[float], int, int]:

@@ -14,6 +14,7 @@ from jaxpatience import lora, losses, train
 from jaxpatience.config import PRESETS, LossConfig
 from jaxpatience.data.pairs import EncodedPair, PairLoader
 from jaxpatience.model import attend, set_attention
+from jaxpatience.sharding import make_mesh
 
 VOCAB = PRESETS["tiny"].vocab_size
 
@@ -33,31 +34,38 @@ def _loaders(pairs, **kwargs):
 
 def test_packed_batches_hold_the_same_pairs_once_each_with_restarting_positions():
     pairs = _pairs()
-    padded, packed = _loaders(pairs, row_multiple=4, buckets=(48,))  # one bucket: sequences of 9 to 30 tokens
-    assert packed.pack_length == 128 and padded.steps_per_epoch == packed.steps_per_epoch
+    padded, packed = _loaders(pairs, row_multiple=4, micro_batches=2, buckets=(48,))  # sequences of 5 to 30 tokens
+    assert packed.pack_length == 48 and padded.steps_per_epoch == packed.steps_per_epoch
     slots = [0, 0]  # token slots of the epoch: packed, padded
     for bucket, indices in padded.plan(0):
         batch = packed.make_batch(bucket, indices)
         rows, length = batch["input_ids"].shape
-        assert length == 128 and rows % 4 == 0 and batch["pair_index"].shape == (rows, packed.pair_slots)
-        index = batch["pair_index"]
-        assert sorted(index[index >= 0].tolist()) == sorted(indices.tolist())  # the padded batch's pairs, once each
-        for row, slot in zip(*np.nonzero(index >= 0), strict=True):
-            pair = pairs[index[row, slot]]
-            for side, response in enumerate((pair.chosen, pair.rejected)):
-                at = batch["segment_ids"][row] == 2 * slot + side + 1
-                np.testing.assert_array_equal(batch["input_ids"][row, at], np.concatenate([pair.prompt, response]))
-                np.testing.assert_array_equal(batch["positions"][row, at], np.arange(at.sum()))
-                assert batch["loss_mask"][row, at].sum() == len(response) and batch["loss_mask"][row, at][-1] == 1
+        assert length == 48 and rows % 4 == 0 and batch["segment_pairs"].shape == (rows, packed.segments)
+        np.testing.assert_array_equal(batch["pair_index"], indices)  # the padded batch's pairs, in its order
+        seen = []
+        for row, segment in zip(*np.nonzero(batch["segment_pairs"] >= 0), strict=True):
+            position, side = divmod(int(batch["segment_pairs"][row, segment]), 2)
+            assert position % 2 == row % 2  # micro-batch m holds rows and pairs m, m + 2, ...
+            pair = pairs[indices[position]]
+            at = batch["segment_ids"][row] == segment + 1
+            response = (pair.chosen, pair.rejected)[side]
+            np.testing.assert_array_equal(batch["input_ids"][row, at], np.concatenate([pair.prompt, response]))
+            np.testing.assert_array_equal(batch["positions"][row, at], np.arange(at.sum()))
+            assert batch["loss_mask"][row, at].sum() == len(response) and batch["loss_mask"][row, at][-1] == 1
+            seen.append((position, side))
+        assert sorted(seen) == [(b, side) for b in range(PAIRS) for side in (0, 1)]  # every sequence once
         assert np.array_equal(batch["attention_mask"], batch["segment_ids"] > 0)
         slots[0] += batch["input_ids"].size
         slots[1] += padded.make_batch(bucket, indices)["input_ids"].size
-    assert slots[0] < slots[1]  # the same tokens in fewer slots
-    # Two hosts: each gets half the rows of the same global layout.
-    hosts = [_loaders(pairs, row_multiple=4, buckets=(48,), process_index=i, process_count=2)[1] for i in range(2)]
+    assert slots[0] < slots[1] / 1.5  # the same tokens in far fewer slots
+    # Two hosts: each gets half the rows, and half the pairs, of the same global layout.
+    hosts = [_loaders(pairs, row_multiple=4, micro_batches=2, buckets=(48,), process_index=i, process_count=2)[1]
+             for i in range(2)]  # fmt: skip
     bucket, indices = padded.plan(1)[0]
-    both = np.concatenate([h.make_batch(bucket, indices)["input_ids"] for h in hosts])
-    np.testing.assert_array_equal(both, packed.make_batch(bucket, indices)["input_ids"])
+    whole = packed.make_batch(bucket, indices)
+    for key in ("input_ids", "segment_pairs", "pair_index"):
+        both = np.concatenate([h.make_batch(bucket, indices)[key] for h in hosts])
+        np.testing.assert_array_equal(both, whole[key])
 
 
 def _grads(batch, config):
@@ -90,13 +98,9 @@ def test_packed_step_equals_the_padded_step_on_the_same_pairs():
 
     model = _model()
     want, want_counts = train.pair_logps(model, padded, 5)  # [B, 2], in the order of `indices`
-    got, got_counts = train.pair_logps(model, packed, 5)  # [R·K, 2], slot by slot
-    slot_of = {int(p): i for i, p in enumerate(host["pair_index"].reshape(-1)) if p >= 0}
-    order = [slot_of[int(p)] for p in indices]
-    np.testing.assert_allclose(np.asarray(got)[order], want, rtol=2e-5)
-    np.testing.assert_array_equal(np.asarray(got_counts)[order], want_counts)
-    empty = np.asarray(host["pair_index"].reshape(-1) < 0)
-    assert np.all(np.asarray(got_counts)[empty] == 0)  # empty slots count nothing
+    got, got_counts = train.pair_logps(model, packed, 5)  # [B, 2] in the same order
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    np.testing.assert_array_equal(got_counts, want_counts)
 
     config = _config()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
@@ -111,7 +115,7 @@ def test_packed_step_equals_the_padded_step_on_the_same_pairs():
 @pytest.mark.parametrize("loss", ["dpo+nll", "sft"])
 def test_packed_micro_batches_on_a_mesh_equal_one_padded_batch(loss):
     pairs = _pairs(seed=2)
-    padded_loader, packed_loader = _loaders(pairs, row_multiple=4)  # 2 micro-batches x 2 data-parallel devices
+    padded_loader, packed_loader = _loaders(pairs, row_multiple=4, micro_batches=2)  # 2 micro x 2 devices
     bucket, indices = padded_loader.plan(0)[0]
     padded = train.device_batch(padded_loader.make_batch(bucket, indices))
     packed = train.device_batch(packed_loader.make_batch(bucket, indices))
@@ -122,6 +126,9 @@ def test_packed_micro_batches_on_a_mesh_equal_one_padded_batch(loss):
         trainer = _fresh(config, mesh)
         runs.append((_host([trainer.step(batch) for _ in range(2)]), _host(trainer.state.params)))
     _assert_close(*runs, rtol=1e-4, atol=1e-5, param_atol=3e-5)  # the tolerance of test_train_step's meshes
+    one_micro = train.device_batch(_loaders(pairs)[1].make_batch(bucket, indices))  # laid out for M = 1
+    with pytest.raises(ValueError, match="another number of micro-batches than 2"):
+        train.place_batch(one_micro, make_mesh(2, 1, 1, devices=jax.devices()[:2]), _config(micro_batches=2))
 
 
 @pytest.mark.parametrize("case", ["causal", "padded", "segmented"])
@@ -169,9 +176,9 @@ def test_lora_remat_policy_gives_the_same_steps():
 
 def test_scanned_layers_equal_unrolled_layers():
     """model.LayerStack (the default) against the per-layer loop: the same steps; Trainer.model() has HF names."""
-    batch = train.device_batch(_loaders(_pairs(seed=5), row_multiple=2)[1].make_batch(32, np.arange(PAIRS)))
+    batch = train.device_batch(_loaders(_pairs(seed=5))[1].make_batch(32, np.arange(PAIRS)))
     runs = []
-    for config in (_config(scan_layers=False), _config(), _config(remat="full", micro_batches=2)):
+    for config in (_config(scan_layers=False), _config(), _config(remat="full")):
         trainer = _fresh(config)
         runs.append((_host([trainer.step(batch) for _ in range(2)]), trainer))
     for metrics, _ in runs[1:]:

@@ -1,23 +1,26 @@
-"""Packed batches: the chosen and rejected sequences of several pairs share fixed-length rows. Pure numpy.
+"""Packed batches: the sequences of several pairs share fixed-length rows. Pure numpy.
 
 A padded batch gives every pair two rows of its bucket's length ([B, 2, T]); with Patience-like lengths (prompt
-60-250 tokens, chosen 150-700, rejected 50-300) half or more of those slots are padding. A packed batch holds
-the same B pairs in R rows of L tokens:
+60-250 tokens, chosen 150-700, rejected 50-300) about half of those slots are padding. A packed batch holds the
+same B pairs, in the same order, as sequences (prompt + chosen, prompt + rejected) laid one after another in R
+rows of L tokens:
 
     input_ids, attention_mask, loss_mask, segment_ids, positions   [R, L] int32
-    pair_slots                                                      [R, K] int32: 1 where a slot holds a pair
-    pair_index                                                      [R, K] int64: the pair of each slot, -1 if none
+    segment_pairs                                                   [R, S] int32: 2·b + side of each segment
+    pair_mask                                                       [B] int32: 1 where the batch has a pair
+    pair_index                                                      [B] int64: the pairs (host only, as padded)
 
-A pair sits whole in one row: its chosen sequence (prompt + chosen) is segment 2k + 1 and its rejected sequence
-(prompt + rejected) segment 2k + 2 of the row's pair slot k; 0 marks padding. Positions restart at every segment
-and the model attends only within a segment (model.hidden_states' `segment_ids`), so each sequence's log-probs
-are what its own padded row gives. Keeping pairs whole means any split of the rows — over hosts, devices or
-micro-batches — keeps a pair's two log-probs together, and the losses stay per pair.
+Segment s + 1 of a row (0 marks padding) is one sequence; positions restart at each segment and the model
+attends only within it (model.hidden_states' `segment_ids`), so each sequence's log-probs are what its own
+padded row gives. A segment names its pair by position b in the batch (and its side). train._micro_batches
+splits rows and pairs alike (item k to micro-batch k % M), so the batch's pair b is pair b // M of micro-batch
+b % M, and each micro-batch's sequences are packed into rows of its own (row k·M + m): a pair's two sequences
+never leave their micro-batch, though they may sit in two rows, on two devices (train.pair_logps sums segments
+into pairs with an einsum over rows, a reduction of a few floats). A batch is laid out for one M.
 
-Static shapes: L is fixed (default: the data's longest pair rounded up to 128 tokens), K is fixed per data set (the
-most pairs that could share a row), and R is the number of rows first-fit-decreasing needs, rounded up to
-`row_multiple` (hosts × micro-batches × data-parallel devices divide it). A run therefore compiles once per
-distinct R, a handful of values.
+Static shapes: L is fixed (default: the largest bucket, i.e. max_length), S is fixed per data set (the most
+sequences that could share a row), and R is M × the rows the fullest micro-batch needs (first-fit decreasing),
+rounded up so that hosts and data-parallel devices split the rows evenly. A run compiles once per distinct R.
 """
 
 from __future__ import annotations
@@ -26,18 +29,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PACKED_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions", "pair_slots")
+PACKED_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions", "segment_pairs", "pair_mask")
+ROW_KEYS = PACKED_KEYS[:5]
 
 
-def default_row_length(longest_pair: int, multiple: int = 128) -> int:
-    """The data's longest pair (packed tokens) rounded up to a multiple of 128: every pair fits, and the row is
-    no longer than it must be (attention costs grow with the row's length)."""
-    return -(-longest_pair // multiple) * multiple
-
-
-def pair_tokens(pair) -> int:
-    """Tokens a pair takes in a packed row: its prompt twice (once per response) and both responses."""
-    return 2 * len(pair.prompt) + len(pair.chosen) + len(pair.rejected)
+def sequence_lengths(pair) -> tuple[int, int]:
+    """Tokens of a pair's two sequences: prompt + chosen, prompt + rejected."""
+    return len(pair.prompt) + len(pair.chosen), len(pair.prompt) + len(pair.rejected)
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -56,57 +54,61 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def slots_per_row(pairs: Sequence, row_length: int, batch_size: int) -> int:
-    """K: the most pairs of this data set that could ever share a row (its shortest pairs, one after another)."""
+def segments_per_row(pairs: Sequence, row_length: int) -> int:
+    """S: the most sequences of this data set that could ever share a row (its shortest, one after another)."""
     fit, used = 0, 0
-    for tokens in sorted(pair_tokens(p) for p in pairs):
-        if used + tokens > row_length or fit == batch_size:
+    for tokens in sorted(n for p in pairs for n in sequence_lengths(p)):
+        if used + tokens > row_length:
             break
         fit, used = fit + 1, used + tokens
     return max(fit, 1)
 
 
-def pack_plan(pairs: Sequence, indices: np.ndarray, row_length: int, slots: int, row_multiple: int) -> np.ndarray:
-    """The global layout of one batch: pair index per (row, slot), [R, K], -1 for empty slots and padding rows."""
-    if len(indices) == 0:
-        raise ValueError("cannot pack an empty batch.")
-    bins = first_fit_decreasing([pair_tokens(pairs[i]) for i in indices], row_length)
-    rows = -(-len(bins) // row_multiple) * row_multiple
-    plan = np.full((rows, slots), -1, np.int64)
-    for row, members in enumerate(bins):
-        if len(members) > slots:  # slots_per_row bounds this; a plan that breaks it is a bug
-            raise AssertionError(f"{len(members)} pairs in a row of {slots} slots")
-        plan[row, : len(members)] = [indices[m] for m in members]
-    return plan
+def pack_plan(pairs: Sequence, indices: np.ndarray, row_length: int, micro_batches: int,
+              row_multiple: int) -> list[list[tuple[int, int]]]:  # fmt: skip
+    """The global row layout of one batch: for each of the R rows, its segments as (position b in the batch,
+    side 0 chosen / 1 rejected). `indices[b] < 0` marks an empty position (a reference batch's last, short one)."""
+    per_micro = []
+    for m in range(micro_batches):
+        items = [(b, side) for b in range(m, len(indices), micro_batches) if indices[b] >= 0 for side in (0, 1)]
+        lengths = [sequence_lengths(pairs[indices[b]])[side] for b, side in items]
+        per_micro.append([[items[i] for i in members] for members in first_fit_decreasing(lengths, row_length)])
+    rows = max(len(bins) for bins in per_micro) * micro_batches
+    rows = -(-rows // row_multiple) * row_multiple  # a multiple of micro-batches x devices and of the hosts
+    layout: list[list[tuple[int, int]]] = [[] for _ in range(rows)]
+    for m, bins in enumerate(per_micro):  # micro-batch m's k-th row is global row k·M + m (train._micro_batches)
+        for k, members in enumerate(bins):
+            layout[k * micro_batches + m] = members
+    return layout
 
 
-def packed_arrays(pairs: Sequence, plan: np.ndarray, row_length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """The arrays of the rows in `plan` ([R', K] pair indices, as pack_plan gives them)."""
-    rows, slots = plan.shape
-    shape = (rows, row_length)
-    batch = {k: np.zeros(shape, np.int32) for k in PACKED_KEYS[1:5]}
+def packed_rows(pairs: Sequence, indices: np.ndarray, layout: list[list[tuple[int, int]]], row_length: int,
+                segments: int, pad_id: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """The row arrays ([len(layout), L]) and segment_pairs ([len(layout), S]) of the rows in `layout`."""
+    shape = (len(layout), row_length)
+    batch = {k: np.zeros(shape, np.int32) for k in ROW_KEYS[1:]}
     batch["input_ids"] = np.full(shape, pad_id, np.int32)
-    for row in range(rows):
+    batch["segment_pairs"] = np.full((len(layout), segments), -1, np.int32)
+    for row, members in enumerate(layout):
+        if len(members) > segments:  # segments_per_row bounds this; a layout that breaks it is a bug
+            raise AssertionError(f"{len(members)} sequences in a row of {segments} segments")
         start = 0
-        for slot, index in enumerate(plan[row]):
-            if index < 0:
-                continue
-            pair = pairs[index]
-            for side, response in enumerate((pair.chosen, pair.rejected)):
-                p, r = len(pair.prompt), len(response)
-                span = slice(start, start + p + r)
-                batch["input_ids"][row, span] = np.concatenate([pair.prompt, response])
-                batch["attention_mask"][row, span] = 1
-                batch["loss_mask"][row, start + p : start + p + r] = 1
-                batch["segment_ids"][row, span] = 2 * slot + side + 1
-                batch["positions"][row, span] = np.arange(p + r)
-                start += p + r
-    batch["pair_slots"] = (plan >= 0).astype(np.int32)
-    batch["pair_index"] = plan.copy()
+        for segment, (b, side) in enumerate(members):
+            pair = pairs[indices[b]]
+            response = (pair.chosen, pair.rejected)[side]
+            p, r = len(pair.prompt), len(response)
+            span = slice(start, start + p + r)
+            batch["input_ids"][row, span] = np.concatenate([pair.prompt, response])
+            batch["attention_mask"][row, span] = 1
+            batch["loss_mask"][row, start + p : start + p + r] = 1
+            batch["segment_ids"][row, span] = segment + 1
+            batch["positions"][row, span] = np.arange(p + r)
+            batch["segment_pairs"][row, segment] = 2 * b + side
+            start += p + r
     return batch
 
 
-def host_rows(plan: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-    """This host's rows of a global plan: [i·R/P, (i+1)·R/P) on host i."""
-    per_host = plan.shape[0] // process_count
-    return plan[process_index * per_host : (process_index + 1) * per_host]
+def host_slice(total: int, process_index: int, process_count: int) -> slice:
+    """Host i's share [i·N/P, (i+1)·N/P) of N rows or pairs."""
+    per_host = total // process_count
+    return slice(process_index * per_host, (process_index + 1) * per_host)

@@ -187,7 +187,8 @@ class PairLoader:
     epoch: int = 0
     step: int = 0  # batches already yielded in `epoch`
     packing: bool = False  # packed rows (data/packing.py) instead of one padded row per sequence
-    pack_length: int | None = None  # tokens per packed row; default: the longest pair's, rounded up to 128
+    pack_length: int | None = None  # tokens per packed row; default: the largest bucket
+    micro_batches: int = 1  # packed: each micro-batch's sequences get rows of their own
     row_multiple: int = 1  # packed rows per batch are a multiple of this (hosts x micro-batches x devices)
 
     def __post_init__(self):
@@ -206,22 +207,23 @@ class PairLoader:
             raise DataError(f"{len(self.pairs)} pairs cannot fill one batch of {self.batch_size}.")
 
     def _check_packing(self) -> None:
-        if self.row_multiple <= 0 or self.row_multiple % self.process_count:
+        if self.row_multiple <= 0 or self.row_multiple % self.process_count or self.row_multiple % self.micro_batches:
             raise DataError(f"row_multiple ({self.row_multiple}) must be a positive multiple of the "
-                            f"{self.process_count} hosts.")  # fmt: skip
-        longest = max(packing.pair_tokens(p) for p in self.pairs)
-        self.pack_length = self.pack_length or packing.default_row_length(longest)
+                            f"{self.process_count} hosts and {self.micro_batches} micro-batches.")  # fmt: skip
+        if self.batch_size % self.micro_batches:
+            raise DataError(f"batch_size {self.batch_size} is not divisible by {self.micro_batches} micro-batches.")
+        self.pack_length = self.pack_length or self.buckets[-1]
+        longest = max(max(packing.sequence_lengths(p)) for p in self.pairs)
         if longest > self.pack_length:
-            raise DataError(f"a pair takes {longest} tokens packed (its prompt twice and both responses), more "
-                            f"than pack_length={self.pack_length}; raise pack_length.")  # fmt: skip
-        self.pair_slots = packing.slots_per_row(self.pairs, self.pack_length, self.batch_size)
+            raise DataError(f"a sequence has {longest} tokens, more than pack_length={self.pack_length}.")
+        self.segments = packing.segments_per_row(self.pairs, self.pack_length)
 
     @classmethod
     def from_source(cls, source, tokenizer, *, batch_size: int, max_length: int = 1024,
                     max_prompt_length: int | None = None, buckets: Sequence[int] | None = None, seed: int = 0,
                     shuffle: bool = True, process_index: int = 0, process_count: int = 1,
                     chat_template: bool = True, packing: bool = False, pack_length: int | None = None,
-                    row_multiple: int = 1) -> PairLoader:  # fmt: skip
+                    micro_batches: int = 1, row_multiple: int = 1) -> PairLoader:  # fmt: skip
         """Read and tokenise every record (each host builds the same global plan), then batch."""
         max_prompt_length = max_prompt_length or max_length // 2
         if not 0 < max_prompt_length < max_length:
@@ -232,7 +234,7 @@ class PairLoader:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(pairs, batch_size, tuple(buckets or default_buckets(max_length)), pad_id, seed, shuffle,
                    process_index, process_count, stats, packing=packing, pack_length=pack_length,
-                   row_multiple=row_multiple)  # fmt: skip
+                   micro_batches=micro_batches, row_multiple=row_multiple)  # fmt: skip
 
     # -- the plan ---------------------------------------------------------------------------------
     def _bucket_of(self, length: int) -> int:
@@ -272,7 +274,7 @@ class PairLoader:
         """This host's rows of a global batch: arrays [batch_size / process_count, 2, bucket]; packed, its rows
         of the packed layout (data/packing.py; `bucket` is then unused)."""
         if self.packing:
-            return self._packed(self.pack_plan(indices))
+            return self._packed(indices)
         per_host = self.batch_size // self.process_count
         mine = indices[self.process_index * per_host : (self.process_index + 1) * per_host]
         input_ids = np.full((per_host, 2, bucket), self.pad_id, np.int32)
@@ -289,13 +291,13 @@ class PairLoader:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
                 "pair_index": mine.astype(np.int64)}  # fmt: skip
 
-    def pack_plan(self, indices: np.ndarray) -> np.ndarray:
-        """The global packed layout of a batch of pairs: pair index per (row, slot), [R, K]."""
-        return packing.pack_plan(self.pairs, indices, self.pack_length, self.pair_slots, self.row_multiple)
-
-    def _packed(self, plan: np.ndarray) -> dict[str, np.ndarray]:
-        mine = packing.host_rows(plan, self.process_index, self.process_count)
-        return packing.packed_arrays(self.pairs, mine, self.pack_length, self.pad_id)
+    def _packed(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """This host's rows and pairs of a packed global batch (data/packing.py); -1 in `indices`: no pair."""
+        layout = packing.pack_plan(self.pairs, indices, self.pack_length, self.micro_batches, self.row_multiple)
+        rows = packing.host_slice(len(layout), self.process_index, self.process_count)
+        batch = packing.packed_rows(self.pairs, indices, layout[rows], self.pack_length, self.segments, self.pad_id)
+        mine = indices[packing.host_slice(len(indices), self.process_index, self.process_count)]
+        return batch | {"pair_mask": (mine >= 0).astype(np.int32), "pair_index": mine.astype(np.int64)}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Endless: epoch after epoch, resuming at (epoch, step)."""
@@ -311,9 +313,9 @@ class PairLoader:
         """Every pair exactly once, for a pass that does not train (reference log-probs before training).
 
         Yields (pair_index, batch): `batch` is this host's rows of a global batch in the loader's fixed shapes
-        (as `make_batch`); `pair_index` says which pair each of the *global* batch's outputs belongs to, -1 for
-        outputs to ignore: [batch_size] for padded batches (only a bucket's last batch is short; its extra rows
-        repeat pairs), [R, K] for packed ones (the pair of each row's slots).
+        (as `make_batch`); `pair_index` [batch_size] says which pair each of the *global* batch's outputs
+        belongs to, -1 for outputs to ignore (only a bucket's last batch is short; padded, its extra rows repeat
+        pairs; packed, they are empty).
         Pairs go to the smallest bucket they fit, in index order; nothing is shuffled, dropped or carried up.
         """
         by_bucket: dict[int, list[int]] = {b: [] for b in self.buckets}
@@ -322,12 +324,11 @@ class PairLoader:
         for bucket, indices in by_bucket.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = np.asarray(indices[start : start + self.batch_size], np.int64)
-                if self.packing:
-                    plan = self.pack_plan(chunk)
-                    yield plan, self._packed(plan)
-                    continue
                 pair_index = np.full(self.batch_size, -1, np.int64)
                 pair_index[: len(chunk)] = chunk
+                if self.packing:
+                    yield pair_index, self._packed(pair_index)
+                    continue
                 yield pair_index, self.make_batch(bucket, np.resize(chunk, self.batch_size))  # repeat to full
 
     def state_dict(self) -> dict:
