@@ -17,7 +17,7 @@ from jaxpatience.run import load_run_config, train
 
 def _run(checkpoint, pairs, out, *extra):
     args = config_args(checkpoint, pairs, out, "train.max_steps=2", "precompute_reference=true", "data.max_length=256",
-                       "data.buckets=[256]", *extra)  # one bucket of 256: 2 pairs fit a packed row of 512  # fmt: skip
+                       "data.buckets=[256]", *extra)  # padded: 2 rows of 256 per pair; packed: far fewer  # fmt: skip
     return train(load_run_config(None, args), progress=False)
 
 
