@@ -28,6 +28,7 @@ for every row, or one per row [B] (engine.py's slots hold rows at different poin
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -163,10 +164,15 @@ def attend(q: Array, key: Array, value: Array, mask: Array, implementation: str 
     """
     batch, length, n, h = q.shape
     k = key.shape[2]
-    if implementation != "einsum":
-        is_causal = implementation == "cudnn"  # cuDNN skips the masked-out upper triangle; the mask still applies
-        return jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], is_causal=is_causal,
-                                            implementation=implementation)  # fmt: skip
+    if implementation == "cudnn":  # cuDNN skips the masked-out upper triangle; the mask still applies
+        try:
+            return jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], is_causal=True,
+                                                implementation="cudnn")  # fmt: skip
+        except (ValueError, NotImplementedError, RuntimeError) as err:  # shape, dtype or cuDNN version it refuses
+            warnings.warn(f"cuDNN attention refused this call ({err}); using XLA's.", stacklevel=2)
+            implementation = "xla"
+    if implementation == "xla":
+        return jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], implementation="xla")
     q = q.reshape(batch, length, k, n // k, h)  # [B, T, K, G, H]: each kv head serves G query heads
     scores = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32) * (h**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)

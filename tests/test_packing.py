@@ -147,6 +147,9 @@ def test_attention_implementations_agree(case):
     want, got = attend(q, k, v, mask, "einsum"), attend(q, k, v, mask, "xla")
     rows = np.asarray(mask).any(-1)  # queries with something to attend to (padding queries are undefined)
     np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-5)
+    if case == "causal" and jax.default_backend() == "cpu":  # cuDNN refuses on a CPU: XLA's, with a warning
+        with pytest.warns(UserWarning, match="cuDNN attention refused"):
+            np.testing.assert_array_equal(attend(q, k, v, mask, "cudnn"), got)
 
 
 def test_model_attention_choice_keeps_logits():
