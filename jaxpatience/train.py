@@ -31,6 +31,7 @@ Shape letters: B pairs, M micro-batches, T tokens, D model dim, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -353,7 +354,11 @@ def prepare_model(model: nnx.Module, config: TrainConfig) -> TrainConfig:
     if config.lora is not None and not lora.has_adapters(model):
         lora.apply_lora(model, config.lora, seed=config.seed)
     if config.scan_layers:
-        stack_layers(model)  # one scanned layer: compile time and FSDP's gathered weights independent of L
+        try:
+            stack_layers(model)  # one scanned layer: compile time and FSDP's gathered weights independent of L
+        except ValueError as err:  # layers of different structure (LoRA on some layers only) cannot be stacked
+            warnings.warn(f"{err} Training with the layers unrolled.", stacklevel=2)
+            config = dataclasses.replace(config, scan_layers=False)
     return config
 
 

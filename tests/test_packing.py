@@ -3,6 +3,8 @@ attention implementations agree; the LoRA remat policy changes nothing but memor
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +194,11 @@ def test_scanned_layers_equal_unrolled_layers():
     for (name_a, a), (name_b, b) in zip(unrolled, scanned, strict=True):
         assert name_a == name_b  # e.g. model.layers.1.mlp.up_proj
         np.testing.assert_allclose(np.asarray(b.lora_B[...]), np.asarray(a.lora_B[...]), atol=1e-5)
+
+
+def test_layers_of_different_structure_train_unrolled():
+    """LoRA on one layer only: the layers cannot be stacked, so the trainer says so and unrolls them."""
+    config = _config(lora=dataclasses.replace(_config().lora, targets=r"model\.layers\.1\.mlp\.up_proj"))
+    with pytest.warns(UserWarning, match="layer 1 differs in structure"):
+        trainer = train.create_trainer(_model(), config, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    assert not trainer.config.scan_layers and len(list(lora.adapters(trainer.model()))) == 1
