@@ -62,7 +62,8 @@ class Checkpointer:
             missing = sorted(flat_target.keys() - flat.keys()) or sorted(flat.keys() - flat_target.keys())
             raise ValueError(
                 f"checkpoint {self.directory} step {step} does not match this run's state (first difference: "
-                f"{missing[0]}); was it written with another LoRA or model config?"
+                f"{missing[0]}); was it written with another LoRA or model config, or before 0.3 (per-layer weights: "
+                "resume those with train.scan_layers=false data.packing=false train.attention=einsum)?"
             )
         state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_target])
         return state, restored["meta"]

@@ -103,11 +103,17 @@ def reference_rows(reference: np.ndarray, pair_index: np.ndarray) -> np.ndarray:
 
 # What may change between a run and its resumption: where it runs and how often it logs and saves.
 RESUMABLE_CHANGES = ("distributed", "log_every", "checkpoint_every", "keep_checkpoints")
+# Keys added in 0.3, with the values runs written before them had: such a run resumes with these overrides.
+LEGACY_VALUES = {"train": {"scan_layers": False, "attention": "einsum"},
+                 "data": {"packing": False, "pack_length": None}}  # fmt: skip
 
 
 def _check_same_run(saved: dict, current: dict, out: Path) -> None:
     """Refuse to resume a checkpoint written under another config (other data, model or hyperparameters)."""
     saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))  # tuples -> lists
+    for section, values in LEGACY_VALUES.items():
+        for key, value in values.items():
+            saved.setdefault(section, {}).setdefault(key, value)
     for config in (saved, current):
         for key in RESUMABLE_CHANGES:
             config.pop(key, None)
@@ -207,15 +213,13 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
 
     SIGTERM (`scancel --signal=TERM`, a VM's shutdown, `kill`) ends the loop after the current step, with a
     checkpoint of that step on every process, by raising `Preempted`."""
-    import jax
-    import numpy as np
     from tqdm import tqdm
 
     from jaxpatience.metrics import MetricsWriter
     from jaxpatience.preemption import Preempted, Watch
     from jaxpatience.train import device_batch
 
-    config, trainer, processes = run.config, run.trainer, jax.process_count()
+    config, trainer = run.config, run.trainer
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
     bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and run.is_main), desc="train", unit="step")
     batches, t_start, last, watch = iter(run.loader), time.perf_counter(), {}, None
@@ -231,8 +235,8 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
                 batch["ref_logps"] = reference_rows(run.reference, host["pair_index"])  # [B / P, 2]
             metrics = trainer.step(batch)
             run.shapes.add(tuple(host["input_ids"].shape))
-            tokens_seen += int(np.sum(host["attention_mask"])) * processes  # hosts' batches have equal shapes
-            slots_seen += host["attention_mask"].size * processes
+            tokens_seen += int(host["real_tokens"])  # the global batch's (the same figure on every host)
+            slots_seen += int(host["token_slots"])
             if (step + 1) % config.log_every == 0 or step + 1 == run.max_steps:
                 last = {k: float(v) for k, v in metrics.items()}  # device -> host: one sync per logged step
                 last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t_start)  # real tokens only

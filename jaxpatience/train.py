@@ -85,8 +85,9 @@ class Trainer:
     def model(self) -> nnx.Module:
         """The current model as an NNX module, for evaluation, export or `lora.merge` (IRPO's next iteration).
 
-        It shares the arrays (no copy) but has its own Variables, so changing it leaves the trainer intact. The
-        next `step` donates the trained arrays: call `model()` again after stepping.
+        It has its own Variables, so changing it leaves the trainer intact; with stacked layers (scan_layers) its
+        per-layer weights are slices, i.e. a copy of the layers' weights, else it shares the arrays. The next
+        `step` donates the trained arrays: call `model()` again after stepping.
         """
         fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # new Variable objects around the same arrays
         model = nnx.merge(self.graphdef, fresh(self.state.params), fresh(self.frozen))
@@ -114,9 +115,16 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
+def _is_matrix(path: tuple, leaf: Array) -> bool:
+    """Weight decay goes to matrices only; a stacked layer's leading axis (model.LayerStack) does not count."""
+    keys = [getattr(k, "key", None) for k in path]
+    stacked = any(a == "layers" and b == "layer" for a, b in zip(keys, keys[1:], strict=False))
+    return leaf.ndim - stacked >= 2
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW on the schedule, after global-norm clipping; weight decay only on matrices (ndim >= 2)."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(_is_matrix, params)
     adamw = optax.adamw(make_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
                         weight_decay=config.weight_decay, mask=decay_mask)  # fmt: skip
     if config.max_grad_norm is None:

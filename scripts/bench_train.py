@@ -175,27 +175,32 @@ def patience_loader(args: argparse.Namespace, config: TrainConfig, mesh: Mesh, v
 def time_loader_steps(trainer, loader: PairLoader, steps: int) -> tuple[float, list[float], int, int]:
     """(compile_s, step times, real tokens, token slots): every batch shape of the plan is compiled (one step
     each, untimed) before `steps` timed steps over the plan's batches."""
-    plan = loader.plan(0)
-    batches = [loader.make_batch(bucket, indices) for bucket, indices in plan[:steps]]
+    hosts = [loader.make_batch(bucket, indices) for bucket, indices in loader.plan(0)[:steps]]
+    batches = [train.device_batch(b) for b in hosts]
+    if trainer.config.lora is None and trainer.config.loss.dpo_weight:  # full-parameter DPO: precomputed reference
+        logps = train.make_logps_fn(trainer)
+        batches = [b | {"ref_logps": np.asarray(logps(b))} for b in batches]
     start, seen = time.perf_counter(), set()
     for batch in batches:
         if batch["input_ids"].shape not in seen:
             seen.add(batch["input_ids"].shape)
-            jax.block_until_ready(trainer.step(train.device_batch(batch)))
+            jax.block_until_ready(trainer.step(batch))
     compile_s = time.perf_counter() - start
     times = []
     for batch in batches:
         start = time.perf_counter()
-        jax.block_until_ready(trainer.step(train.device_batch(batch)))
+        jax.block_until_ready(trainer.step(batch))
         times.append(time.perf_counter() - start)
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    return compile_s, times, real, sum(b["attention_mask"].size for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in hosts)
+    return compile_s, times, real, sum(b["attention_mask"].size for b in hosts)
 
 
 def aot(args: argparse.Namespace, config: TrainConfig, mesh: Mesh) -> dict:
     """Lower and compile the step from abstract shapes; what the compiled program says about itself."""
     model_config = model_shape(args)
     batch = random_batch(args.batch_size, args.seq_len, model_config.vocab_size)
+    if config.lora is None and config.loss.dpo_weight:  # full-parameter DPO carries precomputed reference log-probs
+        batch["ref_logps"] = np.zeros((args.batch_size, 2), np.float32)
     start = time.perf_counter()
     lowered = train.lower_abstract_step(model_config, config, mesh, batch)
     lower_s = time.perf_counter() - start

@@ -203,3 +203,18 @@ def test_layers_of_different_structure_train_unrolled():
     with pytest.warns(UserWarning, match="layer 1 differs in structure"):
         trainer = train.create_trainer(_model(), config, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     assert not trainer.config.scan_layers and len(list(lora.adapters(trainer.model()))) == 1
+
+
+def test_stacked_norms_and_biases_get_no_weight_decay():
+    """Full-parameter training with weight decay: stacking gives norm scales [L, D] two dims, yet only matrices
+    decay, so the scanned and the unrolled runs update alike."""
+    optimizer = dataclasses.replace(_config().optimizer, weight_decay=0.5)
+    changes = {"lora": None, "loss": LossConfig(dpo_weight=0.0, nll_weight=1.0), "optimizer": optimizer}
+    batch = train.device_batch(_loaders(_pairs(seed=6))[1].make_batch(32, np.arange(PAIRS)))
+    params = []
+    for scan in (False, True):
+        trainer = _fresh(_config(scan_layers=scan, **changes))
+        for _ in range(2):
+            trainer.step(batch)
+        params.append(_host(nnx.state(trainer.model(), nnx.Param)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)

@@ -126,3 +126,22 @@ def test_shipped_training_configs_parse():
             trains = [load_run_config(path, ["model=some/checkpoint", "data.path=pairs.jsonl"]).train]
         for config in trains:
             assert config.batch_size % config.micro_batches == 0, path
+
+
+def test_a_run_from_before_0_3_resumes_with_its_settings(tmp_path):
+    """Checkpoints written before packing and scanned layers hold per-layer weights: their config lacks the new
+    keys, which count as the old behaviour, so the resume is refused unless those settings are given."""
+    import dataclasses
+
+    from jaxpatience.run import LEGACY_VALUES, _check_same_run
+
+    base = config_args(Path("ckpt"), Path("pairs.jsonl"), tmp_path)
+    legacy = [f"{section}.{key}={'null' if value is None else str(value).lower()}"
+              for section, values in LEGACY_VALUES.items() for key, value in values.items()]  # fmt: skip
+    saved = dataclasses.asdict(load_run_config(None, base))
+    for section, values in LEGACY_VALUES.items():
+        for key in values:
+            del saved[section][key]
+    _check_same_run(saved, dataclasses.asdict(load_run_config(None, base + legacy)), tmp_path)
+    with pytest.raises(ConfigError, match=r"differs in: data\.packing, train\.attention, train\.scan_layers"):
+        _check_same_run(saved, dataclasses.asdict(load_run_config(None, base)), tmp_path)

@@ -289,7 +289,13 @@ class PairLoader:
                 attention_mask[row, side, : p + r] = 1
                 loss_mask[row, side, p : p + r] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-                "pair_index": mine.astype(np.int64)}  # fmt: skip
+                "pair_index": mine.astype(np.int64)} | self._counts(indices, self.batch_size * 2 * bucket)  # fmt: skip
+
+    def _counts(self, indices: np.ndarray, slots: int) -> dict[str, np.ndarray]:
+        """The *global* batch's real tokens and token slots (padding included), the same on every host."""
+        pairs = [self.pairs[i] for i in indices if i >= 0]
+        real = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+        return {"real_tokens": np.int64(real), "token_slots": np.int64(slots)}
 
     def _packed(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """This host's rows and pairs of a packed global batch (data/packing.py); -1 in `indices`: no pair."""
@@ -297,7 +303,8 @@ class PairLoader:
         rows = packing.host_slice(len(layout), self.process_index, self.process_count)
         batch = packing.packed_rows(self.pairs, indices, layout[rows], self.pack_length, self.segments, self.pad_id)
         mine = indices[packing.host_slice(len(indices), self.process_index, self.process_count)]
-        return batch | {"pair_mask": (mine >= 0).astype(np.int32), "pair_index": mine.astype(np.int64)}
+        return (batch | {"pair_mask": (mine >= 0).astype(np.int32), "pair_index": mine.astype(np.int64)}
+                | self._counts(indices, len(layout) * self.pack_length))  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Endless: epoch after epoch, resuming at (epoch, step)."""
