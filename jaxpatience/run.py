@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,14 +92,6 @@ def cached_reference(config: RunConfig, trainer: Trainer, loader: PairLoader, is
     return table
 
 
-def reference_rows(reference: np.ndarray, pair_index: np.ndarray) -> np.ndarray:
-    """The reference log-probs [B, 2] of a batch's pairs (0 where pair_index is -1)."""
-    import numpy as np
-
-    real = pair_index >= 0
-    return np.where(real[..., None], reference[np.where(real, pair_index, 0)], 0.0).astype(np.float32)
-
-
 # What may change between a run and its resumption: where it runs and how often it logs and saves.
 RESUMABLE_CHANGES = ("distributed", "log_every", "checkpoint_every", "keep_checkpoints")
 # Keys added in 0.3, with the values runs written before them had: such a run resumes with these overrides.
@@ -162,20 +153,18 @@ def _set_up(config: RunConfig) -> _Run:
 
     from jaxpatience.checkpoint import Checkpointer
     from jaxpatience.data.pairs import PairLoader
-    from jaxpatience.train import create_trainer, make_mesh
+    from jaxpatience.train import create_trainer, make_mesh, packed_row_multiple
     from jaxpatience.weights import load_pretrained
 
     mesh = make_mesh(config.train.mesh)
     model, tokenizer = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh)
     data = config.data
-    # Packed rows split evenly over the hosts, and each micro-batch's over the data-parallel devices.
-    row_multiple = math.lcm(config.train.micro_batches * sharding.batch_shards(mesh), jax.process_count())
     loader = PairLoader.from_source(
         data.path, tokenizer, batch_size=config.train.batch_size, max_length=data.max_length,
         max_prompt_length=data.max_prompt_length, buckets=data.buckets, seed=data.seed, shuffle=data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), chat_template=data.chat_template,
         packing=data.packing, pack_length=data.pack_length, micro_batches=config.train.micro_batches,
-        row_multiple=row_multiple,
+        row_multiple=packed_row_multiple(config.train.micro_batches, mesh),
     )  # fmt: skip
     max_steps = config.train.max_steps if config.epochs is None else config.epochs * loader.steps_per_epoch
     train_config = dataclasses.replace(config.train, max_steps=max_steps)
@@ -232,7 +221,7 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
             host = next(batches)  # this process's rows of the global batch
             batch = device_batch(host)
             if run.reference is not None:
-                batch["ref_logps"] = reference_rows(run.reference, host["pair_index"])  # [B / P, 2]
+                batch["ref_logps"] = run.reference[host["pair_index"]]  # [B / P, 2]
             metrics = trainer.step(batch)
             run.shapes.add(tuple(host["input_ids"].shape))
             tokens_seen += int(host["real_tokens"])  # the global batch's (the same figure on every host)

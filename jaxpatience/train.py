@@ -31,6 +31,7 @@ Shape letters: B pairs, M micro-batches, T tokens, D model dim, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -219,6 +220,12 @@ def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
         _check_process_rows(target, (shapes | placed)["input_ids"].shape)
     place = lambda k: jax.make_array_from_process_local_data(target, local[k], shapes[k].shape)
     return {k: placed[k] if k in placed else place(k) for k in batch}
+
+
+def packed_row_multiple(micro_batches: int, mesh: Mesh) -> int:
+    """What a packed batch's row count must be a multiple of: each micro-batch's rows split evenly over the
+    data-parallel devices, and all rows over the processes (PairLoader's `row_multiple`)."""
+    return math.lcm(micro_batches * sharding.batch_shards(mesh), jax.process_count())
 
 
 def _check_packed_layout(named: np.ndarray, micro_batches: int) -> None:

@@ -157,7 +157,7 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, np
     }
 
 
-def patience_loader(args: argparse.Namespace, config: TrainConfig, mesh: Mesh, vocab_size: int) -> PairLoader:
+def patience_loader(args: argparse.Namespace, mesh: Mesh, vocab_size: int) -> PairLoader:
     """Random pairs with the Patience data's lengths (uniform in each range), padded into the default buckets
     or packed; enough of them for the warm-up and the timed steps."""
     rng = np.random.default_rng(0)
@@ -167,9 +167,9 @@ def patience_loader(args: argparse.Namespace, config: TrainConfig, mesh: Mesh, v
         prompt = ids(60, 250)[-args.seq_len // 2 :]
         room = args.seq_len - len(prompt)
         pairs.append(EncodedPair(prompt, ids(150, 700)[:room], ids(50, 300)[:room]))
-    row_multiple = args.micro_batches * sharding.batch_shards(mesh)
     return PairLoader(pairs, args.batch_size, default_buckets(args.seq_len), pad_id=0, seed=0, packing=args.packing,
-                      micro_batches=args.micro_batches, row_multiple=row_multiple)  # fmt: skip
+                      micro_batches=args.micro_batches,
+                      row_multiple=train.packed_row_multiple(args.micro_batches, mesh))  # fmt: skip
 
 
 def time_loader_steps(trainer, loader: PairLoader, steps: int) -> tuple[float, list[float], int, int]:
@@ -234,7 +234,7 @@ def time_steps(trainer, batch: dict[str, np.ndarray], steps: int) -> tuple[float
 def measure(args: argparse.Namespace, trainer, batch: dict[str, np.ndarray], mesh: Mesh, vocab_size: int):
     """(compile_s, step_s, real tokens per step, padding share) on fixed or Patience-like lengths."""
     if args.lengths == "patience":
-        loader = patience_loader(args, trainer.config, mesh, vocab_size)
+        loader = patience_loader(args, mesh, vocab_size)
         compile_s, times, real, slots = time_loader_steps(trainer, loader, args.steps)
         return compile_s, sum(times) / len(times), real / len(times), 1 - real / slots  # mean: batches differ
     compile_s, times = time_steps(trainer, batch, args.steps)

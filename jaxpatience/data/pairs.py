@@ -275,8 +275,8 @@ class PairLoader:
         of the packed layout (data/packing.py; `bucket` is then unused)."""
         if self.packing:
             return self._packed(indices)
-        per_host = self.batch_size // self.process_count
-        mine = indices[self.process_index * per_host : (self.process_index + 1) * per_host]
+        mine = indices[packing.host_slice(len(indices), self.process_index, self.process_count)]
+        per_host = len(mine)
         input_ids = np.full((per_host, 2, bucket), self.pad_id, np.int32)
         attention_mask = np.zeros((per_host, 2, bucket), np.int32)
         loss_mask = np.zeros((per_host, 2, bucket), np.int32)
