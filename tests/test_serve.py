@@ -274,8 +274,9 @@ def test_a_wrong_or_missing_api_key_is_401(server):
 
 
 def test_a_full_queue_answers_429_with_retry_after(checkpoint):
-    """One slot and a queue of one: of 16 requests sent at once (each ~1000 tokens, a second or more), the first
-    runs, the next waits, and the others are refused at once rather than left hanging."""
+    """One slot and a queue of one: of 16 requests sent at once (each ~1000 tokens, a second or more), one or two
+    are answered (the one running and the one waiting; when all arrive before the engine admits the first, that one
+    still fills the queue) and the others are refused at once rather than left hanging."""
     process, url = start_server(checkpoint, "--slots", "1", "--max-queue", "1")
     body = {"prompt": PROMPTS[3], "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
 
@@ -289,7 +290,7 @@ def test_a_full_queue_answers_429_with_retry_after(checkpoint):
         stop_server(process)
     refused = [reply for reply in replies if reply.status_code == 429]
     assert all(reply.status_code in (200, 429) for reply in replies)
-    assert refused and len(refused) <= 14, [reply.status_code for reply in replies]
+    assert refused and len(refused) < len(replies), [reply.status_code for reply in replies]
     assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"] for r in refused)
     answered = [reply.json() for reply in replies if reply.status_code == 200]
     assert all(answer["usage"]["completion_tokens"] == 1000 for answer in answered)
