@@ -1,0 +1,217 @@
+"""The sharding lab: HLO reading (loops, replica groups, matmul FLOPs), the roofline, and `jaxpatience plan`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpatience import chips, cli, hlo, plan, plan_rows, roofline, sharding
+from jaxpatience.config import preset
+
+# A module as XLA prints it: a scan of 7 iterations over a [64, 32] x [32, 16] matmul, with an all-reduce in the
+# body (groups in iota form) and an all-gather outside (groups in the mesh-axes form with a device order).
+LOOP_MODULE = """
+HloModule jit_step, entry_computation_layout={(f32[64,32]{1,0})->f32[64,16]{1,0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%fused_matmul (param_0: f32[64,32], param_1: f32[32,16]) -> f32[64,16] {
+  %param_0 = f32[64,32]{1,0} parameter(0)
+  %param_1 = f32[32,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[64,16]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (state: (s32[], f32[64,32], f32[32,16])) -> (s32[], f32[64,32], f32[32,16]) {
+  %state = (s32[], f32[64,32]{1,0}, f32[32,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %x = f32[64,32]{1,0} get-tuple-element(%state), index=1
+  %w = f32[32,16]{1,0} get-tuple-element(%state), index=2
+  %y = f32[64,16]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_matmul
+  %r = f32[64,16]{1,0} all-reduce(%y), channel_id=1, replica_groups=[2,4]<=[4,2]T(1,0), to_apply=%add
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %out = (s32[], f32[64,32]{1,0}, f32[32,16]{1,0}) tuple(%next, %x, %w)
+}
+
+%cond (state.1: (s32[], f32[64,32], f32[32,16])) -> pred[] {
+  %state.1 = (s32[], f32[64,32]{1,0}, f32[32,16]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%state.1), index=0
+  %limit = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i.1, %limit), direction=LT
+}
+
+ENTRY %main (x.1: f32[64,32], w.1: f32[8,16]) -> f32[64,16] {
+  %x.1 = f32[64,32]{1,0} parameter(0)
+  %w.1 = f32[8,16]{1,0} parameter(1)
+  %g = f32[32,16]{1,0} all-gather(%w.1), channel_id=2, replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_1'}, dimensions={0}
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64,32]{1,0}, f32[32,16]{1,0}) tuple(%zero, %x.1, %g)
+  %loop = (s32[], f32[64,32]{1,0}, f32[32,16]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %res = f32[64,16]{1,0} fusion(%x.1, %g), kind=kOutput, calls=%fused_matmul
+}
+"""
+
+
+def test_loops_count_their_trips_and_groups_map_to_mesh_axes():
+    analysis = hlo.analyze(LOOP_MODULE, {"data": 4, "tensor": 2})
+    assert analysis.dot_flops == (7 + 1) * 2 * 64 * 32 * 16  # seven in the loop, one after it
+    by_kind = {c["kind"]: c for c in analysis.collectives}
+    # iota [2,4]<=[4,2]T(1,0): groups {0,2,4,6}, {1,3,5,7}: the data axis of a (data=4, tensor=2) mesh
+    assert hlo.replica_groups("replica_groups=[2,4]<=[4,2]T(1,0),") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert by_kind["all-reduce"] == {"kind": "all-reduce", "axes": ["data"], "count": 7, "bytes": 7 * 64 * 16 * 4,
+                                     "group_size": 4, "group": [0, 2, 4, 6]}  # fmt: skip
+    # mesh form: ids iota(8).reshape(4, 2).T = [0,2,4,6,1,3,5,7] as a [2, 4] mesh grouped over axis_1
+    assert hlo.replica_groups(LOOP_MODULE[LOOP_MODULE.index("replica_groups=mesh") :]) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert by_kind["all-gather"]["axes"] == ["data"] and by_kind["all-gather"]["bytes"] == 32 * 16 * 4
+    assert hlo.replica_groups("replica_groups={{0,1},{2,3}}, x") == [[0, 1], [2, 3]]
+    assert hlo.spanned_axes([[0, 1], [2, 3]], {"data": 4, "tensor": 2}) == ["tensor"]
+    # the known_trip_count XLA writes on CPU and GPU wins over the condition
+    known = LOOP_MODULE.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"3"}}')
+    assert hlo.analyze(known, {"data": 4, "tensor": 2}).dot_flops == (3 + 1) * 2 * 64 * 32 * 16
+
+
+def test_roofline_arithmetic_by_hand():
+    chip = chips.Chip("test", peak_flops=1e12, hbm_bytes=1e9, hbm_bw=1e11, link_bw=1e10, node_size=4, network_bw=1e9)
+    collectives = [
+        {"kind": "all-reduce", "bytes": 4e8, "group_size": 4, "group": [0, 1, 2, 3]},  # 2 · 4e8 · 3/4 / 1e10 = 60 ms
+        {"kind": "all-gather", "bytes": 2e8, "group_size": 2, "group": [0, 4]},  # network: 2e8 · 1/2 / 1e9 = 100 ms
+        {"kind": "collective-permute", "bytes": 1e8, "group_size": 2, "group": [0, 1]},  # 1e8 / 1e10 = 10 ms
+    ]
+    for entry in collectives:
+        entry["crosses_node"] = roofline.crosses_node(entry["group"], chip)
+    terms = roofline.step_time(hlo.Analysis(dot_flops=2e11, hbm_bytes=3e10, collectives=collectives), chip)
+    assert terms["compute_s"] == pytest.approx(0.2) and terms["hbm_s"] == pytest.approx(0.3)
+    assert terms["collective_s"] == pytest.approx(0.06 + 0.1 + 0.01)
+    assert terms["step_max_s"] == pytest.approx(0.3) and terms["step_sum_s"] == pytest.approx(0.67)
+    assert roofline.mfu(1.5e11, 0.3, chip) == pytest.approx(0.5)
+    # 6N per token for LoRA DPO with the in-step reference; 3 forward-sized passes
+    assert roofline.train_passes(lora=True, dpo_weight=1.0, reference_in_step=True) == 3
+    assert roofline.train_passes(lora=False, dpo_weight=1.0, reference_in_step=False) == 3
+
+
+def _job(**changes) -> plan.Job:
+    fields = dict(model_name="tiny", model=preset("tiny"), kind="train", batch_size=8, seq_len=64, lora_rank=8,
+                  remat="full", loss="irpo", micro_batches=1, strategy="gspmd", reference="in-step", prompt_len=16)  # fmt: skip
+    return plan.Job(**(fields | changes))
+
+
+def _row(job: plan.Job, **sizes) -> dict:
+    mesh = sharding.make_mesh(**sizes, devices=jax.devices()[:8])
+    return plan_rows.compile_row(job, mesh, "cpu:8", cache_dir=None)
+
+
+def test_data_fsdp_and_tensor_rows_show_their_communication():
+    job = _job()
+    data, fsdp = _row(job, data=8), _row(job, fsdp=8)
+    # data=8: the gradients are all-reduced once: the trained (LoRA) parameters in float32, plus scalar metrics
+    from flax import nnx
+
+    from jaxpatience import lora
+    from jaxpatience.model import Qwen2ForCausalLM
+
+    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(job.model, rngs=nnx.Rngs(0)))
+    lora.apply_lora(model, plan_rows.train_config(job, {"data": 8}).lora)
+    trained = sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(nnx.state(model, lora.LoRAParam)))
+    reduced = sum(c["bytes"] for c in data["collectives"] if c["kind"] == "all-reduce")
+    assert reduced == pytest.approx(trained, rel=0.05)
+    assert all(c["axes"] == ["data"] for c in data["collectives"])
+    # fsdp=8 splits the frozen weights 8 ways; data=8 holds them whole
+    assert fsdp["memory_bytes"]["weights"] == pytest.approx(data["memory_bytes"]["weights"] / 8, rel=0.05)
+    assert any(c["kind"] == "all-gather" and c["axes"] == ["fsdp"] for c in fsdp["collectives"])
+    # tensor=8 (a model whose heads split 8 ways): the activations' collectives run over the tensor axis
+    wide = _job(model=preset("tiny").replace(num_attention_heads=8, num_key_value_heads=8, head_dim=8))
+    tensor = _row(wide, tensor=8)
+    assert tensor["collectives"] and all(c["axes"] == ["tensor"] for c in tensor["collectives"])
+    # loops counted: the HLO's matmul FLOPs are at least the model's (remat adds a forward)
+    for row in (data, fsdp):
+        assert row["hlo_flops"] >= plan_rows.model_flops(job) / 8
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    status = cli.main(["plan", *args])
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "qwen9-1b"], "unknown model 'qwen9-1b'"),
+        (["--chip", "h900"], "unknown chip 'h900'"),
+        (["--target", "gpu:8"], "unknown target 'gpu:8'"),
+        (["--meshes", "data=3"], "not the target's 8 devices"),
+        (["--meshes", "data=8", "--batch-size", "4"], "does not split"),
+        (["--meshes", "tensor=8"], "tensor=8 does not divide num_attention_heads"),
+        (["--meshes", "pipeline=8"], "expected axis=size pairs"),
+        (["--chip", "h100", "--chip-spec", "hbm=1"], "unknown chip field 'hbm'"),
+    ],
+)
+def test_bad_input_is_one_sentence(capsys, args, message):
+    base = {"--model": "tiny", "--batch-size": "8", "--seq-len": "64", "--target": "cpu:8", "--meshes": "data=8"}
+    for key, value in zip(args[::2], args[1::2], strict=True):
+        base[key] = value
+    status, output = _cli(capsys, *[x for pair in base.items() for x in pair])
+    assert status == 2 and message in output and "Traceback" not in output, output
+    assert len(output.strip().splitlines()) == 1
+
+
+def test_plan_measures_and_writes_every_format(capsys, tmp_path):
+    out = {ext: tmp_path / f"plan.{ext}" for ext in ("json", "csv", "md", "png")}
+    status, output = _cli(capsys, "--model", "tiny", "--batch-size", "8", "--seq-len", "64", "--target", "cpu:8",
+                          "--meshes", "data=8", "--measure", "--steps", "2", "--json", str(out["json"]),
+                          "--csv", str(out["csv"]), "--markdown", str(out["md"]), "--png", str(out["png"]),
+                          "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert status == 0, output
+    rows = json.loads(out["json"].read_text())
+    assert [row["rank"] for row in rows] == [1] and plan_report_mesh(rows[0]) == "data=8"
+    for row in rows:
+        assert set(row["memory_bytes"]) >= {"weights", "trained", "batch", "temp", "total"}
+        assert row["fits"] is True and row["flops"] > 0 and row["model_flops"] > 0
+        assert all(set(c) >= {"kind", "count", "bytes", "axes"} for c in row["collectives"])
+        assert row["predicted_step_s"] > 0 and 0 < row["predicted_mfu"] < 1 and row["measured_step_s"] > 0
+    assert out["csv"].read_text().count("\n") == 2 and out["md"].read_text().startswith("| rank |")
+    assert out["png"].stat().st_size > 1000
+    # a second plan reads the compiled rows from the cache
+    status, output = _cli(capsys, "--model", "tiny", "--batch-size", "8", "--seq-len", "64", "--target", "cpu:8",
+                          "--meshes", "data=8", "--chip", "h100", "--dtype", "float32", "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert status == 0 and "(cached)" in output, output
+
+
+def plan_report_mesh(row: dict) -> str:
+    from jaxpatience.plan_report import mesh_text
+
+    return mesh_text(row["mesh"])
+
+
+def test_decode_job_plans_prefill_and_step():
+    job = _job(kind="decode", batch_size=8, seq_len=128, prompt_len=32, lora_rank=0)
+    row = _row(job, data=2, tensor=2, fsdp=2)
+    assert row["hlo_flops"] > 0 and row["prefill"]["hlo_flops"] > row["hlo_flops"]
+    assert row["memory_bytes"]["weights"] > 0 and row["memory_bytes"]["batch"] > 0  # the KV cache is the "batch"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the [tpu] extra) is not installed")
+def test_a_v5p_plan_compiles_for_abstract_tpu_devices(tmp_path):
+    out = tmp_path / "plan.json"
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "jaxpatience", "plan", "--model", "tiny", "--batch-size", "8", "--seq-len", "64",
+               "--target", "tpu:v5p:2x2x2", "--meshes", "fsdp=8;data=8", "--json", str(out), "--no-cache"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and all(row["fits"] for row in rows) and "v5p" in result.stderr
+    fsdp = next(row for row in rows if row["mesh"]["fsdp"] == 8)
+    assert any(c["kind"] == "all-gather" and c["axes"] == ["fsdp"] for c in fsdp["collectives"])
+    assert np.isfinite(fsdp["predicted_step_s"]) and fsdp["memory_bytes"]["total"] < 95e9
