@@ -53,6 +53,12 @@ def _serve(argv: list[str]) -> int:
     return main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from jaxpatience.plan import main
+
+    return main(argv)
+
+
 def _pairs(argv: list[str]) -> int:
     from jaxpatience.data.teacher import main
 
@@ -67,6 +73,7 @@ DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "eval": (_eval, "evaluate a checkpoint on GSM8K / MATH / gsm_symbolic / a file"),
     "pairs": (_pairs, "build Patience pairs with a teacher model (OpenAI-compatible)"),
     "serve": (_serve, "serve a checkpoint over an OpenAI-compatible HTTP API"),
+    "plan": (_plan, "compare meshes for a job without the hardware: memory, collectives, roofline"),
 }
 
 
