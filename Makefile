@@ -23,7 +23,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) lint
+# libtpu (the [tpu] extra) lets the sharding lab's tests compile for abstract TPU devices; no TPU is needed.
+TPU_STAMP := $(VENV)/.tpu-installed
+$(TPU_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[tpu]'
+	touch $(TPU_STAMP)
+
+test: $(STAMP) $(TPU_STAMP) lint
 	$(BIN)/python -m pytest -q tests
 
 clean:

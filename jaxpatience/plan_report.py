@@ -9,7 +9,8 @@ from pathlib import Path
 
 from jaxpatience import report
 
-COLUMNS = ("rank", "mesh", "fits", "mem GB", "temp GB", "compile s", "HLO/model FLOPs", "comm GB",
+COLUMNS = ("rank", "mesh", "fits", "mem GB", "temp GB", "temp/layer", "compile s", "HLO/model FLOPs", "gather GB",
+           "comm GB",
            "pred ms (max/sum)", "pred MFU", "meas ms", "meas MFU")  # fmt: skip
 
 
@@ -19,15 +20,16 @@ def mesh_text(sizes: dict[str, int]) -> str:
 
 def _cells(row: dict) -> list[str]:
     if "error" in row:
-        return [str(row.get("rank", "-")), mesh_text(row["mesh"]), "error", row["error"][:60]] + [""] * 8
+        return [str(row.get("rank", "-")), mesh_text(row["mesh"]), "NO", row["error"][:60]] + [""] * 10
     gb = lambda x: f"{x / 1e9:.3g}"
     memory = row["memory_bytes"]
     ratio = row["hlo_flops"] / row["model_flops"] if row["model_flops"] else 0.0
     measured = row.get("measured_step_s")
     return [
         str(row["rank"]), mesh_text(row["mesh"]), "yes" if row["fits"] else "NO", gb(memory["total"]),
-        gb(memory["temp"]), f"{row['compile_s']:.1f}" + (" (cached)" if row.get("cached") else ""), f"{ratio:.2f}",
-        gb(sum(c["bytes"] for c in row["collectives"])),
+        gb(memory["temp"]), f"{memory['temp'] / row['layer_bytes']:.1f}",
+        f"{row['compile_s']:.1f}" + (" (cached)" if row.get("cached") else ""), f"{ratio:.2f}",
+        gb(row["gathered_bytes"]), gb(sum(c["bytes"] for c in row["collectives"])),
         f"{row['predicted_step_s'] * 1e3:.3g} / {row['predicted_step_sum_s'] * 1e3:.3g}",
         f"{row['predicted_mfu']:.1%}",
         "" if measured is None else f"{measured * 1e3:.3g}",
@@ -57,9 +59,9 @@ def write_json(rows: Sequence[dict], path: str | Path) -> None:
 
 def write_csv(rows: Sequence[dict], path: str | Path) -> None:
     fields = ("rank", "mesh", "fits", "weights", "trained", "batch", "temp", "output", "total", "compile_s",
-              "xla_flops", "hlo_flops", "model_flops", "compute_s", "hbm_s", "collective_s", "predicted_step_s",
-              "predicted_step_sum_s", "predicted_mfu", "measured_step_s", "measured_mfu", "collectives",
-              "error")  # fmt: skip
+              "xla_flops", "hlo_flops", "model_flops", "layer_bytes", "gathered_bytes", "compute_s", "hbm_s",
+              "collective_s", "predicted_step_s", "predicted_step_sum_s", "predicted_mfu", "measured_step_s",
+              "measured_mfu", "collectives", "error")  # fmt: skip
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fields)
         writer.writeheader()

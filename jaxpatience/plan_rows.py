@@ -155,6 +155,14 @@ def _cache_key(job, sizes: dict[str, int], target: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def layer_bytes(config) -> int:
+    """One decoder layer's weights, whole (what FSDP gathers per layer), in the storage dtype."""
+    d, f, n, k, h = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                     config.num_key_value_heads, config.resolved_head_dim)  # fmt: skip
+    count = 2 * d * n * h + 2 * d * k * h + (n + 2 * k) * h + 3 * d * f + 2 * d  # q, o; k, v; biases; MLP; norms
+    return count * np.dtype(config.param_dtype).itemsize
+
+
 def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
     """The roofline of a compiled row on `chip`: terms, bounds, MFU, whether it fits."""
     collectives = [c | {"crosses_node": roofline.crosses_node(c.get("group"), chip)} for c in row["collectives"]]
@@ -163,6 +171,8 @@ def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
     per_device = model_flops(job) / devices
     return {
         "model_flops": per_device,
+        "layer_bytes": layer_bytes(job.model),
+        "gathered_bytes": sum(c["bytes"] for c in row["collectives"] if c["kind"] == "all-gather"),
         "fits": row["memory_bytes"]["total"] <= chip.hbm_bytes,
         "predicted": {k: v for k, v in terms.items()},
         "predicted_step_s": terms["step_max_s"],

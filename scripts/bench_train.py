@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpatience import sharding, train
+from jaxpatience import roofline, sharding, train
 from jaxpatience.config import (
     PRESETS,
     ConfigError,
@@ -61,13 +61,7 @@ def random_model(config, mesh, seed: int = 0) -> Qwen2ForCausalLM:
     return nnx.merge(graphdef, state)
 
 
-def model_flops_per_token(config, seq_len: int) -> float:
-    """Forward FLOPs per token: 2 per matmul weight, plus attention (see the module docstring)."""
-    d, f, n, k, h = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                     config.num_key_value_heads, config.resolved_head_dim)  # fmt: skip
-    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f  # q, o; k, v; gate, up, down
-    matmul_weights = config.num_hidden_layers * per_layer + config.vocab_size * d  # + LM head
-    return 2.0 * matmul_weights + config.num_hidden_layers * 2.0 * seq_len * n * h  # causal: T/2 keys on average
+model_flops_per_token = roofline.forward_flops_per_token  # the convention of the module docstring
 
 
 def peak_memory_gb() -> tuple[float, str]:
@@ -262,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_s = time.perf_counter() - start
     trainable = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     compile_s, step_s, tokens, padding_share = measure(args, trainer, batch, mesh, model_config.vocab_size)
-    passes = 2 + (config.lora is None) + (config.lora is not None and config.loss.dpo_weight > 0)
+    passes = roofline.train_passes(config.lora is not None, config.loss.dpo_weight, reference_in_step=True)
     flops = passes * model_flops_per_token(model_config, args.seq_len) * tokens
     peak_mem, mem_source = peak_memory_gb()
     result = {
