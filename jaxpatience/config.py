@@ -271,6 +271,7 @@ class TrainConfig:
     scan_layers: bool = True  # one decoder layer scanned over stacked weights (model.LayerStack), not L unrolled
     logits_chunk_size: int = 256  # tokens per chunk when turning hidden states into log-probs
     seed: int = 0  # LoRA init and dropout
+    strategy: str = "gspmd"  # gspmd (XLA places the collectives) or shard_map (written by hand: shardmap.py)
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.micro_batches <= 0 or self.batch_size % self.micro_batches:
@@ -283,6 +284,12 @@ class TrainConfig:
             raise ConfigError(f"attention must be auto, xla, cudnn or einsum, not {self.attention!r}.")
         if self.max_steps <= 0 or self.logits_chunk_size <= 0:
             raise ConfigError("max_steps and logits_chunk_size must be positive.")
+        if self.strategy not in ("gspmd", "shard_map"):
+            raise ConfigError(f"strategy must be gspmd or shard_map, not {self.strategy!r}.")
+        if self.strategy == "shard_map" and self.mesh.tensor != 1:
+            raise ConfigError(
+                "train.strategy=shard_map splits only the data and fsdp axes; use gspmd for tensor parallelism."
+            )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -128,11 +128,17 @@ class Denominators(NamedTuple):
     chosen_tokens: Array  # scalar float32, >= 1
 
 
-def denominators(token_counts: Array) -> Denominators:
-    """From counted tokens [B, 2] of a whole batch (all micro-batches together)."""
+def denominators(token_counts: Array, axis_name: str | tuple[str, ...] | None = None) -> Denominators:
+    """From counted tokens [B, 2] of a whole batch (all micro-batches together).
+
+    Inside `jax.shard_map` (shardmap.py) `token_counts` are one device's pairs and `axis_name` the mesh axes
+    the batch is split over: the counts are summed over the devices before the floor of 1 is applied.
+    """
     chosen = token_counts[..., 0]
-    pairs = jnp.sum((chosen > 0).astype(jnp.float32))
-    return Denominators(jnp.maximum(pairs, 1.0), jnp.maximum(jnp.sum(chosen), 1.0))
+    totals = jnp.stack([jnp.sum((chosen > 0).astype(jnp.float32)), jnp.sum(chosen)])  # [2]: pairs, tokens
+    if axis_name is not None:
+        totals = jax.lax.psum(totals, axis_name)
+    return Denominators(jnp.maximum(totals[0], 1.0), jnp.maximum(totals[1], 1.0))
 
 
 def preference_loss(policy_logps: Array, token_counts: Array, ref_logps: Array | None, config: LossConfig,

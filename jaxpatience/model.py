@@ -234,6 +234,8 @@ class LayerStack(nnx.Module):
     (train.py); loading, saving, LoRA merging and decoding use the per-layer list with HF names, so
     `stack_layers` / `unstack_layers` convert between the two. Weights' logical axes gain "layers" in front.
     `remat` is the jax.checkpoint policy of the scanned body (train.apply_remat sets it; False = no remat).
+    `gather`, None by default, is applied to each layer's weights (a State without the leading [L] axis) inside
+    the scanned body before they are used: the hand-written FSDP step (shardmap.py) all-gathers them there.
     """
 
     def __init__(self, layers: list[DecoderLayer]):
@@ -249,11 +251,15 @@ class LayerStack(nnx.Module):
         self.layer = nnx.merge(graphdef, stacked)
         self.count = len(layers)
         self.remat = False  # False, or a jax.checkpoint policy (None = save nothing but the layer's input)
+        self.gather = None  # None, or a callable: this layer's weights as stored -> as used (inside a trace only)
 
     def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
         graphdef, state = nnx.split(self.layer)
+        gather = self.gather
 
         def body(x: Array, layer_state) -> tuple[Array, None]:
+            if gather is not None:  # e.g. all-gather this layer's FSDP shards, one layer at a time
+                layer_state = gather(layer_state)
             return nnx.merge(graphdef, layer_state)(x, positions, mask, None, 0)[0], None
 
         if self.remat is not False:

@@ -25,6 +25,10 @@ A packed batch (data/packing.py) holds the same pairs as sequences in [R, L] row
 `positions`, `segment_pairs` [R, S] and `pair_mask` [B]; `pair_logps` sums segments into pairs, so every loss,
 metric and denominator is the padded batch's; micro-batch m takes rows and pairs m, m + M, ... of both.
 
+`strategy` (TrainConfig): "gspmd", the default, jits one program over global arrays and lets XLA's partitioner
+place the collectives; "shard_map" writes the per-device program and its collectives by hand (shardmap.py).
+Both share `model_loss`, `accumulate_gradients` and `apply_update`.
+
 Shape letters: B pairs, M micro-batches, T tokens, D model dim, V vocab.
 """
 
@@ -302,11 +306,16 @@ def apply_remat(model: nnx.Module, remat: str) -> None:
         layers[i] = _RematLayer(layers[i], REMAT_POLICIES[remat])
 
 
-def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int, micro_batches: int = 1) -> tuple[Array, Array]:
+def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int, micro_batches: int = 1,
+               axis_name: str | tuple[str, ...] | None = None) -> tuple[Array, Array]:  # fmt: skip
     """Summed response log-probs [B, R] and counted tokens [B, R] of each pair's R = 2 (chosen, rejected)
     sequences in one forward; R = 1 when only the chosen rows are given (SFT). A packed batch (data/packing.py)
     gives [B, 2] in the order of its pair_mask, 0 for positions without a pair; when it is micro-batch m of M
-    (`micro_batches`), its segments name the whole batch's pair b = j·M + m, which is its pair j."""
+    (`micro_batches`), its segments name the whole batch's pair b = j·M + m, which is its pair j.
+
+    `axis_name`: inside `jax.shard_map`, the mesh axes the batch is split over; `batch` holds this device's
+    rows and pairs. A packed row's segments may name pairs of any device: each device sums its segments into
+    the slots of all the micro-batch's pairs, and a reduce-scatter leaves each device the sums of its own."""
     if "segment_ids" in batch:
         ids, attention, response, segments = (batch[k] for k in (*BATCH_KEYS, "segment_ids"))
         hidden, _ = model.hidden_states(ids, attention, positions=batch["positions"], segment_ids=segments)
@@ -316,8 +325,11 @@ def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int, micro_batches: 
         # Segments -> pairs: 2·b + side (-1: none) -> 2·j + side; a sum over rows, which may be on any device.
         named = batch["segment_pairs"]
         slot = jnp.where(named >= 0, named // 2 // micro_batches * 2 + named % 2, -1)
-        to_pairs = jax.nn.one_hot(slot, 2 * batch["pair_mask"].shape[0], dtype=jnp.float32)
+        shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+        to_pairs = jax.nn.one_hot(slot, 2 * batch["pair_mask"].shape[0] * shards, dtype=jnp.float32)
         per_pair = lambda x: jnp.einsum("rs,rsq->q", x, to_pairs).reshape(-1, 2)  # [P, 2]
+        if axis_name is not None:  # [shards·P, 2] partial sums -> this device's P pairs, summed over devices
+            per_pair = lambda x, f=per_pair: jax.lax.psum_scatter(f(x), axis_name, scatter_dimension=0, tiled=True)
         return per_pair(sums), per_pair(counts)
     pairs, rows, length = batch["input_ids"].shape
     ids, attention, response = (batch[k].reshape(pairs * rows, length) for k in BATCH_KEYS)  # [B*R, T]
@@ -326,15 +338,17 @@ def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int, micro_batches: 
     return sums.reshape(pairs, rows), counts.reshape(pairs, rows)
 
 
-def batch_denominators(batch: Batch) -> losses.Denominators:
-    """The whole batch's loss denominators (pairs with a chosen response, chosen tokens), either layout."""
+def batch_denominators(batch: Batch, axis_name: str | tuple[str, ...] | None = None) -> losses.Denominators:
+    """The whole batch's loss denominators (pairs with a chosen response, chosen tokens), either layout; inside
+    `jax.shard_map`, from this device's rows summed over `axis_name` (losses.denominators)."""
     _, weights = losses.shift_targets(batch["input_ids"], batch["loss_mask"], batch["attention_mask"])
     if "segment_ids" not in batch:
-        return losses.denominators(jnp.sum(weights, axis=-1))  # counts [B, 2]
+        return losses.denominators(jnp.sum(weights, axis=-1), axis_name)  # counts [B, 2]
     segment_pairs = batch["segment_pairs"]  # [R, S]; a pair's chosen sequence is exactly one segment
     counts = jnp.sum(losses.segment_weights(weights, batch["segment_ids"], segment_pairs.shape[1]), axis=1)  # [R, S]
     chosen = jnp.where((segment_pairs >= 0) & (segment_pairs % 2 == 0), counts, 0.0)
-    return losses.denominators(jnp.stack([chosen.reshape(-1), jnp.zeros_like(chosen.reshape(-1))], axis=-1))
+    flat = chosen.reshape(-1)
+    return losses.denominators(jnp.stack([flat, jnp.zeros_like(flat)], axis=-1), axis_name)
 
 
 def device_batch(host: Batch) -> Batch:
@@ -433,65 +447,107 @@ def lower_abstract_step(model_config, config: TrainConfig, mesh: Mesh, batch: Ba
     return step_fn.lower(state, frozen, shapes)
 
 
+def step_model(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, config: TrainConfig) -> nnx.Module:
+    """The model merged *inside a trace* from its state, with the step's attention and remat."""
+    model = nnx.merge(graphdef, params, frozen)
+    set_attention(model, config.attention)
+    apply_remat(model, config.remat)
+    return model
+
+
+def model_loss(model: nnx.Module, batch: Batch, norm: losses.Denominators, key: Array, config: TrainConfig,
+               axis_name: str | tuple[str, ...] | None = None) -> tuple[Array, dict[str, Array]]:  # fmt: skip
+    """(loss, metrics) of one micro-batch, normalised by the whole batch's `norm`; `key` drives LoRA dropout.
+
+    `axis_name`: inside `jax.shard_map` (shardmap.py), the mesh axes the batch is split over; `batch` is then
+    this device's rows (see `pair_logps`).
+    """
+    loss_config, micro, chunk = config.loss, config.micro_batches, config.logits_chunk_size
+    ref_logps = batch.get("ref_logps")
+    if ref_logps is None and loss_config.dpo_weight:
+        if not lora.has_adapters(model):
+            raise ValueError("full-parameter DPO needs ref_logps in the batch (see train.make_logps_fn).")
+        with lora.adapters_off(model):  # the reference: base weights, adapters off, no gradient
+            ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, chunk, micro, axis_name))
+    lora.set_dropout_key(model, key)
+    if ref_logps is None and not loss_config.dpo_weight:  # SFT: no term reads the rejected row
+        if "segment_ids" in batch:  # packed rows hold both sequences: compute both, read the chosen
+            both = pair_logps(model, batch, chunk, micro, axis_name)
+            chosen_logps, chosen_counts = (x[:, :1] for x in both)
+        else:  # skip the rejected row's forward
+            chosen = {k: batch[k][:, :1] for k in BATCH_KEYS}  # [B, 1, T]
+            chosen_logps, chosen_counts = pair_logps(model, chosen, chunk)  # [B, 1] each
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))  # [B, 1] -> [B, 2]
+        loss, metrics = losses.preference_loss(pad(chosen_logps), pad(chosen_counts), None, loss_config, norm)
+        return loss, {k: v for k, v in metrics.items() if k != "logps/rejected"}  # not computed
+    policy_logps, counts = pair_logps(model, batch, chunk, micro, axis_name)
+    return losses.preference_loss(policy_logps, counts, ref_logps, loss_config, norm)
+
+
+def step_keys(config: TrainConfig, step: Array) -> Array:
+    """One LoRA-dropout key per micro-batch [M], new every optimizer step."""
+    return jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step), config.micro_batches)
+
+
+def accumulate_gradients(loss_fn: Callable, params: nnx.State, frozen: nnx.State, batch: Batch,
+                         norm: losses.Denominators, keys: Array, micro_batches: int):  # fmt: skip
+    """(gradients, metrics) of loss_fn(params, frozen, micro_batch, norm, key) summed over the M micro-batches
+    with `lax.scan`, in float32, then cast to the parameters' dtypes. Every loss and metric term is normalised
+    by whole-batch denominators, so the sums are the whole batch's."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(grads: nnx.State, xs: tuple[Batch, Array]):
+        (_, metrics), micro_grads = grad_fn(params, frozen, xs[0], norm, xs[1])
+        return jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads), metrics
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)  # accumulate in float32
+    grads, metrics = jax.lax.scan(accumulate, zeros, (_micro_batches(batch, micro_batches), keys))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)  # the optimizer sees the params' dtypes
+    return grads, {name: jnp.sum(values) for name, values in metrics.items()}  # terms add up (see losses.py)
+
+
+def apply_update(optimizer: optax.GradientTransformation, schedule: optax.Schedule, state: TrainState,
+                 grads: nnx.State, metrics: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:  # fmt: skip
+    """Clip and AdamW on the whole batch's gradients (sharded like the params; XLA reduces the global norm)."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = metrics | {"grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def jit_step(step: Callable, mesh: Mesh, state_shardings: TrainState, frozen_shardings: nnx.State):
+    """jax.jit of step(state, frozen, batch) with the trainer's shardings; the state is donated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))  # fmt: skip
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: TrainConfig,
                     mesh: Mesh, state_shardings: TrainState, frozen_shardings: nnx.State):  # fmt: skip
-    """jit((state, frozen, batch) -> (state, metrics)), state donated; metrics are replicated scalars."""
-    loss_config, micro = config.loss, config.micro_batches
+    """jit((state, frozen, batch) -> (state, metrics)), state donated; metrics are replicated scalars.
+
+    config.strategy "gspmd": one program over global arrays; XLA's partitioner (GSPMD) derives the collectives
+    from the shardings and the activation constraints. "shard_map": a per-device program with the collectives
+    written out (shardmap.py); both share the loss, the accumulation and the optimizer update.
+    """
+    if config.strategy == "shard_map":
+        from jaxpatience import shardmap
+
+        return shardmap.make_train_step(graphdef, optimizer, config, mesh, state_shardings, frozen_shardings)
     schedule = make_schedule(config.optimizer, config.max_steps)
-    base_key = jax.random.key(config.seed)
 
     def micro_loss(params: nnx.State, frozen: nnx.State, batch: Batch, norm: losses.Denominators, key: Array):
-        model = nnx.merge(graphdef, params, frozen)
-        set_attention(model, config.attention)
-        apply_remat(model, config.remat)
-        with_adapters = lora.has_adapters(model)
-        ref_logps = batch.get("ref_logps")
-        if ref_logps is None and loss_config.dpo_weight:
-            if not with_adapters:
-                raise ValueError("full-parameter DPO needs ref_logps in the batch (see train.make_logps_fn).")
-            with lora.adapters_off(model):  # the reference: base weights, adapters off, no gradient
-                ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, config.logits_chunk_size, micro))
-        lora.set_dropout_key(model, key)
-        if ref_logps is None and not loss_config.dpo_weight:  # SFT: no term reads the rejected row
-            if "segment_ids" in batch:  # packed rows hold both sequences: compute both, read the chosen
-                both = pair_logps(model, batch, config.logits_chunk_size, micro)
-                chosen_logps, chosen_counts = (x[:, :1] for x in both)
-            else:  # skip the rejected row's forward
-                chosen = {k: batch[k][:, :1] for k in BATCH_KEYS}  # [B, 1, T]
-                chosen_logps, chosen_counts = pair_logps(model, chosen, config.logits_chunk_size)  # [B, 1] each
-            loss, metrics = losses.preference_loss(
-                jnp.pad(chosen_logps, ((0, 0), (0, 1))),
-                jnp.pad(chosen_counts, ((0, 0), (0, 1))),
-                None,
-                loss_config,
-                norm,
-            )
-            return loss, {k: v for k, v in metrics.items() if k != "logps/rejected"}  # not computed
-        policy_logps, counts = pair_logps(model, batch, config.logits_chunk_size, micro)
-        return losses.preference_loss(policy_logps, counts, ref_logps, loss_config, norm)
+        return model_loss(step_model(graphdef, params, frozen, config), batch, norm, key, config)
 
     def step(state: TrainState, frozen: nnx.State, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         with sharding.activate(mesh):  # constraints inside the model take effect while tracing
             norm = batch_denominators(batch)  # whole-batch normalisers
-            keys = jax.random.split(jax.random.fold_in(base_key, state.step), micro)
-            grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+            keys = step_keys(config, state.step)
+            grads, metrics = accumulate_gradients(micro_loss, state.params, frozen, batch, norm, keys,
+                                                  config.micro_batches)  # fmt: skip
+        return apply_update(optimizer, schedule, state, grads, metrics)
 
-            def accumulate(grads: nnx.State, xs: tuple[Batch, Array]):
-                (_, metrics), micro_grads = grad_fn(state.params, frozen, xs[0], norm, xs[1])
-                return jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads), metrics
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)  # accumulate in float32
-            grads, metrics = jax.lax.scan(accumulate, zeros, (_micro_batches(batch, micro), keys))
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)  # optimizer sees param dtypes
-            metrics = {name: jnp.sum(values) for name, values in metrics.items()}  # terms add up (see losses.py)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-        metrics |= {"grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state), metrics
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))  # fmt: skip
+    return jit_step(step, mesh, state_shardings, frozen_shardings)
 
 
 def make_logps_fn(trainer: Trainer, *, adapters: bool = False) -> Callable[[Batch], Array]:

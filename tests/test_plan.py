@@ -55,7 +55,8 @@ HloModule jit_step, entry_computation_layout={(f32[64,32]{1,0})->f32[64,16]{1,0}
 ENTRY %main (x.1: f32[64,32], w.1: f32[8,16]) -> f32[64,16] {
   %x.1 = f32[64,32]{1,0} parameter(0)
   %w.1 = f32[8,16]{1,0} parameter(1)
-  %g = f32[32,16]{1,0} all-gather(%w.1), channel_id=2, replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_1'}, dimensions={0}
+  %g = f32[32,16]{1,0} all-gather(%w.1), channel_id=2, \
+replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_1'}, dimensions={0}
   %zero = s32[] constant(0)
   %init = (s32[], f32[64,32]{1,0}, f32[32,16]{1,0}) tuple(%zero, %x.1, %g)
   %loop = (s32[], f32[64,32]{1,0}, f32[32,16]{1,0}) while(%init), condition=%cond, body=%body
@@ -103,7 +104,8 @@ def test_roofline_arithmetic_by_hand():
 
 def _job(**changes) -> plan.Job:
     fields = dict(model_name="tiny", model=preset("tiny"), kind="train", batch_size=8, seq_len=64, lora_rank=8,
-                  remat="full", loss="irpo", micro_batches=1, strategy="gspmd", reference="in-step", prompt_len=16)  # fmt: skip
+                  remat="full", loss="irpo", micro_batches=1, strategy="gspmd", reference="in-step",
+                  prompt_len=16)  # fmt: skip
     return plan.Job(**(fields | changes))
 
 
@@ -185,7 +187,8 @@ def test_plan_measures_and_writes_every_format(capsys, tmp_path):
     assert out["png"].stat().st_size > 1000
     # a second plan reads the compiled rows from the cache
     status, output = _cli(capsys, "--model", "tiny", "--batch-size", "8", "--seq-len", "64", "--target", "cpu:8",
-                          "--meshes", "data=8", "--chip", "h100", "--dtype", "float32", "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+                          "--meshes", "data=8", "--chip", "h100", "--dtype", "float32",
+                          "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
     assert status == 0 and "(cached)" in output, output
 
 
