@@ -48,6 +48,7 @@ class Job:
     strategy: str  # gspmd | shard_map
     reference: str  # in-step | precomputed
     prompt_len: int  # decode: the prefill's prompt bucket
+    scan_layers: bool = True  # train: one scanned layer (the default) or L unrolled layers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", default="in-step", choices=["in-step", "precomputed"], help="LoRA DPO's reference")
     p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--strategy", default="gspmd", choices=["gspmd", "shard_map"])
+    p.add_argument("--unrolled", action="store_true", help="train: L unrolled layers instead of one scanned layer")
     p.add_argument(
         "--dtype",
         default=None,
@@ -108,7 +110,7 @@ def make_job(args: argparse.Namespace, dtype: str) -> Job:
         raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model.max_position_embeddings} positions.")
     prompt = args.prompt_len or max(args.seq_len // 4, 1)
     return Job(args.model, model, args.job, args.batch_size, args.seq_len, args.lora_rank, args.remat, args.loss,
-               args.micro_batches, args.strategy, args.reference, prompt)  # fmt: skip
+               args.micro_batches, args.strategy, args.reference, prompt, not args.unrolled)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def train_config(job, sizes: dict[str, int]):
     dpo, nll = LOSSES[job.loss]
     return TrainConfig(mesh=MeshConfig(**sizes), lora=LoraConfig(rank=job.lora_rank) if job.lora_rank else None,
                        loss=LossConfig(dpo_weight=dpo, nll_weight=nll), batch_size=job.batch_size,
-                       micro_batches=job.micro_batches, remat=job.remat, strategy=job.strategy)  # fmt: skip
+                       micro_batches=job.micro_batches, remat=job.remat, strategy=job.strategy,
+                       scan_layers=job.scan_layers)  # fmt: skip
 
 
 def train_batch(job) -> dict[str, jax.ShapeDtypeStruct]:

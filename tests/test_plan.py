@@ -139,6 +139,10 @@ def test_data_fsdp_and_tensor_rows_show_their_communication():
     # loops counted: the HLO's matmul FLOPs are at least the model's (remat adds a forward)
     for row in (data, fsdp):
         assert row["hlo_flops"] >= plan_rows.model_flops(job) / 8
+    # the hand-written strategy reduce-scatters the gradients over fsdp, where GSPMD all-reduces them
+    by_hand = _row(_job(strategy="shard_map"), fsdp=8)
+    assert any(c["kind"] == "reduce-scatter" and c["axes"] == ["fsdp"] for c in by_hand["collectives"])
+    assert not any(c["kind"] == "reduce-scatter" for c in fsdp["collectives"])
 
 
 def _cli(capsys, *args) -> tuple[int, str]:
