@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,14 +139,21 @@ def target_devices(target: str) -> list:
         try:
             return list(topologies.get_topology_desc(topology_name=target[4:], platform="tpu").devices)
         except RuntimeError as err:
-            if "not installed" in str(err) or "libtpu" in str(err).lower():
+            if "not installed" in str(err):
                 raise ConfigError(TPU_HINT) from None
             raise ConfigError(f"TPU topology {target[4:]!r} was refused: {str(err).splitlines()[0]}") from None
     raise ConfigError(f"unknown target {target!r}; expected local, cpu:N or tpu:TOPOLOGY (e.g. tpu:v5p:4x4x4).")
 
 
-def prepare_cpu_devices(target: str) -> None:
-    """Ask for N CPU devices before JAX starts its backends (a no-op once they run)."""
+def prepare_backends(target: str) -> None:
+    """Before JAX starts its backends (a no-op once they run): N CPU devices for `cpu:N`; for `tpu:` targets the
+    CPU backend only, so that a plan never takes a TPU VM's chips from a job running there, and libtpu loaded
+    beside other processes (ALLOW_MULTIPLE_LIBTPU_LOAD: the plan only compiles, it never runs on a TPU)."""
+    if target.startswith("tpu:"):
+        import jax
+
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        jax.config.update("jax_platforms", "cpu")
     if target.startswith("cpu:"):
         count = _positive(target[4:], "cpu:N")
         import jax
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxpatience import plan_report
 
     args = parse_args(argv)
-    prepare_cpu_devices(args.target)
+    prepare_backends(args.target)
     chip, dtype = _chip_and_dtype(args)
     job = make_job(args, dtype)
     if args.measure and (args.target.startswith("tpu:") or job.kind != "train"):

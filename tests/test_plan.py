@@ -222,3 +222,7 @@ def test_a_v5p_plan_compiles_for_abstract_tpu_devices(tmp_path):
     fsdp = next(row for row in rows if row["mesh"]["fsdp"] == 8)
     assert any(c["kind"] == "all-gather" and c["axes"] == ["fsdp"] for c in fsdp["collectives"])
     assert np.isfinite(fsdp["predicted_step_s"]) and fsdp["memory_bytes"]["total"] < 95e9
+    # a topology libtpu does not know: its reason in one sentence
+    bad = [*command[: command.index("--target") + 1], "tpu:v5p:3x3x3", "--meshes", "fsdp=27"]
+    result = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "jaxpatience: error: TPU topology 'v5p:3x3x3' was refused" in result.stderr
