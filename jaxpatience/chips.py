@@ -38,8 +38,8 @@ CHIPS: dict[str, Chip] = {
     "v4": Chip("v4", 275e12, 32 * 2**30, 1200 * GB, 150 * GB),
     # Cloud TPU v5e page: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 400 GB/s bidirectional per chip.
     "v5e": Chip("v5e", 197e12, 16 * GB, 819 * GB, 200 * GB),
-    # Cloud TPU v5p page: 459 TFLOP/s bf16, 95 GB HBM2e at 2765 GB/s, ICI 1200 GB/s bidirectional per chip.
-    "v5p": Chip("v5p", 459e12, 95 * GB, 2765 * GB, 600 * GB),
+    # Cloud TPU v5p page: 459 TFLOP/s bf16, 95 GiB HBM2e at 2765 GB/s, ICI 1200 GB/s bidirectional per chip.
+    "v5p": Chip("v5p", 459e12, 95 * 2**30, 2765 * GB, 600 * GB),
     # Cloud TPU v6e (Trillium) page: 918 TFLOP/s bf16, 32 GB HBM at 1638 GB/s, ICI 800 GB/s bidirectional per chip.
     "v6e": Chip("v6e", 918e12, 32 * GB, 1638 * GB, 400 * GB),
 }
@@ -67,6 +67,17 @@ def with_spec(base: Chip, text: str) -> Chip:
         except ValueError:
             raise ValueError(f"--chip-spec {key}={value!r} is not a number.") from None
     return dataclasses.replace(base, name=f"{base.name}*" if changes else base.name, **changes)
+
+
+def chip_of_device(device_kind: str) -> Chip:
+    """A local accelerator's chip from JAX's `device_kind` ('NVIDIA H100 80GB HBM3', 'TPU v5p', ...)."""
+    kind = device_kind.lower().replace(" ", "")
+    for name in ("h200", "h100", "a100", "v5p", "v6e", "v4"):
+        if name in kind:
+            return CHIPS[name]
+    if "v5lite" in kind or "v5e" in kind:
+        return CHIPS["v5e"]
+    raise ValueError(f"no chip in the table for the local devices ({device_kind!r}); name one with --chip.")
 
 
 def chip_of_topology(topology: str) -> Chip:

@@ -37,7 +37,7 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "async-start",
                "async-done", "async-update"}  # fmt: skip
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 
 
@@ -49,6 +49,7 @@ class Instruction:
     operands: list[str]
     args: str  # the text between the parentheses (a parameter's index)
     attributes: str
+    root: bool = False  # the computation's result
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ def parse_module(text: str) -> dict[str, dict[str, Instruction]]:
             continue
         match = _INSTRUCTION.match(line)
         if match:
-            name, shape, opcode, rest = match.groups()
+            root, name, shape, opcode, rest = match.groups()
             depth, end = 1, len(rest)
             for i, char in enumerate(rest):  # the operand list ends at the matching parenthesis
                 depth += {"(": 1, ")": -1}.get(char, 0)
@@ -93,35 +94,65 @@ def parse_module(text: str) -> dict[str, dict[str, Instruction]]:
                     end = i
                     break
             operands = re.findall(r"%([\w.\-]+)", rest[:end])
-            current[name] = Instruction(name, shape, opcode, operands, rest[:end], rest[end + 1 :])
+            current[name] = Instruction(name, shape, opcode, operands, rest[:end], rest[end + 1 :], bool(root))
     return computations
 
 
-def trip_count(loop: Instruction, computations: dict[str, dict[str, Instruction]]) -> float:
-    """A while loop's iterations: XLA's `known_trip_count`, else the bound of its condition `i < N` (a scan from
-    0, as TPU modules leave it); 1 when neither says."""
+def trip_count(
+    loop: Instruction, computations: dict[str, dict[str, Instruction]], caller: dict[str, Instruction]
+) -> float:
+    """A while loop's iterations: XLA's `known_trip_count` (CPU, GPU), else a scan's `counter < N` in its
+    condition (TPU modules leave the count out): the compare's left side a tuple element of the loop state that
+    starts at constant 0, its right side a constant. Anything else (a loop that runs until its rows are done) 1."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
     if known:
         return float(known.group(1))
     condition = re.search(r"condition=%?([\w.\-]+)", loop.attributes)
     table = computations.get(condition.group(1), {}) if condition else {}
-    for instruction in table.values():
-        direction = re.search(r"direction=(LT|LE)", instruction.attributes)
-        if instruction.opcode == "compare" and direction and len(instruction.operands) == 2:
-            bound = table.get(instruction.operands[1])
-            value = re.fullmatch(r"\s*(\d+)\s*", bound.args) if bound and bound.opcode == "constant" else None
-            if value:
-                return float(int(value.group(1)) + (direction.group(1) == "LE"))
+    init = _source(caller, loop.operands[0]) if loop.operands else None
+    for compare in table.values():
+        direction = re.search(r"direction=(LT|LE)", compare.attributes)
+        if compare.opcode != "compare" or not direction or len(compare.operands) != 2:
+            continue
+        counter, bound = (_source(table, name) for name in compare.operands)
+        index = (
+            re.search(r"index=(\d+)", counter.attributes) if counter and counter.opcode == "get-tuple-element" else None
+        )
+        limit = _constant(bound)
+        if index is None or limit is None or init is None or init.opcode != "tuple":
+            continue
+        if (
+            int(index.group(1)) < len(init.operands)
+            and _constant(_source(caller, init.operands[int(index.group(1))])) == 0
+        ):
+            return float(limit + (direction.group(1) == "LE"))
     return 1.0
 
 
-def _callees(instruction: Instruction, computations: dict | None = None) -> list[tuple[str, float]]:
+def _source(table: dict[str, Instruction], name: str) -> Instruction | None:
+    """The instruction behind `name`, through copies, bitcasts and converts."""
+    instruction = table.get(name)
+    while instruction is not None and instruction.opcode in ("copy", "bitcast", "convert") and instruction.operands:
+        instruction = table.get(instruction.operands[0])
+    return instruction
+
+
+def _constant(instruction: Instruction | None) -> int | None:
+    value = (
+        re.fullmatch(r"\s*(-?\d+)\s*", instruction.args) if instruction and instruction.opcode == "constant" else None
+    )
+    return int(value.group(1)) if value else None
+
+
+def _callees(instruction: Instruction, computations: dict | None = None, caller: dict | None = None
+             ) -> list[tuple[str, float]]:  # fmt: skip
     """(computation, times per execution of the instruction) for every computation it calls."""
     attributes = instruction.attributes
     if instruction.opcode == "while":
         body = re.search(r"body=%?([\w.\-]+)", attributes)
         condition = re.search(r"condition=%?([\w.\-]+)", attributes)
-        return [(m.group(1), trip_count(instruction, computations or {})) for m in (body, condition) if m]
+        trips = trip_count(instruction, computations or {}, caller or {})
+        return [(m.group(1), trips) for m in (body, condition) if m]
     called = re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)", attributes)
     for group in re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", attributes):
         called += re.findall(r"%?([\w.\-]+)", group)
@@ -146,7 +177,7 @@ def multipliers(computations: dict[str, dict[str, Instruction]]) -> dict[str, fl
     visit("ENTRY")
     for name in reversed(order):
         for instruction in computations[name].values():
-            for callee, count in _callees(instruction, computations):
+            for callee, count in _callees(instruction, computations, computations[name]):
                 times[callee] += times[name] * count
     return dict(times)
 
@@ -162,7 +193,8 @@ def _matmul_flops(instruction: Instruction, table: dict[str, Instruction]) -> fl
     if not labels or [len(s) for s in shapes] != [len(labels.group(1)), len(labels.group(2))]:
         return 0.0
     lhs, rhs, result = labels.groups()
-    window = dict(re.findall(r"(\w+)=([0-9x_]+)", re.search(r"window=\{([^}]*)\}", instruction.attributes).group(1)))
+    spec = re.search(r"window=\{([^}]*)\}", instruction.attributes)  # absent on a plain matmul: no spatial dims
+    window = dict(re.findall(r"(\w+)=([0-9x_]+)", spec.group(1))) if spec else {}
     taps = 1.0  # average window taps per output position that land on real (not padded, not dilated) input
     for d, digit in enumerate(sorted(c for c in rhs if c.isdigit())):
         field = lambda key, default, d=d: window.get(key, "x".join([default] * len(shapes[1]))).split("x")[d]
@@ -175,16 +207,24 @@ def _matmul_flops(instruction: Instruction, table: dict[str, Instruction]) -> fl
     return 2.0 * math.prod(out) * shapes[1][rhs.index("i")] * taps
 
 
-def _fusion_operand_bytes(instruction: Instruction, computations, table) -> float:
-    """Operand bytes of a fusion, counting a parameter that is only sliced inside as the slices it feeds."""
+def _fusion_bytes(instruction: Instruction, computations, table) -> float:
+    """Result and operand bytes of a fusion: a parameter that is only sliced inside counts as the slices it feeds;
+    a fusion ending in a dynamic-update-slice writes its update into the buffer in place (the buffer, its
+    operand, is neither read nor written whole: a scan storing one layer's result into an [L, ...] array)."""
     callees = _callees(instruction)
     body = computations.get(callees[0][0]) if callees else None
-    total = 0.0
+    root = next((i for i in body.values() if i.root), None) if body else None
+    in_place = root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1
+    buffer = body.get(root.operands[0]) if in_place else None
+    update = body.get(root.operands[1]) if in_place else None
+    total = 2.0 * shape_bytes(update.shape) if update is not None else shape_bytes(instruction.shape)
     for index, operand in enumerate(instruction.operands):
         full = shape_bytes(table[operand].shape) if operand in table else 0.0
         if body is None:
             total += full
             continue
+        if buffer is not None and buffer.opcode == "parameter" and buffer.args.strip() == str(index):
+            continue  # updated in place
         params = [i for i in body.values() if i.opcode == "parameter" and i.args.strip() == str(index)]
         users = [u for p in params for u in body.values() if p.name in u.operands]
         sliced = users and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] in
@@ -202,7 +242,7 @@ def _traffic(instruction: Instruction, computations, table) -> float:
         update = table.get(instruction.operands[1]) if len(instruction.operands) > 1 else None
         return 2.0 * shape_bytes(update.shape) if update else 0.0
     if instruction.opcode == "fusion":
-        return shape_bytes(instruction.shape) + _fusion_operand_bytes(instruction, computations, table)
+        return _fusion_bytes(instruction, computations, table)
     return shape_bytes(instruction.shape) + sum(shape_bytes(table[o].shape) for o in instruction.operands if o in table)
 
 
@@ -266,12 +306,29 @@ def _widest(groups: list[list[int]] | None) -> list[int]:
     return max(groups, key=lambda g: max(g) - min(g)) if groups else []
 
 
+def _reduce_scatter_fusions(computations: dict[str, dict[str, Instruction]]) -> dict[str, Instruction]:
+    """TPU writes a reduce-scatter as a fusion calling `%all-reduce-scatter...` (an all-reduce, then each device
+    keeps its slice): callee name -> the all-reduce inside, counted once, as the reduce-scatter it is."""
+    found = {}
+    for table in computations.values():
+        for instruction in table.values():
+            callee = re.search(r"calls=%?(all-reduce-scatter[\w.\-]*)", instruction.attributes)
+            if instruction.opcode == "fusion" and callee and callee.group(1) in computations:
+                inner = [
+                    i for i in computations[callee.group(1)].values() if i.opcode in ("all-reduce", "all-reduce-start")
+                ]
+                if inner:
+                    found[callee.group(1)] = inner[0]
+    return found
+
+
 def analyze(text: str, mesh_shape: dict[str, int]) -> Analysis:
     """FLOPs, HBM traffic and collectives per device of one execution of an optimised HLO module."""
     computations = parse_module(text)
     times = multipliers(computations)
     fused = {c for instrs in computations.values() for i in instrs.values() if i.opcode == "fusion"
              for c, _ in _callees(i)}  # fmt: skip
+    scatters = _reduce_scatter_fusions(computations)
     flops = traffic = 0.0
     grouped: dict[tuple[str, tuple[str, ...]], dict] = {}
     for name, table in computations.items():
@@ -283,22 +340,30 @@ def analyze(text: str, mesh_shape: dict[str, int]) -> Analysis:
                 flops += count * _matmul_flops(instruction, table)
             if name not in fused:
                 traffic += count * _traffic(instruction, computations, table)
-            found = _collective(instruction, table)
-            if found is None:
+            callee = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)
+            if instruction.opcode == "fusion" and callee and callee.group(1) in scatters:
+                inner = scatters[callee.group(1)]  # its input is the full buffer, as a reduce-scatter's
+                _record(grouped, "reduce-scatter", inner, shape_bytes(inner.shape), count, mesh_shape)
                 continue
-            kind, holder = found
-            groups = replica_groups(holder.attributes)
-            size = 2 if kind == "collective-permute" else len(groups[0]) if groups else math.prod(mesh_shape.values())
-            buffer = shape_bytes(instruction.shape) * (size if kind == "reduce-scatter" else 1)
-            axes = spanned_axes(groups, mesh_shape)
-            entry = grouped.setdefault(
-                (kind, tuple(axes)),
-                {"kind": kind, "axes": axes, "count": 0, "bytes": 0.0, "group_size": size, "group": _widest(groups)},
-            )
-            entry["count"] += int(round(count))
-            entry["bytes"] += count * buffer
-    collectives = [grouped[key] for key in sorted(grouped)]
-    return Analysis(flops, traffic, collectives)
+            found = _collective(instruction, table) if name not in scatters else None
+            if found is not None:
+                kind, holder = found
+                groups = replica_groups(holder.attributes)
+                size = len(groups[0]) if groups else math.prod(mesh_shape.values())
+                buffer = shape_bytes(instruction.shape) * (size if kind == "reduce-scatter" else 1)
+                _record(grouped, kind, holder, buffer, count, mesh_shape)
+    return Analysis(flops, traffic, [grouped[key] for key in sorted(grouped)])
+
+
+def _record(grouped: dict, kind: str, holder: Instruction, buffer: float, count: float, mesh_shape: dict) -> None:
+    """Add one collective (run `count` times per step) to its (kind, spanned axes) entry."""
+    groups = replica_groups(holder.attributes)
+    size = 2 if kind == "collective-permute" else len(groups[0]) if groups else math.prod(mesh_shape.values())
+    axes = spanned_axes(groups, mesh_shape)
+    entry = grouped.setdefault((kind, tuple(axes)), {"kind": kind, "axes": axes, "count": 0, "bytes": 0.0,
+                                                     "group_size": size, "group": _widest(groups)})  # fmt: skip
+    entry["count"] += int(round(count))
+    entry["bytes"] += count * buffer
 
 
 def summary(analysis: Analysis) -> str:

@@ -110,6 +110,8 @@ def make_job(args: argparse.Namespace, dtype: str) -> Job:
     if args.job == "decode" and args.seq_len > model.max_position_embeddings:
         raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model.max_position_embeddings} positions.")
     prompt = args.prompt_len or max(args.seq_len // 4, 1)
+    if args.job == "decode" and not 0 < prompt < args.seq_len:
+        raise ConfigError(f"--prompt-len must be between 1 and --seq-len - 1 ({args.seq_len - 1}), not {prompt}.")
     return Job(args.model, model, args.job, args.batch_size, args.seq_len, args.lora_rank, args.remat, args.loss,
                args.micro_batches, args.strategy, args.reference, prompt, not args.unrolled)  # fmt: skip
 
@@ -158,6 +160,7 @@ def prepare_backends(target: str) -> None:
         count = _positive(target[4:], "cpu:N")
         import jax
 
+        jax.config.update("jax_platforms", "cpu")  # on a GPU host too: the plan compiles for CPU devices
         try:
             jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
         except RuntimeError:  # the backends already started: target_devices checks the count
@@ -214,7 +217,7 @@ def mesh_problem(sizes: dict[str, int], devices: int, job: Job) -> str | None:
         return f"the batch of {job.batch_size} does not split over {what} = {shards}."
     if model.hidden_size % fsdp:
         return f"fsdp={fsdp} does not divide the model dim {model.hidden_size}."
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"):
         if getattr(model, name) % tensor:
             return f"tensor={tensor} does not divide {name} = {getattr(model, name)}."
     if job.strategy == "shard_map" and tensor > 1:
@@ -228,11 +231,27 @@ def mesh_problem(sizes: dict[str, int], devices: int, job: Job) -> str | None:
 
 def _chip_and_dtype(args: argparse.Namespace) -> tuple[chips.Chip | None, str]:
     """The chip (None: measure this CPU later) and the storage dtype `train` would use there."""
-    if args.target.startswith("tpu:"):
-        chip = chips.chip(args.chip) if args.chip else chips.chip_of_topology(args.target[4:])
+    if args.chip:
+        chip = chips.chip(args.chip)
+    elif args.target.startswith("tpu:"):
+        chip = chips.chip_of_topology(args.target[4:])
+    elif args.target == "local" and _local_platform() != "cpu":  # the accelerators present: name their chip
+        chip = chips.chip_of_device(_local_device_kind())
     else:
-        chip = chips.chip(args.chip) if args.chip else None
+        chip = None
     return chip, args.dtype or ("float32" if chip is None else "bfloat16")
+
+
+def _local_platform() -> str:
+    import jax
+
+    return jax.devices()[0].platform
+
+
+def _local_device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
 
 
 def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Namespace, chip: chips.Chip) -> dict:
@@ -243,27 +262,32 @@ def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Nam
     cache = None if args.no_cache else Path(args.cache_dir or Path.home() / ".cache" / "jaxpatience" / "plan")
     try:
         row = plan_rows.compile_row(job, mesh, args.target, cache)
-    except Exception as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
+    except plan_rows.CompileError as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
         return error_row(sizes, err)
-    row = {"mesh": sizes, **row, "flops": row["xla_flops"]} | plan_rows.predict(row, job, chip, len(devices))
+    # flops: the compiled program's matmul FLOPs with loops counted (XLA's cost_analysis counts a loop once)
+    row = {"mesh": sizes, **row, "flops": row["hlo_flops"]} | plan_rows.predict(row, job, chip, len(devices))
     row |= {"measured_step_s": None, "measured_mfu": None}
-    if args.measure:
-        seconds = plan_rows.measure(job, mesh, args.steps)
+    if args.measure and row["fits"]:
+        try:
+            seconds = plan_rows.measure(job, mesh, args.steps)
+        except Exception as err:  # e.g. out of memory at run time: the row says so, the other meshes go on
+            return row | {"measure_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         row |= {"measured_step_s": seconds, "measured_mfu": row["model_flops"] / seconds / chip.peak_flops}
     return row
 
 
 def error_row(sizes: dict[str, int], err: Exception) -> dict:
-    """A mesh XLA would not compile; a TPU's 'Used 216.8G of 95.74G hbm' becomes the row's total memory."""
+    """A mesh XLA would not compile. When libtpu says how much its temporaries need, that figure is the row's
+    `temp` and `total` (a lower bound: the arguments come on top)."""
     import re
 
-    text = str(err)
-    used = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", text)
+    text = str(err)  # libtpu: "the total memory required for HLO temporaries (216.78G) exceeds available HBM"
+    used = re.search(r"(?:required for HLO temporaries \(|Used )([\d.]+)([KMGT])?", text)
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}
-    total = int(float(used.group(1)) * scale[used.group(2)]) if used else None
+    temp = int(float(used.group(1)) * scale[used.group(2)]) if used else None  # a lower bound of the total
     line = next((part for part in text.splitlines() if "memory" in part.lower()), text.splitlines()[0] if text else "")
     return {"mesh": sizes, "fits": False, "error": f"{type(err).__name__}: {line.strip()[:300]}",
-            "memory_bytes": {"weights": None, "trained": None, "batch": None, "temp": None, "total": total},
+            "memory_bytes": {"weights": None, "trained": None, "batch": None, "temp": temp, "total": temp},
             "flops": None, "model_flops": None, "collectives": [], "predicted_step_s": None,
             "predicted_mfu": None, "measured_step_s": None}  # fmt: skip
 
@@ -284,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     job = make_job(args, dtype)
     if args.measure and (args.target.startswith("tpu:") or job.kind != "train"):
         raise ConfigError("--measure runs train steps on local or cpu:N devices; drop it for TPU targets and decode.")
+    if args.measure and args.chip and args.target.startswith("cpu:"):
+        raise ConfigError("--measure on CPU devices compares with this CPU's own measured figures; drop --chip.")
     devices = target_devices(args.target)
     meshes = parse_meshes(args.meshes, len(devices), job)
     chip = chips.with_spec(chip or _host_chip(devices), args.chip_spec)

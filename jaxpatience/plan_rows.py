@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpatience import chips, hlo, roofline, sharding
+
+
+class CompileError(Exception):
+    """XLA refused to compile a mesh's program (on TPU: most often, it does not fit in HBM)."""
+
 
 LOSSES = {"dpo": (1.0, 0.0), "irpo": (1.0, 1.0), "sft": (0.0, 1.0)}  # (dpo_weight, nll_weight)
 
@@ -120,14 +127,17 @@ def lower_decode(job, mesh):
 
 def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
     """Compile the job for one mesh (or read the cached row): compile time, memory, FLOPs, collectives."""
-    key = _cache_key(job, dict(mesh.shape), target)
+    key = _cache_key(job, dict(mesh.shape), target, mesh.devices.flat[0].device_kind)
     cached = cache_dir / f"{key}.json" if cache_dir else None
     if cached and cached.exists():
         return json.loads(cached.read_text()) | {"cached": True}
     row: dict = {}
     for name, lowered, parts in (lower_train if job.kind == "train" else lower_decode)(job, mesh):
         start = time.perf_counter()
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except Exception as err:  # XLA's own errors have no common public type
+            raise CompileError(str(err)) from err
         seconds = time.perf_counter() - start
         analysis = hlo.analyze(compiled.as_text(), dict(mesh.shape))
         cost = compiled.cost_analysis()
@@ -140,19 +150,25 @@ def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
             memory = memory_split(lowered, compiled, named)
             row |= facts | {"memory_bytes": {"weights": 0, "trained": 0, "batch": 0} | memory}
         else:
-            row[name] = facts | {"temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+            row[name] = facts | {"memory_bytes": memory_split(lowered, compiled, {})}
     if cached:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(row))
     return row | {"cached": False}
 
 
-def _cache_key(job, sizes: dict[str, int], target: str) -> str:
+def _cache_key(job, sizes: dict[str, int], target: str, device_kind: str) -> str:
     source = hashlib.sha256()
     for path in sorted(Path(__file__).parent.rglob("*.py")):  # the package's code shapes the program
         source.update(path.read_bytes())
     fields = dataclasses.asdict(job) | {"model_name": None}
-    text = json.dumps([fields, sizes, target, jax.__version__, source.hexdigest()], sort_keys=True, default=str)
+    try:
+        libtpu = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        libtpu = None
+    flags = [os.environ.get(k) for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")]  # they change the compiled program
+    text = json.dumps([fields, sizes, target, device_kind, jax.__version__, libtpu, flags, source.hexdigest()],
+                      sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -170,11 +186,12 @@ def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
     analysis = hlo.Analysis(row["hlo_flops"], row["hbm_bytes"], collectives)
     terms = roofline.step_time(analysis, chip)
     per_device = model_flops(job) / devices
+    peak_memory = max(row["memory_bytes"]["total"], row.get("prefill", {}).get("memory_bytes", {}).get("total", 0))
     return {
         "model_flops": per_device,
         "layer_bytes": layer_bytes(job.model),
         "gathered_bytes": sum(c["bytes"] for c in row["collectives"] if c["kind"] == "all-gather"),
-        "fits": row["memory_bytes"]["total"] <= chip.hbm_bytes,
+        "fits": peak_memory <= chip.hbm_bytes,  # decode: the prefill's program too
         "predicted": {k: v for k, v in terms.items()},
         "predicted_step_s": terms["step_max_s"],
         "predicted_step_sum_s": terms["step_sum_s"],

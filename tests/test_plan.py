@@ -83,6 +83,47 @@ def test_loops_count_their_trips_and_groups_map_to_mesh_axes():
     assert hlo.analyze(known, {"data": 4, "tensor": 2}).dot_flops == (3 + 1) * 2 * 64 * 32 * 16
 
 
+# TPU spellings: a plain matmul as a window-less convolution, a reduce-scatter as a fusion around an all-reduce.
+TPU_MODULE = """
+HloModule jit_step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%all-reduce-scatter.1 (p0: f32[64]) -> f32[16] {
+  %p0 = f32[64]{0} parameter(0)
+  %ar = f32[64]{0} all-reduce(%p0), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %off = s32[] constant(0)
+  ROOT %ds = f32[16]{0} dynamic-slice(%ar, %off), dynamic_slice_sizes={16}
+}
+
+ENTRY %main (a: bf16[8,32], b: bf16[32,16], g: f32[64]) -> (f32[8,16], f32[16]) {
+  %a = bf16[8,32]{1,0:T(8,128)(2,1)} parameter(0)
+  %b = bf16[32,16]{1,0:T(8,128)(2,1)} parameter(1)
+  %g = f32[64]{0} parameter(2)
+  %c = f32[8,16]{1,0} convolution(%a, %b), dim_labels=bf_io->bf
+  %rs = f32[16]{0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
+  ROOT %t = (f32[8,16]{1,0}, f32[16]{0}) tuple(%c, %rs)
+}
+"""
+
+
+def test_tpu_spellings_and_loops_that_are_not_counted():
+    analysis = hlo.analyze(TPU_MODULE, {"data": 2, "fsdp": 4})
+    assert analysis.dot_flops == 2 * 8 * 16 * 32
+    assert [(c["kind"], c["axes"], c["count"], c["bytes"]) for c in analysis.collectives] == [
+        ("reduce-scatter", ["fsdp"], 1, 64 * 4)
+    ]
+    # a loop whose condition bounds something other than its counter (decoding until rows are done) counts once
+    until_done = LOOP_MODULE.replace("compare(%i.1, %limit)", "compare(%twice, %limit)").replace(
+        "  %limit = s32[] constant(7)", "  %twice = s32[] add(%i.1, %i.1)\n  %limit = s32[] constant(7)"
+    )
+    assert hlo.analyze(until_done, {"data": 4, "tensor": 2}).dot_flops == 2 * 2 * 64 * 32 * 16
+
+
 def test_roofline_arithmetic_by_hand():
     chip = chips.Chip("test", peak_flops=1e12, hbm_bytes=1e9, hbm_bw=1e11, link_bw=1e10, node_size=4, network_bw=1e9)
     collectives = [
