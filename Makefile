@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv if needed, then run the main job: the toy pipeline (jaxpatience demo, 6-8 min on 2 cores)
-#   make test   create .venv if needed, then run lint and the whole test suite
+#   make demo   create .venv if needed (the package only), then run the main job: the toy pipeline (jaxpatience demo)
+#   make test   create .venv if needed, add the test tools (PyTorch CPU, pytest, ruff, libtpu), run lint and the tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,28 +8,28 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint clean
 
+# The demo needs only the package; the tests add the PyTorch reference (its CPU wheel), their extras and libtpu.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(STAMP)
+
+TEST_STAMP := $(VENV)/.test-installed
+$(TEST_STAMP): $(STAMP)
 	# torch==2.13.0 first: the CPU wheel, used only as the test reference (a plain `torch` pulls CUDA).
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	# libtpu (the [tpu] extra) lets the sharding lab's tests compile for abstract TPU devices; no TPU is needed.
+	$(BIN)/pip install --quiet -e '.[test,tpu]'
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/jaxpatience demo --out out/demo
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# libtpu (the [tpu] extra) lets the sharding lab's tests compile for abstract TPU devices; no TPU is needed.
-TPU_STAMP := $(VENV)/.tpu-installed
-$(TPU_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[tpu]'
-	touch $(TPU_STAMP)
-
-test: $(STAMP) $(TPU_STAMP) lint
+test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -309,11 +309,16 @@ class DataConfig:
     chat_template: bool = True  # apply the tokenizer's chat template to the prompt
     packing: bool = True  # pack several pairs per row (data/packing.py) instead of padding each sequence
     pack_length: int | None = None  # tokens per packed row; default: the largest bucket (max_length)
+    # Round each packed batch's row count up to a multiple of this: fewer distinct shapes (one compilation each)
+    # for some empty rows. The devices, micro-batches and hosts set a multiple of their own; this one adds to it.
+    pack_row_multiple: int = 1
     reference_cache: str | None = None  # directory of precomputed reference log-probs; default: beside the data
 
     def __post_init__(self):
         if self.pack_length is not None and self.pack_length <= 0:
             raise ConfigError(f"data.pack_length must be positive, not {self.pack_length!r}.")
+        if self.pack_row_multiple < 1:
+            raise ConfigError(f"data.pack_row_multiple must be at least 1, not {self.pack_row_multiple!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

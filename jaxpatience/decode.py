@@ -266,7 +266,7 @@ def generate(
     engine: "slots" (engine.py) or "static" (decode_static.py: one budget and stop set per call, one process).
     on_result: on_result(prompt index, sample index, Generation) as soon as each row is done (streaming).
     stats: an `EngineStats` the slot engine fills in; chunk_steps: its most decode steps between host looks.
-    progress: a tqdm bar (None: when rows outnumber slots). tokenizer: None if prompts and stops are ids.
+    progress: show a progress bar (None: when rows outnumber slots). tokenizer: None if prompts and stops are ids.
     """
     given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                  num_samples=num_samples, seed=seed, stop_tokens=stop_tokens)  # fmt: skip

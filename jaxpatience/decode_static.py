@@ -182,14 +182,14 @@ def run_batches(plan: Plan, prompt_ids: list[list[int]], tokenizer, progress: bo
     Returns results[prompt][sample] in the original prompt order; `on_result(prompt, sample, generation)` is
     called for each row as its batch comes back.
     """
-    from tqdm.auto import tqdm
+    from jaxpatience import progress as progress_bars
 
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
     step = plan.prompts_per_batch
     batches = [order[i : i + step] for i in range(0, len(order), step)]
     results: list[list[Generation | None]] = [[None] * plan.samples for _ in prompt_ids]
     show = progress if progress is not None else len(batches) > 1
-    bar = tqdm(total=len(prompt_ids), unit="prompt", disable=not show, desc="generate")
+    bar = progress_bars.bar(len(prompt_ids), unit="prompt", enabled=show, desc="generate")
     start, generated = time.perf_counter(), 0
     pending = None
     for batch in batches + [None]:

@@ -11,6 +11,7 @@ Stages (each skipped on a rerun once its output exists, and resumed if it was in
   irpo/base_eval/    the base model on the held-out problems (greedy); also iteration 0 of IRPO
   forced_eval/ the base model with its answer started for it ("Start with"): the latent patient skill
   patience/    Patience: (patient > concise) pairs from the toy teacher, DPO + LoRA, then evaluated
+  patience_nll/  the same stage with an NLL term on the chosen answer (DPO + NLL; Iterative RPO's ablation)
   irpo/        Iterative RPO from the same base: sample, pair by correctness, DPO + NLL, evaluate, repeat
   summary.json, accuracy.png, response_length.png, logps.png, and a table in the terminal
 
@@ -60,8 +61,8 @@ class DemoConfig:
     seed: int = 0  # every stage's seed (data order, LoRA init, sampling)
     # the toy world (data/toy.py)
     num_ops: int = 3  # operations per problem
-    max_value: int = 30  # every quantity stays in [1, max_value]
-    max_operand: int = 9  # amounts found or given away
+    max_value: int = 20  # every quantity stays in [1, max_value]
+    max_operand: int = 5  # amounts found or given away
     eval_problems: int = 300  # held-out, greedy
     patience_pairs: int = 1600
     irpo_problems: int = 256
@@ -72,9 +73,11 @@ class DemoConfig:
     layers: int = 3
     heads: int = 4
     kv_heads: int = 2
-    sft_patient_steps: int = 400  # phase 1: patient solutions only
-    sft_mixed_steps: int = 200  # phase 2: concise-heavy mix (the default style becomes concise)
+    sft_patient_steps: int = 500  # phase 1: patient solutions only
+    sft_mixed_steps: int = 150  # phase 2: concise-heavy mix (the default style becomes concise)
     sft_concise_share: float = 0.8
+    # the Patience stage again with this NLL weight (same base, pairs and seed): Iterative RPO's DPO vs DPO + NLL
+    patience_nll_weight: float = 1.0
     # the stages: model, data path and out_dir are filled in by the demo
     sft: RunConfig = dataclasses.field(default_factory=RunConfig)
     patience: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -87,6 +90,8 @@ class DemoConfig:
             raise ConfigError("demo: sft_patient_steps and sft_mixed_steps must be >= 0, and not both 0.")
         if not 0.0 <= self.sft_concise_share <= 1.0:
             raise ConfigError(f"demo: sft_concise_share must be in [0, 1], not {self.sft_concise_share}.")
+        if not self.patience_nll_weight > 0:
+            raise ConfigError(f"demo: patience_nll_weight must be > 0, not {self.patience_nll_weight}.")
 
 
 # A reduced run of the same pipeline for the test suite and a quick look (about 40 s on 2 CPU cores; the barely
@@ -95,7 +100,7 @@ SMALL = (
     "eval_problems=32", "hidden_size=64", "intermediate_size=128", "layers=1", "sft_patient_steps=20",
     "sft_mixed_steps=150", "sft.train.batch_size=16", "sft.train.optimizer.warmup_steps=17", "patience_pairs=32",
     "irpo_problems=32", "irpo.sampling.num_samples=4", "irpo.training.epochs=1", "irpo.generation_batch_size=32",
-    "irpo.sampling.max_new_tokens=64",
+    "irpo.sampling.max_new_tokens=64", "irpo.training.train.batch_size=8",
 )  # fmt: skip
 TOY_CONFIG = "configs/toy.yaml"
 
@@ -197,8 +202,13 @@ def sft_config(config: DemoConfig, init: Path, pairs: Path, out: Path) -> RunCon
 # Stage 3: Patience (DPO + LoRA on teacher pairs) and Iterative RPO.
 
 
-def patience_config(config: DemoConfig, base: Path, pairs: Path, out: Path) -> RunConfig:
-    return _seeded(config.patience, config.seed, pairs, model=str(base), out_dir=str(out))
+def patience_config(config: DemoConfig, base: Path, pairs: Path, out: Path, *, nll: bool = False) -> RunConfig:
+    """The Patience stage as configured, or (`nll`) the same with `patience_nll_weight` on the chosen answer."""
+    run = config.patience
+    if nll:
+        loss = dataclasses.replace(run.train.loss, nll_weight=config.patience_nll_weight)
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, loss=loss))
+    return _seeded(run, config.seed, pairs, model=str(base), out_dir=str(out))
 
 
 def irpo_config(config: DemoConfig, base: Path, data: dict[str, Path], out: Path) -> IrpoConfig:
@@ -257,18 +267,28 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True) -> d
         _banner(f"base model, answer started with {PATIENT_START!r}: the latent skill", skip)
         rows["forced"] = evaluate_model(irpo_run, base_model, out / "forced_eval",
                                         prefix=PATIENT_START, progress=progress)  # fmt: skip
-    with timings.stage("patience_train", done=(out / "patience" / "summary.json").is_file()) as skip:
-        if not skip:
-            _banner("Patience: DPO + LoRA on (patient > concise) pairs")
-            train(patience_config(config, base_model, files["patience"], out / "patience"), progress=progress)
-    with timings.stage("patience_eval", done=(out / "patience_eval" / "summary.json").is_file()) as skip:
-        _banner("Patience model: held-out accuracy", skip)
-        rows["patience"] = evaluate_model(irpo_run, out / "patience" / "merged",
-                                          out / "patience_eval", progress=progress)  # fmt: skip
+    for name, nll in (("patience", False), ("patience_nll", True)):
+        rows[name] = _patience_stage(config, base_model, files["patience"], out, irpo_run, timings, name, nll,
+                                     progress)  # fmt: skip
     with timings.stage("irpo", done=(out / "irpo" / "summary.json").is_file()) as skip:
         _banner("Iterative RPO from the same base: sample, pair by correctness, DPO + NLL, evaluate", skip)
         irpo = run_irpo(irpo_run, progress=progress)
     return report_demo(config, out, rows, irpo["iterations"][1:], timings.load())
+
+
+def _patience_stage(config: DemoConfig, base: Path, pairs: Path, out: Path, irpo_run: IrpoConfig,
+                    timings: _Timings, name: str, nll: bool, progress: bool) -> dict:  # fmt: skip
+    """Train (OUT/NAME) and evaluate (OUT/NAME_eval) one Patience model: DPO + LoRA, with an NLL term if `nll`."""
+    from jaxpatience.run import train
+
+    loss = "DPO + NLL" if nll else "DPO"
+    with timings.stage(f"{name}_train", done=(out / name / "summary.json").is_file()) as skip:
+        if not skip:
+            _banner(f"Patience ({loss}): LoRA on (patient > concise) pairs")
+            train(patience_config(config, base, pairs, out / name, nll=nll), progress=progress)
+    with timings.stage(f"{name}_eval", done=(out / f"{name}_eval" / "summary.json").is_file()) as skip:
+        _banner(f"Patience model ({loss}): held-out accuracy", skip)
+        return evaluate_model(irpo_run, out / name / "merged", out / f"{name}_eval", progress=progress)
 
 
 class _Timings:
@@ -325,7 +345,8 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
     irpo_dir = out / "irpo"
     base = _row(rows["base"], irpo_dir / "base_eval" / "generations.jsonl", times.get("base_sft"))
     forced = _row(rows["forced"], out / "forced_eval" / "generations.jsonl", times.get("forced_eval"), PATIENT_START)
-    patience = _row(rows["patience"], out / "patience_eval" / "generations.jsonl", times.get("patience_train"))
+    patience = {name: _row(rows[name], out / f"{name}_eval" / "generations.jsonl", times.get(f"{name}_train"))
+                for name in ("patience", "patience_nll")}  # fmt: skip
     irpo = []
     for row in irpo_rows:
         it = row["iteration"]
@@ -335,9 +356,8 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
         irpo.append(entry)
     if irpo:  # the IRPO stage's time is reported once, on its first row, for all of its iterations
         irpo[0]["wall_s"] = times.get("irpo")
-    summary = {"seed": config.seed, "base": base, "base_forced_patient_start": forced, "patience": patience,
-               "irpo": irpo, "stage_s": times, "wall_s": sum(times.values()),
-               "config": dataclasses.asdict(config)}  # fmt: skip
+    summary = {"seed": config.seed, "base": base, "base_forced_patient_start": forced, **patience, "irpo": irpo,
+               "stage_s": times, "wall_s": sum(times.values()), "config": dataclasses.asdict(config)}  # fmt: skip
     summary["plots"] = _plots(summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + report.demo_table(summary))
@@ -345,24 +365,26 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
 
 
 def _plots(summary: dict, out: Path) -> dict[str, str]:
-    """accuracy.png (per stage), response_length.png (base vs Patience), logps.png (every training run)."""
+    """accuracy.png (per stage), response_length.png (base vs Patience), logps.png (the Patience runs' DPO vs
+    DPO + NLL, and IRPO's iterations)."""
     from jaxpatience.metrics import read_metrics
 
-    stages = [("base", summary["base"]), ("Patience", summary["patience"])]
+    stages = [("base", summary["base"]), ("Patience", summary["patience"]),
+              ("Patience + NLL", summary["patience_nll"])]  # fmt: skip
     stages += [(f"IRPO {r['iteration']}", r) for r in summary["irpo"]]
-    folders = {"base": out / "irpo" / "base_eval", "Patience": out / "patience_eval"}
+    folders = {"base": out / "irpo" / "base_eval", "Patience": out / "patience_eval",
+               "Patience + NLL": out / "patience_nll_eval"}  # fmt: skip
     lengths = {name: [r["response_tokens"] for r in read_jsonl(folder / "generations.jsonl")]
                for name, folder in folders.items()}  # fmt: skip
-    runs = {"Patience": read_metrics(out / "patience" / "metrics.jsonl")}
-    for r in summary["irpo"]:
-        runs[f"IRPO {r['iteration']}"] = read_metrics(
-            out / "irpo" / f"iter_{r['iteration']}" / "train" / "metrics.jsonl"
-        )
+    ablation = {"Patience, DPO": read_metrics(out / "patience" / "metrics.jsonl"),
+                "Patience, DPO + NLL": read_metrics(out / "patience_nll" / "metrics.jsonl")}  # fmt: skip
+    irpo = {f"IRPO {r['iteration']}": read_metrics(out / "irpo" / f"iter_{r['iteration']}" / "train" / "metrics.jsonl")
+            for r in summary["irpo"]}  # fmt: skip
     max_tokens = summary["config"]["irpo"]["sampling"]["max_new_tokens"]
     return {
         "accuracy": report.plot_stage_accuracy(stages, out / "accuracy.png"),
         "response_length": report.plot_response_lengths(lengths, max_tokens, out / "response_length.png"),
-        "logps": report.plot_logps(runs, out / "logps.png"),
+        "logps": report.plot_logps({"Patience: DPO vs DPO + NLL": ablation, "Iterative RPO": irpo}, out / "logps.png"),
     }
 
 

@@ -440,7 +440,7 @@ def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_
 
     budgets, stop_ids: per prompt. on_result(prompt, sample, generation) is called as each row finishes.
     """
-    from tqdm.auto import tqdm
+    from jaxpatience import progress as progress_bars
 
     stats = stats if stats is not None else EngineStats()
     samples = plan.samples
@@ -459,7 +459,7 @@ def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_
     stats.slot_buckets.append(slot_count)
     results: list[list[Generation | None]] = [[None] * samples for _ in prompt_ids]
     show = progress if progress is not None else len(prompt_ids) * samples > slot_count
-    bar = tqdm(total=len(prompt_ids) * samples, unit="row", disable=not show, desc="generate")
+    bar = progress_bars.bar(len(prompt_ids) * samples, unit="row", enabled=show, desc="generate")
     start = time.perf_counter()
     while queue.waiting or any(owner is not None for owner in queue.owner):
         while queue.waiting and len(queue.free()) >= samples:

@@ -224,8 +224,7 @@ class _Job:
     def run(self, store: JsonlStore | None, done: set[str], progress: bool) -> int:
         """Generate every problem not in `done`, appending finished problems to `store` (process 0's; None on
         the others) as the decoder streams them; returns the number generated."""
-        from tqdm.auto import tqdm
-
+        from jaxpatience import progress as progress_bars
         from jaxpatience.decode import Request
 
         generate_fn = self.generate_fn
@@ -240,8 +239,8 @@ class _Job:
         _check_context(self.model, self.tokenizer, prompts, self.sampling.max_new_tokens)
         # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
         scored = [bool(r["correct"].get(self.metric)) for r in (store.records if store else []) if r["id"] in position]
-        bar = tqdm(total=len(self.problems), initial=len(self.problems) - len(todo), unit="problem", desc="eval",
-                   disable=not progress, dynamic_ncols=True)  # fmt: skip
+        bar = progress_bars.bar(len(self.problems), initial=len(self.problems) - len(todo), unit="problem",
+                                desc="eval", enabled=progress)  # fmt: skip
         writer = _Writer(self, todo, store, bar, scored)
         # Each problem's samples draw from keys fixed by its index in the whole set (Request.seed_index): a
         # resumed run draws what an uninterrupted one would, however the decoder batches them.

@@ -144,8 +144,10 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
         samples = _evaluate(config, model_path, train_problems, "train", step_dir / "samples", seed=seed + iteration,
                             progress=progress)  # fmt: skip
         stats = _make_pairs(config, model_path, train_problems, iteration, samples, step_dir)
-        if stats["pairs"] == 0:
-            print(f"iteration {iteration}: no pairs (every problem all right or all wrong); stopping.")
+        batch = config.training.train.batch_size
+        if stats["pairs"] < batch:  # nothing to learn from, or too little to fill one training batch
+            print(f"iteration {iteration}: {stats['pairs']} pairs, fewer than one batch of {batch} (every other "
+                  "problem all right or all wrong); stopping.")  # fmt: skip
             break
         _train(config, model_path, step_dir, progress and main)
         sharding.barrier(f"irpo train {iteration}")  # merged/ is written by process 0; every process loads it next

@@ -194,7 +194,8 @@ def demo_table(summary: dict) -> str:
     lines = [f"{'stage':<30} {'accuracy':>8}  {'95% CI':>13}  {'patient':>7}  {'resp. tokens':>12}  {'wall s':>7}"]
     named = [("base (SFT, concise default)", summary["base"]),
              ("base, answer started", summary["base_forced_patient_start"]),
-             ("Patience (DPO + LoRA)", summary["patience"])]  # fmt: skip
+             ("Patience (DPO + LoRA)", summary["patience"]),
+             ("Patience (DPO + NLL + LoRA)", summary["patience_nll"])]  # fmt: skip
     named += [(f"IRPO iteration {r['iteration']} ({r['pairs']} pairs)", r) for r in summary["irpo"]]
     for name, r in named:
         low, high = r["accuracy_ci95"]
@@ -227,13 +228,17 @@ def plot_response_lengths(lengths: dict[str, Sequence[int]], max_tokens: int, pa
     return save(fig, path)
 
 
-def plot_logps(runs: dict[str, Sequence[dict]], path: Path) -> str:
-    """Chosen (solid) and rejected (dashed) sequence log-probs over training steps, one colour per named run."""
-    fig, ax = figure(7)
-    for i, (name, records) in enumerate(runs.items()):
-        steps = [r["step"] for r in records]
-        ax.plot(steps, [r["logps/chosen"] for r in records], color=f"C{i}", label=f"{name}: chosen")
-        ax.plot(steps, [r["logps/rejected"] for r in records], color=f"C{i}", linestyle="--", label=f"{name}: rejected")
-    ax.set(xlabel="training step", ylabel="sequence log-prob (policy)", title="Chosen / rejected log-probs")
-    ax.legend(fontsize=8)
+def plot_logps(panels: dict[str, dict[str, Sequence[dict]]], path: Path) -> str:
+    """One panel per title: chosen (solid) and rejected (dashed) sequence log-probs over training steps, one
+    colour per named run (its metrics records). Empty panels are left out."""
+    panels = {title: runs for title, runs in panels.items() if runs}
+    fig, axes = figure(6 * len(panels), 4, columns=len(panels))
+    for ax, (title, runs) in zip([axes] if len(panels) == 1 else axes, panels.items(), strict=True):
+        for i, (name, records) in enumerate(runs.items()):
+            steps = [r["step"] for r in records]
+            ax.plot(steps, [r["logps/chosen"] for r in records], color=f"C{i}", label=f"{name}: chosen")
+            ax.plot(steps, [r["logps/rejected"] for r in records], color=f"C{i}", linestyle="--",
+                    label=f"{name}: rejected")  # fmt: skip
+        ax.set(xlabel="training step", ylabel="sequence log-prob (policy)", title=title)
+        ax.legend(fontsize=8)
     return save(fig, path)

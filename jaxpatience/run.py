@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,7 +97,7 @@ def cached_reference(config: RunConfig, trainer: Trainer, loader: PairLoader, is
 RESUMABLE_CHANGES = ("distributed", "log_every", "checkpoint_every", "keep_checkpoints")
 # Keys added in 0.3, with the values runs written before them had: such a run resumes with these overrides.
 LEGACY_VALUES = {"train": {"scan_layers": False, "attention": "einsum"},
-                 "data": {"packing": False, "pack_length": None}}  # fmt: skip
+                 "data": {"packing": False, "pack_length": None, "pack_row_multiple": 1}}  # fmt: skip
 
 
 def _check_same_run(saved: dict, current: dict, out: Path) -> None:
@@ -164,7 +165,8 @@ def _set_up(config: RunConfig) -> _Run:
         max_prompt_length=data.max_prompt_length, buckets=data.buckets, seed=data.seed, shuffle=data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(), chat_template=data.chat_template,
         packing=data.packing, pack_length=data.pack_length, micro_batches=config.train.micro_batches,
-        row_multiple=packed_row_multiple(config.train.micro_batches, mesh),
+        row_multiple=math.lcm(packed_row_multiple(config.train.micro_batches, mesh), data.pack_row_multiple),
+        chosen_only=reads_chosen_only(config),
     )  # fmt: skip
     max_steps = config.train.max_steps if config.epochs is None else config.epochs * loader.steps_per_epoch
     train_config = dataclasses.replace(config.train, max_steps=max_steps)
@@ -176,6 +178,12 @@ def _set_up(config: RunConfig) -> _Run:
     checkpoints = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
     return _Run(config=config, out=out, is_main=is_main, tokenizer=tokenizer, loader=loader,
                 trainer=trainer, reference=reference, checkpoints=checkpoints)  # fmt: skip
+
+
+def reads_chosen_only(config: RunConfig) -> bool:
+    """SFT (no DPO term, no precomputed reference): the loss reads only the chosen sequences, so packed batches
+    hold only those (train.model_loss)."""
+    return config.train.loss.dpo_weight == 0 and not config.precompute_reference
 
 
 def _resume(run: _Run) -> int:
@@ -202,15 +210,14 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
 
     SIGTERM (`scancel --signal=TERM`, a VM's shutdown, `kill`) ends the loop after the current step, with a
     checkpoint of that step on every process, by raising `Preempted`."""
-    from tqdm import tqdm
-
+    from jaxpatience import progress as progress_bars
     from jaxpatience.metrics import MetricsWriter
     from jaxpatience.preemption import Preempted, Watch
     from jaxpatience.train import device_batch
 
     config, trainer = run.config, run.trainer
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
-    bar = tqdm(total=run.max_steps, initial=start, disable=not (progress and run.is_main), desc="train", unit="step")
+    bar = progress_bars.bar(run.max_steps, initial=start, enabled=progress and run.is_main, desc="train", unit="step")
     batches, t_start, last, watch = iter(run.loader), time.perf_counter(), {}, None
     tokens_seen, slots_seen = 0, 0  # real tokens and all token slots (padding included) since `start`
     try:  # the metrics file is locked while written: release it however the loop ends

@@ -117,11 +117,22 @@ def test_packed_step_equals_the_padded_step_on_the_same_pairs():
 
 @pytest.mark.parametrize("loss", ["dpo+nll", "sft"])
 def test_packed_micro_batches_on_a_mesh_equal_one_padded_batch(loss):
+    """SFT packs only the chosen sequences (the loss reads nothing else) into fewer rows."""
     pairs = _pairs(seed=2)
-    padded_loader, packed_loader = _loaders(pairs, row_multiple=4, micro_batches=2)  # 2 micro x 2 devices
+    sft = loss == "sft"
+    padded_loader, packed_loader = _loaders(pairs, row_multiple=4, micro_batches=2, chosen_only=sft)  # 2 x 2 devices
     bucket, indices = padded_loader.plan(0)[0]
     padded = train.device_batch(padded_loader.make_batch(bucket, indices))
-    packed = train.device_batch(packed_loader.make_batch(bucket, indices))
+    host = packed_loader.make_batch(bucket, indices)
+    packed = train.device_batch(host)
+    both_sides = _loaders(pairs, row_multiple=4, micro_batches=2)[1].make_batch(bucket, indices)
+    segments = host["segment_pairs"][host["segment_pairs"] >= 0]
+    if sft:  # every chosen sequence once, no rejected one, in fewer rows and fewer counted tokens
+        assert sorted(segments // 2) == list(range(PAIRS)) and not np.any(segments % 2)
+        assert len(host["input_ids"]) < len(both_sides["input_ids"])
+        assert host["real_tokens"] == sum(len(pairs[i].prompt) + len(pairs[i].chosen) for i in indices)
+    else:
+        assert len(segments) == 2 * PAIRS
     changes = {"sft": {"lora": None, "loss": LossConfig(dpo_weight=0.0, nll_weight=1.0)}}.get(loss, {})
     runs = []
     for batch, config, mesh in ((padded, _config(**changes), (1, 1, 1)),

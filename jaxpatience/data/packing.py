@@ -18,6 +18,9 @@ b % M, and each micro-batch's sequences are packed into rows of its own (row k·
 never leave their micro-batch, though they may sit in two rows, on two devices (train.pair_logps sums segments
 into pairs with an einsum over rows, a reduction of a few floats). A batch is laid out for one M.
 
+A loss that reads only the chosen sequences (SFT: `dpo_weight = 0`, no reference) packs only those
+(`sides=(0,)`): the rejected sequences are neither laid out nor computed, and their log-probs and counts are 0.
+
 Static shapes: L is fixed (default: the largest bucket, i.e. max_length), S is fixed per data set (the most
 sequences that could share a row), and R is M × the rows the fullest micro-batch needs (first-fit decreasing),
 rounded up so that hosts and data-parallel devices split the rows evenly. A run compiles once per distinct R.
@@ -54,23 +57,24 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def segments_per_row(pairs: Sequence, row_length: int) -> int:
+def segments_per_row(pairs: Sequence, row_length: int, sides: Sequence[int] = (0, 1)) -> int:
     """S: the most sequences of this data set that could ever share a row (its shortest, one after another)."""
     fit, used = 0, 0
-    for tokens in sorted(n for p in pairs for n in sequence_lengths(p)):
+    for tokens in sorted(sequence_lengths(p)[side] for p in pairs for side in sides):
         if used + tokens > row_length:
             break
         fit, used = fit + 1, used + tokens
     return max(fit, 1)
 
 
-def pack_plan(pairs: Sequence, indices: np.ndarray, row_length: int, micro_batches: int,
-              row_multiple: int) -> list[list[tuple[int, int]]]:  # fmt: skip
+def pack_plan(pairs: Sequence, indices: np.ndarray, row_length: int, micro_batches: int, row_multiple: int,
+              sides: Sequence[int] = (0, 1)) -> list[list[tuple[int, int]]]:  # fmt: skip
     """The global row layout of one batch: for each of the R rows, its segments as (position b in the batch,
-    side 0 chosen / 1 rejected). `indices[b] < 0` marks an empty position (a reference batch's last, short one)."""
+    side 0 chosen / 1 rejected); only the `sides` given are laid out. `indices[b] < 0` marks an empty position
+    (a reference batch's last, short one)."""
     per_micro = []
     for m in range(micro_batches):
-        items = [(b, side) for b in range(m, len(indices), micro_batches) if indices[b] >= 0 for side in (0, 1)]
+        items = [(b, side) for b in range(m, len(indices), micro_batches) if indices[b] >= 0 for side in sides]
         lengths = [sequence_lengths(pairs[indices[b]])[side] for b, side in items]
         per_micro.append([[items[i] for i in members] for members in first_fit_decreasing(lengths, row_length)])
     rows = max(len(bins) for bins in per_micro) * micro_batches

@@ -190,6 +190,7 @@ class PairLoader:
     pack_length: int | None = None  # tokens per packed row; default: the largest bucket
     micro_batches: int = 1  # packed: each micro-batch's sequences get rows of their own
     row_multiple: int = 1  # packed rows per batch are a multiple of this (hosts x micro-batches x devices)
+    chosen_only: bool = False  # the loss reads only the chosen sequences (SFT): packed rows hold only those
 
     def __post_init__(self):
         if self.batch_size % self.process_count:
@@ -213,17 +214,23 @@ class PairLoader:
         if self.batch_size % self.micro_batches:
             raise DataError(f"batch_size {self.batch_size} is not divisible by {self.micro_batches} micro-batches.")
         self.pack_length = self.pack_length or self.buckets[-1]
-        longest = max(max(packing.sequence_lengths(p)) for p in self.pairs)
+        longest = max(packing.sequence_lengths(p)[side] for p in self.pairs for side in self.sides)
         if longest > self.pack_length:
             raise DataError(f"a sequence has {longest} tokens, more than pack_length={self.pack_length}.")
-        self.segments = packing.segments_per_row(self.pairs, self.pack_length)
+        self.segments = packing.segments_per_row(self.pairs, self.pack_length, self.sides)
+
+    @property
+    def sides(self) -> tuple[int, ...]:
+        """The sequences of each pair the loss reads: (0,) chosen only, or (0, 1) both."""
+        return (0,) if self.chosen_only else (0, 1)
 
     @classmethod
     def from_source(cls, source, tokenizer, *, batch_size: int, max_length: int = 1024,
                     max_prompt_length: int | None = None, buckets: Sequence[int] | None = None, seed: int = 0,
                     shuffle: bool = True, process_index: int = 0, process_count: int = 1,
                     chat_template: bool = True, packing: bool = False, pack_length: int | None = None,
-                    micro_batches: int = 1, row_multiple: int = 1) -> PairLoader:  # fmt: skip
+                    micro_batches: int = 1, row_multiple: int = 1,
+                    chosen_only: bool = False) -> PairLoader:  # fmt: skip
         """Read and tokenise every record (each host builds the same global plan), then batch."""
         max_prompt_length = max_prompt_length or max_length // 2
         if not 0 < max_prompt_length < max_length:
@@ -234,7 +241,7 @@ class PairLoader:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(pairs, batch_size, tuple(buckets or default_buckets(max_length)), pad_id, seed, shuffle,
                    process_index, process_count, stats, packing=packing, pack_length=pack_length,
-                   micro_batches=micro_batches, row_multiple=row_multiple)  # fmt: skip
+                   micro_batches=micro_batches, row_multiple=row_multiple, chosen_only=chosen_only)  # fmt: skip
 
     # -- the plan ---------------------------------------------------------------------------------
     def _bucket_of(self, length: int) -> int:
@@ -288,18 +295,21 @@ class PairLoader:
                 input_ids[row, side, p : p + r] = response
                 attention_mask[row, side, : p + r] = 1
                 loss_mask[row, side, p : p + r] = 1
+        slots = self.batch_size * len(self.sides) * bucket
         return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-                "pair_index": mine.astype(np.int64)} | self._counts(indices, self.batch_size * 2 * bucket)  # fmt: skip
+                "pair_index": mine.astype(np.int64)} | self._counts(indices, slots)  # fmt: skip
 
     def _counts(self, indices: np.ndarray, slots: int) -> dict[str, np.ndarray]:
-        """The *global* batch's real tokens and token slots (padding included), the same on every host."""
+        """The *global* batch's real tokens and token slots (padding included) of the sequences the loss reads
+        (a padded SFT batch computes only its chosen rows), the same on every host."""
         pairs = [self.pairs[i] for i in indices if i >= 0]
-        real = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+        real = sum(packing.sequence_lengths(p)[side] for p in pairs for side in self.sides)
         return {"real_tokens": np.int64(real), "token_slots": np.int64(slots)}
 
     def _packed(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """This host's rows and pairs of a packed global batch (data/packing.py); -1 in `indices`: no pair."""
-        layout = packing.pack_plan(self.pairs, indices, self.pack_length, self.micro_batches, self.row_multiple)
+        layout = packing.pack_plan(self.pairs, indices, self.pack_length, self.micro_batches, self.row_multiple,
+                                   self.sides)  # fmt: skip
         rows = packing.host_slice(len(layout), self.process_index, self.process_count)
         batch = packing.packed_rows(self.pairs, indices, layout[rows], self.pack_length, self.segments, self.pad_id)
         mine = indices[packing.host_slice(len(indices), self.process_index, self.process_count)]

@@ -32,8 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
+from jaxpatience import progress as progress_bars
 from jaxpatience.config import ConfigError, command_parser, config_from_args
 from jaxpatience.data.problems import Problem, load_file
 from jaxpatience.data.teacher_client import (
@@ -211,7 +210,7 @@ async def _run_all(
     """
     pairs, rejects = stores
     queue = iter(todo)
-    bar = tqdm(total=len(todo), unit="problem", desc="pairs", disable=None if progress else True)
+    bar = progress_bars.bar(len(todo), unit="problem", desc="pairs", enabled=progress)
 
     async def worker() -> None:
         for problem in queue:  # a shared iterator: each problem goes to exactly one worker
