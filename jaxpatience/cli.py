@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' advice that PyTorch is absent: this package never needs it (its models are JAX's).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:  # the command's own parser reads the rest (its --help included)
         command = DELEGATED[argv[0]][0]

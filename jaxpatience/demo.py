@@ -66,7 +66,7 @@ class DemoConfig:
     eval_problems: int = 300  # held-out, greedy
     patience_pairs: int = 1600
     irpo_problems: int = 256
-    # the tokenizer and the base model (a 0.79M-parameter Qwen2 with a 432-token vocabulary)
+    # the tokenizer and the base model (a 0.79M-parameter Qwen2 with a vocabulary of about 410 tokens)
     vocab_size: int = 512
     hidden_size: int = 128
     intermediate_size: int = 512
@@ -94,7 +94,7 @@ class DemoConfig:
             raise ConfigError(f"demo: patience_nll_weight must be > 0, not {self.patience_nll_weight}.")
 
 
-# A reduced run of the same pipeline for the test suite and a quick look (about 40 s on 2 CPU cores; the barely
+# A reduced run of the same pipeline for the test suite and a quick look (about a minute on 2 CPU cores; the barely
 # trained model's accuracy is whatever it is, ~16% for seed 0).
 SMALL = (
     "eval_problems=32", "hidden_size=64", "intermediate_size=128", "layers=1", "sft_patient_steps=20",
@@ -366,7 +366,7 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
 
 def _plots(summary: dict, out: Path) -> dict[str, str]:
     """accuracy.png (per stage), response_length.png (base vs Patience), logps.png (the Patience runs' DPO vs
-    DPO + NLL, and IRPO's iterations)."""
+    DPO + NLL: chosen and rejected log-probs apart, so that the chosen one's scale shows; then IRPO's iterations)."""
     from jaxpatience.metrics import read_metrics
 
     stages = [("base", summary["base"]), ("Patience", summary["patience"]),
@@ -384,7 +384,14 @@ def _plots(summary: dict, out: Path) -> dict[str, str]:
     return {
         "accuracy": report.plot_stage_accuracy(stages, out / "accuracy.png"),
         "response_length": report.plot_response_lengths(lengths, max_tokens, out / "response_length.png"),
-        "logps": report.plot_logps({"Patience: DPO vs DPO + NLL": ablation, "Iterative RPO": irpo}, out / "logps.png"),
+        "logps": report.plot_logps(
+            {
+                "Patience: the chosen answer's log-prob": (ablation, ["chosen"]),
+                "Patience: the rejected answer's": (ablation, ["rejected"]),
+                "Iterative RPO": (irpo, ["chosen", "rejected"]),
+            },
+            out / "logps.png",
+        ),
     }
 
 
@@ -394,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="out/demo", help="output folder (a rerun resumes it)")
     parser.add_argument("--seed", type=int, help="every stage's seed (= seed=S)")
-    parser.add_argument("--small", action="store_true", help="a reduced run (about 40 s on 2 cores)")
+    parser.add_argument("--small", action="store_true", help="a reduced run (about a minute on 2 cores)")
     parser.add_argument("--overwrite", action="store_true", help="delete --out first")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_intermixed_args(argv)

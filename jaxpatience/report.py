@@ -228,17 +228,17 @@ def plot_response_lengths(lengths: dict[str, Sequence[int]], max_tokens: int, pa
     return save(fig, path)
 
 
-def plot_logps(panels: dict[str, dict[str, Sequence[dict]]], path: Path) -> str:
-    """One panel per title: chosen (solid) and rejected (dashed) sequence log-probs over training steps, one
-    colour per named run (its metrics records). Empty panels are left out."""
-    panels = {title: runs for title, runs in panels.items() if runs}
-    fig, axes = figure(6 * len(panels), 4, columns=len(panels))
-    for ax, (title, runs) in zip([axes] if len(panels) == 1 else axes, panels.items(), strict=True):
+def plot_logps(panels: dict[str, tuple[dict[str, Sequence[dict]], Sequence[str]]], path: Path) -> str:
+    """One panel per title, given (runs, sides): the sequence log-probs of each side ("chosen" solid, "rejected"
+    dashed) over training steps, one colour per named run (its metrics records). Empty panels are left out."""
+    panels = {title: panel for title, panel in panels.items() if panel[0]}
+    fig, axes = figure(5 * len(panels), 4, columns=len(panels))
+    for ax, (title, (runs, sides)) in zip([axes] if len(panels) == 1 else axes, panels.items(), strict=True):
         for i, (name, records) in enumerate(runs.items()):
             steps = [r["step"] for r in records]
-            ax.plot(steps, [r["logps/chosen"] for r in records], color=f"C{i}", label=f"{name}: chosen")
-            ax.plot(steps, [r["logps/rejected"] for r in records], color=f"C{i}", linestyle="--",
-                    label=f"{name}: rejected")  # fmt: skip
+            for side in sides:
+                ax.plot(steps, [r[f"logps/{side}"] for r in records], color=f"C{i}",
+                        linestyle="-" if side == "chosen" else "--", label=f"{name}: {side}")  # fmt: skip
         ax.set(xlabel="training step", ylabel="sequence log-prob (policy)", title=title)
         ax.legend(fontsize=8)
     return save(fig, path)

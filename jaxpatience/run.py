@@ -238,8 +238,8 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
                 last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t_start)  # real tokens only
                 last["padding_share"] = 1.0 - tokens_seen / slots_seen
                 writer.write(step + 1, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
-                                tok_s=f"{last['tokens_per_s']:.0f}")  # fmt: skip
+                accuracy = {"acc": f"{last['rewards/accuracies']:.2f}"} if "rewards/accuracies" in last else {}
+                bar.set_postfix(loss=f"{last['loss']:.4f}", **accuracy, tok_s=f"{last['tokens_per_s']:.0f}")
             bar.update(1)
             if watch.reached(step + 1):  # every process sees it after the same step
                 run.save(step + 1)
