@@ -1,9 +1,10 @@
 """The toy world of the demo: seeded multi-step arithmetic word problems with two renderings of each solution.
 
-A problem chains a few operations on one quantity (add, subtract, "buys A bags with B each", double), values
-below 100. Answering in one shot needs all the arithmetic done "in the head" — hard for a tiny transformer —
-while writing one operation per line makes each step a single easy sum: the gap the Patience paper relies on
-(see shared/notes/toy-findings.md: ~13% concise vs ~96% patient for three operations).
+A problem chains a few operations on one quantity (add, subtract, "buys A bags with B each", double), every
+value in [1, max_value] (the demo: 20). Answering in one shot needs all the arithmetic done "in the head" — hard
+for a tiny transformer — while writing one operation per line makes each step a single easy sum: the gap the
+Patience paper relies on (the demo's base: about 24% concise against 71-79% with the patient format started for
+it; docs/RESULTS.md).
 
     concise: The answer is 72.
     patient: Start with 23.
