@@ -93,6 +93,7 @@ def test_a_value_of_the_wrong_kind_names_its_key():
     assert load_config(RunConfig, None, ["train.lora=null"]).train.lora is None
     assert error("train.lora=5") == "config.train.lora must be a section of keys or null, not 5."
     assert error("data=null") == "config.data must be a section of keys, not None."
+    assert error("data.pack_row_multiple=0") == "data.pack_row_multiple must be at least 1, not 0."
 
 
 def test_templates_validate_only_where_a_run_starts():
