@@ -471,7 +471,7 @@ def model_loss(model: nnx.Module, batch: Batch, norm: losses.Denominators, key: 
             ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, chunk, micro, axis_name))
     lora.set_dropout_key(model, key)
     if ref_logps is None and not loss_config.dpo_weight:  # SFT: no term reads the rejected row
-        if "segment_ids" in batch:  # packed rows hold both sequences: compute both, read the chosen
+        if "segment_ids" in batch:  # packed rows: their segments (run.py packs only the chosen ones), read the chosen
             both = pair_logps(model, batch, chunk, micro, axis_name)
             chosen_logps, chosen_counts = (x[:, :1] for x in both)
         else:  # skip the rejected row's forward

@@ -15,7 +15,7 @@ from test_train_step import PAIRS, _assert_close, _config, _fresh, _host, _model
 
 from jaxpatience import lora, losses, train
 from jaxpatience.config import PRESETS, LossConfig
-from jaxpatience.data.pairs import EncodedPair, PairLoader
+from jaxpatience.data.pairs import DataError, EncodedPair, PairLoader
 from jaxpatience.model import attend, set_attention
 from jaxpatience.sharding import make_mesh
 
@@ -131,6 +131,8 @@ def test_packed_micro_batches_on_a_mesh_equal_one_padded_batch(loss):
         assert sorted(segments // 2) == list(range(PAIRS)) and not np.any(segments % 2)
         assert len(host["input_ids"]) < len(both_sides["input_ids"])
         assert host["real_tokens"] == sum(len(pairs[i].prompt) + len(pairs[i].chosen) for i in indices)
+        with pytest.raises(DataError, match="need both sequences"):  # a reference table needs the rejected too
+            next(packed_loader.reference_batches())
     else:
         assert len(segments) == 2 * PAIRS
     changes = {"sft": {"lora": None, "loss": LossConfig(dpo_weight=0.0, nll_weight=1.0)}}.get(loss, {})

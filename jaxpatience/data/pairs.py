@@ -335,6 +335,8 @@ class PairLoader:
         pairs; packed, they are empty).
         Pairs go to the smallest bucket they fit, in index order; nothing is shuffled, dropped or carried up.
         """
+        if self.chosen_only:  # a reference table holds both sides of every pair
+            raise DataError("reference log-probs need both sequences of each pair; this loader packs the chosen only.")
         by_bucket: dict[int, list[int]] = {b: [] for b in self.buckets}
         for index, pair in enumerate(self.pairs):
             by_bucket[self._bucket_of(pair.length)].append(index)
