@@ -1,4 +1,4 @@
-"""Progress of long work: a tqdm bar on a terminal, plain periodic lines in a log.
+"""Progress of long work: a tqdm bar on a terminal (a widget in a notebook), plain periodic lines in a log.
 
 tqdm redraws its bar in place with carriage returns; written to a file (`make demo > demo.log`, a SLURM log) that
 is thousands of redraws on one line. So when stderr is not a terminal, `bar` returns a `LogBar`: the same calls
@@ -15,9 +15,10 @@ from typing import Any
 
 
 def bar(total: int, *, desc: str, unit: str, initial: int = 0, enabled: bool = True, every: float = 30.0) -> Any:
-    """A progress bar over `total` units: tqdm on a terminal, a LogBar otherwise; disabled, one that prints nothing."""
-    if enabled and sys.stderr.isatty():
-        from tqdm import tqdm
+    """A progress bar over `total` units: tqdm on a terminal or in a notebook, a LogBar otherwise; disabled, one that
+    prints nothing."""
+    if enabled and (sys.stderr.isatty() or "ipykernel" in sys.modules):
+        from tqdm.auto import tqdm  # a notebook's widget, a terminal's bar
 
         return tqdm(total=total, initial=initial, desc=desc, unit=unit)
     return LogBar(total, desc=desc, unit=unit, initial=initial, enabled=enabled, every=every)
