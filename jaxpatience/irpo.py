@@ -146,8 +146,8 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
         stats = _make_pairs(config, model_path, train_problems, iteration, samples, step_dir)
         batch = config.training.train.batch_size
         if stats["pairs"] < batch:  # nothing to learn from, or too little to fill one training batch
-            print(f"iteration {iteration}: {stats['pairs']} pairs, fewer than one batch of {batch} (every other "
-                  "problem all right or all wrong); stopping.")  # fmt: skip
+            print(f"iteration {iteration}: {stats['pairs']} pairs, fewer than one batch of {batch} (the other "
+                  "problems' samples were all right or all wrong); stopping.")  # fmt: skip
             break
         _train(config, model_path, step_dir, progress and main)
         sharding.barrier(f"irpo train {iteration}")  # merged/ is written by process 0; every process loads it next
