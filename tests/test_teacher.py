@@ -1,8 +1,9 @@
 """The teacher client (`jaxpatience pairs`) against a real HTTP server speaking the OpenAI chat-completions format.
 
 `FakeTeacher` listens on 127.0.0.1 (port 0), and answers each request according to a per-problem, per-side script:
-good solutions, wrong ones, 429/500/401, replies slower than the client timeout, malformed bodies. No traffic leaves
-the machine; the server thread stops itself after a deadline even if a test forgets to stop it.
+good solutions, wrong ones, 429/500/401, replies slower than the client timeout, malformed bodies (cut-off JSON,
+HTML, no choices, no text), a patient rewrite that repeats the concise text. No traffic leaves the machine; the
+server thread stops itself after a deadline even if a test forgets to stop it. Failures in test_teacher_faults.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jaxpatience import cli
 from jaxpatience.data import teacher
 from jaxpatience.data.pairs import prompt_messages, read_records
 from jaxpatience.data.problems import Problem
+from jaxpatience.data.teacher import side_paths
 from jaxpatience.store import JsonlStore, StoreError
 
 MODEL = "teacher-test"
@@ -54,9 +56,9 @@ def good_reply(problem: Problem, side: str, wrong: bool = False) -> str:
     return f"Step 1: list what is given.\nStep 2: add.\nCheck: {value} is the sum.\n#### {value}"
 
 
-def completion(content: str, prompt_text: str) -> dict:
+def completion(content: str | None, prompt_text: str) -> dict:
     """A chat completion in the OpenAI layout, with token counts that grow with the texts."""
-    prompt_tokens, completion_tokens = len(prompt_text.split()), len(content.split())
+    prompt_tokens, completion_tokens = len(prompt_text.split()), len((content or "").split())
     return {
         "id": "chatcmpl-test",
         "object": "chat.completion",
@@ -75,12 +77,23 @@ class FakeTeacher:
     """An OpenAI-compatible server on 127.0.0.1. `script[(id, side)]` lists an action per attempt; then: good.
 
     Actions: "good", "wrong", ("status", code, headers), ("slow", seconds), "malformed" (cut-off JSON),
-    "no_choices" (valid JSON that is not a chat completion).
+    "no_choices" (valid JSON that is not a chat completion), "html" (a 200 text/html page), "html_json" (the same
+    labelled application/json), "empty" (a message whose text is ""), "null" (content null), "echo" (the patient
+    rewrite repeats the concise solution, re-wrapped). A status reply's message (and the HTML) quotes the request's
+    Authorization header, as a careless server might: the client must not pass it on.
     Every request is logged as {"t", "id", "side", "action"}.
     """
 
-    def __init__(self, problems: list[Problem], script: dict | None = None, delay: float = 0.0, deadline: float = 90):
+    def __init__(
+        self,
+        problems: list[Problem],
+        script: dict | None = None,
+        delay: float = 0.0,
+        deadline: float = 90,
+        key: str = KEY,
+    ):
         self.problems = {p.id: p for p in problems}
+        self.key = key  # the API key it accepts (anything else: 401)
         self.script = {key: list(actions) for key, actions in (script or {}).items()}
         self.delay = delay  # seconds before every reply (to make a run last long enough to be killed)
         self.log: list[dict] = []
@@ -137,7 +150,7 @@ class FakeHandler(BaseHTTPRequestHandler):
 
     def _action(self, fake: FakeTeacher, body: dict, problem_id: str, side: str):
         """What a real server would answer first (401, 404), else the script's next action."""
-        if self.headers.get("Authorization") != f"Bearer {KEY}":
+        if self.headers.get("Authorization") != f"Bearer {fake.key}":
             return ("status", 401, {})
         if body.get("model") != MODEL or self.path != "/v1/chat/completions":
             return ("status", 404, {})
@@ -154,19 +167,26 @@ class FakeHandler(BaseHTTPRequestHandler):
         if isinstance(action, tuple) and action[0] == "slow":
             time.sleep(action[1])
             action = "good"
+        auth = self.headers.get("Authorization")
         if action == "malformed":
             return self._send(200, b'{"id": "x", "choices": [{"index": 0, "mess', {})
         if action == "no_choices":
             return self._send(200, b'{"id": "x", "object": "chat.completion", "model": "m"}', {})
+        if action in ("html", "html_json"):
+            page = f"<html><body>{auth} Bad gateway</body></html>".encode()
+            return self._send(200, page, {}, "text/html" if action == "html" else "application/json")
         if isinstance(action, tuple) and action[0] == "status":
-            error = {"error": {"message": f"scripted {action[1]}", "type": "test", "code": None}}
+            error = {"error": {"message": f"scripted {action[1]} for {auth}", "type": "test", "code": None}}
             return self._send(action[1], json.dumps(error).encode(), action[2])
-        content = good_reply(fake.problems[problem_id], side, wrong=action == "wrong")
+        problem = fake.problems[problem_id]
+        content = {"empty": "", "null": None}.get(action, good_reply(problem, side, wrong=action == "wrong"))
+        if action == "echo":  # the concise solution back, only re-wrapped: chosen == rejected but for whitespace
+            content = "  " + good_reply(problem, "concise").replace(" ", "\n", 2) + "\n"
         self._send(200, json.dumps(completion(content, text)).encode(), {})
 
-    def _send(self, status: int, payload: bytes, headers: dict) -> None:
+    def _send(self, status: int, payload: bytes, headers: dict, content_type: str = "application/json") -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         for name, value in headers.items():
             self.send_header(name, value)
@@ -186,8 +206,8 @@ def no_proxies(monkeypatch):
 def serve():
     servers = []
 
-    def start(problems, script=None, delay=0.0) -> FakeTeacher:
-        servers.append(FakeTeacher(problems, script, delay))
+    def start(problems, script=None, delay=0.0, key=KEY) -> FakeTeacher:
+        servers.append(FakeTeacher(problems, script, delay, key=key))
         return servers[-1]
 
     yield start
@@ -280,10 +300,11 @@ TRANSIENT_SCRIPT = {
     ("q3", "concise"): [("status", 429, {"Retry-After": "0.4"})],
     ("q4", "patient"): [("status", 500, {})],
     ("q5", "concise"): [("slow", 1.5)],  # longer than the client's 0.5 s timeout
-    ("q6", "concise"): ["malformed"] * 5,  # never a valid reply: dropped as malformed
+    ("q6", "concise"): ["malformed"] * 5,  # no valid reply in 1 + max_retries attempts: a transient drop
     ("q7", "patient"): ["no_choices"],  # once, then fine
 }
 TRANSIENT_GOOD = {"q0", "q3", "q4", "q5", "q7", "q8", "q9"}  # the problems of TRANSIENT_SCRIPT that give a pair
+RETRIES = 4  # max_retries of config_for
 
 
 def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
@@ -305,13 +326,13 @@ def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
     assert [prompt_messages(r) for r in loaded] == [[{"role": "user", "content": r["prompt"]}] for r in loaded]
 
     rejected = {r["id"]: r for r in parsed_lines(tmp_path / "pairs.rejected.jsonl")}
-    assert {k: r["reason"] for k, r in rejected.items()} == {
-        "q1": "concise_wrong",
-        "q2": "patient_wrong",
-        "q6": "malformed",
+    assert {k: (r["reason"], r["transient"]) for k, r in rejected.items()} == {
+        "q1": ("concise_wrong", False),
+        "q2": ("patient_wrong", False),
+        "q6": ("malformed", True),
     }
-    assert summary["dropped"] == {"concise_wrong": 1, "patient_wrong": 1, "malformed": 1}
-    assert summary["written"] == len(TRANSIENT_GOOD) and summary["failed"] == {}
+    assert summary["dropped"] == {"concise_wrong": 1, "patient_wrong": 1}
+    assert summary["written"] == len(TRANSIENT_GOOD) and summary["failed"] == {"malformed": 1}
     assert_retries(server, summary)
 
     # Usage is summed over every completed request, including those of dropped problems.
@@ -324,28 +345,26 @@ def test_pairs_with_wrong_answers_and_transient_failures(serve, tmp_path):
 def assert_retries(server: FakeTeacher, summary: dict) -> None:
     """The requests TRANSIENT_SCRIPT caused: bounded drops, honoured Retry-After, one retry per transient failure."""
     assert len(server.requests_for("q1")) == 1  # a wrong concise answer is not sent for rewriting
-    assert len(server.requests_for("q6")) == teacher.MALFORMED_ATTEMPTS
+    assert len(server.requests_for("q6")) == 1 + RETRIES  # retried like a 5xx, then dropped
     first, second = server.requests_for("q3", "concise")[:2]  # 429 with Retry-After: 0.4
     assert second["t"] - first["t"] >= 0.4
     assert len(server.requests_for("q4", "patient")) == 2 and len(server.requests_for("q5", "concise")) == 2
-    assert summary["retries"] == {
-        "http_429": 1,
-        "http_500": 1,
-        "timeout": 1,
-        "malformed": 2 + 1,
-    }  # q6: 2 retries, q7: 1
+    assert summary["retries"] == {"http_429": 1, "http_500": 1, "timeout": 1, "malformed": RETRIES + 1}  # q6, q7
 
 
 def assert_reruns_skip_then_retry_dropped(server: FakeTeacher, problems: list[Problem], out: Path) -> None:
-    """After the run of TRANSIENT_SCRIPT: a rerun sends nothing, --retry-dropped asks for the dropped ones only."""
+    """After the run of TRANSIENT_SCRIPT (its scripts now used up): a rerun asks again for the transient drop only,
+    --retry-dropped for the wrong answers too; the rejected file loses the records of the problems asked again."""
     sent = len(server.log)
     again = run_pairs(problems, server, out)
-    assert again["written"] == 0 and again["skipped_done"] == len(TRANSIENT_GOOD) and again["skipped_dropped"] == 3
-    assert len(server.log) == sent
-    # The scripts are used up: now the dropped ones succeed.
+    assert (again["written"], again["skipped_done"], again["skipped_dropped"], again["asked_again"]) == (1, 7, 2, 1)
+    assert {r["id"] for r in server.log[sent:]} == {"q6"}
+    assert sorted(r["id"] for r in parsed_lines(side_paths(out)[0])) == ["q1", "q2"]
+    sent = len(server.log)
     retried = run_pairs(problems, server, out, retry_dropped=True)
-    assert retried["written"] == 3 and {r["id"] for r in server.log[sent:]} == {"q1", "q2", "q6"}
+    assert retried["written"] == 2 and {r["id"] for r in server.log[sent:]} == {"q1", "q2"}
     assert sorted(r["id"] for r in parsed_lines(out)) == sorted(p.id for p in problems)
+    assert parsed_lines(side_paths(out)[0]) == []  # every problem has its pair: no drop left
 
 
 def test_retries_run_out_on_transient_errors(serve, tmp_path):
@@ -355,7 +374,8 @@ def test_retries_run_out_on_transient_errors(serve, tmp_path):
     summary = run_pairs(problems, server, tmp_path / "pairs.jsonl", max_retries=2, concurrency=1)
     assert summary["failed"] == {"http_503": 1} and summary["written"] == 1
     assert len(server.requests_for("q1")) == 3  # bounded: the first attempt and 2 retries
-    assert not (tmp_path / "pairs.rejected.jsonl").read_text()  # not dropped for good: a rerun tries again
+    (record,) = parsed_lines(tmp_path / "pairs.rejected.jsonl")  # recorded with its reason, as transient
+    assert (record["id"], record["reason"], record["transient"]) == ("q1", "http_503", True)
 
     # An endpoint that never answers successfully stops the run instead of going through every problem.
     server = serve(
@@ -503,6 +523,7 @@ def test_killed_run_resumes_with_one_record_per_problem(serve, tmp_path):
     server.delay = 0.0
     finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert finished.returncode == 0, finished.stderr[-2000:]
+    assert f"pairs: {len(before)} of {len(problems)} problems already done" in finished.stdout
     ids = [r["id"] for r in parsed_lines(out)]  # every line parses: the torn one is gone
     assert sorted(ids) == sorted(p.id for p in problems) and len(ids) == len(set(ids))
     asked_again = {r["id"] for r in server.log[sent_before_restart:]}

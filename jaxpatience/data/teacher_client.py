@@ -1,10 +1,12 @@
 """The teacher's chat client: one chat completion, retried on what retrying can fix, fail-fast on the rest.
 
-Failures: 429, 408, 409, 5xx, timeouts and connection resets are retried with exponential backoff and jitter
-(honouring Retry-After); a bad key, an unknown model, a refused first connection or another 4xx stops the run at
-once with one sentence (TeacherError). What concerns one problem only (a request the server refuses once it has
-answered others, replies that are never chat completions) drops that problem (Drop); transient failures that
-outlast the retries give it up for this run only (GaveUp), so that a rerun tries it again.
+Failures: 429, 408, 409, 5xx, timeouts, connection resets and malformed replies (a 200 whose body is not a chat
+completion: HTML, JSON without choices, a message without text) are retried alike, with exponential backoff
+and jitter (honouring Retry-After). A bad key, an unknown model, a refused first connection, another 4xx, or an
+endpoint that never once answered stops the run at once with one sentence (TeacherError). What concerns one
+problem only drops that problem (Drop): a request the server refuses once it has answered others, a refusal.
+Transient failures that outlast the retries drop it too, as a GaveUp (a Drop with `transient` set), which a rerun
+asks again. Every message that leaves this module has the API key (and any secret in the URL) masked.
 The openai client's own retries are off: this module owns the retry policy.
 """
 
@@ -20,23 +22,30 @@ from dataclasses import dataclass, field
 
 import openai
 
-from jaxpatience.data.teacher_config import TeacherConfig, TeacherError
+from jaxpatience.data.teacher_config import TeacherConfig, TeacherError, public_url, redact, url_secrets
 
 CONNECT_ATTEMPTS = 2  # a refused connection before any reply: the endpoint is wrong, fail after this many tries
-MALFORMED_ATTEMPTS = 3  # a reply that is not a chat completion: retried this often, then the problem is dropped
 MAX_DELAY_S = 60.0  # cap on one backoff sleep and on an honoured Retry-After
+SHOWN_BODY = 60  # characters of a non-JSON body quoted in a "malformed" detail
 
 
 class Drop(Exception):
-    """This problem cannot yield a pair; `reason` is counted in the summary and written to the side file."""
+    """This problem yields no pair; `reason` is counted in the summary and written to the rejected file.
+
+    `transient` is False for what the problem's content caused (a wrong answer, a refusal): a rerun skips it.
+    """
+
+    transient = False
 
     def __init__(self, reason: str, detail: str = "", **extra):
         super().__init__(reason)
         self.reason, self.detail, self.extra = reason, detail, extra
 
 
-class GaveUp(Exception):
-    """Retries ran out on a transient failure (429, 5xx, timeout): not recorded, so a rerun tries again."""
+class GaveUp(Drop):
+    """Retries ran out on a transient failure (malformed reply, 429, 5xx, timeout): a rerun asks again."""
+
+    transient = True
 
 
 class _Malformed(Exception):
@@ -49,6 +58,7 @@ class RunState:
 
     config: TeacherConfig
     client: openai.AsyncOpenAI
+    secrets: tuple[str, ...] = ()  # masked in every message (redact)
     answered: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -61,7 +71,7 @@ def open_client(config: TeacherConfig, api_key: str) -> RunState:
     client = openai.AsyncOpenAI(  # retries are ours (backoff, Retry-After, fail-fast), so the client's are off
         base_url=config.base_url, api_key=api_key, timeout=config.timeout, max_retries=0
     )
-    return RunState(config, client)
+    return RunState(config, client, secrets=(api_key, *url_secrets(config.base_url)))
 
 
 @dataclass
@@ -73,22 +83,32 @@ class Reply:
     model: str
     prompt_tokens: int
     completion_tokens: int
+    refusal: str = ""  # the model declined (OpenAI's `message.refusal`; content is then null)
 
 
 def _parse_reply(response) -> Reply:
     """The assistant text and usage of a chat completion; raises _Malformed on anything else."""
+    if isinstance(response, str | bytes):  # the client hands back the text of a body that is not JSON
+        text = response.decode(errors="replace") if isinstance(response, bytes) else response
+        raise _Malformed(f"a body that is not JSON: {' '.join(text.split())[:SHOWN_BODY]!r}")
     try:
         choice = response.choices[0]
         content = choice.message.content
+        refusal = getattr(choice.message, "refusal", None)
         usage = response.usage
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
     except (AttributeError, IndexError, TypeError, ValueError, KeyError) as err:
-        raise _Malformed(f"{type(err).__name__}: {err}") from None
+        raise _Malformed(f"no chat completion ({type(err).__name__}: {err})") from None
     if content is not None and not isinstance(content, str):
         raise _Malformed(f"message content is {type(content).__name__}")
+    refusal = refusal if isinstance(refusal, str) else ""
+    finish_reason = getattr(choice, "finish_reason", None)
+    # No text, no refusal, and not cut off by the token limit: what overloaded gateways send instead of an error.
+    if not (content or "").strip() and not refusal.strip() and finish_reason != "length":
+        raise _Malformed("a message without text")
     model = response.model if isinstance(getattr(response, "model", None), str) else ""
-    return Reply(content or "", getattr(choice, "finish_reason", None), model, prompt_tokens, completion_tokens)
+    return Reply(content or "", finish_reason, model, prompt_tokens, completion_tokens, refusal.strip())
 
 
 def _retry_after(err: openai.APIStatusError) -> float | None:
@@ -123,19 +143,30 @@ def _first_line(err: BaseException) -> str:
 
 def _unreachable(state: RunState, attempts: int, err: Exception | None) -> TeacherError:
     """The endpoint cannot be reached: never answered (wrong URL, server down) or went away mid-run."""
+    url = public_url(state.config.base_url)
     cause = f" ({_first_line(err.__cause__ or err)})" if err is not None else ""
     if not state.answered:
-        return TeacherError(f"cannot reach {state.config.base_url}{cause}; is the server running at that URL?")
-    return TeacherError(
-        f"lost the connection to {state.config.base_url} after {attempts} attempts{cause}; rerun to resume."
-    )
+        return TeacherError(f"cannot reach {url}{cause}; is the server running at that URL?")
+    return TeacherError(f"lost the connection to {url} after {attempts} attempts{cause}; rerun to resume.")
 
 
 async def chat(state: RunState, messages: list[dict]) -> Reply:
-    """One chat completion, retried on transient failures; raises TeacherError, Drop or GaveUp."""
+    """One chat completion, retried on transient failures; raises TeacherError, Drop or GaveUp (a Drop).
+
+    Their messages never hold the API key: a server may echo it (an error body quoting the header it refused).
+    """
+    try:
+        return await _chat(state, messages)
+    except TeacherError as err:
+        raise TeacherError(redact(str(err), state.secrets)) from None
+    except Drop as drop:
+        drop.detail = redact(drop.detail, state.secrets)
+        raise
+
+
+async def _chat(state: RunState, messages: list[dict]) -> Reply:
     config = state.config
     extra = {} if config.temperature is None else {"temperature": config.temperature}
-    malformed = 0
     for attempt in range(config.max_retries + 1):
         try:
             state.requests += 1
@@ -145,36 +176,38 @@ async def chat(state: RunState, messages: list[dict]) -> Reply:
         except (openai.APIError, _Malformed, json.JSONDecodeError, UnicodeDecodeError) as err:
             last_error = err
             kind, wait = _classify(err, state, attempt)  # raises on what retrying cannot fix
-            malformed += kind == "malformed"
-            if malformed >= MALFORMED_ATTEMPTS:
-                raise Drop(
-                    "malformed", f"{malformed} replies were not chat completions ({_first_line(err)})."
-                ) from None
         else:
             state.answered = True
             state.prompt_tokens += reply.prompt_tokens
             state.completion_tokens += reply.completion_tokens
             return reply
-        state.retries[kind] += 1
         if attempt < config.max_retries:
+            state.retries[kind] += 1  # counts retries sent, so a summary's retries match the server's log
             await asyncio.sleep(backoff_delay(attempt, config.backoff, wait))
-    # Out of retries.
-    if kind == "malformed":
-        raise Drop("malformed", f"the replies were not chat completions ({_first_line(last_error)}).")
+    raise _out_of_retries(state, kind, last_error)
+
+
+def _out_of_retries(state: RunState, kind: str, err: Exception) -> Exception:
+    """What to raise when every attempt failed with a transient `kind` (the last failure: `err`)."""
+    attempts = state.config.max_retries + 1
     if kind == "connection":  # the endpoint is gone: stop the run
-        raise _unreachable(state, config.max_retries + 1, last_error)
+        return _unreachable(state, attempts, err)
     if not state.answered:  # it never worked: do not go on through every problem
-        raise TeacherError(
-            f"{config.base_url} answered no request ({kind} {config.max_retries + 1} times in a row: "
-            f"{_first_line(last_error)}); "
-            f"is the server overloaded or still starting?"
+        hint = (
+            "is --base-url an OpenAI-compatible endpoint (it usually ends in /v1)?"
+            if kind == "malformed"
+            else "is the server overloaded or still starting?"
         )
-    raise GaveUp(kind)
+        return TeacherError(
+            f"{public_url(state.config.base_url)} answered no request ({kind} {attempts} times in a row: "
+            f"{_first_line(err)}); {hint}"
+        )
+    return GaveUp(kind, f"{kind} {attempts} times in a row, the last: {_first_line(err)}.")
 
 
 def _classify(err: Exception, state: RunState, attempt: int) -> tuple[str, float | None]:
     """(kind, server-requested delay) of a retryable failure; raises TeacherError or Drop for the others."""
-    url = state.config.base_url
+    url = public_url(state.config.base_url)
     if isinstance(err, openai.AuthenticationError | openai.PermissionDeniedError):
         raise TeacherError(
             f"{url} refused the API key (HTTP {err.status_code}: {_server_message(err)}); set OPENAI_API_KEY to a "

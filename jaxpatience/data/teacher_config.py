@@ -4,10 +4,14 @@
 each field is a plain YAML value: the prompts are a file *path* (teacher_prompts.load_prompts reads it), and the
 API key is no setting at all: it comes only from OPENAI_API_KEY, so that it never lands in a config file.
 Values from a command line arrive as YAML scalars, untyped by argparse: `__post_init__` checks their types.
+`public_url` and `redact` keep secrets (the key, a password or token in the URL) out of every message and file.
 """
 
 from __future__ import annotations
 
+import math
+import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from jaxpatience.config import ConfigError
@@ -34,7 +38,7 @@ class TeacherConfig:
     temperature: float | None = None  # None: the server's default
     backoff: float = 1.0  # first backoff sleep in seconds; doubles per retry, jittered
     prompts: str = ""  # prompt templates (YAML); "": configs/teacher_prompts.yaml
-    retry_dropped: bool = False  # ask again for problems that earlier runs dropped
+    retry_dropped: bool = False  # ask again for problems dropped for their content too (transient drops always are)
     price_in: float | None = None  # $ per 1M prompt tokens; None: from teacher.PRICES_PER_MILLION
     price_out: float | None = None  # $ per 1M completion tokens
 
@@ -45,7 +49,8 @@ class TeacherConfig:
         for key, (acceptable, expected) in _CHECKS.items():
             value = getattr(self, key)
             if not acceptable(value):
-                raise ConfigError(f"pairs: {key} must be {expected}, not {value!r}.")
+                shown = public_url(value) if isinstance(value, str) else value
+                raise ConfigError(f"pairs: {key} must be {expected}, not {shown!r}.")
 
     def validate(self) -> TeacherConfig:
         """Raise ConfigError unless a command-line run can start (its problems, output and model are named)."""
@@ -55,21 +60,52 @@ class TeacherConfig:
         return self
 
 
+def url_secrets(url: str) -> list[str]:
+    """The secrets a URL may carry: the password of `user:password@host`, the values of its query."""
+    parts = urllib.parse.urlsplit(url)
+    found = [parts.password] if parts.password else []
+    found += [value for _, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=False)]
+    return found
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret replaced by ***; ones under 4 characters (and "EMPTY", a local server's
+    placeholder key) are too short to tell from words and are not secrets anyway."""
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first: one secret may contain another
+        if len(secret) >= 4 and secret != "EMPTY":
+            text = text.replace(secret, "***")
+    return text
+
+
+def public_url(url: str) -> str:
+    """The URL as messages, summaries and logs show it: a password or query value in it masked."""
+    return redact(url, url_secrets(url))
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # YAML's true is an int to Python
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float: nan and inf pass every comparison check wrongly or mean nothing here."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_url(value: object) -> bool:
+    """ "" (resolved later) or an http(s) URL with a host."""
+    if not isinstance(value, str):
+        return False
+    parts = urllib.parse.urlsplit(value)
+    return not value or (parts.scheme in ("http", "https") and bool(parts.netloc))
 
 
 _TEXT = (lambda value: isinstance(value, str), "text (quote it in YAML)")
-_NUMBER_OR_NULL = (lambda value: value is None or _is_number(value), "a number or null")
+_NUMBER_OR_NULL = (lambda value: value is None or (_is_number(value) and value >= 0), "a number >= 0 or null")
 # key -> (whether a value is acceptable, what it must be); a number given as a flag or key=value arrives untyped
 _CHECKS = {
     "problems": _TEXT,
     "out": _TEXT,
-    "base_url": _TEXT,
+    "base_url": (is_url, "an http:// or https:// URL, e.g. http://localhost:8000/v1"),
     "model": _TEXT,
     "prompts": _TEXT,
     "concurrency": (lambda value: _is_int(value) and value >= 1, "an integer >= 1"),

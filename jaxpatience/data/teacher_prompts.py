@@ -35,6 +35,14 @@ def load_prompts(path: str | Path | None = None) -> dict:
         prompts = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TeacherError(f"prompts file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise TeacherError(f"prompts file {path} is a directory, not a YAML file.") from None
+    except OSError as err:  # permissions, a broken link ...
+        raise TeacherError(f"prompts file {path} cannot be read ({err.strerror or err}).") from None
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        byte = err.object[err.start]
+        raise TeacherError(f"prompts file {path}, line {line}, is not UTF-8 text (byte {byte:#x}).") from None
     except yaml.YAMLError as err:
         raise TeacherError(f"prompts file {path} is not valid YAML ({str(err).splitlines()[0]}).") from None
     if not isinstance(prompts, dict):
