@@ -3,16 +3,24 @@ metadata, or train a small byte-level BPE with ChatML special tokens (tests and 
 
 All of them are transformers `PreTrainedTokenizerFast` objects, so `apply_chat_template`, `encode`, `decode`
 and `save_pretrained` behave as users expect. None needs torch.
+
+A checkpoint's tokenizer is checked as it is loaded (`check_tokenizer`), because a broken one fails quietly:
+transformers builds a 2-token tokenizer for a directory that has tokenizer_config.json but no tokenizer.json, and
+every text then encodes to [] while training and evaluation run to the end; ids past the model's vocab_size would
+index past the embedding. The rules: SANITY_TEXT encodes to tokens and decodes back with its numbers, every id is
+below the model's vocab_size, and the eos and pad tokens are in the vocabulary.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from jaxpatience.checkpoint_files import CheckpointError
 
 # Qwen2-Instruct's chat template (ChatML with a default system prompt).
 CHATML_TEMPLATE = (
@@ -35,19 +43,96 @@ QWEN2_SPLIT_REGEX = (
 NUMBERS_SPLIT_REGEX = QWEN2_SPLIT_REGEX.replace(r"|\p{N}|", r"| ?\p{N}+|")
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+# Files that hold a vocabulary: tokenizer.json (fast), vocab.json + merges.txt (BPE) or tokenizer.model (SentencePiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+SANITY_TEXT = "What is 12 + 7? The answer is 19."  # what every tokenizer must encode and decode back
+SANITY_NUMBERS = ("12", "7", "19")
+
+
+def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> PreTrainedTokenizerBase:
     """The checkpoint's own tokenizer; ChatML when it has no chat template; a pad token when it has none.
+
+    It is checked (`check_tokenizer`) against `vocab_size`, the model's number of embedding rows; when None, that
+    of the directory's config.json if it has a readable one. Any problem is a one-sentence CheckpointError.
 
     transformers 5 builds a Qwen2 checkpoint's tokenizer as `Qwen2Tokenizer`, which replaces the pre-tokeniser of
     tokenizer.json by Qwen2's own. When the file's differs (the toy demo's keeps whole numbers together), the file
     is what the tokenizer was trained with, so it is loaded as it is."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    file = Path(path) / "tokenizer.json"
-    if file.is_file() and getattr(tokenizer, "backend_tokenizer", None) is not None:
-        saved = json.loads(file.read_text(encoding="utf-8")).get("pre_tokenizer")
-        if saved != json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer"):
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-    return with_defaults(tokenizer)
+    path = Path(path)
+    if path.is_dir() and not any((path / name).is_file() for name in VOCABULARY_FILES):
+        raise CheckpointError(f"{path} has no tokenizer.json (nor vocab.json or tokenizer.model), so its tokenizer "
+                              "would encode every text to nothing.")  # fmt: skip
+    file = path / "tokenizer.json"
+    saved, defined = _read_tokenizer_json(file) if file.is_file() else (None, None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if saved is not None and getattr(tokenizer, "backend_tokenizer", None) is not None:
+            if saved.get("pre_tokenizer") != json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer"):
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    except Exception as err:  # transformers reads config.json and tokenizer_config.json too, and raises anything
+        reason = f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"{path}: transformers cannot load its tokenizer ({reason}).") from None
+    tokenizer = with_defaults(tokenizer)
+    vocab_size = vocab_size if vocab_size is not None else _config_vocab_size(path)
+    check_tokenizer(tokenizer, vocab_size, str(path), defined)
+    return tokenizer
+
+
+def _read_tokenizer_json(file: Path) -> tuple[dict, set[str]]:
+    """(the parsed file, the tokens it defines). The tokens are its model's vocabulary (a dict, or Unigram's
+    [piece, score] list) and its added tokens: transformers adds an eos or pad token named in tokenizer_config.json
+    but absent from the file as a new id, one the model never learnt (it would never stop), so check_tokenizer
+    checks against these."""
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        vocab = saved["model"].get("vocab") or {}
+        tokens = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab}
+        tokens |= {added["content"] for added in saved.get("added_tokens") or []}
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}).") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file} is not UTF-8 text.") from None
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise CheckpointError(f"{file} is not a tokenizers file (it lacks a model with a vocabulary).") from None
+    return saved, tokens
+
+
+def _config_vocab_size(path: Path) -> int | None:
+    """The vocab_size of the config.json beside a tokenizer, or None (none there, or one the loader will refuse)."""
+    from jaxpatience.config import ModelConfig
+
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        return ModelConfig.from_hf(path).vocab_size
+    except ValueError:
+        return None
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int | None, source: str,
+                    defined: Collection[str] | None = None) -> None:  # fmt: skip
+    """Refuse, in one sentence naming `source`, a tokenizer that would make training or decoding quietly wrong.
+
+    `defined` is the set of tokens its files define (default: its vocabulary now). A vocabulary smaller than
+    `vocab_size` is fine (Qwen2 pads its embedding past the tokenizer's last id)."""
+    ids = tokenizer.encode(SANITY_TEXT, add_special_tokens=False)
+    if not ids:
+        raise CheckpointError(f"{source}: its tokenizer encodes {SANITY_TEXT!r} to no tokens at all.")
+    decoded = tokenizer.decode(ids)
+    if not all(number in decoded for number in SANITY_NUMBERS):
+        raise CheckpointError(f"{source}: its tokenizer does not decode {SANITY_TEXT!r} back (got {decoded!r}).")
+    vocabulary = tokenizer.get_vocab()
+    defined = vocabulary if defined is None else defined
+    for role, token in (("eos", tokenizer.eos_token), ("pad", tokenizer.pad_token)):
+        if token is None:
+            raise CheckpointError(f"{source}: its tokenizer names no {role} token (set {role}_token in "
+                                  "tokenizer_config.json).")  # fmt: skip
+        if token not in defined:
+            raise CheckpointError(f"{source}: its tokenizer's {role} token {token!r} is not in its vocabulary.")
+    largest = max(vocabulary.values())
+    if vocab_size is not None and largest >= vocab_size:
+        raise CheckpointError(f"{source}: its tokenizer has token ids up to {largest}, past the model's vocab_size "
+                              f"{vocab_size} (ids past the embedding would be garbage).")  # fmt: skip
 
 
 def with_defaults(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -4,7 +4,8 @@ Our parameter paths are HF's names (model.py), so the "name table" is the identi
 table for GGUF. Loading builds the model abstractly (`nnx.eval_shape`, no memory), then streams tensor by
 tensor from memory-mapped files: each tensor is cast on the way and placed straight into its sharding, so a 7B
 checkpoint loads in bf16 on a 24 GiB host without ever holding the model in float32. Checks are strict: every
-key of the checkpoint is consumed and every parameter found, with matching shapes.
+key of the checkpoint is consumed and every parameter found, with matching shapes. Before any of that, the files
+themselves are checked (checkpoint_files: headers against file sizes) and so is the tokenizer (tokenizer.py).
 
 Also here, because they read the same files: `describe_checkpoint` (the facts `jaxpatience info` prints, read
 from headers and metadata only) and `make_tiny_checkpoint` (the random tiny model of `jaxpatience tiny`).
@@ -26,13 +27,9 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
+from jaxpatience.checkpoint_files import CheckpointError, open_gguf, safetensors_headers
 from jaxpatience.config import ConfigError, ModelConfig, preset
 from jaxpatience.model import Qwen2ForCausalLM
-
-
-class CheckpointError(ValueError):
-    """A user-facing problem with a checkpoint; the message is one sentence naming the file and key."""
-
 
 # ---------------------------------------------------------------------------------------------------
 # safetensors, read and written directly: an 8-byte little-endian header size, a JSON header, raw data.
@@ -49,39 +46,11 @@ class SafetensorsReader:
     """name -> memory-mapped numpy array, over one `model.safetensors` or a sharded index (or one named file)."""
 
     def __init__(self, directory: str | Path):
-        directory = Path(directory)
-        if directory.suffix == ".safetensors":  # a single file, e.g. a PEFT adapter_model.safetensors
-            directory, files = directory.parent, [directory.name]
-            if not (directory / files[0]).is_file():
-                raise CheckpointError(f"{directory / files[0]} does not exist.")
-        else:
-            files = self._files(directory)
         self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, header entry, data start)
-        for name in files:
-            path = directory / name
-            if not path.is_file():
-                raise CheckpointError(f"{path} is listed in the index but does not exist.")
-            header, data_start = _read_header(path)
+        for path, (header, data_start) in safetensors_headers(Path(directory)).items():  # checked: sizes agree
             for key, entry in header.items():
                 if key != "__metadata__":
                     self.entries[key] = (path, entry, data_start)
-
-    @staticmethod
-    def _files(directory: Path) -> list[str]:
-        index_file = directory / "model.safetensors.index.json"
-        single_file = directory / "model.safetensors"
-        if index_file.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise CheckpointError(f"{index_file} is not a valid safetensors index (no weight_map).") from None
-            return sorted(set(weight_map.values()))
-        if single_file.is_file():
-            return ["model.safetensors"]
-        raise CheckpointError(
-            f"{directory} has neither model.safetensors nor model.safetensors.index.json "
-            "(PyTorch .bin checkpoints are not supported; re-save with safe_serialization=True)."
-        )
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -103,21 +72,6 @@ class SafetensorsReader:
         flat = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,)) if count else (
             np.zeros((0,), dtype))  # fmt: skip
         return flat.reshape(entry["shape"])
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path} is not a safetensors file (too short).")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise CheckpointError(f"{path} is not a safetensors file (implausible header size).")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is not a safetensors file (unreadable header).") from None
-    return header, 8 + size
 
 
 TensorSpecs = dict[str, tuple[tuple[int, ...], np.dtype]]  # name -> (shape, dtype) of the tensors of one file
@@ -170,14 +124,20 @@ def base_param_paths(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
 def build_model(config: ModelConfig, names: list[str], shape_of: Callable[[str], tuple[int, ...]],
                 get: Callable[[str], np.ndarray], source: str, mesh=None) -> Qwen2ForCausalLM:  # fmt: skip
     """Fill an abstract model from a source of named arrays, with strict key and shape checks."""
+    return fill_model(config, plan_model(config, names, shape_of, source), get, mesh)
+
+
+def plan_model(config: ModelConfig, names: list[str], shape_of: Callable[[str], tuple[int, ...]],
+               source: str) -> tuple[nnx.GraphDef, nnx.State]:  # fmt: skip
+    """The abstract model, after checking the source's names and shapes against it: no weight is read yet."""
     graphdef, state = abstract_model(config)
-    expected = {hf_name(p): v for p, v in base_param_paths(state)}
+    expected = {hf_name(p) for p, _ in base_param_paths(state)}
     available = set(names)
     if config.tie_word_embeddings:
         available.discard("lm_head.weight")  # some tied checkpoints carry a copy; the embedding is used
     available = {n for n in available if not n.endswith("rotary_emb.inv_freq")}  # old HF buffers, recomputed
-    missing = sorted(set(expected) - available)
-    unexpected = sorted(available - set(expected))
+    missing = sorted(expected - available)
+    unexpected = sorted(available - expected)
     if missing:
         raise CheckpointError(f"{source} lacks the weight {missing[0]!r} ({len(missing)} missing in all).")
     if unexpected:
@@ -185,18 +145,26 @@ def build_model(config: ModelConfig, names: list[str], shape_of: Callable[[str],
             f"{source} has the weight {unexpected[0]!r}, which a Qwen2 of this config does not use "
             f"({len(unexpected)} unexpected in all; is config.json right?)."
         )
-    param_dtype = jnp.dtype(config.param_dtype)
-    flat = []
     for path, variable in nnx.to_flat_state(state):
-        name = hf_name(path)
-        spec = variable.get_value()
+        name, spec = hf_name(path), variable.get_value()
         if name not in expected:  # LoRA params, if any: keep their abstract init out of this function
             raise CheckpointError(f"cannot load {name!r}: build LoRA after loading the base model.")
         if tuple(shape_of(name)) != tuple(spec.shape):
             raise CheckpointError(
                 f"{source}: weight {name!r} has shape {tuple(shape_of(name))}, the config implies {tuple(spec.shape)}."
             )
-        value = _place(get(name), spec.shape, param_dtype, variable.get_metadata().get("axes"), mesh)
+    return graphdef, state
+
+
+def fill_model(config: ModelConfig, plan: tuple[nnx.GraphDef, nnx.State], get: Callable[[str], np.ndarray],
+               mesh=None) -> Qwen2ForCausalLM:  # fmt: skip
+    """Read every weight of a planned model (plan_model) from `get`, cast to param_dtype and placed in its sharding."""
+    graphdef, state = plan
+    param_dtype = jnp.dtype(config.param_dtype)
+    flat = []
+    for path, variable in nnx.to_flat_state(state):
+        spec = variable.get_value()
+        value = _place(get(hf_name(path)), spec.shape, param_dtype, variable.get_metadata().get("axes"), mesh)
         flat.append((path, variable.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -235,17 +203,14 @@ def load_pretrained(path: str | Path, param_dtype: str | None = None, *, compute
     if _checkpoint_kind(path) == "gguf":
         return load_gguf(path, param_dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=with_tokenizer)
     config = ModelConfig.from_hf(path, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
-    reader = SafetensorsReader(path)
-    model = build_model(config, reader.keys(), reader.shape, reader.get, str(path), mesh)
+    reader = SafetensorsReader(path)  # every file's header checked against its size
+    plan = plan_model(config, reader.keys(), reader.shape, str(path))  # names and shapes, from the headers
     tokenizer = None
-    if with_tokenizer:
+    if with_tokenizer:  # checked before the weights are read: a bad tokenizer fails in a second, not minutes
         from jaxpatience.tokenizer import load_tokenizer
 
-        try:
-            tokenizer = load_tokenizer(path)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{path} has no loadable tokenizer ({err}).") from None
-    return model, tokenizer
+        tokenizer = load_tokenizer(path, config.vocab_size)
+    return fill_model(config, plan, reader.get, mesh), tokenizer
 
 
 def _param_dtype_from(param_dtype: str | None, dtype: str | None) -> str:
@@ -411,7 +376,7 @@ def load_gguf(path: str | Path, param_dtype: str | None = None, *, compute_dtype
 
     path = Path(path)
     param_dtype = _param_dtype_from(param_dtype, dtype)
-    reader = _open_gguf(path)
+    reader = open_gguf(path)
     metadata = read_gguf_metadata(reader)
     tensors = {}
     for tensor in reader.tensors:
@@ -435,26 +400,21 @@ def load_gguf(path: str | Path, param_dtype: str | None = None, *, compute_dtype
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         return np.asarray(values, dtype=np.float32).reshape(shape_of(name))
 
-    model = build_model(config, list(tensors), shape_of, get, str(path), mesh)
-    tokenizer = None
-    if with_tokenizer:
-        from jaxpatience.tokenizer import tokenizer_from_gguf
-
-        try:
-            tokenizer = tokenizer_from_gguf(metadata)
-        except (KeyError, ValueError) as err:
-            raise CheckpointError(f"{path}: cannot build the tokenizer from its metadata ({err}).") from None
-    return model, tokenizer
+    plan = plan_model(config, list(tensors), shape_of, str(path))
+    tokenizer = gguf_tokenizer(metadata, path, vocab_size) if with_tokenizer else None  # before any weight
+    return fill_model(config, plan, get, mesh), tokenizer
 
 
-def _open_gguf(path: Path):
-    """A `gguf.GGUFReader` (tensors memory-mapped, nothing dequantised yet); a CheckpointError for a bad file."""
-    import gguf
+def gguf_tokenizer(metadata: dict, path: Path, vocab_size: int):
+    """The tokenizer of a GGUF file's metadata, checked (tokenizer.check_tokenizer) against the model's vocab."""
+    from jaxpatience.tokenizer import check_tokenizer, tokenizer_from_gguf
 
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as err:  # the gguf package raises assorted errors on a bad file
-        raise CheckpointError(f"{path} is not a readable GGUF file ({err}).") from None
+        tokenizer = tokenizer_from_gguf(metadata)
+    except Exception as err:  # missing keys, bad ids, and the tokenizers library's own errors
+        raise CheckpointError(f"{path}: cannot build the tokenizer from its metadata ({err}).") from None
+    check_tokenizer(tokenizer, vocab_size, str(path), defined=set(metadata["tokenizer.ggml.tokens"]))
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -473,14 +433,9 @@ def describe_checkpoint(path: str | Path) -> dict:
     from jaxpatience.tokenizer import load_tokenizer
 
     config = ModelConfig.from_hf(path)
-    reader = SafetensorsReader(path)
-    try:
-        tokenizer = load_tokenizer(path)
-        raw_template = (path / "chat_template.jinja").is_file() or bool(
-            json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
-        )
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} has no loadable tokenizer ({err}).") from None
+    reader = SafetensorsReader(path)  # the checks of a load: every file's header against its size,
+    plan_model(config, reader.keys(), reader.shape, str(path))  # names and shapes against the config,
+    tokenizer = load_tokenizer(path, config.vocab_size)  # and the tokenizer
     return {
         "path": str(path),
         "format": "safetensors" + (" (sharded)" if (path / "model.safetensors.index.json").is_file() else ""),
@@ -489,19 +444,30 @@ def describe_checkpoint(path: str | Path) -> dict:
         "dtype": ", ".join(sorted({reader.dtype(k) for k in reader.keys()})),
         **_shape_facts(config),
         "tokenizer_size": len(tokenizer),
-        "chat_template": "from checkpoint" if raw_template else "missing (ChatML default used)",
+        "chat_template": "from checkpoint" if _has_chat_template(path) else "missing (ChatML default used)",
         "eos_token": tokenizer.eos_token,
     }
 
 
+def _has_chat_template(path: Path) -> bool:
+    """Whether the directory brings its own chat template (else load_tokenizer supplied ChatML)."""
+    if (path / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _describe_gguf(path: Path) -> dict:
-    reader = _open_gguf(path)
+    reader = open_gguf(path)
     metadata = read_gguf_metadata(reader)
     names = {gguf_to_hf_name(t.name) for t in reader.tensors}
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise CheckpointError(f"{path} lacks the tensor 'token_embd.weight'.")
     config = gguf_config(metadata, path, tied="lm_head.weight" not in names, vocab_size=int(embed.shape[-1]))
+    tokenizer = gguf_tokenizer(metadata, path, config.vocab_size)  # checked as a load checks it
     return {
         "path": str(path),
         "format": "gguf",
@@ -509,7 +475,7 @@ def _describe_gguf(path: Path) -> dict:
         "parameters": sum(int(t.n_elements) for t in reader.tensors),
         "dtype": ", ".join(sorted({t.tensor_type.name for t in reader.tensors})),
         **_shape_facts(config),
-        "tokenizer_size": len(metadata.get("tokenizer.ggml.tokens", [])),
+        "tokenizer_size": len(tokenizer),
         "chat_template": "from checkpoint" if metadata.get("tokenizer.chat_template") else "missing (ChatML default)",
     }
 

@@ -180,3 +180,35 @@ def test_save_refuses_to_overwrite(tiny_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="not empty"):
         save_pretrained(model, tokenizer, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------- damaged files, refused before loading
+
+
+def test_truncated_checkpoint_is_refused_before_any_weight_is_read(tiny_checkpoint):
+    """A cut download used to fail halfway through the load with numpy's "mmap length is greater than file size"."""
+    path = tiny_checkpoint()
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated: tensor '.+' ends at data byte"):
+        load_pretrained(path)
+
+
+def test_sharded_checkpoint_with_a_missing_or_cut_shard_is_named(tiny_checkpoint):
+    path = tiny_checkpoint(max_shard_size="40KB")
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].write_bytes(shards[1].read_bytes() + b"\0" * 8)
+    with pytest.raises(CheckpointError, match=rf"{shards[1].name} has 8 bytes after its last tensor"):
+        load_pretrained(path)
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=rf"index\.json names {shards[1].name}, which does not exist"):
+        load_pretrained(path)
+
+
+def test_tokenizer_is_checked_against_the_model_vocab(tiny_checkpoint):
+    """Qwen2 pads its embedding past the tokenizer's last id (fine); a tokenizer past the embedding is refused."""
+    model, tokenizer = load_pretrained(tiny_checkpoint(vocab_size=320))  # the tokenizer has 300 tokens
+    assert model.config.vocab_size == 320 and len(tokenizer) == 300
+    with pytest.raises(CheckpointError, match="token ids up to 299, past the model's vocab_size 290"):
+        load_pretrained(tiny_checkpoint(vocab_size=290))
