@@ -240,6 +240,25 @@ def answers_equal(predicted: str | None, gold: str | None) -> bool:
     return normalize_latex(predicted) == normalize_latex(gold)
 
 
+_MATH_CHARS = re.compile(r"[\d\\^_{}=+*/()\[\]<>|π√∞-]")
+_PROSE_WORD = re.compile(r"(?<![\\\w])[A-Za-z]{2,}")
+
+
+def unreadable_gold(gold: str) -> str | None:
+    """Why no reading could score `gold` (a phrase), or None when it is a number or reads as maths.
+
+    A gold answer is a number (GSM8K) or a math expression (MATH: `\\frac{1}{2}`, `(3, 4)`, `\\text{east}`). A
+    word such as "blue" is neither, and a whole solution without `####` (more than four words of prose) is not a
+    final answer: both would score every response wrong, or switch the headline metric, without a word."""
+    if is_numeric(gold):
+        return None
+    if len(_PROSE_WORD.findall(gold)) > 4:
+        return "a whole text, not a final answer (no '####' before it)"
+    if not _MATH_CHARS.search(gold) and not re.fullmatch(r"\(?[A-Za-z]\)?", gold):  # "x", "(C)": maths, a choice
+        return "neither a number nor a math expression"
+    return None
+
+
 def is_numeric(gold: str) -> bool:
     """GSM8K-style problems have a number as answer; MATH ones often LaTeX (`\\frac{\\pi}{2}`, intervals...)."""
     return parse_number(gold) is not None

@@ -16,6 +16,7 @@ from jaxpatience.config_io import (  # noqa: F401 - re-exported: the one place u
     ConfigError,
     apply_overrides,
     changed_keys,
+    check_output_dir,
     command_parser,
     config_from_args,
     from_dict,
@@ -282,8 +283,9 @@ class TrainConfig:
             raise ConfigError(f"remat must be none, full, dots or lora, not {self.remat!r}.")
         if self.attention not in ("auto", "xla", "cudnn", "einsum"):
             raise ConfigError(f"attention must be auto, xla, cudnn or einsum, not {self.attention!r}.")
-        if self.max_steps <= 0 or self.logits_chunk_size <= 0:
-            raise ConfigError("max_steps and logits_chunk_size must be positive.")
+        for key in ("max_steps", "logits_chunk_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be a positive integer, not {getattr(self, key)!r}.")
         if self.strategy not in ("gspmd", "shard_map"):
             raise ConfigError(f"strategy must be gspmd or shard_map, not {self.strategy!r}.")
         if self.strategy == "shard_map" and self.mesh.tensor != 1:
@@ -315,6 +317,11 @@ class DataConfig:
     reference_cache: str | None = None  # directory of precomputed reference log-probs; default: beside the data
 
     def __post_init__(self):
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be at least 2 (a prompt and a response), not {self.max_length!r}.")
+        if self.buckets is not None and (not self.buckets or min(self.buckets) < 1 or
+                                         list(self.buckets) != sorted(set(self.buckets))):  # fmt: skip
+            raise ConfigError(f"data.buckets must be positive lengths in rising order, not {list(self.buckets)}.")
         if self.pack_length is not None and self.pack_length <= 0:
             raise ConfigError(f"data.pack_length must be positive, not {self.pack_length!r}.")
         if self.pack_row_multiple < 1:
@@ -350,8 +357,12 @@ class RunConfig:
     export_merged: bool = False  # also write OUT/merged (HF checkpoint with the adapter folded in)
 
     def __post_init__(self):
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ConfigError("checkpoint_every and log_every must be at least 1.")
+        for key in ("checkpoint_every", "log_every", "epochs"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be at least 1, not {value!r}.")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"keep_checkpoints must be 0 or more, not {self.keep_checkpoints!r}.")
 
     def validate(self) -> RunConfig:
         """Raise ConfigError unless the run can start (its model and data are named); returns self."""
@@ -359,6 +370,7 @@ class RunConfig:
             raise ConfigError("model is not set: give an HF checkpoint directory or .gguf file (model=PATH).")
         if not self.data.path:
             raise ConfigError("data.path is not set: give a pairs .jsonl/.parquet file (data.path=PATH).")
+        check_output_dir(self.out_dir, "out_dir")
         return self
 
 
@@ -415,6 +427,7 @@ class EvalConfig:
         for key in ("model", "dataset", "out_dir"):
             if not getattr(self, key):
                 raise ConfigError(f"eval: {key} is not set ({key}=... or --{key.replace('_dir', '')} ...).")
+        check_output_dir(self.out_dir, "out_dir")
         return self
 
 
@@ -495,4 +508,8 @@ class IrpoConfig:
         for key in ("model", "train_problems", "eval_problems"):
             if not getattr(self, key):
                 raise ConfigError(f"irpo: {key} is not set ({key}=PATH).")
+        for key in ("train_limit", "eval_limit"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"irpo: {key} must be at least 1, not {getattr(self, key)!r}.")
+        check_output_dir(self.out_dir, "out_dir")
         return self

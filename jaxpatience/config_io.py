@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -56,29 +57,46 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    """Build dataclass `cls` from `data`, recursing into dataclass-typed fields; unknown keys are errors."""
+def from_dict(cls: type, data: dict, where: str = "", *, build: bool = True) -> Any:
+    """Build dataclass `cls` from `data`, recursing into dataclass-typed fields; unknown keys are errors.
+
+    where: the dotted key of `data` ("" at the top), named in errors. build=False only checks the keys and kinds
+    (a partial tree, e.g. the command line's overrides alone) and returns the checked dict.
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}.")
+        raise ConfigError(f"{where or 'the config'} must be a mapping, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)}).")
+            raise ConfigError(f"unknown key {dotted!r} (known in {where or 'the top level'}: {', '.join(known)}).")
         field_type = _dataclass_in(hints[key])
         if field_type is None:
-            value = _typed(value, hints[key], f"{where}.{key}")
-        elif isinstance(value, dict):
-            value = from_dict(field_type, value, f"{where}.{key}")
+            value = _typed(value, hints[key], dotted)
+        elif isinstance(value, dict):  # the keys it sets, laid over the field's own default section
+            value = from_dict(field_type, _merged(_default_section(known[key]), value), dotted, build=build)
         elif value is not None or type(None) not in typing.get_args(hints[key]):  # `lora: null` turns LoRA off
             nullable = " or null" if type(None) in typing.get_args(hints[key]) else ""
-            raise ConfigError(f"{where}.{key} must be a section of keys{nullable}, not {value!r}.")
+            raise ConfigError(f"{dotted} must be a section of keys{nullable}, not {value!r}.")
         kwargs[key] = value
+    if not build:
+        return kwargs
     try:
         return cls(**kwargs)
     except TypeError as err:
-        raise ConfigError(f"{where}: {err}.") from None
+        raise ConfigError(f"{where or 'the config'}: {err}.") from None
+
+
+def _default_section(field: dataclasses.Field) -> dict:
+    """The default of a section-typed field as plain data: `training.train.batch_size=8` changes that one key of
+    IrpoConfig's own `training` default (DPO + NLL, one epoch), not of a bare RunConfig."""
+    if field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        default = None if field.default is dataclasses.MISSING else field.default
+    return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
@@ -132,14 +150,35 @@ def _dataclass_in(hint: Any) -> type | None:
     return None
 
 
+def check_output_dir(path: str | Path, key: str) -> None:
+    """One sentence if `path` cannot become an output folder (a file in its place or above it, no permission to
+    write); creates nothing, so a refused run leaves nothing behind."""
+    path = Path(path)
+    for existing in (path, *path.absolute().parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"lies under the file {existing}"
+            raise ConfigError(f"{key} {path} {where}, not a folder; choose another {key}.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key} {path}: no permission to write in {existing}.")
+        return
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}.") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:  # one line: the problem and where, not PyYAML's drawing of it
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{path} is not valid YAML{where} ({getattr(err, 'problem', None) or 'unreadable'})."
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level.")
     return data
@@ -161,7 +200,15 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[s
     data = load_yaml(base) if base else {}
     if path:
         data = _merged(data, load_yaml(path))
-    return from_dict(cls, apply_overrides(data, list(overrides)), where=str(path or base or "config"))
+    try:  # a bad key=value is the command line's fault, not the file's: check those alone first
+        from_dict(cls, apply_overrides({}, list(overrides)), build=False)
+    except ConfigError as err:
+        raise ConfigError(f"command line: {err}") from None
+    try:
+        from_dict(cls, data, build=False)
+    except ConfigError as err:
+        raise ConfigError(f"{path or base}: {err}") from None
+    return from_dict(cls, apply_overrides(data, list(overrides)))
 
 
 def changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:

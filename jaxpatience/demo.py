@@ -35,6 +35,7 @@ from jaxpatience.config import (
     IrpoConfig,
     RunConfig,
     changed_keys,
+    check_output_dir,
     command_parser,
     load_config,
 )
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     overrides = [*([f"seed={args.seed}"] if args.seed is not None else []), *args.overrides]
     config = load_demo_config(overrides, small=args.small, path=args.config)
+    check_output_dir(args.out, "--out")
     if args.overwrite and Path(args.out).exists():
         shutil.rmtree(args.out)
     run_demo(config, args.out, progress=not args.no_progress)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -93,7 +94,13 @@ def _check_settings(run_path: Path, settings: dict, store: JsonlStore) -> None:
         except json.JSONDecodeError:
             raise EvalError(f"{run_path} is not valid JSON; delete it or use another output folder.") from None
         previous = {LEGACY_NAMES.get(key, key): value for key, value in previous.items()}
+        from jaxpatience import identity
+
+        identity.check_same_inputs(previous.get("inputs"), settings.get("inputs", {}), run_path.parent,
+                                   "use another output folder or delete it to start over")  # fmt: skip
         for key, value in settings.items():
+            if key == "inputs":
+                continue
             before = previous.get(key, LEGACY_VALUES.get(key, value))  # a key run.json never had: no check
             if before != value:
                 raise EvalError(
@@ -144,17 +151,45 @@ def evaluate(
     _validate(problems, prompt_style, sampling, generation_batch_size, metric)
     metric = resolve_metric(metric, problems)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(run_info, prompt_style, answer_prefix, sampling)
     job = _Job(model, tokenizer, problems, sampling, prompt_style, answer_prefix, generation_batch_size, metric,
                generate_fn, generate_kwargs or {})  # fmt: skip
+    job.check_context()  # before anything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
     if _process_count() > 1:
         return _evaluate_multihost(job, out_dir, settings, progress, plots, start)
     with JsonlStore(out_dir / "generations.jsonl", required=GENERATION_KEYS) as store:  # locked against a 2nd run
         _check_settings(out_dir / "run.json", settings, store)
         _drop_incomplete(store, sampling.num_samples)
-        new_problems = job.run(store, {record["id"] for record in store.records}, progress)
+        new_problems = job.run(store, _done(store, job, out_dir, say=True), progress)
     return _write_summary(store.records, job, out_dir, settings, new_problems, plots, start)
+
+
+def _done(store: JsonlStore, job: _Job, out_dir: Path, say: bool) -> set[str]:
+    """The ids of the problems already in the store, checked to be the same problems (gold answer, question);
+    says how many of this run's are done."""
+    by_id = {problem.id: problem for problem in job.problems}
+    for record in store.records:
+        problem = by_id.get(record["id"])
+        if problem is None:
+            continue
+        same_question = record.get("question_sha", question_sha(problem.question)) == question_sha(problem.question)
+        if record.get("gold", problem.answer) != problem.answer or not same_question:
+            what = "gold answer" if same_question else "question"
+            raise EvalError(
+                f"{out_dir} holds generations for another problem {problem.id} (its {what} differs); use another "
+                "output folder or delete it to start over."
+            )
+    done = {record["id"] for record in store.records}
+    already = len(done & by_id.keys())
+    if say and already:
+        print(f"{already} of {len(job.problems)} problems already done ({store.path}); generating the rest.")
+    return done
+
+
+def question_sha(question: str) -> str:
+    """A short digest of a problem's question, stored with each generation (a rerun checks it is the same)."""
+    return hashlib.sha256(question.encode("utf-8")).hexdigest()[:12]
 
 
 def _write_summary(records: list[dict], job: _Job, out_dir: Path, settings: dict, new_problems: int, plots: bool,
@@ -162,6 +197,12 @@ def _write_summary(records: list[dict], job: _Job, out_dir: Path, settings: dict
     summary = summarize(records, job.problems, samples=job.sampling.num_samples, metric=job.metric)
     summary.update(settings=settings, out_dir=str(out_dir))
     summary["timing"].update(wall_s=time.perf_counter() - start, new_problems=new_problems)
+    ours = {problem.id for problem in job.problems}
+    others = len({record["id"] for record in records} - ours)
+    if others:  # a smaller --limit on a folder that holds more: its summary.json (of them all) stays as it is
+        print(f"{out_dir} holds {others} more problems than this run's {len(ours)}: this summary is printed, not "
+              f"written; {out_dir / 'summary.json'} is left as it was.")  # fmt: skip
+        return summary
     if plots:
         summary["plots"] = report.plot_eval(summary, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -186,7 +227,7 @@ def _evaluate_multihost(job: _Job, out_dir: Path, settings: dict, progress: bool
             try:
                 _check_settings(out_dir / "run.json", settings, store)
                 _drop_incomplete(store, job.sampling.num_samples)
-                state["done"] = sorted({record["id"] for record in store.records})
+                state["done"] = sorted(_done(store, job, out_dir, say=True))
             except EvalError as err:
                 state["error"] = str(err)
         state = sharding.broadcast_json(state)
@@ -234,9 +275,7 @@ class _Job:
         if not todo:
             return 0
         position = {problem.id: index for index, problem in enumerate(self.problems)}
-        latex = any(not answers.is_numeric(p.answer) for p in self.problems)  # MATH: ask for \boxed{} answers
-        prompts = {p.id: self._prompt(p, latex) for p in todo}
-        _check_context(self.model, self.tokenizer, prompts, self.sampling.max_new_tokens)
+        prompts = self.prompts(todo)
         # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
         scored = [bool(r["correct"].get(self.metric)) for r in (store.records if store else []) if r["id"] in position]
         bar = progress_bars.bar(len(self.problems), initial=len(self.problems) - len(todo), unit="problem",
@@ -258,6 +297,14 @@ class _Job:
         finally:
             bar.close()
         return len(todo)
+
+    def prompts(self, problems: list[Problem]) -> dict[str, str | list[int]]:
+        latex = any(not answers.is_numeric(p.answer) for p in self.problems)  # MATH: ask for \boxed{} answers
+        return {p.id: self._prompt(p, latex) for p in problems}
+
+    def check_context(self) -> None:
+        """Every prompt + max_new_tokens fits the model's context (EvalError naming the first that does not)."""
+        _check_context(self.model, self.tokenizer, self.prompts(self.problems), self.sampling.max_new_tokens)
 
     def _prompt(self, problem: Problem, latex: bool) -> str | list[int]:
         prompt = build_prompt(problem, self.tokenizer, self.prompt_style, latex)
@@ -345,8 +392,13 @@ def resolve_metric(metric: str, problems: Sequence[Problem]) -> str:
         raise EvalError(f"metric math_verify is unavailable: {unavailable}.")
     if metric != "auto":
         return metric
-    latex = any(not answers.is_numeric(problem.answer) for problem in problems)
-    return "math_verify" if latex and not unavailable else "strict"
+    latex = next((problem for problem in problems if not answers.is_numeric(problem.answer)), None)
+    if latex is None:
+        return "strict"
+    chosen = "strict" if unavailable else "math_verify"
+    why = f"; {unavailable}, so they are compared as normalised text" if unavailable else ""
+    print(f"metric: {chosen} (some gold answers are not numbers, e.g. {latex.id}: {latex.answer[:40]!r}{why})")
+    return chosen
 
 
 def _check_context(model, tokenizer, prompts: dict[str, str | list[int]], max_new_tokens: int) -> None:
@@ -383,6 +435,7 @@ def _make_record(problem: Problem, sample_index: int, generation, timing: dict, 
         "id": problem.id,
         "sample": sample_index,
         "gold": problem.answer,
+        "question_sha": question_sha(problem.question),
         "response": text,
         "response_tokens": len(token_ids),
         "generated_tokens": generated_tokens,  # before any stop-string cut: what the decoder produced
@@ -406,7 +459,7 @@ def evaluate_checkpoint(config: EvalConfig, problems: Sequence[Problem] | None =
     reuse: return the summary already in `config.out_dir` without loading anything, if there is one (the IRPO
         loop and the demo skip finished evaluations this way); otherwise a finished folder is re-summarized.
     """
-    from jaxpatience import lora, sharding
+    from jaxpatience import identity, lora, sharding
     from jaxpatience.weights import load_pretrained
 
     out = Path(config.out_dir)
@@ -434,7 +487,8 @@ def evaluate_checkpoint(config: EvalConfig, problems: Sequence[Problem] | None =
         model = lora.load_adapter(model, config.adapter)
     run_info = {"model": str(Path(config.model).resolve()), "adapter": config.adapter, "dataset": config.dataset,
                 "split": config.split,
-                "dataset_seed": config.sampling.seed if config.dataset == "gsm_symbolic" else None}  # fmt: skip
+                "dataset_seed": config.sampling.seed if config.dataset == "gsm_symbolic" else None,
+                "inputs": identity.model_inputs(config.model, config.adapter)}  # fmt: skip
     return evaluate(model, tokenizer, problems, out_dir=out, sampling=config.sampling,
                     prompt_style=config.prompt_style, answer_prefix=answer_prefix,
                     generation_batch_size=config.generation_batch_size, metric=config.metric, progress=progress,

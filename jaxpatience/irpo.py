@@ -19,8 +19,16 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jaxpatience import report
-from jaxpatience.config import EvalConfig, IrpoConfig, command_parser, config_from_args, load_config
+from jaxpatience import identity, report
+from jaxpatience.config import (
+    ConfigError,
+    EvalConfig,
+    IrpoConfig,
+    changed_keys,
+    command_parser,
+    config_from_args,
+    load_config,
+)
 
 
 def load_irpo_config(path: str | Path | None, overrides: list[str]) -> IrpoConfig:
@@ -118,6 +126,27 @@ def _row(iteration: int, model_path: str, result: dict, stats: dict | None = Non
     return row
 
 
+# What a rerun may change: its speed, where it runs, how many iterations (more extend the run).
+RERUNNABLE = ("iterations", "generation_batch_size", "training.distributed", "training.log_every",
+              "training.checkpoint_every", "training.keep_checkpoints")  # fmt: skip
+
+
+def _check_rerun(out: Path, config: IrpoConfig, inputs: dict) -> None:
+    """Refuse to continue `out` under another config or with other inputs (model files, problem sets): its
+    finished stages would be reused as if they belonged to this run."""
+    saved = out / "config.json"
+    if not saved.is_file():
+        return
+    before, now = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = [key for key in changed_keys(before, now) if not key.startswith(RERUNNABLE)]
+    if changed:
+        raise ConfigError(f"{out} holds an IRPO run with another config (differs in: {', '.join(changed)}); rerun "
+                          "with the same config or choose a new out_dir.")  # fmt: skip
+    saved_inputs = out / "inputs.json"
+    identity.check_same_inputs(json.loads(saved_inputs.read_text()) if saved_inputs.is_file() else None, inputs, out,
+                               "rerun with the same model and problems, or choose a new out_dir")  # fmt: skip
+
+
 def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     """Run (or resume) every iteration; returns the summary (also OUT/summary.json, plot OUT/irpo.png)."""
     from jaxpatience import sharding
@@ -130,12 +159,17 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
                                     distributed.process_id)  # fmt: skip
     main = sharding.is_main_process()
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     seed = config.sampling.seed
     train_problems = _problems(config.train_problems, config.train_split, config.train_limit, seed)
     eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, seed + 1)
+    inputs = {**identity.model_inputs(config.model), "train_problems": identity.problems_fingerprint(train_problems),
+              "eval_problems": identity.problems_fingerprint(eval_problems)}  # fmt: skip
+    _check_rerun(out, config, inputs)  # every process: each must refuse alike
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
+    sharding.barrier("irpo start")
     base = _evaluate(config, config.model, eval_problems, "eval", out / "base_eval", seed=seed, progress=progress)
     rows = [_row(0, config.model, base)]
     model_path = config.model

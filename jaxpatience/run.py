@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,7 @@ class _Run:
     trainer: Trainer  # its config holds the resolved max_steps (from `epochs` if set)
     reference: np.ndarray | None  # [N, 2] reference log-probs of every pair; None: computed inside the step
     checkpoints: Checkpointer
+    inputs: dict  # fingerprints of the model's files and the data's records (identity.py), checked on resume
     shapes: set = dataclasses.field(default_factory=set)  # the batch shapes the loop has stepped on (compilations)
 
     @property
@@ -139,13 +141,14 @@ class _Run:
 
     def save(self, step: int) -> None:
         """A checkpoint after `step` steps: train state, loader position and config (collective)."""
-        meta = {"step": step, "loader": self.loader.state_dict(), "config": dataclasses.asdict(self.config)}
+        meta = {"step": step, "loader": self.loader.state_dict(), "config": dataclasses.asdict(self.config),
+                "inputs": self.inputs}  # fmt: skip
         self.checkpoints.save(step, self.trainer.state, meta)
 
 
 def _set_up(config: RunConfig) -> _Run:
     """Start jax.distributed (before anything touches a device), then mesh, model, loader, trainer, reference."""
-    from jaxpatience import sharding
+    from jaxpatience import identity, sharding
 
     distributed = config.distributed
     sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes,
@@ -175,9 +178,24 @@ def _set_up(config: RunConfig) -> _Run:
     is_main = jax.process_index() == 0
     reference = cached_reference(config, trainer, loader, is_main) if needs_reference else None
     out = Path(config.out_dir)
+    if is_main:
+        _warn_about_settings(config, model.config.max_position_embeddings)
     checkpoints = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
-    return _Run(config=config, out=out, is_main=is_main, tokenizer=tokenizer, loader=loader,
-                trainer=trainer, reference=reference, checkpoints=checkpoints)  # fmt: skip
+    inputs = {**identity.model_inputs(config.model), "data": loader.fingerprint}
+    return _Run(config=config, out=out, is_main=is_main, tokenizer=tokenizer, loader=loader, trainer=trainer,
+                reference=reference, checkpoints=checkpoints, inputs=inputs)  # fmt: skip
+
+
+def _warn_about_settings(config: RunConfig, context: int) -> None:
+    """Settings that are allowed but do not do what they seem to: said once, on stderr."""
+    warnings = []
+    if config.data.max_length > context:
+        warnings.append(f"data.max_length={config.data.max_length} is past the model's context ({context} "
+                        "positions): the model never saw positions beyond it")  # fmt: skip
+    if config.keep_checkpoints == 0:
+        warnings.append("keep_checkpoints=0 keeps no checkpoint: a stopped or killed run starts again from step 0")
+    for warning in warnings:
+        print(f"jaxpatience: warning: {warning}.", file=sys.stderr)
 
 
 def reads_chosen_only(config: RunConfig) -> bool:
@@ -192,6 +210,10 @@ def _resume(run: _Run) -> int:
     if run.checkpoints.latest_step() is not None:
         run.trainer.state, meta = run.checkpoints.restore(run.trainer.state)
         _check_same_run(meta["config"], dataclasses.asdict(run.config), run.out)
+        from jaxpatience import identity
+
+        identity.check_same_inputs(meta.get("inputs"), run.inputs, run.out,
+                                   "resume with the same model and data, or choose a new out_dir")  # fmt: skip
         run.loader.load_state_dict(meta["loader"])
         start = int(meta["step"])
         if run.is_main:

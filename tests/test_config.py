@@ -69,7 +69,7 @@ def test_flag_values_keep_their_kind():
 
 
 def test_unknown_keys_and_bad_values_are_named():
-    with pytest.raises(ConfigError, match="unknown key 'temprature'"):
+    with pytest.raises(ConfigError, match="command line: unknown key 'sampling.temprature'"):
         _parse(["sampling.temprature=0.5"])
     with pytest.raises(ConfigError, match="sampling.num_samples must be a positive integer"):
         _parse(["sampling.num_samples=0"])
@@ -83,17 +83,43 @@ def test_a_value_of_the_wrong_kind_names_its_key():
             load_config(RunConfig, None, list(overrides))
         return str(caught.value)
 
-    assert error("train.loss.beta=abc") == "config.train.loss.beta must be a number, not 'abc'."
-    assert error("train.max_steps=2.5") == "config.train.max_steps must be an integer, not 2.5."
-    assert error("data.buckets=[64,x]") == "config.data.buckets[1] must be an integer, not 'x'."
-    assert error("train.lora.rslora=maybe") == "config.train.lora.rslora must be true or false, not 'maybe'."
+    assert error("train.loss.beta=abc") == "command line: train.loss.beta must be a number, not 'abc'."
+    assert error("train.max_steps=2.5") == "command line: train.max_steps must be an integer, not 2.5."
+    assert error("data.buckets=[64,x]") == "command line: data.buckets[1] must be an integer, not 'x'."
+    assert error("train.lora.rslora=maybe") == "command line: train.lora.rslora must be true or false, not 'maybe'."
     config = load_config(RunConfig, None, ["train.lora.alpha=32", "train.optimizer.learning_rate=1e-5"])
     assert config.train.lora.alpha == 32.0 and isinstance(config.train.lora.alpha, float)
     assert config.train.optimizer.learning_rate == 1e-5
     assert load_config(RunConfig, None, ["train.lora=null"]).train.lora is None
-    assert error("train.lora=5") == "config.train.lora must be a section of keys or null, not 5."
-    assert error("data=null") == "config.data must be a section of keys, not None."
+    assert error("train.lora=5") == "command line: train.lora must be a section of keys or null, not 5."
+    assert error("data=null") == "command line: data must be a section of keys, not None."
     assert error("data.pack_row_multiple=0") == "data.pack_row_multiple must be at least 1, not 0."
+
+
+def test_one_key_of_a_section_keeps_the_sections_own_defaults():
+    """`training.train.batch_size=8` changes one key of IrpoConfig's training default (DPO + NLL, one epoch); it
+    used to rebuild the section from a bare RunConfig, silently dropping the NLL term."""
+    irpo = load_config(IrpoConfig, None, ["model=m", "training.train.batch_size=8", "sampling.temperature=0.5"])
+    assert irpo.training.train.batch_size == 8 and irpo.training.epochs == 1
+    assert irpo.training.train.loss.nll_weight == 1.0 and irpo.training.train.loss.dpo_weight == 1.0
+    assert irpo.sampling.num_samples == 8 and irpo.sampling.temperature == 0.5  # IRPO's sampling default kept
+
+
+def test_a_bad_key_is_blamed_on_where_it_was_written(tmp_path):
+    """The YAML file's keys are named with the file, key=value ones with the command line (not the file)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 3\n")
+
+    def error(text: str, *overrides: str) -> str:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(RunConfig, path, list(overrides))
+        return str(caught.value)
+
+    assert error("train:\n  max_steps: 3\n", "train.loss.beta=abc").startswith("command line: train.loss.beta must")
+    assert error("train:\n  max_steps: 3\n", "trian.max_steps=3").startswith("command line: unknown key 'trian'")
+    assert error("train:\n  max_steps: 2.5\n") == f"{path}: train.max_steps must be an integer, not 2.5."
+    assert error("train:\n  mx_steps: 2\n").startswith(f"{path}: unknown key 'train.mx_steps' (known in train:")
 
 
 def test_templates_validate_only_where_a_run_starts():

@@ -107,7 +107,7 @@ def test_cli_end_to_end_and_bad_config(setup, tmp_path):
     assert result["steps"] == 4 and set(result["exports"]) == {"adapter", "merged"}
     assert len(losses_of(tmp / "cli")) == 4
     bad = subprocess.run([*cmd, *args, "train.lora.rnak=3"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown key 'rnak'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "unknown key 'train.lora.rnak'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_shipped_training_configs_parse():

@@ -23,6 +23,9 @@ needs for a resumed run to see exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +63,8 @@ def read_records(source, split: str = "train") -> list[dict]:
             if not isinstance(record, dict):
                 raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}.")
         return [dict(record, _where=f"{path}, {where}") for where, record in rows]
+    if path.is_dir():
+        raise DataError(f"pairs file {path} is a folder; give a .jsonl, .json or .parquet file.")
     if path.exists():
         raise DataError(f"{path}: unsupported pairs file (use .jsonl, .json or .parquet).")
     try:  # not a local file: a hub dataset id
@@ -119,10 +124,12 @@ class TruncationStats:
     prompts_cut: int = 0
     responses_cut: int = 0
     tokens_cut: int = 0
+    identical: int = 0  # pairs left out: chosen and rejected the same tokens (a DPO term of log 2, no gradient)
 
     def summary(self) -> str:
+        dropped = f"; {self.identical} pairs with identical chosen and rejected left out" if self.identical else ""
         return (f"{self.pairs} pairs; {self.prompts_cut} prompts cut at the front, {self.responses_cut} responses "
-                f"cut at the end, {self.tokens_cut} tokens dropped in all")  # fmt: skip
+                f"cut at the end, {self.tokens_cut} tokens dropped in all{dropped}")  # fmt: skip
 
 
 def encode_pair(record: dict, tokenizer, max_length: int, max_prompt_length: int, stats: TruncationStats,
@@ -162,6 +169,34 @@ def encode_pair(record: dict, tokenizer, max_length: int, max_prompt_length: int
 # The loader
 
 
+def _without_identical(pairs: list[EncodedPair], records: list[dict], stats: TruncationStats, source,
+                       warn: bool) -> list[EncodedPair]:  # fmt: skip
+    """The pairs whose chosen and rejected tokens differ; the others are counted and named in a warning, or
+    refused when no pair is left (DPO on them is log 2 with no gradient: a run that would silently learn nothing)."""
+    same = [i for i, pair in enumerate(pairs) if np.array_equal(pair.chosen, pair.rejected)]
+    if not same:
+        return pairs
+    first = records[same[0]].get("_where", f"record {same[0]}")
+    if len(same) == len(pairs):
+        raise DataError(f"every pair of {source} has the same chosen and rejected text (after truncation; first: "
+                        f"{first}); DPO cannot learn from them: check the data.")  # fmt: skip
+    stats.identical, stats.pairs = len(same), stats.pairs - len(same)
+    if warn:
+        print(f"jaxpatience: warning: {len(same)} of {len(pairs)} pairs have the same chosen and rejected text (after "
+              f"truncation; first: {first}); they are left out.", file=sys.stderr)  # fmt: skip
+    dropped = set(same)
+    return [pair for i, pair in enumerate(pairs) if i not in dropped]
+
+
+def records_fingerprint(records: list[dict]) -> str:
+    """A digest of the records' content (not of where they were read from): equal for the same data."""
+    digest = hashlib.sha256()
+    for record in records:
+        content = {key: value for key, value in record.items() if key != "_where"}
+        digest.update(json.dumps(content, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
+    return digest.hexdigest()[:16]
+
+
 def default_buckets(max_length: int, smallest: int = 64) -> tuple[int, ...]:
     """Powers of two from `smallest` up to `max_length` (always included)."""
     buckets, size = [], smallest
@@ -191,6 +226,7 @@ class PairLoader:
     micro_batches: int = 1  # packed: each micro-batch's sequences get rows of their own
     row_multiple: int = 1  # packed rows per batch are a multiple of this (hosts x micro-batches x devices)
     chosen_only: bool = False  # the loss reads only the chosen sequences (SFT): packed rows hold only those
+    fingerprint: str = ""  # of the records read (records_fingerprint): a resume checks the data is the same
 
     def __post_init__(self):
         if self.batch_size % self.process_count:
@@ -238,10 +274,13 @@ class PairLoader:
         stats = TruncationStats()
         records = read_records(source)
         pairs = [encode_pair(r, tokenizer, max_length, max_prompt_length, stats, chat_template) for r in records]
+        if not chosen_only:  # SFT reads the chosen side only: a pair's rejected side does not matter there
+            pairs = _without_identical(pairs, records, stats, source, warn=process_index == 0)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(pairs, batch_size, tuple(buckets or default_buckets(max_length)), pad_id, seed, shuffle,
                    process_index, process_count, stats, packing=packing, pack_length=pack_length,
-                   micro_batches=micro_batches, row_multiple=row_multiple, chosen_only=chosen_only)  # fmt: skip
+                   micro_batches=micro_batches, row_multiple=row_multiple, chosen_only=chosen_only,
+                   fingerprint=records_fingerprint(records))  # fmt: skip
 
     # -- the plan ---------------------------------------------------------------------------------
     def _bucket_of(self, length: int) -> int:

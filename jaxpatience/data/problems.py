@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxpatience.answers import extract_gold, is_numeric
+from jaxpatience.answers import extract_gold, is_numeric, unreadable_gold
 from jaxpatience.store import StoreError, iter_jsonl
 
 HUB_DATASETS = {
@@ -114,6 +114,8 @@ def load_gsm_symbolic(count: int, *, seed: int = 0) -> list[Problem]:
 def load_file(path: str | Path) -> list[Problem]:
     """Problems from a local .jsonl, .json (a list of records) or .parquet file in GSM8K or MATH layout."""
     path = Path(path)
+    if path.is_dir():
+        raise ProblemsError(f"problem file {path} is a folder; give a .jsonl, .json or .parquet file.")
     if not path.is_file():
         raise ProblemsError(f"problem file {path} does not exist.")
     records = read_file_records(path)
@@ -180,8 +182,16 @@ def _problem_from_record(record: object, path: Path, where: str, index: int) -> 
     gold = extract_gold(str(answer))
     if not gold:
         raise ProblemsError(f"{path}, {where}: the answer has nothing after '####'.")
+    unreadable = unreadable_gold(gold)
+    if unreadable:
+        raise ProblemsError(f"{path}, {where}: the gold answer {_short(gold)} is {unreadable}, so no answer reading "
+                            "could score it; give the final answer after '####' (a number) or as LaTeX.")  # fmt: skip
     problem_id = record.get("id", record.get("unique_id", f"{path.stem}-{index}"))
     return Problem(id=str(problem_id), question=str(question), answer=gold)
+
+
+def _short(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
 
 
 # ---------------------------------------------------------------------------------------------------
