@@ -7,6 +7,11 @@ array straight into the target's sharding, so a run may resume on a different me
 
 The train state is saved as a flat {path string: array} dict, so any pytree (flax struct dataclasses, nnx
 State, optax states) round-trips without registering types with orbax.
+
+A save is atomic: orbax writes `step_N.orbax-checkpoint-tmp-*` and renames it when whole. A save killed or failed
+midway leaves that directory behind; the next run's Checkpointer removes it (`cleanup_tmp_directories`) and
+resumes from the last whole step. A full disk is `store.DiskFull`, naming the step that is intact. With a fault
+armed (faults.py), every orbax commit passes the point `checkpoint.finalize` first.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path.atomicity import AtomicRenameTemporaryPath
+
+from jaxpatience import faults
+from jaxpatience.store import reporting_full_disk
 
 
 def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
@@ -28,7 +37,10 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        # An armed fault (a test) swaps in orbax's local-disk commit with a fault point in front of it.
+        commit = {"temporary_path_class": _FaultPointRename} if faults.armed() else {}
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True, **commit)  # fmt: skip
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -41,8 +53,11 @@ class Checkpointer:
         """Write one checkpoint (every process must call this; orbax coordinates the writes)."""
         flat, _ = _flatten(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta))
-        self.manager.save(step, args=args, force=True)
-        self.manager.wait_until_finished()
+        previous = self.latest_step()
+        kept = "no checkpoint was written yet" if previous is None else f"the checkpoint of step {previous} is intact"
+        with reporting_full_disk(f"the checkpoint of step {step} in {self.directory}", kept):
+            self.manager.save(step, args=args, force=True)
+            self.manager.wait_until_finished()
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """(state shaped and sharded like `target`, meta) of `step` (default: the latest)."""
@@ -70,3 +85,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class _FaultPointRename(AtomicRenameTemporaryPath):
+    """Orbax's commit by rename, with the fault point `checkpoint.finalize` before it (only when a fault is armed)."""
+
+    async def finalize(self, *args, **kwargs):
+        faults.point("checkpoint.finalize", self.get())
+        return await super().finalize(*args, **kwargs)

@@ -8,7 +8,8 @@
 Every command's module is imported only when that command runs, so `jaxpatience --help` does not start JAX.
 The delegated commands parse their own arguments (`jaxpatience eval --help`). User errors (ValueError, OSError:
 bad paths, configs, checkpoints) print one line, `jaxpatience: error: ...`, and exit with status 2; set
-JAXPATIENCE_DEBUG=1 to see the traceback instead. A training run stopped by SIGTERM (with a checkpoint, see
+JAXPATIENCE_DEBUG=1 to see the traceback instead. A full disk is one line too, naming the file and what is intact
+(store.DiskFull), and the rerun resumes. A training run stopped by SIGTERM (with a checkpoint, see
 preemption.py) exits with status 143, as a process killed by SIGTERM would.
 """
 
@@ -143,13 +144,25 @@ def _guarded(run: Callable[[], int]) -> int:
     except (ValueError, OSError) as err:  # ConfigError and CheckpointError are ValueErrors
         if debug:
             raise
-        print(f"jaxpatience: error: {err}", file=sys.stderr)
+        print(f"jaxpatience: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:
             raise
         print("jaxpatience: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: ValueError | OSError) -> str:
+    """The sentence for a user error; a full disk says what is intact (if known) and what to do."""
+    from jaxpatience.store import DiskFull, is_disk_full
+
+    if not is_disk_full(err):
+        return str(err)
+    if isinstance(err, DiskFull):  # names the file and what is intact
+        return f"{err}; free space and rerun to resume."
+    where = f" while writing {err.filename}" if getattr(err, "filename", None) else ""
+    return f"no space left on device{where}; free space and rerun to resume."
 
 
 if __name__ == "__main__":

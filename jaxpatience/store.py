@@ -4,7 +4,7 @@ Users: the teacher's pairs and drops (data/teacher.py), the evaluator's generati
 pairs (data/selfplay.py), training metrics (metrics.py), the demo's data files (demo.py); `iter_jsonl` also
 reads users' own .jsonl inputs.
 
-Durability: `JsonlStore.append` writes a batch of records with one `write`, then flushes and fsyncs before it
+Durability: `JsonlStore.append` writes a batch of records at once (the file is unbuffered) and fsyncs before it
 returns, so a crash (even SIGKILL) can leave at most a torn *last* line behind. `write_jsonl` and
 `JsonlStore.rewrite` replace a whole file atomically (write a sibling, fsync, rename).
 
@@ -14,21 +14,66 @@ The one policy for a torn line, applied when a store is opened:
   * a broken line anywhere else was not written by us: an error naming the file and line.
 A record is whole when it parses as a JSON object holding every key in `required`.
 
+A full disk (ENOSPC) never leaves a torn line behind a run that goes on: a failed append cuts the file back to
+where it started, a failed rewrite removes its sibling and leaves the old file; either raises `DiskFull`, one
+sentence naming the file and what is intact. Fault points for tests (faults.py): `jsonl.append` (half of the
+bytes written), `jsonl.rewrite` (the sibling written, not yet renamed).
+
 A second writer is refused: `JsonlStore.open` takes an exclusive advisory lock (POSIX `flock`) on the file.
 This module is plain Python (no JAX, no numpy).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from jaxpatience import faults
+
 
 class StoreError(ValueError):
     """A user-facing problem with a JSONL file (broken line, second writer); one sentence naming the file."""
+
+
+class DiskFull(OSError):
+    """A write that found no space left: one sentence naming the file and what is intact (cli.py adds the remedy)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from, as orbax and tensorstore wrap theirs) says the disk is full."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def reporting_full_disk(what: str, kept: str) -> Iterator[None]:
+    """Turn a full disk while writing `what` into `DiskFull`: "no space left on device while writing {what}; {kept}"."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise DiskFull(f"no space left on device while writing {what}; {kept}") from err
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
@@ -96,19 +141,36 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     """Replace `path` with `records`, atomically: a crash leaves the old file or the new one, never a mix."""
     path = Path(path)
-    os.replace(_write_sibling(path, records), path)
+    with reporting_full_disk(path, "the file as it was is intact" if path.exists() else "nothing was written"):
+        tmp = _write_sibling(path, records)
+        try:
+            faults.point("jsonl.rewrite", path)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
     return path
 
 
 def _write_sibling(path: Path, records: Iterable[dict]) -> Path:
-    """`records` written and fsynced to `path`.tmp (same directory, so that renaming it over `path` is atomic)."""
+    """`records` written and fsynced to `path`.tmp (same directory, so that renaming it over `path` is atomic);
+    on a failure (a full disk) the sibling is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write("".join(_line(record) for record in records))
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write("".join(_line(record) for record in records))
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        _remove(tmp)
+        raise
     return tmp
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _line(record: dict) -> str:
@@ -131,7 +193,8 @@ class JsonlStore:
     def open(self) -> JsonlStore:
         """Lock the file (StoreError if another run holds it), cut a torn end, read the records; returns self."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+b")  # noqa: SIM115 - closed in close()
+        # Unbuffered: every append is synced anyway, and a failed write must leave no bytes queued for a later flush.
+        self._file = open(self.path, "a+b", buffering=0)  # noqa: SIM115 - closed in close()
         try:
             _lock(self._file, self.path)  # before reading: a repair must not race another run's writes
             self.records = self._repair()
@@ -149,40 +212,62 @@ class JsonlStore:
             self._file.truncate(keep)
             if tail is not None:  # a whole record that only lacked its newline
                 self._file.seek(keep)
-                self._file.write(tail + b"\n")
+                self._write_all(tail + b"\n")
             else:
                 print(f"jaxpatience: repaired the end of {self.path} (left by an interrupted run).", file=sys.stderr)
             self._sync()
         return records
 
     def append(self, records: Sequence[dict]) -> None:
-        """Append records with one write, durable (flushed and fsynced) when this returns."""
+        """Append records with one write, durable (fsynced) when this returns; if the write fails (a full disk),
+        the file is cut back to where it was, so that a run that goes on never writes after a torn line."""
         if not records:
             return
-        self._file.seek(0, os.SEEK_END)
-        self._file.write("".join(_line(record) for record in records).encode("utf-8"))
-        self._sync()
+        data = "".join(_line(record) for record in records).encode("utf-8")
+        start = self._file.seek(0, os.SEEK_END)
+        kept = f"its {len(self.records)} earlier records are intact"
+        with reporting_full_disk(self.path, kept):
+            try:
+                half = len(data) // 2 if faults.armed() else 0  # a test's kill or full disk lands mid-line
+                self._write_all(data[:half])
+                if half:
+                    self._sync()  # the first half on disk, as a kill in the middle of a write would leave it
+                    faults.point("jsonl.append", self.path)
+                self._write_all(data[half:])
+                self._sync()
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self._file.truncate(start)
+                raise
         self.records.extend(records)
+
+    def _write_all(self, data: bytes) -> None:
+        """`data` at the end of the file (an unbuffered write may write only part of it)."""
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
 
     def rewrite(self, records: Sequence[dict]) -> None:
         """Replace the file's records atomically (e.g. to drop the incomplete ones of an interrupted run)."""
         records = list(records)
-        tmp = _write_sibling(self.path, records)
-        # The renamed file is a new inode, and a lock belongs to an inode: lock the new one *before* it appears
-        # under `path`, so that no second writer can slip in between the rename and the lock.
-        handle = open(tmp, "a+b")  # noqa: SIM115 - becomes self._file, closed in close()
-        try:
-            _lock(handle, self.path)
-            os.replace(tmp, self.path)
-        except BaseException:
-            handle.close()
-            raise
+        with reporting_full_disk(self.path, f"its {len(self.records)} records as they were are intact"):
+            tmp = _write_sibling(self.path, records)
+            # The renamed file is a new inode, and a lock belongs to an inode: lock the new one *before* it appears
+            # under `path`, so that no second writer can slip in between the rename and the lock.
+            handle = open(tmp, "a+b", buffering=0)  # noqa: SIM115 - becomes self._file, closed in close()
+            try:
+                _lock(handle, self.path)
+                faults.point("jsonl.rewrite", self.path)
+                os.replace(tmp, self.path)
+            except BaseException:
+                handle.close()
+                _remove(tmp)
+                raise
         self._file.close()  # the old inode (no longer under `path`) and its lock
         self._file = handle
         self.records = records
 
     def _sync(self) -> None:
-        self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
