@@ -33,7 +33,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check .
 
 test: $(TEST_STAMP) lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) out

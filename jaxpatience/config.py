@@ -8,7 +8,6 @@ load_config, ConfigError` works as well.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from jaxpatience.config_io import (  # noqa: F401 - re-exported: the one place u
     from_dict,
     load_config,
     load_yaml,
+    read_json,
 )
 
 
@@ -71,10 +71,7 @@ class ModelConfig:
             file = path / "config.json" if path.is_dir() else path
             if not file.is_file():
                 raise ConfigError(f"{file} does not exist: expected an HF checkpoint with a config.json.")
-            try:
-                hf = json.loads(file.read_text())
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}).") from None
+            hf = read_json(file)
             where = str(file)
         hf = dict(hf.get("text_config", hf)) if hf.get("model_type") != "qwen2" else dict(hf)
         if hf.get("model_type") != "qwen2":

@@ -150,6 +150,19 @@ def _dataclass_in(hint: Any) -> type | None:
     return None
 
 
+def read_json(path: str | Path, what: str = "") -> Any:
+    """A JSON file the program reads back (a run's settings, a summary, an adapter's config): a damaged one (cut
+    by a crash, edited by hand) is one sentence naming it, not the parser's message."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except json.JSONDecodeError as err:
+        problem = f"is not valid JSON ({err.msg} at line {err.lineno})"
+    raise ConfigError(f"{what or path} {problem}{f' ({path})' if what else ''}; restore or delete it.")
+
+
 def check_output_dir(path: str | Path, key: str) -> None:
     """One sentence if `path` cannot become an output folder (a file in its place or above it, no permission to
     write); creates nothing, so a refused run leaves nothing behind."""
@@ -159,7 +172,7 @@ def check_output_dir(path: str | Path, key: str) -> None:
             continue
         if not existing.is_dir():
             where = "is a file" if existing == path else f"lies under the file {existing}"
-            raise ConfigError(f"{key} {path} {where}, not a folder; choose another {key}.")
+            raise ConfigError(f"{key} {path} {where}, not a folder; choose another one.")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"{key} {path}: no permission to write in {existing}.")
         return

@@ -38,6 +38,7 @@ from jaxpatience.config import (
     check_output_dir,
     command_parser,
     load_config,
+    read_json,
 )
 from jaxpatience.data import toy
 from jaxpatience.store import read_jsonl, write_jsonl
@@ -299,7 +300,7 @@ class _Timings:
         self.path = path
 
     def load(self) -> dict[str, float]:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+        return read_json(self.path) if self.path.is_file() else {}
 
     @contextlib.contextmanager
     def stage(self, name: str, done: bool) -> Iterator[bool]:
@@ -320,7 +321,7 @@ def _check_same_config(config: DemoConfig, out: Path) -> None:
     path = out / "demo_config.json"
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as the file holds them
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         if saved != current:
             changed = changed_keys(saved, current)
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)}); "

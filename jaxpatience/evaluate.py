@@ -35,7 +35,15 @@ from pathlib import Path
 import numpy as np
 
 from jaxpatience import answers, report
-from jaxpatience.config import ConfigError, EvalConfig, MeshConfig, SamplingConfig, command_parser, config_from_args
+from jaxpatience.config import (
+    ConfigError,
+    EvalConfig,
+    MeshConfig,
+    SamplingConfig,
+    command_parser,
+    config_from_args,
+    read_json,
+)
 from jaxpatience.data.problems import (
     PROMPT_STYLES,
     Problem,
@@ -470,7 +478,7 @@ def evaluate_checkpoint(config: EvalConfig, problems: Sequence[Problem] | None =
     multihost = sharding.initialize_distributed()
     if reuse:  # process 0 decides, so that every process takes the same branch
         finished = out / "summary.json"
-        summary = sharding.broadcast_json(json.loads(finished.read_text()) if finished.is_file() and
+        summary = sharding.broadcast_json(read_json(finished) if finished.is_file() and
                                           sharding.is_main_process() else None)  # fmt: skip
         if summary is not None:
             return summary

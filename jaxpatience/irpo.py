@@ -28,6 +28,7 @@ from jaxpatience.config import (
     command_parser,
     config_from_args,
     load_config,
+    read_json,
 )
 
 
@@ -90,7 +91,7 @@ def _pairs_on_main(config: IrpoConfig, model_path: str, problems, iteration: int
 
     path = out / "pairs.jsonl"
     if path.is_file():  # written last and atomically (selfplay.write_pairs): the stage is done
-        return json.loads(Path(str(path) + ".stats.json").read_text())
+        return read_json(Path(str(path) + ".stats.json"))
     tokenizer = load_tokenizer(model_path)
     latex = any(not is_numeric(p.answer) for p in problems)  # as the evaluator decides it, once per dataset
     prompts = {p.id: build_prompt(p, tokenizer, config.prompt_style, latex) for p in problems}
@@ -137,13 +138,13 @@ def _check_rerun(out: Path, config: IrpoConfig, inputs: dict) -> None:
     saved = out / "config.json"
     if not saved.is_file():
         return
-    before, now = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(config)))
+    before, now = read_json(saved), json.loads(json.dumps(dataclasses.asdict(config)))
     changed = [key for key in changed_keys(before, now) if not key.startswith(RERUNNABLE)]
     if changed:
         raise ConfigError(f"{out} holds an IRPO run with another config (differs in: {', '.join(changed)}); rerun "
                           "with the same config or choose a new out_dir.")  # fmt: skip
     saved_inputs = out / "inputs.json"
-    identity.check_same_inputs(json.loads(saved_inputs.read_text()) if saved_inputs.is_file() else None, inputs, out,
+    identity.check_same_inputs(read_json(saved_inputs) if saved_inputs.is_file() else None, inputs, out,
                                "rerun with the same model and problems, or choose a new out_dir")  # fmt: skip
 
 

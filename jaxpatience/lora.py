@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpatience.config import ConfigError, LoraConfig
+from jaxpatience.config import ConfigError, LoraConfig, read_json
 from jaxpatience.model import Linear
 
 Array = jax.Array
@@ -226,7 +226,7 @@ def load_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
     for file in (config_file, weights_file):
         if not file.is_file():
             raise CheckpointError(f"{file} does not exist: expected a PEFT adapter directory.")
-    peft = json.loads(config_file.read_text())
+    peft = read_json(config_file)
     if peft.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{config_file} describes a {peft.get('peft_type')} adapter; only LORA is supported.")
     reader = SafetensorsReader(weights_file)

@@ -134,6 +134,9 @@ class _Run:
     checkpoints: Checkpointer
     inputs: dict  # fingerprints of the model's files and the data's records (identity.py), checked on resume
     shapes: set = dataclasses.field(default_factory=set)  # the batch shapes the loop has stepped on (compilations)
+    # Real tokens and all token slots (padding included) since step 0, kept in checkpoints: a resumed run logs
+    # the padding share an uninterrupted one would.
+    tokens: dict = dataclasses.field(default_factory=lambda: {"real": 0, "slots": 0})
 
     @property
     def max_steps(self) -> int:
@@ -142,7 +145,7 @@ class _Run:
     def save(self, step: int) -> None:
         """A checkpoint after `step` steps: train state, loader position and config (collective)."""
         meta = {"step": step, "loader": self.loader.state_dict(), "config": dataclasses.asdict(self.config),
-                "inputs": self.inputs}  # fmt: skip
+                "inputs": self.inputs, "tokens": self.tokens}  # fmt: skip
         self.checkpoints.save(step, self.trainer.state, meta)
 
 
@@ -156,21 +159,19 @@ def _set_up(config: RunConfig) -> _Run:
     import jax
 
     from jaxpatience.checkpoint import Checkpointer
-    from jaxpatience.data.pairs import PairLoader
-    from jaxpatience.train import create_trainer, make_mesh, packed_row_multiple
+    from jaxpatience.tokenizer import load_tokenizer
+    from jaxpatience.train import create_trainer, make_mesh
     from jaxpatience.weights import load_pretrained
 
     mesh = make_mesh(config.train.mesh)
-    model, tokenizer = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh)
-    data = config.data
-    loader = PairLoader.from_source(
-        data.path, tokenizer, batch_size=config.train.batch_size, max_length=data.max_length,
-        max_prompt_length=data.max_prompt_length, buckets=data.buckets, seed=data.seed, shuffle=data.shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count(), chat_template=data.chat_template,
-        packing=data.packing, pack_length=data.pack_length, micro_batches=config.train.micro_batches,
-        row_multiple=math.lcm(packed_row_multiple(config.train.micro_batches, mesh), data.pack_row_multiple),
-        chosen_only=reads_chosen_only(config),
-    )  # fmt: skip
+    # The data is read and checked before the weights (minutes for a large model): a checkpoint directory's
+    # tokenizer loads on its own; a .gguf file's comes with its weights.
+    tokenizer = load_tokenizer(config.model) if Path(config.model).is_dir() else None
+    loader = _make_loader(config, tokenizer, mesh) if tokenizer is not None else None
+    model, loaded = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh,
+                                    with_tokenizer=tokenizer is None)  # fmt: skip
+    tokenizer = tokenizer or loaded
+    loader = loader or _make_loader(config, tokenizer, mesh)
     max_steps = config.train.max_steps if config.epochs is None else config.epochs * loader.steps_per_epoch
     train_config = dataclasses.replace(config.train, max_steps=max_steps)
     trainer = create_trainer(model, train_config, mesh)
@@ -198,6 +199,24 @@ def _warn_about_settings(config: RunConfig, context: int) -> None:
         print(f"jaxpatience: warning: {warning}.", file=sys.stderr)
 
 
+def _make_loader(config: RunConfig, tokenizer, mesh) -> PairLoader:
+    """The run's PairLoader: this process's rows of every global batch, in shapes the mesh divides."""
+    import jax
+
+    from jaxpatience.data.pairs import PairLoader
+    from jaxpatience.train import packed_row_multiple
+
+    data = config.data
+    return PairLoader.from_source(
+        data.path, tokenizer, batch_size=config.train.batch_size, max_length=data.max_length,
+        max_prompt_length=data.max_prompt_length, buckets=data.buckets, seed=data.seed, shuffle=data.shuffle,
+        process_index=jax.process_index(), process_count=jax.process_count(), chat_template=data.chat_template,
+        packing=data.packing, pack_length=data.pack_length, micro_batches=config.train.micro_batches,
+        row_multiple=math.lcm(packed_row_multiple(config.train.micro_batches, mesh), data.pack_row_multiple),
+        chosen_only=reads_chosen_only(config),
+    )  # fmt: skip
+
+
 def reads_chosen_only(config: RunConfig) -> bool:
     """SFT (no DPO term, no precomputed reference): the loss reads only the chosen sequences, so packed batches
     hold only those (train.model_loss)."""
@@ -215,6 +234,7 @@ def _resume(run: _Run) -> int:
         identity.check_same_inputs(meta.get("inputs"), run.inputs, run.out,
                                    "resume with the same model and data, or choose a new out_dir")  # fmt: skip
         run.loader.load_state_dict(meta["loader"])
+        run.tokens = dict(meta.get("tokens", run.tokens))
         start = int(meta["step"])
         if run.is_main:
             print(f"resuming from step {start} of {run.max_steps} ({run.checkpoints.directory})")
@@ -241,7 +261,7 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
     bar = progress_bars.bar(run.max_steps, initial=start, enabled=progress and run.is_main, desc="train", unit="step")
     batches, t_start, last, watch = iter(run.loader), time.perf_counter(), {}, None
-    tokens_seen, slots_seen = 0, 0  # real tokens and all token slots (padding included) since `start`
+    tokens_seen = 0  # real tokens since `start`: this process's rate
     try:  # the metrics file is locked while written: release it however the loop ends
         watch = Watch(start)
         if watch.pending:  # SIGTERM came while the run was set up: the checkpoint of `start` (if any) stands
@@ -254,11 +274,12 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
             metrics = trainer.step(batch)
             run.shapes.add(tuple(host["input_ids"].shape))
             tokens_seen += int(host["real_tokens"])  # the global batch's (the same figure on every host)
-            slots_seen += int(host["token_slots"])
+            run.tokens["real"] += int(host["real_tokens"])
+            run.tokens["slots"] += int(host["token_slots"])
             if (step + 1) % config.log_every == 0 or step + 1 == run.max_steps:
                 last = {k: float(v) for k, v in metrics.items()}  # device -> host: one sync per logged step
                 last["tokens_per_s"] = tokens_seen / (time.perf_counter() - t_start)  # real tokens only
-                last["padding_share"] = 1.0 - tokens_seen / slots_seen
+                last["padding_share"] = 1.0 - run.tokens["real"] / run.tokens["slots"]  # since step 0
                 writer.write(step + 1, last)
                 accuracy = {"acc": f"{last['rewards/accuracies']:.2f}"} if "rewards/accuracies" in last else {}
                 bar.set_postfix(loss=f"{last['loss']:.4f}", **accuracy, tok_s=f"{last['tokens_per_s']:.0f}")
@@ -307,7 +328,7 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
         if end <= start and stop_after is not None:  # asked to stop at or before the step reached: nothing to do
             return {"steps": start, "resumed_from": start, "final": {}, "exports": {}, "compilations": 0}
         t_start = time.perf_counter()
-        last = _loop(run, start, end, progress)
+        last = _loop(run, start, end, progress) or _last_logged(run.out)  # killed after its last step: read back
         if run.checkpoints.latest_step() != end:
             run.save(end)
         step_fn = run.trainer.step_fn
@@ -325,6 +346,14 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
         return summary
     finally:
         run.checkpoints.close()
+
+
+def _last_logged(out: Path) -> dict[str, float]:
+    """The last metrics line of a run (without its step), or {}."""
+    from jaxpatience.metrics import read_metrics
+
+    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    return {key: value for key, value in records[-1].items() if key != "step"} if records else {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from jaxpatience import sharding
 from jaxpatience.checkpoint_files import CheckpointError, open_gguf, safetensors_headers
-from jaxpatience.config import ConfigError, ModelConfig, preset
+from jaxpatience.config import ConfigError, ModelConfig, check_output_dir, preset
 from jaxpatience.model import Qwen2ForCausalLM
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,8 +243,10 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer, out_dir: str | Path, *, 
     merge them first (lora.merge) to export a merged model.
     """
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, "the output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it.")
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose another folder or overwrite it "
+                              "(`jaxpatience tiny --overwrite`, overwrite=True).")  # fmt: skip
     save_dtype = jnp.dtype(dtype or model.config.param_dtype)
     params = {hf_name(p): v for p, v in base_param_paths(nnx.state(model, nnx.Param))}
     if not params:

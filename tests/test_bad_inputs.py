@@ -49,6 +49,12 @@ def workspace(tmp_path_factory) -> Path:
     _jsonl(root / "noquestion.jsonl", [{"answer": "#### 3"}])
     _jsonl(root / "dupids.jsonl", [{"id": "a", "question": "q", "answer": "#### 1"}] * 2)
     (root / "problems.json").write_text('{"question": "not a list"}')
+    (root / "latin1.json").write_bytes(b'[{"question": "caf\xe9?", "answer": "#### 1"}]')
+    (root / "brokenadapter").mkdir()
+    (root / "brokenadapter" / "adapter_config.json").write_text('{"r": 8,')
+    (root / "brokenadapter" / "adapter_model.safetensors").write_bytes(b"")
+    (root / "brokenconfig").mkdir()
+    (root / "brokenconfig" / "config.json").write_text('{"model_type": "qwen2",')
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "bad.yaml").write_text("train: [unclosed\n")
     (root / "typo.yaml").write_text("train:\n  mx_steps: 3\n")
@@ -129,6 +135,8 @@ CASES = {
     "eval-no-question": (f"{EVAL} --dataset noquestion.jsonl", "missing or empty field question"),
     "eval-duplicate-ids": (f"{EVAL} --dataset dupids.jsonl", "id 'a' occurs twice"),
     "eval-json-not-list": (f"{EVAL} --dataset problems.json", "expected a JSON list of records"),
+    "eval-json-latin1": (f"{EVAL} --dataset latin1.json", "latin1.json: not UTF-8 text"),
+    "eval-adapter-broken": (f"{EVAL} --adapter brokenadapter", "adapter_config.json is not valid JSON"),
     "eval-mesh": (f"{EVAL} --mesh data=16", "needs 16 devices"),
     # irpo
     "irpo-iterations": (f"{IRPO} iterations=0", "irpo: iterations >= 1"),
@@ -144,8 +152,9 @@ CASES = {
     "demo-key-typo": ("demo --out out colour=1", "command line: unknown key 'colour'"),
     "demo-type": ("demo --out out sft.train.max_steps=many", "sft.train.max_steps must be an integer"),
     "info-missing": ("info missing", "missing does not exist"),
+    "info-config-broken": ("info brokenconfig", "brokenconfig/config.json is not valid JSON"),
     "info-folder-without-checkpoint": ("info adir", "adir"),
-    "tiny-out-is-file": ("tiny --out afile", "afile"),
+    "tiny-out-is-file": ("tiny --out afile", "the output folder afile is a file"),
     "tiny-out-not-empty": ("tiny --out ck", "ck exists and is not empty"),
     "plan-model": ("plan --model gpt5 --batch-size 8 --seq-len 64", "gpt5"),
     "plan-target": ("plan --model tiny --batch-size 8 --seq-len 64 --target gpu:8", "gpu:8"),

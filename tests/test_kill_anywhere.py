@@ -11,7 +11,7 @@ same adapter and weight bytes, the same summaries minus timing fields.
 Cost (the CI budget): a command is run by a fork server (`Launcher`), a process that has imported JAX,
 transformers and jaxpatience once and forks a child per run; the child calls `jaxpatience.cli.main(argv)`, as
 the `jaxpatience` script does, and is what gets killed. A persistent compilation cache shared by the runs keeps
-a rerun from recompiling. The demo's chain is shorter in CI (2 kills); JAXPATIENCE_KILL_FULL=1 runs it with 5.
+a rerun from recompiling. Every chain lands at least 5 kills.
 The irpo chain plans 5 kills but requires 3 to land: a random base finds no pairs, so the loop stops after its
 sampling, and the later kills may find it finished (the IRPO training stage is run.train, the train chain's code).
 """
@@ -34,7 +34,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 18
-FULL = os.environ.get("JAXPATIENCE_KILL_FULL") == "1"
 KILLED = -signal.SIGKILL
 
 # The fork server: imports once, then per request forks a child that runs one command and reports its status.
@@ -162,11 +161,10 @@ def kill_chain(launcher: Launcher, argv: list[str], log: Path, plan: list, refer
 # Comparing a chain's folder with the reference's.
 
 VOLATILE = re.compile(r"(^|_)(s|ms|seconds|time|timing|wall|elapsed|latency|timestamp|created|per_s|tok_s)$")
-# What a resumed run legitimately reports differently: where it resumed, what it compiled, padding_share (like
-# tokens_per_s, an average over the steps since the process started), an evaluation batch's id and warm-up flag.
-# "final": a train run resumed at its last step reports final={} in summary.json (run.py; see the report).
-IGNORED = {"resumed_from", "compilations", "batch_shapes", "plots", "plot", "stage_s", "padding_share", "batch",
-           "warmup", "final"}  # fmt: skip
+# What a resumed run legitimately reports differently: where it resumed, what it compiled, an evaluation batch's
+# id and warm-up flag. (padding_share counts from step 0 across resumes, and a run killed after its last step
+# reads its final metrics back: both are compared.)
+IGNORED = {"resumed_from", "compilations", "batch_shapes", "plots", "plot", "stage_s", "batch", "warmup"}
 
 
 def _stable(value, roots: tuple[str, str]):
@@ -301,21 +299,44 @@ def test_pairs_killed_anywhere_keeps_one_record_per_problem(launcher):
     assert sorted(ids) == sorted(p.id for p in problems)
 
 
-def test_irpo_killed_anywhere_ends_as_the_uninterrupted_loop(launcher, tiny):
+@pytest.fixture(scope="module")
+def formatted(launcher, tiny) -> Path:
+    """The tiny model after a short full-parameter SFT on 'What is a + b?' -> 'a + b = c. The answer is c.': its
+    sampled answers are sometimes right and sometimes wrong, the mix IRPO pairs on (a random model finds none)."""
+    root = launcher.root / "formatted"
+    root.mkdir()
+    rng = random.Random(SEED)
+    rows = []
+    for _ in range(64):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        answer = f"{a} + {b} = {a + b}. The answer is {a + b}."
+        rows.append({"prompt": f"What is {a} + {b}?", "chosen": answer, "rejected": answer})
+    (root / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["train", "--no-progress", f"model={tiny}", f"data.path={root / 'sft.jsonl'}", f"out_dir={root / 'sft'}",
+            "data.max_length=128", "data.buckets=[128]", "train.lora=null", "train.loss.dpo_weight=0",
+            "train.loss.nll_weight=1", "train.batch_size=16", "train.max_steps=100", "checkpoint_every=1000",
+            "train.optimizer.learning_rate=3e-3", "train.optimizer.warmup_steps=5"]  # fmt: skip
+    assert launcher.run(args, root / "sft.log") == 0, (root / "sft.log").read_text()[-3000:]
+    return root / "sft" / "merged"
+
+
+def test_irpo_killed_anywhere_ends_as_the_uninterrupted_loop(launcher, formatted):
     root = launcher.root / "irpo"
     root.mkdir()
-    args = ["irpo", "--no-progress", f"model={tiny}", f"train_problems={_problems_file(root / 'train.jsonl', 10)}",
+    args = ["irpo", "--no-progress", f"model={formatted}", f"train_problems={_problems_file(root / 'train.jsonl', 16)}",
             f"eval_problems={_problems_file(root / 'eval.jsonl', 4, 100)}", "prompt_style=question", "iterations=1",
-            "sampling.num_samples=4", "sampling.temperature=1.0", "sampling.max_new_tokens=12",
-            "generation_batch_size=2", "max_pairs_per_problem=2", "training.data.max_length=64",
-            "training.data.buckets=[64]", "training.train.batch_size=2", "training.train.lora.rank=4",
+            "sampling.num_samples=6", "sampling.temperature=1.0", "sampling.max_new_tokens=16",
+            "generation_batch_size=2", "max_pairs_per_problem=2", "training.data.max_length=128",
+            "training.data.buckets=[128]", "training.train.batch_size=2", "training.train.lora.rank=4",
             "training.epochs=1", "training.checkpoint_every=1"]  # fmt: skip
     reference_s = launcher.timed([*args, f"out_dir={root / 'ref'}"], root / "ref.log")
-    # (a random base finds no pairs, so the loop stops after sampling: its training is the train chain's code)
-    faults = ["jsonl.append:1", "jsonl.append:2", "jsonl.rewrite:1", "jsonl.append:1"]
-    plan = kill_plan(random.Random(SEED + 3), faults, delays=1 if not FULL else 2)
+    pairs = (root / "ref" / "iter_1" / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) >= 4, "the formatted base found too few pairs for IRPO to train on"
+    # sampling's appends, the pairs file's atomic write, the training checkpoints and metrics, the evaluation
+    faults = ["jsonl.append:2", "jsonl.append:3", "jsonl.rewrite:1", "checkpoint.finalize:1", "jsonl.append:1"]
+    plan = kill_plan(random.Random(SEED + 3), faults, delays=1)
     statuses = kill_chain(launcher, [*args, f"out_dir={root / 'chain'}"], root / "chain.log", plan, reference_s)
-    landed(statuses, 3)  # the work is small: the last kills may find the loop finished
+    landed(statuses, 5)
     assert_same_outputs(root / "ref", root / "chain")
 
 
@@ -328,9 +349,8 @@ def test_small_demo_killed_anywhere_ends_as_the_uninterrupted_demo(launcher):
     reference_s = launcher.timed([*args, "--out", str(root / "ref")], root / "ref.log")
     faults = ["checkpoint.finalize:3", "jsonl.append:3", "jsonl.rewrite:2", "jsonl.append:1"]
     plan = kill_plan(random.Random(SEED + 4), faults, delays=1)
-    plan = plan if FULL else plan[:2]
     statuses = kill_chain(launcher, [*args, "--out", str(root / "chain")], root / "chain.log", plan, reference_s)
-    landed(statuses, 5 if FULL else 2)
+    landed(statuses, 5)
     # the reference log-probs' cache is named by a hash that includes the model's path: compare the arrays
     assert_same_outputs(root / "ref", root / "chain", skip=(".reference_cache", "timings.json"))
     cached = [next((root / run / "data" / ".reference_cache").glob("*.npy")).read_bytes() for run in ("ref", "chain")]

@@ -26,7 +26,7 @@ from test_teacher import make_problems, write_problems
 from jaxpatience import generate, load_pretrained
 from jaxpatience.decode import Request
 
-KEY = "test-key"
+KEY = "sk-test-3f9c1e7a-never-printed"  # recognisable: no log line may hold it
 NAME = "tiny-test"
 
 
@@ -43,6 +43,7 @@ def start_server(checkpoint, *flags: str) -> tuple[subprocess.Popen, str]:
                "--served-model-name", NAME, *flags]  # fmt: skip
     log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a full pipe nobody reads would block the server
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process.log = log  # what the server printed, for tests to read
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -79,10 +80,15 @@ def loaded(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
+def server_process(checkpoint):
     process, url = start_server(checkpoint, "--slots", "8", "--api-key", KEY, "--max-queue", "64")
-    yield url
+    yield process, url
     stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    return server_process[1]
 
 
 @pytest.fixture
@@ -309,3 +315,13 @@ def test_pairs_runs_against_a_served_checkpoint(server, tmp_path):
     # lost to a transport error.
     assert summary["written"] + sum(summary["dropped"].values()) == len(problems), summary
     assert not summary["failed"] and summary["requests"] >= len(problems), summary
+
+
+def test_the_api_key_never_appears_in_the_server_log(server_process):
+    """Last in this file: by now the server has answered every test's requests, refused wrong and missing keys
+    (401) and served a `pairs` run; nothing it printed holds the key."""
+    process, url = server_process
+    httpx.post(f"{url}/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer wrong"}, timeout=30)
+    process.log.seek(0)
+    log = process.log.read()
+    assert "serving" in log and KEY not in log

@@ -155,6 +155,8 @@ def _json_records(path: Path) -> Iterable[tuple[str, dict]]:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ProblemsError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
+    except UnicodeDecodeError:
+        raise ProblemsError(f"{path}: not UTF-8 text.") from None
     if not isinstance(records, list):
         raise ProblemsError(f"{path}: expected a JSON list of records.")
     return [(f"record {i + 1}", record) for i, record in enumerate(records)]
