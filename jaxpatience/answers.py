@@ -241,6 +241,8 @@ def answers_equal(predicted: str | None, gold: str | None) -> bool:
 
 
 _MATH_CHARS = re.compile(r"[\d\\^_{}=+*/()\[\]<>|π√∞-]")
+# Letters that are maths or choices, not words: "x", "(C)", "AB", "B, E" (MATH's "enter the letters").
+_SYMBOLS = re.compile(r"\(?[A-Za-z]{1,3}\)?(?:\s*,\s*\(?[A-Za-z]{1,3}\)?)*")
 _PROSE_WORD = re.compile(r"(?<![\\\w])[A-Za-z]{2,}")
 
 
@@ -254,7 +256,7 @@ def unreadable_gold(gold: str) -> str | None:
         return None
     if len(_PROSE_WORD.findall(gold)) > 4:
         return "a whole text, not a final answer (no '####' before it)"
-    if not _MATH_CHARS.search(gold) and not re.fullmatch(r"\(?[A-Za-z]\)?", gold):  # "x", "(C)": maths, a choice
+    if not _MATH_CHARS.search(gold) and not _SYMBOLS.fullmatch(gold):
         return "neither a number nor a math expression"
     return None
 

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -99,6 +100,7 @@ def _default_section(field: dataclasses.Field) -> dict:
     return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
 
 
+_SECRET = re.compile(r"(key|secret|password|token)$", re.IGNORECASE)  # settings whose values are never shown
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 
 
@@ -118,7 +120,8 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
             except ConfigError:
                 continue
         names = " or ".join(_KINDS.get(o, getattr(o, "__name__", str(o))) for o in kinds)
-        raise ConfigError(f"{where} must be {names}{' or null' if type(None) in options else ''}, not {value!r}.")
+        shown = "the value given" if _SECRET.search(where) else repr(value)
+        raise ConfigError(f"{where} must be {names}{' or null' if type(None) in options else ''}, not {shown}.")
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be a list, not {value!r}.")
@@ -137,7 +140,8 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
     if ok is None:
         return tuple(value) if isinstance(value, list) else value
     if not ok(value):
-        raise ConfigError(f"{where} must be {_KINDS[hint]}, not {value!r}.")
+        shown = "the value given" if _SECRET.search(where) else repr(value)  # never echo a key
+        raise ConfigError(f"{where} must be {_KINDS[hint]}, not {shown}.")
     return float(value) if hint is float else value
 
 
@@ -211,6 +215,11 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[s
     base: a YAML file read first (the demo's recipe); `path` then states only what differs from it.
     """
     data = load_yaml(base) if base else {}
+    if base:
+        try:
+            from_dict(cls, data, build=False)
+        except ConfigError as err:
+            raise ConfigError(f"{base}: {err}") from None
     if path:
         data = _merged(data, load_yaml(path))
     try:  # a bad key=value is the command line's fault, not the file's: check those alone first
@@ -219,7 +228,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[s
         raise ConfigError(f"command line: {err}") from None
     try:
         from_dict(cls, data, build=False)
-    except ConfigError as err:
+    except ConfigError as err:  # the base was checked alone above: what is wrong now came from `path`
         raise ConfigError(f"{path or base}: {err}") from None
     return from_dict(cls, apply_overrides(data, list(overrides)))
 

@@ -127,9 +127,11 @@ def _row(iteration: int, model_path: str, result: dict, stats: dict | None = Non
     return row
 
 
-# What a rerun may change: its speed, where it runs, how many iterations (more extend the run).
+# What a rerun may change: its speed, where it runs, how many iterations (more extend the run), and the paths of
+# its inputs (their content is compared through inputs.json).
 RERUNNABLE = ("iterations", "generation_batch_size", "training.distributed", "training.log_every",
-              "training.checkpoint_every", "training.keep_checkpoints")  # fmt: skip
+              "training.checkpoint_every", "training.keep_checkpoints", "training.train.mesh",
+              "training.data.reference_cache", "out_dir", "model", "train_problems", "eval_problems")  # fmt: skip
 
 
 def _check_rerun(out: Path, config: IrpoConfig, inputs: dict) -> None:
@@ -165,7 +167,15 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, seed + 1)
     inputs = {**identity.model_inputs(config.model), "train_problems": identity.problems_fingerprint(train_problems),
               "eval_problems": identity.problems_fingerprint(eval_problems)}  # fmt: skip
-    _check_rerun(out, config, inputs)  # every process: each must refuse alike
+    refused = None
+    if main:  # process 0 decides; every process raises the same sentence
+        try:
+            _check_rerun(out, config, inputs)
+        except ConfigError as err:
+            refused = str(err)
+    refused = sharding.broadcast_json(refused)
+    if refused:
+        raise ConfigError(refused)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))

@@ -87,6 +87,11 @@ def test_an_irpo_rerun_refuses_another_config_or_other_problems(tiny_checkpoint,
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
     _check_rerun(tmp_path, dataclasses.replace(config, iterations=3, generation_batch_size=4), inputs)  # allowed
+    train = config.training.train
+    train = dataclasses.replace(train, mesh=dataclasses.replace(train.mesh, fsdp=2))
+    moved = dataclasses.replace(config, out_dir=str(tmp_path.resolve()), train_problems="elsewhere/t.jsonl",
+                                training=dataclasses.replace(config.training, train=train))  # fmt: skip
+    _check_rerun(tmp_path, moved, inputs)  # another mesh, the same inputs under other paths: allowed
     with pytest.raises(ConfigError, match=r"another config \(differs in: max_pairs_per_problem\)"):
         _check_rerun(tmp_path, dataclasses.replace(config, max_pairs_per_problem=2), inputs)
     other = [dataclasses.replace(problems[0], answer="6")]
@@ -127,7 +132,8 @@ def test_the_data_fingerprint_follows_content_not_place(tmp_path):
 @pytest.mark.parametrize(
     ("gold", "readable"),
     [("18", True), ("-3.5", True), ("1,000", True), ("\\frac{1}{2}", True), ("(3, 4)", True), ("x^2+1", True),
-     ("\\text{east}", True), ("(C)", True), ("x", True), ("blue", False), ("Yes", False),
+     ("\\text{east}", True), ("(C)", True), ("x", True), ("B, E", True), ("AB", True), ("blue", False),
+     ("Sunday", False),
      ("Add them up and you get the total of the apples", False)],
 )  # fmt: skip
 def test_gold_answers_no_reading_can_score_are_named(gold, readable):
