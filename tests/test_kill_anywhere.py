@@ -136,11 +136,13 @@ def tiny(launcher) -> Path:
     return out
 
 
-def kill_plan(rng: random.Random, faults: list[str], delays: int) -> list[tuple[str, object]]:
-    """The fault-hook kills in seeded order (each lands while work remains), then `delays` kills after a seeded
-    fraction of the reference's time (the reference compiles, a rerun reads the cache: the fractions are small)."""
-    plan = [("fault", fault) for fault in rng.sample(faults, len(faults))]
-    return plan + [("delay", rng.uniform(0.1, 0.3)) for _ in range(delays)]
+def kill_plan(rng: random.Random, faults: list[str], delays: int, shuffle: bool = True) -> list[tuple[str, object]]:
+    """First `delays` kills after a seeded fraction of the reference's time (early, while most of the work is
+    left, so that they land however loaded the machine is: a rerun reads the compilation cache and runs faster
+    than the reference), then the fault-hook kills in seeded order (small counts: each lands while work remains),
+    or in the order given (`shuffle=False`: a pipeline's faults in the order of its stages)."""
+    plan = [("delay", rng.uniform(0.05, 0.2)) for _ in range(delays)]
+    return plan + [("fault", fault) for fault in (rng.sample(faults, len(faults)) if shuffle else faults)]
 
 
 def kill_chain(launcher: Launcher, argv: list[str], log: Path, plan: list, reference_s: float,
@@ -332,9 +334,10 @@ def test_irpo_killed_anywhere_ends_as_the_uninterrupted_loop(launcher, formatted
     reference_s = launcher.timed([*args, f"out_dir={root / 'ref'}"], root / "ref.log")
     pairs = (root / "ref" / "iter_1" / "pairs.jsonl").read_text().splitlines()
     assert len(pairs) >= 4, "the formatted base found too few pairs for IRPO to train on"
-    # sampling's appends, the pairs file's atomic write, the training checkpoints and metrics, the evaluation
+    # In the order of the stages: the evaluations' and sampling's appends, the pairs file's atomic write or the
+    # metrics file's rewrite, a training checkpoint, then the training's metrics or the last evaluation.
     faults = ["jsonl.append:2", "jsonl.append:3", "jsonl.rewrite:1", "checkpoint.finalize:1", "jsonl.append:1"]
-    plan = kill_plan(random.Random(SEED + 3), faults, delays=1)
+    plan = kill_plan(random.Random(SEED + 3), faults, delays=1, shuffle=False)
     statuses = kill_chain(launcher, [*args, f"out_dir={root / 'chain'}"], root / "chain.log", plan, reference_s)
     landed(statuses, 5)
     assert_same_outputs(root / "ref", root / "chain")
@@ -348,7 +351,7 @@ def test_small_demo_killed_anywhere_ends_as_the_uninterrupted_demo(launcher):
             "sft.checkpoint_every=4"]  # fmt: skip
     reference_s = launcher.timed([*args, "--out", str(root / "ref")], root / "ref.log")
     faults = ["checkpoint.finalize:3", "jsonl.append:3", "jsonl.rewrite:2", "jsonl.append:1"]
-    plan = kill_plan(random.Random(SEED + 4), faults, delays=1)
+    plan = kill_plan(random.Random(SEED + 4), faults, delays=2)
     statuses = kill_chain(launcher, [*args, "--out", str(root / "chain")], root / "chain.log", plan, reference_s)
     landed(statuses, 5)
     # the reference log-probs' cache is named by a hash that includes the model's path: compare the arrays
