@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -283,7 +284,7 @@ class _Job:
         if not todo:
             return 0
         position = {problem.id: index for index, problem in enumerate(self.problems)}
-        prompts = self.prompts(todo)
+        prompts = self.prompts
         # Running accuracy for the progress bar: every sample scored so far, resumed ones included.
         scored = [bool(r["correct"].get(self.metric)) for r in (store.records if store else []) if r["id"] in position]
         bar = progress_bars.bar(len(self.problems), initial=len(self.problems) - len(todo), unit="problem",
@@ -306,13 +307,15 @@ class _Job:
             bar.close()
         return len(todo)
 
-    def prompts(self, problems: list[Problem]) -> dict[str, str | list[int]]:
+    @functools.cached_property
+    def prompts(self) -> dict[str, str | list[int]]:
+        """Every problem's prompt, built once (the context check and the generation both read them)."""
         latex = any(not answers.is_numeric(p.answer) for p in self.problems)  # MATH: ask for \boxed{} answers
-        return {p.id: self._prompt(p, latex) for p in problems}
+        return {p.id: self._prompt(p, latex) for p in self.problems}
 
     def check_context(self) -> None:
         """Every prompt + max_new_tokens fits the model's context (EvalError naming the first that does not)."""
-        _check_context(self.model, self.tokenizer, self.prompts(self.problems), self.sampling.max_new_tokens)
+        _check_context(self.model, self.tokenizer, self.prompts, self.sampling.max_new_tokens)
 
     def _prompt(self, problem: Problem, latex: bool) -> str | list[int]:
         prompt = build_prompt(problem, self.tokenizer, self.prompt_style, latex)

@@ -7,8 +7,8 @@ values depend on:
 * the tokenised pairs themselves (prompt, chosen and rejected ids after the chat template and truncation), which
   covers the data file, the tokenizer, the template and the length limits at once;
 * the reference weights: every weight file of the checkpoint (safetensors, GGUF, ...) and config.json, by size
-  and a digest of evenly spaced samples (the whole header of a safetensors file, and 256 chunks of 64 KiB: a 7B
-  checkpoint costs seconds to hash, not the minutes of reading 15 GB);
+  and a digest of evenly spaced samples (checkpoint_files.file_digest: a 7B checkpoint costs well under a second
+  to hash, not the minutes of reading 15 GB), wherever the folder lies;
 * the settings that change the numbers: storage and compute dtypes.
 
 A later run, epoch or IRPO iteration with the same key reads the table instead of a forward pass over the whole
@@ -26,30 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLES, CHUNK = 256, 1 << 16
+from jaxpatience.checkpoint_files import file_digest
+
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".msgpack", ".json")
 
 
-def file_digest(path: Path) -> str:
-    """sha256 over the size, a safetensors file's whole header, and SAMPLES evenly spaced chunks of CHUNK bytes."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as f:
-        if path.suffix == ".safetensors" and size >= 8:
-            header = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(min(header, size - 8)))  # names, dtypes, shapes, offsets
-        if size <= SAMPLES * CHUNK:
-            f.seek(0)
-            digest.update(f.read())
-        else:
-            for i in range(SAMPLES):
-                f.seek((size - CHUNK) * i // (SAMPLES - 1))
-                digest.update(f.read(CHUNK))
-    return digest.hexdigest()
-
-
 def model_digest(model: str | Path) -> str:
-    """A digest of a checkpoint directory's weight and config files (or of one weights file)."""
+    """A digest of a checkpoint directory's weight and config files (or of one weights file), each by
+    checkpoint_files.file_digest (the digest run identity uses too)."""
     path = Path(model)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     files = [p for p in files if p.name not in ("tokenizer.json", "tokenizer_config.json")]  # pairs cover these
@@ -71,10 +55,11 @@ def pairs_digest(pairs: Sequence) -> str:
 
 
 def cache_key(model: str | Path, pairs: Sequence, settings: dict) -> tuple[str, dict]:
-    """(key, what went into it) for a reference table."""
-    parts = {"model": str(model), "model_digest": model_digest(model), "pairs": len(pairs),
-             "pairs_digest": pairs_digest(pairs), "settings": settings}  # fmt: skip
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
+    """(key, what went into it) for a reference table. The model's path is recorded, not hashed: the same
+    weights in another folder find the table."""
+    parts = {"model_digest": model_digest(model), "pairs": len(pairs), "pairs_digest": pairs_digest(pairs),
+             "settings": settings}  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], {"model": str(model), **parts}
 
 
 def default_directory(data_path: str) -> Path:

@@ -4,6 +4,7 @@ dtypes give another key; packed and padded runs of the same pairs train alike.""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 from conftest import make_tokenizer
@@ -56,4 +57,6 @@ def test_the_key_changes_with_data_template_weights_and_dtypes(tiny_checkpoint, 
                key(model, encode(data, chat_template=False)), key(model, encode(data, max_length=40)),
                key(model, encode(data), settings | {"compute_dtype": "bfloat16"})]  # fmt: skip
     assert len({base, *changed}) == 6
+    moved = shutil.copytree(model, tmp_path / "moved")  # the same weights elsewhere: the same table
+    assert key(moved, encode(data)) == base
     assert reference_cache.default_directory(str(data)) == tmp_path / ".reference_cache"
