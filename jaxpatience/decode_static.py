@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,24 +28,11 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
+from jaxpatience.generation.shapes import CACHE_AXES, MIN_LENGTH_BUCKET, Plan, bucket, round_up
 from jaxpatience.model import KVCache, Qwen2ForCausalLM, init_kv_cache
 from jaxpatience.sampling import Generation, Sampler, row_keys, sample_tokens, step_keys
 
-if TYPE_CHECKING:
-    from jaxpatience.decode import Plan
-
 Array = jax.Array
-MIN_LENGTH_BUCKET = 16  # smallest prompt / new-token bucket
-CACHE_AXES = ("batch", "length", "kv_heads", None)  # logical names of one layer's [B, S, K, H] cache buffer
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class DecodeState(NamedTuple):

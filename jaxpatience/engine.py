@@ -42,7 +42,7 @@ import functools
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +50,9 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
-from jaxpatience.decode_static import CACHE_AXES, MIN_LENGTH_BUCKET, bucket, round_up
+from jaxpatience.generation.shapes import CACHE_AXES, MIN_LENGTH_BUCKET, Plan, bucket, round_up
 from jaxpatience.model import KVCache, Qwen2ForCausalLM, init_kv_cache
 from jaxpatience.sampling import Generation, chosen_logprobs, row_keys, sample_tokens, step_keys
-
-if TYPE_CHECKING:
-    from jaxpatience.decode import Plan
 
 Array = jax.Array
 ROW = ("batch",)  # logical axes of a per-slot vector
@@ -240,7 +237,7 @@ def _release_slots(slots: Slots, release: Array, *, mesh) -> Slots:
 
 
 class Placed(Protocol):
-    """What the host calls need of a model: decode.Plan has it, and so has serve_engine's engine."""
+    """What the host calls need of a model: shapes.Plan has it, and so has serve_engine's engine."""
 
     graphdef: nnx.GraphDef
     model_state: nnx.State

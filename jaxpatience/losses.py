@@ -131,7 +131,7 @@ class Denominators(NamedTuple):
 def denominators(token_counts: Array, axis_name: str | tuple[str, ...] | None = None) -> Denominators:
     """From counted tokens [B, 2] of a whole batch (all micro-batches together).
 
-    Inside `jax.shard_map` (shardmap.py) `token_counts` are one device's pairs and `axis_name` the mesh axes
+    Inside `jax.shard_map` (training/shard_map.py) `token_counts` are one device's pairs and `axis_name` the mesh axes
     the batch is split over: the counts are summed over the devices before the floor of 1 is applied.
     """
     chosen = token_counts[..., 0]

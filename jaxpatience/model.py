@@ -235,7 +235,7 @@ class LayerStack(nnx.Module):
     `stack_layers` / `unstack_layers` convert between the two. Weights' logical axes gain "layers" in front.
     `remat` is the jax.checkpoint policy of the scanned body (train.apply_remat sets it; False = no remat).
     `gather`, None by default, is applied to each layer's weights (a State without the leading [L] axis) inside
-    the scanned body before they are used: the hand-written FSDP step (shardmap.py) all-gathers them there.
+    the scanned body before they are used: the hand-written FSDP step (training/shard_map.py) all-gathers them there.
     """
 
     def __init__(self, layers: list[DecoderLayer]):

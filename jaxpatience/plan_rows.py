@@ -1,6 +1,6 @@
 """One row of a plan: the job's program compiled for one mesh, what it costs, and (optionally) measured.
 
-`compile_row` lowers the job through the project's own functions (train.lower_abstract_step; the engine's
+`compile_row` lowers the job through the project's own functions (training.lower_abstract_step; the engine's
 `_insert` and `_decode_chunk` for decoding) from abstract, sharded shapes, compiles it, and keeps what the
 compiled program says: memory per device, XLA's FLOPs, and hlo.analyze's loop-aware FLOPs, HBM traffic and
 collectives. `predict` adds the roofline for a chip; `measure` times real steps on real devices.
@@ -80,9 +80,9 @@ def memory_split(lowered, compiled, parts: dict[str, int]) -> dict[str, int]:
 
 
 def lower_train(job, mesh):
-    from jaxpatience import train
+    from jaxpatience import training
 
-    lowered = train.lower_abstract_step(job.model, train_config(job, dict(mesh.shape)), mesh, train_batch(job))
+    lowered = training.lower_abstract_step(job.model, train_config(job, dict(mesh.shape)), mesh, train_batch(job))
     return [("step", lowered, {"trained": 0, "weights": 1, "batch": 2})]
 
 
@@ -233,7 +233,7 @@ def measure(job, mesh, steps: int) -> float:
     batch at full length), after one compiling step."""
     from flax import nnx
 
-    from jaxpatience import train
+    from jaxpatience import training
     from jaxpatience.model import Qwen2ForCausalLM
 
     if job.kind != "train":
@@ -241,7 +241,7 @@ def measure(job, mesh, steps: int) -> float:
     make = lambda: Qwen2ForCausalLM(job.model, rngs=nnx.Rngs(0))
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     state = jax.jit(lambda: nnx.state(make()), out_shardings=sharding.state_shardings(mesh, abstract))()
-    trainer = train.create_trainer(nnx.merge(graphdef, state), train_config(job, dict(mesh.shape)), mesh)
+    trainer = training.create_trainer(nnx.merge(graphdef, state), train_config(job, dict(mesh.shape)), mesh)
     rng = np.random.default_rng(0)
     batch = {k: np.ones(s.shape, np.int32) for k, s in train_batch(job).items() if k != "ref_logps"}
     batch["input_ids"] = rng.integers(0, job.model.vocab_size, batch["input_ids"].shape).astype(np.int32)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the heavy modules are imported inside the functions, after 
 
     from jaxpatience.checkpoint import Checkpointer
     from jaxpatience.data.pairs import PairLoader
-    from jaxpatience.train import Trainer
+    from jaxpatience.training import Trainer
 
 
 def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
@@ -51,7 +51,7 @@ def precompute_reference(trainer: Trainer, loader: PairLoader) -> np.ndarray:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from jaxpatience.train import device_batch, make_logps_fn
+    from jaxpatience.training import device_batch, make_logps_fn
 
     logps_fn = make_logps_fn(trainer, adapters=False)
     table = np.zeros((len(loader.pairs), 2), np.float32)
@@ -160,7 +160,7 @@ def _set_up(config: RunConfig) -> _Run:
 
     from jaxpatience.checkpoint import Checkpointer
     from jaxpatience.tokenizer import load_tokenizer
-    from jaxpatience.train import create_trainer, make_mesh
+    from jaxpatience.training import create_trainer, make_mesh
     from jaxpatience.weights import load_pretrained
 
     mesh = make_mesh(config.train.mesh)
@@ -204,7 +204,7 @@ def _make_loader(config: RunConfig, tokenizer, mesh) -> PairLoader:
     import jax
 
     from jaxpatience.data.pairs import PairLoader
-    from jaxpatience.train import packed_row_multiple
+    from jaxpatience.training import packed_row_multiple
 
     data = config.data
     return PairLoader.from_source(
@@ -255,7 +255,7 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
     from jaxpatience import progress as progress_bars
     from jaxpatience.metrics import MetricsWriter
     from jaxpatience.preemption import Preempted, Watch
-    from jaxpatience.train import device_batch
+    from jaxpatience.training import device_batch
 
     config, trainer = run.config, run.trainer
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)

@@ -38,7 +38,7 @@ from flax import nnx
 
 from jaxpatience import engine, sharding
 from jaxpatience.decode import default_stop_ids
-from jaxpatience.decode_static import bucket, round_up
+from jaxpatience.generation.shapes import bucket, round_up
 from jaxpatience.sampling import ROW_FILTERED, ROW_PLAIN, Sampler
 
 GREEDY = Sampler(greedy=True, top_k=0, use_top_p=False)

@@ -242,7 +242,7 @@ def slots_engine(model, prompts: list[list[int]], budgets: list[int], slots: int
 def static_engine(model, prompts: list[list[int]], budgets: list[int], slots: int, mesh) -> dict:
     """Static batches of `slots` prompts in the given order, each run to its largest budget (module docstring)."""
     from jaxpatience import generate, sharding
-    from jaxpatience.decode_static import bucket, round_up
+    from jaxpatience.generation.shapes import bucket, round_up
 
     counts = dict(prefill_rows=0, batches=0, decode_steps=0, slot_steps=0, tokens=0)
     for start in range(0, len(prompts), slots):

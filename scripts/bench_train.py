@@ -12,7 +12,7 @@ B counts pairs; T is the length of each of chosen and rejected, so a step proces
 into buckets or `--packing` packed rows; tokens_per_s then counts real tokens only and padding_share the rest.
 Each batch shape compiles once first (compile_s, untimed). `--lora-rank 0` trains every parameter (DPO then
 uses reference log-probs precomputed once, outside the timing). `--aot` only lowers and compiles the step from
-abstract shapes (train.lower_abstract_step): compile time, memory and FLOPs of any preset on any machine.
+abstract shapes (training.lower_abstract_step): compile time, memory and FLOPs of any preset on any machine.
 
 MFU = model FLOPs per step / step time / (peak FLOP/s per device × devices). Model FLOPs per token count the
 matmuls (2 per weight: every linear layer and the LM head) plus attention scores and values counted causally
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpatience import roofline, sharding, train
+from jaxpatience import roofline, sharding, training
 from jaxpatience.config import (
     PRESETS,
     ConfigError,
@@ -123,7 +123,7 @@ def setup(args: argparse.Namespace) -> tuple[TrainConfig, Mesh, Qwen2ForCausalLM
 
         devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
         return config, sharding.make_mesh(**sharding.parse_mesh(args.mesh), devices=devices), None
-    mesh = train.make_mesh(config.mesh)
+    mesh = training.make_mesh(config.mesh)
     if args.aot:
         return config, mesh, None
     if Path(args.model).is_dir():
@@ -163,16 +163,16 @@ def patience_loader(args: argparse.Namespace, mesh: Mesh, vocab_size: int) -> Pa
         pairs.append(EncodedPair(prompt, ids(150, 700)[:room], ids(50, 300)[:room]))
     return PairLoader(pairs, args.batch_size, default_buckets(args.seq_len), pad_id=0, seed=0, packing=args.packing,
                       micro_batches=args.micro_batches, chosen_only=args.loss == "sft",  # as run.py packs SFT
-                      row_multiple=train.packed_row_multiple(args.micro_batches, mesh))  # fmt: skip
+                      row_multiple=training.packed_row_multiple(args.micro_batches, mesh))  # fmt: skip
 
 
 def time_loader_steps(trainer, loader: PairLoader, steps: int) -> tuple[float, list[float], int, int]:
     """(compile_s, step times, real tokens, token slots): every batch shape of the plan is compiled (one step
     each, untimed) before `steps` timed steps over the plan's batches."""
     hosts = [loader.make_batch(bucket, indices) for bucket, indices in loader.plan(0)[:steps]]
-    batches = [train.device_batch(b) for b in hosts]
+    batches = [training.device_batch(b) for b in hosts]
     if trainer.config.lora is None and trainer.config.loss.dpo_weight:  # full-parameter DPO: precomputed reference
-        logps = train.make_logps_fn(trainer)
+        logps = training.make_logps_fn(trainer)
         batches = [b | {"ref_logps": np.asarray(logps(b))} for b in batches]
     start, seen = time.perf_counter(), set()
     for batch in batches:
@@ -196,7 +196,7 @@ def aot(args: argparse.Namespace, config: TrainConfig, mesh: Mesh) -> dict:
     if config.lora is None and config.loss.dpo_weight:  # full-parameter DPO carries precomputed reference log-probs
         batch["ref_logps"] = np.zeros((args.batch_size, 2), np.float32)
     start = time.perf_counter()
-    lowered = train.lower_abstract_step(model_config, config, mesh, batch)
+    lowered = training.lower_abstract_step(model_config, config, mesh, batch)
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start - lower_s
@@ -249,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     total_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     batch = random_batch(args.batch_size, args.seq_len, model_config.vocab_size)
     start = time.perf_counter()
-    trainer = train.create_trainer(model, config, mesh)
+    trainer = training.create_trainer(model, config, mesh)
     del model  # the trainer holds the (split) weights now
     if config.lora is None and config.loss.dpo_weight:  # full-parameter DPO: reference log-probs precomputed
-        batch["ref_logps"] = np.asarray(train.make_logps_fn(trainer)(batch))
+        batch["ref_logps"] = np.asarray(training.make_logps_fn(trainer)(batch))
     setup_s = time.perf_counter() - start
     trainable = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     compile_s, step_s, tokens, padding_share = measure(args, trainer, batch, mesh, model_config.vocab_size)

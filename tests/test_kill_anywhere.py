@@ -41,7 +41,7 @@ ZYGOTE = r"""
 import json, os, sys
 import jax, jax.numpy, orbax.checkpoint, flax.nnx, optax, transformers, tokenizers, matplotlib
 import jaxpatience.cli, jaxpatience.run, jaxpatience.evaluate, jaxpatience.irpo, jaxpatience.demo
-import jaxpatience.data.teacher, jaxpatience.train, jaxpatience.weights, jaxpatience.tokenizer
+import jaxpatience.data.teacher, jaxpatience.training, jaxpatience.weights, jaxpatience.tokenizer
 import jaxpatience.checkpoint, jaxpatience.decode, jaxpatience.report, jaxpatience.lora, jaxpatience.data.pairs
 print("ready", flush=True)
 for line in sys.stdin:

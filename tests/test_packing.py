@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from test_train_step import PAIRS, _assert_close, _config, _fresh, _host, _model
 
-from jaxpatience import lora, losses, train
+from jaxpatience import lora, losses, training
 from jaxpatience.config import PRESETS, LossConfig
 from jaxpatience.data.pairs import DataError, EncodedPair, PairLoader
 from jaxpatience.model import attend, set_attention
@@ -75,14 +75,14 @@ def _grads(batch, config):
     """d loss / d adapters of the LoRA DPO + NLL loss, reference in the same forward (adapters off)."""
     model = _model()
     lora.apply_lora(model, config.lora, seed=config.seed)
-    graphdef, params, frozen = train.split_model(model)
+    graphdef, params, frozen = training.split_model(model)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def loss(params):
         model = nnx.merge(graphdef, params, frozen)
         with lora.adapters_off(model):
-            ref = jax.lax.stop_gradient(train.pair_logps(model, batch, 5)[0])
-        policy, counts = train.pair_logps(model, batch, 5)
+            ref = jax.lax.stop_gradient(training.pair_logps(model, batch, 5)[0])
+        policy, counts = training.pair_logps(model, batch, 5)
         return losses.preference_loss(policy, counts, ref, config.loss)[0]
 
     return jax.grad(loss)(params)
@@ -94,14 +94,14 @@ def test_packed_step_equals_the_padded_step_on_the_same_pairs():
     pairs = _pairs(seed=1)
     padded_loader, packed_loader = _loaders(pairs)
     bucket, indices = padded_loader.plan(0)[0]
-    padded = train.device_batch(padded_loader.make_batch(bucket, indices))
+    padded = training.device_batch(padded_loader.make_batch(bucket, indices))
     host = packed_loader.make_batch(bucket, indices)
-    packed = train.device_batch(host)
+    packed = training.device_batch(host)
     assert host["input_ids"].size < padded["input_ids"].size  # the point: fewer slots for the same tokens
 
     model = _model()
-    want, want_counts = train.pair_logps(model, padded, 5)  # [B, 2], in the order of `indices`
-    got, got_counts = train.pair_logps(model, packed, 5)  # [B, 2] in the same order
+    want, want_counts = training.pair_logps(model, padded, 5)  # [B, 2], in the order of `indices`
+    got, got_counts = training.pair_logps(model, packed, 5)  # [B, 2] in the same order
     np.testing.assert_allclose(got, want, rtol=2e-5)
     np.testing.assert_array_equal(got_counts, want_counts)
 
@@ -122,9 +122,9 @@ def test_packed_micro_batches_on_a_mesh_equal_one_padded_batch(loss):
     sft = loss == "sft"
     padded_loader, packed_loader = _loaders(pairs, row_multiple=4, micro_batches=2, chosen_only=sft)  # 2 x 2 devices
     bucket, indices = padded_loader.plan(0)[0]
-    padded = train.device_batch(padded_loader.make_batch(bucket, indices))
+    padded = training.device_batch(padded_loader.make_batch(bucket, indices))
     host = packed_loader.make_batch(bucket, indices)
-    packed = train.device_batch(host)
+    packed = training.device_batch(host)
     both_sides = _loaders(pairs, row_multiple=4, micro_batches=2)[1].make_batch(bucket, indices)
     segments = host["segment_pairs"][host["segment_pairs"] >= 0]
     if sft:  # every chosen sequence once, no rejected one, in fewer rows and fewer counted tokens
@@ -142,9 +142,9 @@ def test_packed_micro_batches_on_a_mesh_equal_one_padded_batch(loss):
         trainer = _fresh(config, mesh)
         runs.append((_host([trainer.step(batch) for _ in range(2)]), _host(trainer.state.params)))
     _assert_close(*runs, rtol=1e-4, atol=1e-5, param_atol=3e-5)  # the tolerance of test_train_step's meshes
-    one_micro = train.device_batch(_loaders(pairs)[1].make_batch(bucket, indices))  # laid out for M = 1
+    one_micro = training.device_batch(_loaders(pairs)[1].make_batch(bucket, indices))  # laid out for M = 1
     with pytest.raises(ValueError, match="another number of micro-batches than 2"):
-        train.place_batch(one_micro, make_mesh(2, 1, 1, devices=jax.devices()[:2]), _config(micro_batches=2))
+        training.place_batch(one_micro, make_mesh(2, 1, 1, devices=jax.devices()[:2]), _config(micro_batches=2))
 
 
 @pytest.mark.parametrize("case", ["causal", "padded", "segmented"])
@@ -185,7 +185,7 @@ def test_lora_remat_policy_gives_the_same_steps():
     """remat="lora" (save the base projections' outputs, recompute the rest) changes memory, not the update."""
     pairs = _pairs(seed=4)
     _, packed_loader = _loaders(pairs)
-    batch = train.device_batch(packed_loader.make_batch(32, np.arange(PAIRS)))
+    batch = training.device_batch(packed_loader.make_batch(32, np.arange(PAIRS)))
     runs = []
     for remat in ("none", "lora"):
         trainer = _fresh(_config(remat=remat))
@@ -195,7 +195,7 @@ def test_lora_remat_policy_gives_the_same_steps():
 
 def test_scanned_layers_equal_unrolled_layers():
     """model.LayerStack (the default) against the per-layer loop: the same steps; Trainer.model() has HF names."""
-    batch = train.device_batch(_loaders(_pairs(seed=5))[1].make_batch(32, np.arange(PAIRS)))
+    batch = training.device_batch(_loaders(_pairs(seed=5))[1].make_batch(32, np.arange(PAIRS)))
     runs = []
     for config in (_config(scan_layers=False), _config(), _config(remat="full")):
         trainer = _fresh(config)
@@ -214,7 +214,7 @@ def test_layers_of_different_structure_train_unrolled():
     """LoRA on one layer only: the layers cannot be stacked, so the trainer says so and unrolls them."""
     config = _config(lora=dataclasses.replace(_config().lora, targets=r"model\.layers\.1\.mlp\.up_proj"))
     with pytest.warns(UserWarning, match="layer 1 differs in structure"):
-        trainer = train.create_trainer(_model(), config, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+        trainer = training.create_trainer(_model(), config, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     assert not trainer.config.scan_layers and len(list(lora.adapters(trainer.model()))) == 1
 
 
@@ -223,7 +223,7 @@ def test_stacked_norms_and_biases_get_no_weight_decay():
     decay, so the scanned and the unrolled runs update alike."""
     optimizer = dataclasses.replace(_config().optimizer, weight_decay=0.5)
     changes = {"lora": None, "loss": LossConfig(dpo_weight=0.0, nll_weight=1.0), "optimizer": optimizer}
-    batch = train.device_batch(_loaders(_pairs(seed=6))[1].make_batch(32, np.arange(PAIRS)))
+    batch = training.device_batch(_loaders(_pairs(seed=6))[1].make_batch(32, np.arange(PAIRS)))
     params = []
     for scan in (False, True):
         trainer = _fresh(_config(scan_layers=scan, **changes))

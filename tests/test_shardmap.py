@@ -1,4 +1,4 @@
-"""train.strategy=shard_map (shardmap.py): the hand-written per-device step equals GSPMD's on the same mesh.
+"""train.strategy=shard_map (training/shard_map.py): the hand-written per-device step equals GSPMD's on the same mesh.
 
 Tolerance: the two programs hold the same float32 math, reduced in another order (per-device partial sums then a
 psum, against XLA's own split of the same sums). Metrics of two steps to rtol 1e-5 / atol 1e-6 and parameters
@@ -15,7 +15,7 @@ import pytest
 from test_packing import _loaders, _pairs
 from test_train_step import _assert_close, _batch, _config, _fresh, _model, _run
 
-from jaxpatience import train
+from jaxpatience import training
 from jaxpatience.config import PRESETS, ConfigError, LossConfig, MeshConfig, TrainConfig
 from jaxpatience.sharding import make_mesh
 
@@ -45,7 +45,7 @@ def test_packed_sft_on_a_mixed_mesh_equals_the_gspmd_step():
     pairs = _pairs(seed=2)
     padded_loader, packed_loader = _loaders(pairs, batch_size=16, row_multiple=16, micro_batches=2)
     bucket, indices = padded_loader.plan(0)[0]
-    packed = train.device_batch(packed_loader.make_batch(bucket, indices))
+    packed = training.device_batch(packed_loader.make_batch(bucket, indices))
     named = packed["segment_pairs"].reshape(8, -1)  # [8 devices, rows·S]: pair 2·b + side of each segment
     owner = named // 2 // 2  # device d holds pairs b = 2d, 2d + 1 (one per micro-batch)
     assert np.any((named >= 0) & (owner != np.arange(8)[:, None]))  # some segments' pairs live elsewhere
@@ -60,7 +60,7 @@ def test_compiled_programs_hold_the_hand_written_collectives():
     texts = {}
     for name, (shape, changes, pairs) in list(CASES.items())[:2]:
         trainer = _fresh(_config(strategy="shard_map", **changes), shape)
-        placed = train.place_batch(_batch(pairs=pairs), trainer.mesh, trainer.config)
+        placed = training.place_batch(_batch(pairs=pairs), trainer.mesh, trainer.config)
         texts[name] = trainer.step_fn.lower(trainer.state, trainer.frozen, placed).compile().as_text()
     fsdp, data = texts["fsdp=8, lora, micro=2"], texts["data=8, lora, micro=2"]
     assert "all-gather" in fsdp and "reduce-scatter" in fsdp
@@ -73,11 +73,11 @@ def test_tensor_parallel_meshes_are_refused_in_one_sentence():
     with pytest.raises(ConfigError, match="strategy must be gspmd or shard_map"):
         TrainConfig(strategy="pmap")
     with pytest.raises(ConfigError, match=r"not tensor=2; use train.strategy=gspmd for tensor parallelism\.$"):
-        train.create_trainer(_model(), _config(strategy="shard_map"), make_mesh(1, 4, 2))
+        training.create_trainer(_model(), _config(strategy="shard_map"), make_mesh(1, 4, 2))
 
 
 def test_the_step_lowers_from_shapes_alone():
     """lower_abstract_step (the sharding lab) takes the shard_map strategy like any other config."""
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _batch().items()}
-    lowered = train.lower_abstract_step(PRESETS["tiny"], _config(strategy="shard_map"), make_mesh(1, 8, 1), batch)
+    lowered = training.lower_abstract_step(PRESETS["tiny"], _config(strategy="shard_map"), make_mesh(1, 8, 1), batch)
     assert "all_gather" in lowered.as_text() and "reduce_scatter" in lowered.as_text()

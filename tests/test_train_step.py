@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxpatience import lora, train
+from jaxpatience import lora, training
 from jaxpatience.config import PRESETS, ConfigError, LoraConfig, LossConfig, OptimizerConfig, TrainConfig
 from jaxpatience.model import Qwen2ForCausalLM
 from jaxpatience.sharding import make_mesh
@@ -104,7 +104,7 @@ def test_full_parameter_sft_trains_every_parameter_and_dpo_needs_a_reference():
     batch = _batch()
     losses = [float(trainer.step(batch)["loss"]) for _ in range(10)]
     assert losses[-1] < losses[0] - 1.0
-    dpo = train.create_trainer(_model(), _config(lora=None), _one_device())
+    dpo = training.create_trainer(_model(), _config(lora=None), _one_device())
     with pytest.raises(ValueError, match="ref_logps"):  # raised while tracing, before any compilation
         dpo.step(batch)
 
@@ -117,7 +117,7 @@ def test_sft_skips_the_rejected_row_and_equals_the_full_formula():
     config = _config(lora=None, loss=LossConfig(dpo_weight=0.0, nll_weight=1.0))
     batch = _batch(seed=4)
     direct_model = _model()
-    policy, counts = train.pair_logps(direct_model, batch, chunk_size=5)
+    policy, counts = training.pair_logps(direct_model, batch, chunk_size=5)
     expected, _ = losses_module.preference_loss(policy, counts, None, config.loss)
     other = dict(batch)
     other["input_ids"] = batch["input_ids"].copy()
@@ -135,7 +135,7 @@ def test_sft_skips_the_rejected_row_and_equals_the_full_formula():
 def test_bfloat16_base_with_float32_adapters_and_optimizer():
     """Base weights stay bf16 (frozen, untouched); adapters, Adam moments, log-probs and losses are float32."""
     bf16 = Qwen2ForCausalLM(PRESETS["tiny"].replace(param_dtype="bfloat16", compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
-    trainer = train.create_trainer(bf16, _config(), _one_device())
+    trainer = training.create_trainer(bf16, _config(), _one_device())
     assert {x.dtype for x in jax.tree.leaves(trainer.frozen)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(trainer.state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
@@ -153,7 +153,7 @@ def test_full_parameter_bfloat16_model_trains_float32_master_weights():
     before = np.asarray(bf16.model.layers[0].mlp.up_proj.weight[...].astype(jnp.float32))
     config = _config(lora=None, loss=LossConfig(dpo_weight=0.0, nll_weight=1.0),
                      optimizer=OptimizerConfig(learning_rate=1e-5, decay="constant"))  # fmt: skip
-    trainer = train.create_trainer(bf16, config, _one_device())
+    trainer = training.create_trainer(bf16, config, _one_device())
     assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
     trainer.step(_batch())
     after = np.asarray(trainer.model().model.layers[0].mlp.up_proj.weight[...])
@@ -186,17 +186,17 @@ def test_precomputed_reference_in_micro_batches_equals_one_pass():
 def _trainer(config: TrainConfig, mesh_shape: tuple[int, int, int] = (1, 1, 1)):
     """One trainer (one compiled step) per config and mesh, shared by the tests, with its initial state."""
     mesh = _one_device() if mesh_shape == (1, 1, 1) else make_mesh(*mesh_shape)
-    trainer = train.create_trainer(_model(), config, mesh)
+    trainer = training.create_trainer(_model(), config, mesh)
     return trainer, _host(trainer.state)
 
 
 @functools.cache
 def _logps_fn(config: TrainConfig, adapters: bool = False):
     """make_logps_fn of the shared trainer, compiled once (it reads the trainer's current state at each call)."""
-    return train.make_logps_fn(_trainer(config, (1, 1, 1))[0], adapters=adapters)  # the key _fresh uses
+    return training.make_logps_fn(_trainer(config, (1, 1, 1))[0], adapters=adapters)  # the key _fresh uses
 
 
-def _fresh(config: TrainConfig, mesh_shape: tuple[int, int, int] = (1, 1, 1)) -> train.Trainer:
+def _fresh(config: TrainConfig, mesh_shape: tuple[int, int, int] = (1, 1, 1)) -> training.Trainer:
     """The shared trainer, reset to its initial state (the state is donated each step, so restore a copy)."""
     trainer, initial = _trainer(config, mesh_shape)
     trainer.state = jax.device_put(initial, trainer.state_shardings)
@@ -214,8 +214,8 @@ def test_next_iteration_merges_the_adapter_into_the_base():
     model = trainer.model()
     assert lora.merge(model) == 14
     jax.tree.map(np.testing.assert_array_equal, _host(trainer.frozen), frozen_before)  # the trainer is untouched
-    following = train.create_trainer(model, _config(), _one_device())  # fresh adapters: A random, B zero
-    reference = np.asarray(train.make_logps_fn(following)(batch))
+    following = training.create_trainer(model, _config(), _one_device())  # fresh adapters: A random, B zero
+    reference = np.asarray(training.make_logps_fn(following)(batch))
     np.testing.assert_allclose(reference, policy, rtol=1e-5)
     assert np.abs(reference - np.asarray(_logps_fn(_config())(batch))).max() > 1e-3
 
@@ -269,15 +269,15 @@ def test_sharded_step_equals_one_device_step(shape):
 def test_place_batch_splits_pairs_over_the_data_axes_and_keeps_every_value():
     """The one placement of a batch: pairs split over data x fsdp, replicated over tensor; placed arrays pass."""
     mesh, batch = make_mesh(2, 2, 2), _batch() | {"ref_logps": np.zeros((PAIRS, 2), np.float32)}
-    placed = train.place_batch(batch, mesh, _config())
+    placed = training.place_batch(batch, mesh, _config())
     for key, value in placed.items():
-        assert value.sharding == train.batch_sharding(mesh) and value.shape == batch[key].shape
+        assert value.sharding == training.batch_sharding(mesh) and value.shape == batch[key].shape
         assert {shard.data.shape[0] for shard in value.addressable_shards} == {PAIRS // 4}
         np.testing.assert_array_equal(np.asarray(value), batch[key])
-    again = train.place_batch(placed, mesh, _config())
+    again = training.place_batch(placed, mesh, _config())
     assert all(again[key] is placed[key] for key in placed)
     with pytest.raises(ValueError, match="4 data-parallel devices"):
-        train.place_batch({k: v[:6] for k, v in batch.items()}, mesh, _config(batch_size=6))
+        training.place_batch({k: v[:6] for k, v in batch.items()}, mesh, _config(batch_size=6))
 
 
 def test_padding_does_not_change_log_probs():
@@ -300,7 +300,7 @@ def test_padding_does_not_change_log_probs():
 
 
 def test_bad_batches_and_configs_fail_with_a_clear_message():
-    trainer = train.create_trainer(_model(), _config(micro_batches=2), _one_device())
+    trainer = training.create_trainer(_model(), _config(micro_batches=2), _one_device())
     batch = _batch()
     with pytest.raises(ValueError, match="lacks 'loss_mask'"):
         trainer.step({k: v for k, v in batch.items() if k != "loss_mask"})
@@ -311,14 +311,14 @@ def test_bad_batches_and_configs_fail_with_a_clear_message():
     with pytest.raises(ConfigError, match="multiple of micro_batches"):
         TrainConfig(batch_size=6, micro_batches=4)
     with pytest.raises(ConfigError, match="mesh"):
-        train.make_mesh(dataclasses.replace(TrainConfig().mesh, data=16))
+        training.make_mesh(dataclasses.replace(TrainConfig().mesh, data=16))
 
 
 def test_schedule_warmup_then_cosine_decay():
     config = OptimizerConfig(learning_rate=1.0, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
-    schedule = train.make_schedule(config, total_steps=110)
+    schedule = training.make_schedule(config, total_steps=110)
     np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.5, 1.0], atol=1e-6)
     np.testing.assert_allclose(schedule(60), 0.1 + 0.9 * 0.5, atol=1e-6)  # half-way through the decay
     np.testing.assert_allclose(schedule(110), 0.1, atol=1e-6)
-    linear = train.make_schedule(dataclasses.replace(config, decay="linear"), total_steps=110)
+    linear = training.make_schedule(dataclasses.replace(config, decay="linear"), total_steps=110)
     np.testing.assert_allclose(linear(60), 0.55, atol=1e-6)

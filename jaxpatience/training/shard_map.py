@@ -1,16 +1,16 @@
 """The train step written per device with `jax.shard_map` (`train.strategy=shard_map`), beside GSPMD's.
 
-train.py's default step is one program over global arrays: XLA's partitioner (GSPMD) reads the shardings and
+The default step (gspmd.py) is one program over global arrays: XLA's partitioner (GSPMD) reads the shardings and
 decides where the collectives go. This one writes them by hand, so a researcher can compare what the compiler
 chose with the textbook scheme (`step.lower(...).compile().as_text()` of either). It takes the same inputs
 with the same shardings (state, frozen weights, batch), gives the same outputs, and shares the loss, the
-micro-batch accumulation and the optimizer update with train.py. Meshes: any data × fsdp, tensor = 1.
+micro-batch accumulation and the optimizer update with gspmd.py (core.py). Meshes: any data × fsdp, tensor = 1.
 
 The per-device program (N = data·fsdp devices, each holding B/N pairs of the batch, rows split over both axes):
 
     1. denominators  local pair and token counts -> psum over (data, fsdp)      the whole batch's, exactly
     2. frozen        non-layer weights (embedding, final norm, lm_head): all_gather their fsdp dim, once a step
-    3. per micro-batch m (train._micro_batches of the local rows; with B/N a multiple of M, local micro-batch m
+    3. per micro-batch m (batch.split_micro_batches of the local rows; with B/N a multiple of M, local micro-batch m
        holds exactly this device's pairs of global micro-batch m):
          trained non-layer weights: all_gather           transpose in the backward pass: reduce-scatter
          each decoder layer, inside the scanned body:     all_gather that layer's weights only, then run it
@@ -22,7 +22,7 @@ The per-device program (N = data·fsdp devices, each holding B/N pairs of the ba
     5. metrics       psum over (data, fsdp): every term is a sum over pairs / a whole-batch denominator
 
 Outside the shard_map, in the same jit: clipping by global norm and AdamW on the sharded gradients
-(train.apply_update; GSPMD reduces the norm over the shards), exactly as the GSPMD step does.
+(apply_update; GSPMD reduces the norm over the shards), exactly as the GSPMD step does.
 
 `check_vma=False`: JAX does not track which values vary over which devices, and inserts no collective of its
 own; every one above is written here. (With check_vma=True a replicated weight used on varying rows gets an
@@ -46,9 +46,21 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxpatience import losses, train
+from jaxpatience import losses
 from jaxpatience.config import ConfigError, TrainConfig
 from jaxpatience.model import LayerStack
+from jaxpatience.training.batch import Batch, batch_sharding
+from jaxpatience.training.core import (
+    TrainState,
+    accumulate_gradients,
+    apply_update,
+    batch_denominators,
+    jit_step,
+    model_loss,
+    step_keys,
+    step_model,
+)
+from jaxpatience.training.optimizer import make_schedule
 
 Array = jax.Array
 SpecTable = dict[tuple, PartitionSpec]  # a State's key path ('model', 'norm', 'weight') -> its PartitionSpec
@@ -58,7 +70,7 @@ GATHERED = "fsdp_gathered"  # checkpoint name of gathered layer weights: recompu
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes the batch is split over (RULES' "batch"), in the batch sharding's order."""
-    spec = train.batch_sharding(mesh).spec[0]
+    spec = batch_sharding(mesh).spec[0]
     return (spec,) if isinstance(spec, str) else tuple(spec or ())
 
 
@@ -80,7 +92,7 @@ def _names(path: tuple) -> tuple:
 
 
 def spec_table(*shardings: nnx.State) -> SpecTable:
-    """Key path -> PartitionSpec of every leaf of trees of NamedShardings (train.tree_shardings)."""
+    """Key path -> PartitionSpec of every leaf of trees of NamedShardings (step.tree_shardings)."""
     table = {}
     for tree in shardings:
         for path, named in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -152,18 +164,18 @@ def make_local_gradients(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh
     params, whole-batch metrics). See the module docstring for the collectives, steps 1 to 5."""
     axes = batch_axes(mesh)
 
-    def micro_loss(params: nnx.State, frozen: nnx.State, batch: train.Batch, norm: losses.Denominators, key):
+    def micro_loss(params: nnx.State, frozen: nnx.State, batch: Batch, norm: losses.Denominators, key):
         params = gather_unstacked(params, table, mesh)  # differentiated: its transpose reduce-scatters
-        model = train.step_model(graphdef, params, frozen, config)
+        model = step_model(graphdef, params, frozen, config)
         _attach_layer_gather(model, table, mesh)
         key = jax.random.fold_in(key, jax.lax.axis_index(axes))  # LoRA dropout: other rows, other masks
-        return train.model_loss(model, batch, norm, key, config, axis_name=axes)
+        return model_loss(model, batch, norm, key, config, axis_name=axes)
 
-    def local_gradients(params: nnx.State, frozen: nnx.State, batch: train.Batch, keys: Array):
-        norm = train.batch_denominators(batch, axis_name=axes)  # 1. psum'ed counts
+    def local_gradients(params: nnx.State, frozen: nnx.State, batch: Batch, keys: Array):
+        norm = batch_denominators(batch, axis_name=axes)  # 1. psum'ed counts
         frozen = gather_unstacked(frozen, table, mesh)  # 2. not differentiated: gathered once for all micro-batches
         # 3. local micro-batch m = this device's pairs of global micro-batch m (validate_batch: B/N = k·M)
-        grads, metrics = train.accumulate_gradients(micro_loss, params, frozen, batch, norm, keys,
+        grads, metrics = accumulate_gradients(micro_loss, params, frozen, batch, norm, keys,
                                                     config.micro_batches)  # fmt: skip
         return reduce_gradients(grads, table, mesh), jax.lax.psum(metrics, axes)  # 4., 5.
 
@@ -171,8 +183,8 @@ def make_local_gradients(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: TrainConfig,
-                    mesh: Mesh, state_shardings: train.TrainState, frozen_shardings: nnx.State):  # fmt: skip
-    """jit((state, frozen, batch) -> (state, metrics)) like train.make_train_step's, the gradients computed by
+                    mesh: Mesh, state_shardings: TrainState, frozen_shardings: nnx.State):  # fmt: skip
+    """jit((state, frozen, batch) -> (state, metrics)) like gspmd.make_train_step's, the gradients computed by
     the hand-written per-device program (`make_local_gradients`) under `jax.shard_map`."""
     check_mesh(mesh)
     table = spec_table(state_shardings.params, frozen_shardings)
@@ -181,14 +193,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     local_gradients = jax.shard_map(
         make_local_gradients(graphdef, config, mesh, table),
         mesh=mesh,
-        in_specs=(specs(state_shardings.params), specs(frozen_shardings), train.batch_sharding(mesh).spec, replicated),
+        in_specs=(specs(state_shardings.params), specs(frozen_shardings), batch_sharding(mesh).spec, replicated),
         out_specs=(specs(state_shardings.params), replicated),
         check_vma=False,  # every collective is written out (module docstring)
     )
-    schedule = train.make_schedule(config.optimizer, config.max_steps)
+    schedule = make_schedule(config.optimizer, config.max_steps)
 
-    def step(state: train.TrainState, frozen: nnx.State, batch: train.Batch):
-        grads, metrics = local_gradients(state.params, frozen, batch, train.step_keys(config, state.step))
-        return train.apply_update(optimizer, schedule, state, grads, metrics)
+    def step(state: TrainState, frozen: nnx.State, batch: Batch):
+        grads, metrics = local_gradients(state.params, frozen, batch, step_keys(config, state.step))
+        return apply_update(optimizer, schedule, state, grads, metrics)
 
-    return train.jit_step(step, mesh, state_shardings, frozen_shardings)
+    return jit_step(step, mesh, state_shardings, frozen_shardings)
