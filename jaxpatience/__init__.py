@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "load_pretrained": "jaxpatience.weights",
-    "save_pretrained": "jaxpatience.weights",
-    "generate": "jaxpatience.decode",
+    "load_pretrained": "jaxpatience.model.weights",
+    "save_pretrained": "jaxpatience.model.weights",
+    "generate": "jaxpatience.generation.api",
     "ModelConfig": "jaxpatience.config",
     "SamplingConfig": "jaxpatience.config",
-    "Qwen2ForCausalLM": "jaxpatience.model",
+    "Qwen2ForCausalLM": "jaxpatience.model.qwen2",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,9 +1,9 @@
 """`jaxpatience <command>` (also `python -m jaxpatience`): a dispatcher only; each command lives in its own module.
 
-    demo   jaxpatience.demo.main            train  jaxpatience.run.main
-    irpo   jaxpatience.irpo.main            eval   jaxpatience.evaluate.main
-    pairs  jaxpatience.data.teacher.main    info   weights.describe_checkpoint
-    serve  jaxpatience.serve.main           tiny   weights.make_tiny_checkpoint
+    demo   jaxpatience.recipes.demo.main            train  jaxpatience.training.loop.main
+    irpo   jaxpatience.recipes.irpo.main            eval   jaxpatience.evaluation.evaluate.main
+    pairs  jaxpatience.teacher.run.main    info   weights.describe_checkpoint
+    serve  jaxpatience.serving.app.main           tiny   weights.make_tiny_checkpoint
 
 Every command's module is imported only when that command runs, so `jaxpatience --help` does not start JAX.
 The delegated commands parse their own arguments (`jaxpatience eval --help`). User errors (ValueError, OSError:
@@ -21,47 +21,47 @@ import os
 import sys
 from collections.abc import Callable
 
-from jaxpatience.preemption import TERMINATED_EXIT_STATUS, Preempted
+from jaxpatience.training.preemption import TERMINATED_EXIT_STATUS, Preempted
 
 
 def _demo(argv: list[str]) -> int:
-    from jaxpatience.demo import main
+    from jaxpatience.recipes.demo import main
 
     return main(argv)
 
 
 def _train(argv: list[str]) -> int:
-    from jaxpatience.run import main
+    from jaxpatience.training.loop import main
 
     return main(argv)
 
 
 def _irpo(argv: list[str]) -> int:
-    from jaxpatience.irpo import main
+    from jaxpatience.recipes.irpo import main
 
     return main(argv)
 
 
 def _eval(argv: list[str]) -> int:
-    from jaxpatience.evaluate import main
+    from jaxpatience.evaluation.evaluate import main
 
     return main(argv)
 
 
 def _serve(argv: list[str]) -> int:
-    from jaxpatience.serve import main
+    from jaxpatience.serving.app import main
 
     return main(argv)
 
 
 def _plan(argv: list[str]) -> int:
-    from jaxpatience.plan import main
+    from jaxpatience.planning.lab import main
 
     return main(argv)
 
 
 def _pairs(argv: list[str]) -> int:
-    from jaxpatience.data.teacher import main
+    from jaxpatience.teacher.run import main
 
     return main(argv)
 
@@ -80,7 +80,7 @@ DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 def _info(args: argparse.Namespace) -> int:
     """Print a checkpoint's facts: aligned `key  value` lines, or one JSON object with --json."""
-    from jaxpatience.weights import describe_checkpoint
+    from jaxpatience.model.weights import describe_checkpoint
 
     facts = describe_checkpoint(args.path)
     if args.json:
@@ -94,7 +94,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    from jaxpatience.weights import make_tiny_checkpoint
+    from jaxpatience.model.weights import make_tiny_checkpoint
 
     print(make_tiny_checkpoint(args.out, args.seed, args.overwrite))
     return 0
@@ -155,7 +155,7 @@ def _guarded(run: Callable[[], int]) -> int:
 
 def _one_line(err: ValueError | OSError) -> str:
     """The sentence for a user error; a full disk says what is intact (if known) and what to do."""
-    from jaxpatience.store import DiskFull, is_disk_full
+    from jaxpatience.durability.store import DiskFull, is_disk_full
 
     if not is_disk_full(err):
         return str(err)

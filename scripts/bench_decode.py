@@ -87,7 +87,7 @@ def random_jax_model(preset_name: str, dtype: str, mesh):
 
     from jaxpatience import sharding
     from jaxpatience.config import preset
-    from jaxpatience.model import Qwen2ForCausalLM
+    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 
     config = preset(preset_name).replace(param_dtype=dtype, compute_dtype=dtype)
 
@@ -135,7 +135,7 @@ def load(args: argparse.Namespace, tmp_dir: Path, mesh):
     """
     from jaxpatience import load_pretrained
     from jaxpatience.config import PRESETS
-    from jaxpatience.weights import load_model
+    from jaxpatience.model.weights import load_model
 
     path = Path(args.model)
     if args.model in PRESETS and not path.exists():
@@ -228,7 +228,7 @@ def varied_workload(count: int, max_budget: int, vocab: int) -> tuple[list[list[
 
 def slots_engine(model, prompts: list[list[int]], budgets: list[int], slots: int, mesh) -> dict:
     """One slot-engine call; every row must return exactly its budget. Returns its EngineStats as a dict."""
-    from jaxpatience.decode import EngineStats, Request, generate
+    from jaxpatience.generation.api import EngineStats, Request, generate
 
     stats = EngineStats()
     requests = [Request(p, max_new_tokens=b) for p, b in zip(prompts, budgets, strict=True)]

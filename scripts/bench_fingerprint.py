@@ -1,4 +1,4 @@
-"""What run identity costs: checkpoint_files.file_digest (sampled) against a full sha256 of a weight file.
+"""What run identity costs: identity.file_digest (sampled) against a full sha256 of a weight file.
 
     python scripts/bench_fingerprint.py PATH/model.safetensors      # a real checkpoint's weight file
     python scripts/bench_fingerprint.py --make 2 /tmp/fp/model.safetensors   # first write a 2 GiB random one
@@ -16,7 +16,7 @@ import struct
 import time
 from pathlib import Path
 
-from jaxpatience.checkpoint_files import file_digest
+from jaxpatience.durability.identity import file_digest
 
 
 def make(path: Path, gib: float) -> None:

@@ -50,9 +50,9 @@ def make_checkpoint(size: str, directory: Path) -> Path:
     from flax import nnx
 
     from jaxpatience.config import preset
-    from jaxpatience.model import Qwen2ForCausalLM
-    from jaxpatience.tokenizer import train_bpe_tokenizer
-    from jaxpatience.weights import TINY_CORPUS, save_pretrained
+    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
+    from jaxpatience.model.tokenizer import train_bpe_tokenizer
+    from jaxpatience.model.weights import TINY_CORPUS, save_pretrained
 
     tokenizer = train_bpe_tokenizer(TINY_CORPUS, vocab_size=320)
     config = preset("tiny").replace(vocab_size=len(tokenizer), tie_word_embeddings=True, max_position_embeddings=2048)

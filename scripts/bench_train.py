@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpatience import roofline, sharding, training
+from jaxpatience import sharding, training
 from jaxpatience.config import (
     PRESETS,
     ConfigError,
@@ -48,7 +48,8 @@ from jaxpatience.config import (
     preset,
 )
 from jaxpatience.data.pairs import EncodedPair, PairLoader, default_buckets
-from jaxpatience.model import Qwen2ForCausalLM
+from jaxpatience.model.qwen2 import Qwen2ForCausalLM
+from jaxpatience.planning import roofline
 
 LOSSES = {"dpo": LossConfig(), "irpo": LossConfig(nll_weight=1.0), "sft": LossConfig(dpo_weight=0.0, nll_weight=1.0)}
 
@@ -127,7 +128,7 @@ def setup(args: argparse.Namespace) -> tuple[TrainConfig, Mesh, Qwen2ForCausalLM
     if args.aot:
         return config, mesh, None
     if Path(args.model).is_dir():
-        from jaxpatience.weights import load_model
+        from jaxpatience.model.weights import load_model
 
         return config, mesh, load_model(args.model, args.dtype, mesh=mesh)
     return config, mesh, random_model(model_shape(args), mesh)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jax import monitoring
 
-from jaxpatience import demo
+from jaxpatience.recipes import demo
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

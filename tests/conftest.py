@@ -28,7 +28,7 @@ CORPUS = [
 
 @functools.cache
 def _tokenizer():
-    from jaxpatience.tokenizer import train_bpe_tokenizer
+    from jaxpatience.model.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(CORPUS, vocab_size=300)
 

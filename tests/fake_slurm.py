@@ -96,7 +96,7 @@ def sbatch(env: dict, *args: str) -> subprocess.Popen:
 
 
 def saved_steps(out: Path) -> list[int]:
-    from jaxpatience.checkpoint import Checkpointer
+    from jaxpatience.training.checkpoint import Checkpointer
 
     checkpoints = Checkpointer(out / "checkpoints")
     try:

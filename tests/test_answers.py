@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from jaxpatience import answers
-from jaxpatience.answers import (
+from jaxpatience.data import answers
+from jaxpatience.data.answers import (
     answers_equal,
     behaviour_markers,
     extract_boxed,

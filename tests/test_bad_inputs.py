@@ -26,7 +26,7 @@ def _jsonl(path: Path, records: list) -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """The folder every case runs in: `ck` (a tiny checkpoint) and the files the cases name."""
-    from jaxpatience.weights import make_tiny_checkpoint
+    from jaxpatience.model.weights import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("bad_inputs")
     make_tiny_checkpoint(root / "ck")

@@ -21,18 +21,17 @@ from conftest import make_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jaxpatience import checkpoint_files
-from jaxpatience.checkpoint_files import (
+from jaxpatience.cli import main
+from jaxpatience.config import ConfigError, preset
+from jaxpatience.durability import identity
+from jaxpatience.durability.identity import describe_fingerprint_change, model_fingerprint
+from jaxpatience.model.checkpoint_files import (
     CheckpointError,
-    describe_fingerprint_change,
-    model_fingerprint,
     open_gguf,
     read_safetensors_header,
     safetensors_headers,
 )
-from jaxpatience.cli import main
-from jaxpatience.config import preset
-from jaxpatience.tokenizer import check_tokenizer, load_tokenizer
+from jaxpatience.model.tokenizer import check_tokenizer, load_tokenizer
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -288,7 +287,7 @@ def test_tokenizer_config_that_transformers_refuses_is_one_sentence(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from jaxpatience.weights import make_tiny_checkpoint
+    from jaxpatience.model.weights import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
 
@@ -322,7 +321,7 @@ def _grow_tokenizer(path):
     ],
 )
 def test_info_and_load_refuse_a_damaged_checkpoint(tiny_dir, tmp_path, capsys, monkeypatch, damage, message):
-    from jaxpatience import weights
+    from jaxpatience.model import weights
 
     path = shutil.copytree(tiny_dir, tmp_path / "ckpt")
     assert main(["info", str(path)]) == 0
@@ -355,7 +354,7 @@ def test_fingerprint_names_the_files_that_define_the_model(tiny_dir, tmp_path):
         "chat_template.jinja changed, merges.txt appeared, generation_config.json disappeared"
     )
     assert describe_fingerprint_change(fingerprint, fingerprint) is None
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         model_fingerprint(tmp_path / "nope")
 
 
@@ -370,12 +369,12 @@ def test_fingerprint_change_lists_three_files_then_a_count():
 def test_sampled_digest_of_a_large_weight_file(tmp_path, monkeypatch):
     """Above FULL_HASH_BELOW a weight file is sampled: a change in the header, a sampled block or the size shows;
     a byte between samples does not (the documented price), and a non-weight file is always hashed in full."""
-    monkeypatch.setattr(checkpoint_files, "FULL_HASH_BELOW", 1 << 20)
-    monkeypatch.setattr(checkpoint_files, "SAMPLES", 4)  # blocks at 0, 1/3, 2/3 and the end
-    size, block = 4 << 20, checkpoint_files.BLOCK
+    monkeypatch.setattr(identity, "FULL_HASH_BELOW", 1 << 20)
+    monkeypatch.setattr(identity, "SAMPLES", 4)  # blocks at 0, 1/3, 2/3 and the end
+    size, block = 4 << 20, identity.BLOCK
     path = tmp_path / "model.safetensors"
     safetensors_numpy.save_file({"w": np.zeros(size // 4, np.float32)}, str(path))
-    digest = checkpoint_files.file_digest(path)
+    digest = identity.file_digest(path)
     assert digest.startswith(f"size:{path.stat().st_size};sampled-sha256:")
 
     def changed_at(offset: int, content: bytes = b"\x01") -> bool:
@@ -383,7 +382,7 @@ def test_sampled_digest_of_a_large_weight_file(tmp_path, monkeypatch):
         with path.open("r+b") as f:
             f.seek(offset)
             f.write(content)
-        result = checkpoint_files.file_digest(path) != digest
+        result = identity.file_digest(path) != digest
         path.write_bytes(original)
         return result
 
@@ -394,4 +393,4 @@ def test_sampled_digest_of_a_large_weight_file(tmp_path, monkeypatch):
     assert not changed_at(block + 10)  # between samples: not read
     other = tmp_path / "tokenizer.json"
     shutil.copy(path, other)
-    assert checkpoint_files.file_digest(other).startswith("sha256:")
+    assert identity.file_digest(other).startswith("sha256:")

@@ -34,7 +34,7 @@ def _parse(argv: list[str]) -> EvalConfig:
 
 
 def test_every_shipped_config_loads_into_its_class():
-    from jaxpatience.demo import DemoConfig, load_demo_config
+    from jaxpatience.recipes.demo import DemoConfig, load_demo_config
 
     loaded = {path.name: path for path in CONFIGS.glob("*.yaml") if path.name != "teacher_prompts.yaml"}
     assert {"toy.yaml", "irpo_gsm8k.yaml", "tiny_cpu.yaml"} <= set(loaded)

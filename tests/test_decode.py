@@ -25,8 +25,8 @@ from transformers import Qwen2ForCausalLM as TorchQwen2
 
 from jaxpatience import generate, load_pretrained
 from jaxpatience.config import SamplingConfig
-from jaxpatience.decode import Generation, Sampler, sample_tokens
-from jaxpatience.sampling import ROW_FILTERED, ROW_PLAIN
+from jaxpatience.generation.api import Generation, Sampler, sample_tokens
+from jaxpatience.generation.sampling import ROW_FILTERED, ROW_PLAIN
 from jaxpatience.sharding import make_mesh
 
 MARGIN = 1e-4  # the smallest top-1/top-2 logit gap a compared greedy step may have
@@ -238,8 +238,8 @@ def test_batches_and_progress_bar_keep_prompt_order(loaded, capsys):
 
 
 def test_unmerged_lora_decodes_like_the_merged_model(checkpoint):
-    from jaxpatience import lora
     from jaxpatience.config import LoraConfig
+    from jaxpatience.model import lora
 
     model, tokenizer = load_pretrained(checkpoint)
     base = generate(model, tokenizer, PROMPTS, max_new_tokens=10, stop_tokens=[])

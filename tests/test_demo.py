@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jaxpatience.config import ConfigError
-from jaxpatience.demo import load_demo_config, run_demo
+from jaxpatience.recipes.demo import load_demo_config, run_demo
 
 
 def _accuracy_from_generations(path) -> float:

@@ -13,7 +13,7 @@ from conftest import make_hf_checkpoint
 from test_decode import MARGIN, uncached_rollout
 
 from jaxpatience import generate, load_pretrained
-from jaxpatience.decode import EngineStats, Request
+from jaxpatience.generation.api import EngineStats, Request
 
 # Mixed lengths (2..13 tokens, all in the 16-token prompt bucket) and budgets (1..16 new tokens).
 PROMPTS = [[5, 9, 33, 71, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [17, 3], [8] * 13, [60, 61, 62],

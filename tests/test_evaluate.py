@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 from conftest import make_tokenizer
 
-from jaxpatience import answers
 from jaxpatience.config import SamplingConfig
+from jaxpatience.data import answers
 from jaxpatience.data.problems import Problem, build_prompt
-from jaxpatience.evaluate import EvalError, evaluate, main, summarize
-from jaxpatience.store import StoreError
+from jaxpatience.durability.store import StoreError
+from jaxpatience.evaluation.evaluate import EvalError, evaluate, main, summarize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,9 +293,10 @@ def test_adapter_flag_applies_a_peft_adapter(tiny_checkpoint, tmp_path):
     """--adapter puts the adapter on the base: the stored responses are the adapted model's greedy output."""
     import jax
 
-    from jaxpatience import generate, load_pretrained, lora
+    from jaxpatience import generate, load_pretrained
     from jaxpatience.config import LoraConfig
     from jaxpatience.data.problems import build_prompt, load_file
+    from jaxpatience.model import lora
 
     base = tiny_checkpoint()
     model, tokenizer = load_pretrained(base)
@@ -314,7 +315,7 @@ def test_adapter_flag_applies_a_peft_adapter(tiny_checkpoint, tmp_path):
     assert record["response"] == expected
     plain, _ = load_pretrained(base)
     assert generate(plain, tokenizer, [prompt], max_new_tokens=8)[0].text != expected  # the adapter mattered
-    from jaxpatience.weights import CheckpointError
+    from jaxpatience.model.weights import CheckpointError
 
     with pytest.raises(CheckpointError, match="adapter_config.json does not exist"):
         main([*args, "--adapter", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")])
@@ -325,7 +326,7 @@ def test_adapter_flag_applies_a_peft_adapter(tiny_checkpoint, tmp_path):
 
 
 def test_end_to_end_local_gsm8k_file(tiny_checkpoint, tmp_path):
-    from jaxpatience.weights import load_pretrained
+    from jaxpatience.model.weights import load_pretrained
 
     rows = [{"question": f"Tom has {i} apples and buys {i + 3} more. How many apples?", "answer": f"#### {2 * i + 3}"}
             for i in range(6)]  # fmt: skip
@@ -353,7 +354,7 @@ def test_end_to_end_local_gsm8k_file(tiny_checkpoint, tmp_path):
     # into the same folder with a larger limit generates only the new problem.
     model, tokenizer = load_pretrained(checkpoint)
     from jaxpatience.data.problems import load_problems
-    from jaxpatience.decode import generate
+    from jaxpatience.generation.api import generate
 
     first_two = load_problems(str(data), limit=2)
     direct = generate(model, tokenizer, [build_prompt(p, tokenizer) for p in first_two], max_new_tokens=12)
@@ -372,7 +373,7 @@ def test_end_to_end_local_gsm8k_file(tiny_checkpoint, tmp_path):
 def test_end_to_end_gsm_symbolic_with_samples(tiny_checkpoint, tmp_path):
     pytest.importorskip("reasoning_gym", reason="gsm_symbolic needs reasoning-gym")
     from jaxpatience.data.problems import load_problems
-    from jaxpatience.weights import load_pretrained
+    from jaxpatience.model.weights import load_pretrained
 
     model, tokenizer = load_pretrained(tiny_checkpoint(max_position_embeddings=512))
     problems = load_problems("gsm_symbolic", limit=2, seed=1)

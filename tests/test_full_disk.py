@@ -1,7 +1,7 @@
 """A full disk (ENOSPC): the write that fails leaves every earlier record and the previous checkpoint intact, the
 command exits 2 with one sentence, and the rerun resumes.
 
-The disk fills through the fault hook (jaxpatience/faults.py: JAXPATIENCE_FAULT="point:n:enospc") everywhere, and
+The disk fills through the fault hook (durability/faults.py: JAXPATIENCE_FAULT="point:n:enospc") everywhere, and
 for real on a small tmpfs where the machine lets an unprivileged user mount one (`unshare -rm`; skipped if not).
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from test_kill_anywhere import Launcher, _pairs_file, _problems_file
 
-from jaxpatience import cli, faults
-from jaxpatience.store import DiskFull, JsonlStore, read_jsonl, write_jsonl
+from jaxpatience import cli
+from jaxpatience.durability import faults
+from jaxpatience.durability.store import DiskFull, JsonlStore, read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,8 +126,8 @@ REAL_DISK = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     import jax.numpy as jnp
-    from jaxpatience.checkpoint import Checkpointer
-    from jaxpatience.store import DiskFull, JsonlStore, read_jsonl
+    from jaxpatience.training.checkpoint import Checkpointer
+    from jaxpatience.durability.store import DiskFull, JsonlStore, read_jsonl
     disk = Path(sys.argv[1])
     appended = 0
     try:

@@ -12,7 +12,7 @@ import pytest
 
 from jaxpatience import load_pretrained
 from jaxpatience.config import ModelConfig
-from jaxpatience.weights import CheckpointError, SafetensorsReader
+from jaxpatience.model.weights import CheckpointError, SafetensorsReader
 
 # HF name -> GGUF name (the inverse of weights._GGUF_NAMES, as llama.cpp's converter writes them)
 _TO_GGUF = {

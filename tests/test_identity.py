@@ -13,14 +13,14 @@ from conftest import make_hf_checkpoint, make_tokenizer
 from test_evaluate import ScriptedGenerator, scripted_problems
 from test_run import config_args, write_pairs
 
-from jaxpatience import identity
-from jaxpatience.answers import unreadable_gold
 from jaxpatience.config import ConfigError, EvalConfig, IrpoConfig, SamplingConfig
+from jaxpatience.data.answers import unreadable_gold
 from jaxpatience.data.pairs import DataError, PairLoader
 from jaxpatience.data.problems import Problem
-from jaxpatience.evaluate import EvalError, evaluate, evaluate_checkpoint
-from jaxpatience.irpo import _check_rerun
-from jaxpatience.run import _warn_about_settings, load_run_config, train
+from jaxpatience.durability import identity
+from jaxpatience.evaluation.evaluate import EvalError, evaluate, evaluate_checkpoint
+from jaxpatience.recipes.irpo import _check_rerun
+from jaxpatience.training.loop import _warn_about_settings, load_run_config, train
 
 
 def test_a_resume_refuses_edited_data_and_replaced_weights(tiny_checkpoint, tmp_path, capsys):

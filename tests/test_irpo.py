@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 
-from jaxpatience import answers
+from jaxpatience.data import answers
 from jaxpatience.data.selfplay import pair_samples, pairs_from_generations
 
 
@@ -58,8 +58,8 @@ def _problems(path, rng: random.Random, count: int, offset: int):
 
 
 def test_irpo_loop_runs_two_iterations_and_resumes(tiny_checkpoint, tmp_path):
-    from jaxpatience.irpo import load_irpo_config, run_irpo
-    from jaxpatience.run import load_run_config, train
+    from jaxpatience.recipes.irpo import load_irpo_config, run_irpo
+    from jaxpatience.training.loop import load_run_config, train
 
     rng = random.Random(0)
     # A tiny random model first learns the answer format (full-parameter SFT with our own train step), so that
@@ -112,7 +112,7 @@ def test_pairs_stage_killed_after_its_stats_is_redone(tiny_checkpoint, tmp_path)
     """write_pairs writes the stats, then the pairs file: a stats file alone is an unfinished stage."""
     from jaxpatience.config import IrpoConfig
     from jaxpatience.data.problems import Problem
-    from jaxpatience.irpo import _make_pairs
+    from jaxpatience.recipes.irpo import _make_pairs
 
     problems = [Problem("p0", "What is 1 + 1?", "2")]
     samples = tmp_path / "samples"

@@ -3,7 +3,7 @@
 Each test runs a command once uninterrupted (the reference), then in a fresh folder as a *chain*: the command is
 killed with SIGKILL, rerun, killed at the next point, ..., and the last rerun completes. The kill points are
 seeded: a mix of kills after a random delay (a fraction of the reference's wall time) and fault-hook kills at
-named points of the durable writes (jaxpatience/faults.py: `jsonl.append` leaves a torn line, `jsonl.rewrite`
+named points of the durable writes (jaxpatience/durability/faults.py: `jsonl.append` leaves a torn line, `jsonl.rewrite`
 a .tmp sibling, `checkpoint.finalize` an orbax tmp directory). The chain's files must then equal the
 reference's: every JSONL record once (nothing lost, nothing duplicated), training losses bitwise equal, the
 same adapter and weight bytes, the same summaries minus timing fields.
@@ -40,9 +40,8 @@ KILLED = -signal.SIGKILL
 ZYGOTE = r"""
 import json, os, sys
 import jax, jax.numpy, orbax.checkpoint, flax.nnx, optax, transformers, tokenizers, matplotlib
-import jaxpatience.cli, jaxpatience.run, jaxpatience.evaluate, jaxpatience.irpo, jaxpatience.demo
-import jaxpatience.data.teacher, jaxpatience.training, jaxpatience.weights, jaxpatience.tokenizer
-import jaxpatience.checkpoint, jaxpatience.decode, jaxpatience.report, jaxpatience.lora, jaxpatience.data.pairs
+import jaxpatience.cli, jaxpatience.training, jaxpatience.evaluation, jaxpatience.recipes, jaxpatience.teacher
+import jaxpatience.generation, jaxpatience.model, jaxpatience.data
 print("ready", flush=True)
 for line in sys.stdin:
     request = json.loads(line)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxpatience import lora
 from jaxpatience.config import PRESETS, ConfigError, LoraConfig
-from jaxpatience.model import Qwen2ForCausalLM
+from jaxpatience.model import lora
+from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 
 
 @functools.cache
@@ -165,7 +165,7 @@ def test_peft_export_loads_in_peft_with_the_same_logits(tiny_checkpoint, tmp_pat
 
 def test_load_adapter_errors(tiny_checkpoint, tmp_path):
     from jaxpatience import load_pretrained
-    from jaxpatience.weights import CheckpointError
+    from jaxpatience.model.weights import CheckpointError
 
     model, _ = load_pretrained(tiny_checkpoint())
     with pytest.raises(CheckpointError, match="adapter_config.json does not exist"):

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpatience import losses
 from jaxpatience.config import LossConfig
+from jaxpatience.training import losses
 
 
 def _np_log_softmax(logits):

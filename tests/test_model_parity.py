@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2ForCausalLM as TorchQwen2
 
 from jaxpatience import load_pretrained
-from jaxpatience.model import init_kv_cache
+from jaxpatience.model.qwen2 import init_kv_cache
 
 
 def _batch(vocab_size: int, padding: str, seed: int = 0):

@@ -94,7 +94,7 @@ def test_two_process_eval_killed_midway_resumes_every_problem_once(problems_and_
 def test_irpo_runs_an_iteration_on_two_processes(tmp_path):
     from test_irpo import _problems, _sft_pairs
 
-    from jaxpatience.run import load_run_config, train
+    from jaxpatience.training.loop import load_run_config, train
 
     rng = random.Random(0)
     _sft_pairs(tmp_path / "sft.jsonl", rng, 64)  # teach the answer format first (as test_irpo does)

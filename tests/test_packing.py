@@ -13,11 +13,13 @@ import pytest
 from flax import nnx
 from test_train_step import PAIRS, _assert_close, _config, _fresh, _host, _model
 
-from jaxpatience import lora, losses, training
+from jaxpatience import training
 from jaxpatience.config import PRESETS, LossConfig
 from jaxpatience.data.pairs import DataError, EncodedPair, PairLoader
-from jaxpatience.model import attend, set_attention
+from jaxpatience.model import lora
+from jaxpatience.model.qwen2 import attend, set_attention
 from jaxpatience.sharding import make_mesh
+from jaxpatience.training import losses
 
 VOCAB = PRESETS["tiny"].vocab_size
 

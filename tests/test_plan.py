@@ -13,8 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpatience import chips, cli, hlo, plan, plan_rows, roofline, sharding
+from jaxpatience import cli, sharding
 from jaxpatience.config import preset
+from jaxpatience.planning import chips, hlo, roofline
+from jaxpatience.planning import lab as plan
+from jaxpatience.planning import rows as plan_rows
 
 # A module as XLA prints it: a scan of 7 iterations over a [64, 32] x [32, 16] matmul, with an all-reduce in the
 # body (groups in iota form) and an all-gather outside (groups in the mesh-axes form with a device order).
@@ -161,8 +164,8 @@ def test_data_fsdp_and_tensor_rows_show_their_communication():
     # data=8: the gradients are all-reduced once: the trained (LoRA) parameters in float32, plus scalar metrics
     from flax import nnx
 
-    from jaxpatience import lora
-    from jaxpatience.model import Qwen2ForCausalLM
+    from jaxpatience.model import lora
+    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(job.model, rngs=nnx.Rngs(0)))
     lora.apply_lora(model, plan_rows.train_config(job, {"data": 8}).lora)
@@ -238,7 +241,7 @@ def test_plan_measures_and_writes_every_format(capsys, tmp_path):
 
 
 def plan_report_mesh(row: dict) -> str:
-    from jaxpatience.plan_report import mesh_text
+    from jaxpatience.planning.report import mesh_text
 
     return mesh_text(row["mesh"])
 

@@ -126,7 +126,8 @@ def test_a_sigterm_before_training_is_seen_by_the_next_loop(tmp_path):
 
     code = """
 import os, signal, time
-from jaxpatience import preemption, sharding
+from jaxpatience import sharding
+from jaxpatience.training import preemption
 assert not sharding.initialize_distributed()  # one process, but with jax.distributed running
 assert not preemption._notice_received()
 first = preemption.Watch(5)
@@ -148,9 +149,9 @@ print("pending seen")
 def test_sigterm_ends_a_single_process_run_with_a_checkpoint(pairs_and_model, tmp_path, monkeypatch):
     """One process (its own SIGTERM handler, not jax.distributed's): SIGTERM during step 2 ends the run after
     that step with a checkpoint of it; after the loop SIGTERM is handled as before."""
-    from jaxpatience.metrics import MetricsWriter
-    from jaxpatience.preemption import Preempted
-    from jaxpatience.run import load_run_config, train
+    from jaxpatience.durability.metrics import MetricsWriter
+    from jaxpatience.training.loop import load_run_config, train
+    from jaxpatience.training.preemption import Preempted
 
     out, before, write = tmp_path / "run", signal.getsignal(signal.SIGTERM), MetricsWriter.write
 

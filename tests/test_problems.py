@@ -148,7 +148,7 @@ def test_as_problem_accepts_records_and_objects():
 
 def test_exemplars_are_correct():
     """Each exemplar's stated answer is the result of its last computation (a typo would teach the model wrong)."""
-    from jaxpatience.answers import extract_strict
+    from jaxpatience.data.answers import extract_strict
 
     expected = ["6", "5", "39", "8", "9", "29", "33", "8"]
     assert [extract_strict(answer) for _, answer in GSM8K_COT_EXEMPLARS] == expected

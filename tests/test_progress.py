@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from jaxpatience import progress
+from jaxpatience.durability import progress
 
 
 def test_a_log_gets_periodic_plain_lines_and_a_last_one(capsys):

@@ -10,10 +10,10 @@ import numpy as np
 from conftest import make_tokenizer
 from test_run import config_args, losses_of, write_pairs
 
-from jaxpatience import reference_cache
 from jaxpatience.data.pairs import PairLoader
-from jaxpatience.metrics import read_metrics
-from jaxpatience.run import load_run_config, train
+from jaxpatience.durability.metrics import read_metrics
+from jaxpatience.training import reference_cache
+from jaxpatience.training.loop import load_run_config, train
 
 
 def _run(checkpoint, pairs, out, *extra):

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpatience.checkpoint import Checkpointer
 from jaxpatience.config import ConfigError
-from jaxpatience.metrics import read_metrics
-from jaxpatience.run import load_run_config, train
+from jaxpatience.durability.metrics import read_metrics
+from jaxpatience.training.checkpoint import Checkpointer
+from jaxpatience.training.loop import load_run_config, train
 
 
 def write_pairs(path: Path, count: int = 24, seed: int = 0) -> Path:
@@ -111,8 +111,8 @@ def test_cli_end_to_end_and_bad_config(setup, tmp_path):
 
 
 def test_shipped_training_configs_parse():
-    from jaxpatience.demo import load_demo_config
-    from jaxpatience.irpo import load_irpo_config
+    from jaxpatience.recipes.demo import load_demo_config
+    from jaxpatience.recipes.irpo import load_irpo_config
 
     configs = sorted(p for p in Path(__file__).parent.parent.glob("configs/*.yaml") if "prompt" not in p.name)
     assert len(configs) >= 4
@@ -133,7 +133,7 @@ def test_a_run_from_before_0_3_resumes_with_its_settings(tmp_path):
     keys, which count as the old behaviour, so the resume is refused unless those settings are given."""
     import dataclasses
 
-    from jaxpatience.run import LEGACY_VALUES, _check_same_run
+    from jaxpatience.training.loop import LEGACY_VALUES, _check_same_run
 
     base = config_args(Path("ckpt"), Path("pairs.jsonl"), tmp_path)
     legacy = [f"{section}.{key}={'null' if value is None else str(value).lower()}"

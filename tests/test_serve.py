@@ -24,7 +24,7 @@ from conftest import make_hf_checkpoint
 from test_teacher import make_problems, write_problems
 
 from jaxpatience import generate, load_pretrained
-from jaxpatience.decode import Request
+from jaxpatience.generation.api import Request
 
 KEY = "sk-test-3f9c1e7a-never-printed"  # recognisable: no log line may hold it
 NAME = "tiny-test"

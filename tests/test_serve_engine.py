@@ -7,8 +7,9 @@ import threading
 import pytest
 from conftest import make_hf_checkpoint
 
-from jaxpatience import engine, load_pretrained
-from jaxpatience.serve_engine import EngineFailed, Job, LiveEngine, _settled
+from jaxpatience import load_pretrained
+from jaxpatience.generation import slots as engine
+from jaxpatience.serving.live import EngineFailed, Job, LiveEngine, _settled
 
 
 @pytest.fixture(scope="module")

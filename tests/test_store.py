@@ -1,4 +1,4 @@
-"""The one durable JSONL store (jaxpatience/store.py): the torn-line policy, the lock, appends, atomic rewrites.
+"""The one durable JSONL store (durability/store.py): the torn-line policy, the lock, appends, atomic rewrites.
 
 The policy is tested here once; the stores' users (the teacher, the evaluator, self-play, the demo) test only
 what they add on top of it (resume by id, a SIGKILLed run).
@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from jaxpatience import store as store_module
 from jaxpatience.data.selfplay import SelfPlayStats, write_pairs
-from jaxpatience.store import JsonlStore, StoreError, iter_jsonl, read_jsonl, write_jsonl
+from jaxpatience.durability import store as store_module
+from jaxpatience.durability.store import JsonlStore, StoreError, iter_jsonl, read_jsonl, write_jsonl
 
 REQUIRED = ("id",)
 

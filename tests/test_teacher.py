@@ -25,11 +25,11 @@ import pytest
 import yaml
 
 from jaxpatience import cli
-from jaxpatience.data import teacher
 from jaxpatience.data.pairs import prompt_messages, read_records
 from jaxpatience.data.problems import Problem
-from jaxpatience.data.teacher import side_paths
-from jaxpatience.store import JsonlStore, StoreError
+from jaxpatience.durability.store import JsonlStore, StoreError
+from jaxpatience.teacher import run as teacher
+from jaxpatience.teacher.run import side_paths
 
 MODEL = "teacher-test"
 KEY = "sk-test"

@@ -13,8 +13,8 @@ import test_teacher
 from test_teacher import KEY, MODEL, closed_port, good_reply, make_problems, parsed_lines, run_pairs, write_problems
 
 from jaxpatience import cli
-from jaxpatience.data import teacher
-from jaxpatience.data.teacher import side_paths
+from jaxpatience.teacher import run as teacher
+from jaxpatience.teacher.run import side_paths
 
 # test_teacher's fixtures, bound here by name so that pytest finds them (an import would read as unused).
 serve = test_teacher.serve

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from jaxpatience.answers import extract_strict
 from jaxpatience.data import toy
+from jaxpatience.data.answers import extract_strict
 
 
 def _replay(problem: toy.ToyProblem) -> int:
@@ -73,9 +73,9 @@ def test_toy_tokenizer_keeps_whole_numbers_through_save_and_load(tmp_path):
     from flax import nnx
 
     from jaxpatience.config import preset
-    from jaxpatience.model import Qwen2ForCausalLM
-    from jaxpatience.tokenizer import NUMBERS_SPLIT_REGEX, load_tokenizer, train_bpe_tokenizer
-    from jaxpatience.weights import save_pretrained
+    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
+    from jaxpatience.model.tokenizer import NUMBERS_SPLIT_REGEX, load_tokenizer, train_bpe_tokenizer
+    from jaxpatience.model.weights import save_pretrained
 
     problems = toy.make_problems(300, seed=0, max_value=30, max_operand=9)
     tokenizer = train_bpe_tokenizer(toy.corpus(problems), vocab_size=400, split_regex=NUMBERS_SPLIT_REGEX)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxpatience import lora, training
+from jaxpatience import training
 from jaxpatience.config import PRESETS, ConfigError, LoraConfig, LossConfig, OptimizerConfig, TrainConfig
-from jaxpatience.model import Qwen2ForCausalLM
+from jaxpatience.model import lora
+from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 from jaxpatience.sharding import make_mesh
 
 PAIRS, LENGTH = 8, 16
@@ -112,7 +113,7 @@ def test_full_parameter_sft_trains_every_parameter_and_dpo_needs_a_reference():
 def test_sft_skips_the_rejected_row_and_equals_the_full_formula():
     """SFT (dpo_weight = 0) runs only the chosen rows; its loss is the formula over the full pair forward,
     and nothing about the rejected rows can change the update."""
-    from jaxpatience import losses as losses_module
+    from jaxpatience.training import losses as losses_module
 
     config = _config(lora=None, loss=LossConfig(dpo_weight=0.0, nll_weight=1.0))
     batch = _batch(seed=4)

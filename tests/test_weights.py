@@ -16,8 +16,8 @@ from transformers import Qwen2ForCausalLM as TorchQwen2
 
 from jaxpatience import load_pretrained, save_pretrained
 from jaxpatience.config import ConfigError
+from jaxpatience.model.weights import CheckpointError, SafetensorsReader, load_model, write_safetensors
 from jaxpatience.sharding import make_mesh
-from jaxpatience.weights import CheckpointError, SafetensorsReader, load_model, write_safetensors
 
 IDS = np.array([[5, 9, 33, 120, 7, 64, 200, 3]])
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxpatience.answers import extract_gold, is_numeric, unreadable_gold
-from jaxpatience.store import StoreError, iter_jsonl
+from jaxpatience.data.answers import extract_gold, is_numeric, unreadable_gold
+from jaxpatience.durability.store import StoreError, iter_jsonl
 
 HUB_DATASETS = {
     # name -> (hub id, config, question field, answer field)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jaxpatience.store import write_jsonl
+from jaxpatience.durability.store import write_jsonl
 
 
 @dataclass

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
-from jaxpatience.model import Qwen2ForCausalLM
-from jaxpatience.sampling import Sampler
+from jaxpatience.generation.sampling import Sampler
+from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 
 MIN_LENGTH_BUCKET = 16  # smallest prompt / new-token bucket
 CACHE_AXES = ("batch", "length", "kv_heads", None)  # logical names of one layer's [B, S, K, H] cache buffer

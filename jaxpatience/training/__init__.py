@@ -29,6 +29,7 @@ from jaxpatience.training.core import (
     step_keys,
     step_model,
 )
+from jaxpatience.training.loop import load_run_config, train
 from jaxpatience.training.optimizer import make_optimizer, make_schedule
 from jaxpatience.training.step import (
     Trainer,

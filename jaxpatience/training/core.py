@@ -30,9 +30,10 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpatience import lora, losses
 from jaxpatience.config import TrainConfig
-from jaxpatience.model import BASE_OUTPUT, LayerStack, set_attention
+from jaxpatience.model import lora
+from jaxpatience.model.qwen2 import BASE_OUTPUT, LayerStack, set_attention
+from jaxpatience.training import losses
 from jaxpatience.training.batch import BATCH_KEYS, Batch, batch_sharding, split_micro_batches
 
 Array = jax.Array

@@ -11,8 +11,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpatience import losses, sharding
+from jaxpatience import sharding
 from jaxpatience.config import TrainConfig
+from jaxpatience.training import losses
 from jaxpatience.training.batch import Batch
 from jaxpatience.training.core import (
     Array,

@@ -46,9 +46,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxpatience import losses
 from jaxpatience.config import ConfigError, TrainConfig
-from jaxpatience.model import LayerStack
+from jaxpatience.model.qwen2 import LayerStack
+from jaxpatience.training import losses
 from jaxpatience.training.batch import Batch, batch_sharding
 from jaxpatience.training.core import (
     TrainState,

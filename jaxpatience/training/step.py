@@ -34,9 +34,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpatience import lora, sharding
+from jaxpatience import sharding
 from jaxpatience.config import ConfigError, MeshConfig, TrainConfig
-from jaxpatience.model import Qwen2ForCausalLM, set_attention, stack_layers, unstack_layers
+from jaxpatience.model import lora
+from jaxpatience.model.qwen2 import Qwen2ForCausalLM, set_attention, stack_layers, unstack_layers
 from jaxpatience.training import gspmd, shard_map
 from jaxpatience.training.batch import Batch, batch_sharding, place_batch, split_micro_batches
 from jaxpatience.training.core import Array, TrainState, pair_logps, resolve_attention

@@ -1,0 +1,5 @@
+"""Evaluation: the resumable evaluation loop and `jaxpatience eval` (evaluate.py), the summary of its records
+(summary.py), and every table and plot the commands write (report.py)."""
+
+from jaxpatience.evaluation.evaluate import evaluate, evaluate_checkpoint
+from jaxpatience.evaluation.summary import EvalError, load_summary, summarize

@@ -1,0 +1,346 @@
+"""`jaxpatience plan`: which meshes fit one job, what each communicates, and how fast each should run.
+
+    jaxpatience plan --model qwen2-7b --job train --batch-size 64 --seq-len 1024 --lora-rank 16 \
+        --target tpu:v5p:4x4x4 --meshes auto --json plan.json
+
+For every mesh the job's own program is built (train.lower_abstract_step: the step `jaxpatience train` runs,
+from shapes alone, nothing materialised) and compiled ahead of time for the target: `local` (the devices
+present), `cpu:N` (N CPU devices) or `tpu:TOPOLOGY` (abstract TPU devices through libtpu, the `[tpu]` extra).
+A row then holds the compile time; memory per device from the compiled program (frozen weights, trained
+parameters + optimizer state, batch, temporaries, outputs) against the chip's; XLA's FLOPs and the HLO's matmul
+FLOPs with loops counted (hlo.py) beside the model's FLOPs; every collective with its mesh axes; the roofline
+step time and MFU (roofline.py, chips.py). `--measure` runs real steps on local / CPU devices beside the
+prediction. Rows are ranked: meshes that fit first, fastest predicted step first.
+
+Compiled rows are cached by job, mesh, target and the package's source (`--cache-dir`, default
+~/.cache/jaxpatience/plan): another chip, format or ranking reuses them; `--no-cache` recompiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from jaxpatience.config import PRESETS, ConfigError, ModelConfig, preset
+from jaxpatience.planning import chips
+
+MESH_AXES = ("data", "fsdp", "tensor")
+TPU_HINT = 'TPU targets need libtpu: pip install -e ".[tpu]" (or pip install "jax[tpu]" matching your jax).'
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What is planned, independent of the mesh."""
+
+    model_name: str
+    model: ModelConfig
+    kind: str  # train | decode
+    batch_size: int  # train: pairs per step; decode: slots
+    seq_len: int  # train: tokens of each of chosen and rejected; decode: cache length
+    lora_rank: int  # 0: full-parameter
+    remat: str
+    loss: str  # dpo | irpo (DPO + NLL) | sft
+    micro_batches: int
+    strategy: str  # gspmd | shard_map
+    reference: str  # in-step | precomputed
+    prompt_len: int  # decode: the prefill's prompt bucket
+    scan_layers: bool = True  # train: one scanned layer (the default) or L unrolled layers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jaxpatience plan", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help=f"a preset ({', '.join(sorted(PRESETS))}) or HF dir / config.json")
+    p.add_argument("--job", default="train", choices=["train", "decode"])
+    p.add_argument("--batch-size", type=int, required=True, help="train: pairs per step; decode: slots")
+    p.add_argument("--seq-len", type=int, required=True, help="train: tokens per sequence; decode: cache length")
+    p.add_argument("--prompt-len", type=int, default=None, help="decode: prompt tokens prefilled (default seq-len/4)")
+    p.add_argument("--lora-rank", type=int, default=16, help="0 = full-parameter training")
+    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "lora"])
+    p.add_argument("--loss", default="irpo", choices=["dpo", "irpo", "sft"], help="irpo = DPO + NLL (default)")
+    p.add_argument("--reference", default="in-step", choices=["in-step", "precomputed"], help="LoRA DPO's reference")
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--strategy", default="gspmd", choices=["gspmd", "shard_map"])
+    p.add_argument("--unrolled", action="store_true", help="train: L unrolled layers instead of one scanned layer")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float32"],
+        help="weights and matmuls (default: bfloat16 on TPU and GPU chips, float32 on the CPU)",
+    )
+    p.add_argument("--target", default="local", help="local, cpu:N or tpu:TOPOLOGY (e.g. tpu:v5p:4x4x4)")
+    p.add_argument(
+        "--meshes", default="auto", help='"data=8;fsdp=8;data=2,fsdp=2,tensor=2" or auto (all factorisations)'
+    )
+    p.add_argument("--chip", default=None, help=f"{', '.join(chips.CHIPS)} (default: the TPU's, or this CPU measured)")
+    p.add_argument("--chip-spec", default="", help="override chip fields, e.g. hbm_bytes=40e9,link_bw=2e11")
+    p.add_argument("--measure", action="store_true", help="also run a few real steps per mesh (local / cpu targets)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per mesh with --measure")
+    p.add_argument("--json", default=None, help="write the rows as JSON")
+    p.add_argument("--csv", default=None, help="write the rows as CSV")
+    p.add_argument("--markdown", default=None, help="write the table as markdown")
+    p.add_argument("--png", default=None, help="plot predicted time per term and memory per device")
+    p.add_argument("--cache-dir", default=None, help="compiled rows (default ~/.cache/jaxpatience/plan)")
+    p.add_argument("--no-cache", action="store_true", help="compile every mesh again")
+    return p.parse_args(argv)  # fmt: skip
+
+
+def load_model(name: str, dtype: str) -> ModelConfig:
+    """A preset or an HF checkpoint directory / config.json, in `dtype`."""
+    if name in PRESETS:
+        base = preset(name)
+    elif Path(name).exists():
+        base = ModelConfig.from_hf(name)
+    else:
+        raise ConfigError(f"unknown model {name!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a path.")
+    return base.replace(param_dtype=dtype, compute_dtype=dtype)
+
+
+def make_job(args: argparse.Namespace, dtype: str) -> Job:
+    for name in ("batch_size", "seq_len", "micro_batches", "steps"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}.")
+    if args.lora_rank < 0:
+        raise ConfigError(f"--lora-rank must be 0 (full-parameter) or positive, not {args.lora_rank}.")
+    model = load_model(args.model, dtype)
+    if args.job == "decode" and args.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model.max_position_embeddings} positions.")
+    prompt = args.prompt_len or max(args.seq_len // 4, 1)
+    if args.job == "decode" and not 0 < prompt < args.seq_len:
+        raise ConfigError(f"--prompt-len must be between 1 and --seq-len - 1 ({args.seq_len - 1}), not {prompt}.")
+    return Job(args.model, model, args.job, args.batch_size, args.seq_len, args.lora_rank, args.remat, args.loss,
+               args.micro_batches, args.strategy, args.reference, prompt, not args.unrolled)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets and meshes.
+
+
+def target_devices(target: str) -> list:
+    """The devices a target names: local ones, N CPU devices, or abstract TPU devices of a topology."""
+    import jax
+
+    if target == "local":
+        return list(jax.devices())
+    if target.startswith("cpu:"):
+        count = _positive(target[4:], "cpu:N")
+        devices = jax.devices("cpu")
+        if len(devices) < count:
+            raise ConfigError(
+                f"target {target} needs {count} CPU devices and this process has {len(devices)}; run the plan in "
+                f"a fresh process (it sets them up) or with XLA_FLAGS=--xla_force_host_platform_device_count={count}."
+            )
+        return list(devices[:count])
+    if target.startswith("tpu:"):
+        from jax.experimental import topologies
+
+        try:
+            return list(topologies.get_topology_desc(topology_name=target[4:], platform="tpu").devices)
+        except RuntimeError as err:
+            if "not installed" in str(err):
+                raise ConfigError(TPU_HINT) from None
+            raise ConfigError(f"TPU topology {target[4:]!r} was refused: {str(err).splitlines()[0]}") from None
+    raise ConfigError(f"unknown target {target!r}; expected local, cpu:N or tpu:TOPOLOGY (e.g. tpu:v5p:4x4x4).")
+
+
+def prepare_backends(target: str) -> None:
+    """Before JAX starts its backends (a no-op once they run): N CPU devices for `cpu:N`; for `tpu:` targets the
+    CPU backend only, so that a plan never takes a TPU VM's chips from a job running there, and libtpu loaded
+    beside other processes (ALLOW_MULTIPLE_LIBTPU_LOAD: the plan only compiles, it never runs on a TPU)."""
+    if target.startswith("tpu:"):
+        import jax
+
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        jax.config.update("jax_platforms", "cpu")
+    if target.startswith("cpu:"):
+        count = _positive(target[4:], "cpu:N")
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")  # on a GPU host too: the plan compiles for CPU devices
+        try:
+            jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
+        except RuntimeError:  # the backends already started: target_devices checks the count
+            pass
+
+
+def _positive(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ConfigError(f"{what}: {text!r} is not a positive number of devices.")
+    return int(text)
+
+
+def parse_meshes(text: str, devices: int, job: Job) -> list[dict[str, int]]:
+    """Explicit meshes (each checked; a one-sentence ConfigError names the first wrong one) or `auto`."""
+    if text.strip() == "auto":
+        meshes = [m for m in factorisations(devices) if mesh_problem(m, devices, job) is None]
+        if not meshes:
+            raise ConfigError(f"no factorisation of {devices} devices over data/fsdp/tensor suits this job: "
+                              f"{mesh_problem({'data': devices, 'fsdp': 1, 'tensor': 1}, devices, job)}")  # fmt: skip
+        return meshes
+    meshes = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        sizes = dict.fromkeys(MESH_AXES, 1)
+        for pair in filter(None, item.split(",")):
+            name, _, value = pair.partition("=")
+            if name.strip() not in sizes or not value.strip().isdigit() or int(value) <= 0:
+                raise ConfigError(f"mesh {item!r}: expected axis=size pairs over {', '.join(MESH_AXES)}.")
+            sizes[name.strip()] = int(value)
+        problem = mesh_problem(sizes, devices, job)
+        if problem:
+            raise ConfigError(f"mesh {item!r}: {problem}")
+        meshes.append(sizes)
+    if not meshes:
+        raise ConfigError("--meshes names no mesh.")
+    return meshes
+
+
+def factorisations(devices: int) -> list[dict[str, int]]:
+    """Every (data, fsdp, tensor) with data · fsdp · tensor = devices."""
+    divisors = [d for d in range(1, devices + 1) if devices % d == 0]
+    return [dict(data=d, fsdp=f, tensor=devices // (d * f)) for d in divisors for f in divisors
+            if devices % (d * f) == 0]  # fmt: skip
+
+
+def mesh_problem(sizes: dict[str, int], devices: int, job: Job) -> str | None:
+    """Why a mesh cannot run the job, in one sentence; None when it can."""
+    data, fsdp, tensor = (sizes[a] for a in MESH_AXES)
+    model = job.model
+    if data * fsdp * tensor != devices:
+        return f"data·fsdp·tensor = {data * fsdp * tensor}, not the target's {devices} devices."
+    shards = data * fsdp * (job.micro_batches if job.kind == "train" else 1)
+    if job.batch_size % shards:
+        what = "micro-batches × data × fsdp" if job.kind == "train" else "data × fsdp"
+        return f"the batch of {job.batch_size} does not split over {what} = {shards}."
+    if model.hidden_size % fsdp:
+        return f"fsdp={fsdp} does not divide the model dim {model.hidden_size}."
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"):
+        if getattr(model, name) % tensor:
+            return f"tensor={tensor} does not divide {name} = {getattr(model, name)}."
+    if job.strategy == "shard_map" and tensor > 1:
+        return "the shard_map strategy is written for the data and fsdp axes only (tensor must be 1)."
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command.
+
+
+def _chip_and_dtype(args: argparse.Namespace) -> tuple[chips.Chip | None, str]:
+    """The chip (None: measure this CPU later) and the storage dtype `train` would use there."""
+    if args.chip:
+        chip = chips.chip(args.chip)
+    elif args.target.startswith("tpu:"):
+        chip = chips.chip_of_topology(args.target[4:])
+    elif args.target == "local" and _local_platform() != "cpu":  # the accelerators present: name their chip
+        chip = chips.chip_of_device(_local_device_kind())
+    else:
+        chip = None
+    return chip, args.dtype or ("float32" if chip is None else "bfloat16")
+
+
+def _local_platform() -> str:
+    import jax
+
+    return jax.devices()[0].platform
+
+
+def _local_device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
+def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Namespace, chip: chips.Chip) -> dict:
+    """One row: compiled (or an error row), predicted on `chip`, measured with --measure."""
+    from jaxpatience import sharding
+    from jaxpatience.planning import rows as plan_rows
+
+    mesh = sharding.make_mesh(**sizes, devices=devices)
+    cache = None if args.no_cache else Path(args.cache_dir or Path.home() / ".cache" / "jaxpatience" / "plan")
+    try:
+        row = plan_rows.compile_row(job, mesh, args.target, cache)
+    except plan_rows.CompileError as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
+        return error_row(sizes, err)
+    # flops: the compiled program's matmul FLOPs with loops counted (XLA's cost_analysis counts a loop once)
+    row = {"mesh": sizes, **row, "flops": row["hlo_flops"]} | plan_rows.predict(row, job, chip, len(devices))
+    row |= {"measured_step_s": None, "measured_mfu": None}
+    if args.measure and row["fits"]:
+        try:
+            seconds = plan_rows.measure(job, mesh, args.steps)
+        except Exception as err:  # e.g. out of memory at run time: the row says so, the other meshes go on
+            return row | {"measure_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        row |= {"measured_step_s": seconds, "measured_mfu": row["model_flops"] / seconds / chip.peak_flops}
+    return row
+
+
+def error_row(sizes: dict[str, int], err: Exception) -> dict:
+    """A mesh XLA would not compile. When libtpu says how much its temporaries need, that figure is the row's
+    `temp` and `total` (a lower bound: the arguments come on top)."""
+    import re
+
+    text = str(err)  # libtpu: "the total memory required for HLO temporaries (216.78G) exceeds available HBM"
+    used = re.search(r"(?:required for HLO temporaries \(|Used )([\d.]+)([KMGT])?", text)
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}
+    temp = int(float(used.group(1)) * scale[used.group(2)]) if used else None  # a lower bound of the total
+    line = next((part for part in text.splitlines() if "memory" in part.lower()), text.splitlines()[0] if text else "")
+    return {"mesh": sizes, "fits": False, "error": f"{type(err).__name__}: {line.strip()[:300]}",
+            "memory_bytes": {"weights": None, "trained": None, "batch": None, "temp": temp, "total": temp},
+            "flops": None, "model_flops": None, "collectives": [], "predicted_step_s": None,
+            "predicted_mfu": None, "measured_step_s": None}  # fmt: skip
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    """Meshes that fit first, then by predicted step time; errors last."""
+    key = lambda row: ("error" in row, not row["fits"], row.get("predicted_step_s") or math.inf)
+    ordered = sorted(rows, key=key)
+    return [row | {"rank": i} for i, row in enumerate(ordered, 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxpatience.planning import report as plan_report
+
+    args = parse_args(argv)
+    prepare_backends(args.target)
+    chip, dtype = _chip_and_dtype(args)
+    job = make_job(args, dtype)
+    if args.measure and (args.target.startswith("tpu:") or job.kind != "train"):
+        raise ConfigError("--measure runs train steps on local or cpu:N devices; drop it for TPU targets and decode.")
+    if args.measure and args.chip and args.target.startswith("cpu:"):
+        raise ConfigError("--measure on CPU devices compares with this CPU's own measured figures; drop --chip.")
+    devices = target_devices(args.target)
+    meshes = parse_meshes(args.meshes, len(devices), job)
+    chip = chips.with_spec(chip or _host_chip(devices), args.chip_spec)
+    print(f"plan: {args.model} {job.kind} B={job.batch_size} T={job.seq_len} {dtype} on {len(devices)}× "
+          f"{devices[0].device_kind} ({chip.name}): {len(meshes)} mesh(es)", file=sys.stderr)  # fmt: skip
+    rows = []
+    for i, sizes in enumerate(meshes, 1):
+        start = time.perf_counter()
+        rows.append(plan_mesh(job, sizes, devices, args, chip))
+        print(f"  [{i}/{len(meshes)}] {plan_report.mesh_text(sizes)}: {time.perf_counter() - start:.1f}s",
+              file=sys.stderr, flush=True)  # fmt: skip
+    rows = rank(rows)
+    print(plan_report.table(rows))
+    for row in rows:
+        print(f"  {plan_report.mesh_text(row['mesh'])}: {plan_report.collectives_text(row) or row.get('error', '')}")
+    for path, write in ((args.json, plan_report.write_json), (args.csv, plan_report.write_csv)):
+        if path:
+            write(rows, path)
+    if args.markdown:
+        Path(args.markdown).write_text(plan_report.table(rows, markdown=True) + "\n")
+    if args.png:
+        plan_report.write_png(rows, args.png, chip.hbm_bytes)
+    return 0
+
+
+def _host_chip(devices: list) -> chips.Chip:
+    from jaxpatience.planning import rows as plan_rows
+
+    return plan_rows.host_chip(devices)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

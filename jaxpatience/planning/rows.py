@@ -1,0 +1,258 @@
+"""One row of a plan: the job's program compiled for one mesh, what it costs, and (optionally) measured.
+
+`compile_row` lowers the job through the project's own functions (training.lower_abstract_step; the engine's
+`_insert` and `_decode_chunk` for decoding) from abstract, sharded shapes, compiles it, and keeps what the
+compiled program says: memory per device, XLA's FLOPs, and hlo.analyze's loop-aware FLOPs, HBM traffic and
+collectives. `predict` adds the roofline for a chip; `measure` times real steps on real devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpatience import sharding
+from jaxpatience.planning import chips, hlo, roofline
+
+
+class CompileError(Exception):
+    """XLA refused to compile a mesh's program (on TPU: most often, it does not fit in HBM)."""
+
+
+LOSSES = {"dpo": (1.0, 0.0), "irpo": (1.0, 1.0), "sft": (0.0, 1.0)}  # (dpo_weight, nll_weight)
+
+
+def train_config(job, sizes: dict[str, int]):
+    from jaxpatience.config import LoraConfig, LossConfig, MeshConfig, TrainConfig
+
+    dpo, nll = LOSSES[job.loss]
+    return TrainConfig(mesh=MeshConfig(**sizes), lora=LoraConfig(rank=job.lora_rank) if job.lora_rank else None,
+                       loss=LossConfig(dpo_weight=dpo, nll_weight=nll), batch_size=job.batch_size,
+                       micro_batches=job.micro_batches, remat=job.remat, strategy=job.strategy,
+                       scan_layers=job.scan_layers)  # fmt: skip
+
+
+def train_batch(job) -> dict[str, jax.ShapeDtypeStruct]:
+    """The padded global batch [B, 2, T] at full length; reference log-probs when the step does not make them."""
+    shape = (job.batch_size, 2, job.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    dpo = LOSSES[job.loss][0] > 0
+    if dpo and (job.lora_rank == 0 or job.reference == "precomputed"):
+        batch["ref_logps"] = jax.ShapeDtypeStruct((job.batch_size, 2), jnp.float32)
+    return batch
+
+
+def model_flops(job) -> float:
+    """The job's model FLOPs per step, all devices (roofline.py's convention)."""
+    per_token = roofline.forward_flops_per_token(job.model, job.seq_len)
+    if job.kind == "decode":  # one new token per slot, attending to the whole cache (not causal halves)
+        return job.batch_size * (per_token + job.model.num_hidden_layers * 2.0 * job.seq_len *
+                                 job.model.num_attention_heads * job.model.resolved_head_dim)  # fmt: skip
+    dpo = LOSSES[job.loss][0] > 0
+    tokens = job.batch_size * job.seq_len * (2 if dpo else 1)  # SFT's padded step skips the rejected rows
+    in_step = job.reference == "in-step" and "ref_logps" not in train_batch(job)
+    return roofline.train_passes(job.lora_rank > 0, LOSSES[job.loss][0], in_step) * per_token * tokens
+
+
+def _per_device_bytes(infos, shardings) -> int:
+    infos = jax.tree.leaves(infos, is_leaf=lambda x: hasattr(x, "donated"))
+    return sum(math.prod(s.shard_shape(tuple(i.shape))) * np.dtype(i.dtype).itemsize
+               for i, s in zip(infos, jax.tree.leaves(shardings), strict=True))  # fmt: skip
+
+
+def memory_split(lowered, compiled, parts: dict[str, int]) -> dict[str, int]:
+    """Bytes per device: the named arguments (`parts`: name -> argument index), temporaries, outputs, total."""
+    infos, shardings = lowered.args_info[0], compiled.input_shardings[0]
+    split = {name: _per_device_bytes(infos[i], shardings[i]) for name, i in parts.items()}
+    memory = compiled.memory_analysis()
+    outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # donated state is updated in place
+    total = memory.argument_size_in_bytes + outputs + memory.temp_size_in_bytes
+    return split | {"temp": int(memory.temp_size_in_bytes), "output": int(outputs), "total": int(total)}
+
+
+def lower_train(job, mesh):
+    from jaxpatience import training
+
+    lowered = training.lower_abstract_step(job.model, train_config(job, dict(mesh.shape)), mesh, train_batch(job))
+    return [("step", lowered, {"trained": 0, "weights": 1, "batch": 2})]
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs with shardings in place of an NNX state's abstract values."""
+    return jax.tree.map(lambda s, v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                                                     sharding=s)), shardings, tree)  # fmt: skip
+
+
+def lower_decode(job, mesh):
+    """The prefill of `batch_size` prompts of `prompt_len` tokens into empty slots, and one decode step."""
+    from flax import nnx
+
+    from jaxpatience.generation import slots as engine
+    from jaxpatience.generation.sampling import Sampler
+    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
+
+    config = job.model
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))))
+    state = _abstract(state, sharding.state_shardings(mesh, state))
+    shape = (config.num_hidden_layers, job.batch_size, job.seq_len, config.num_key_value_heads,
+             config.resolved_head_dim, job.seq_len - job.prompt_len, 4, config.compute_dtype)  # fmt: skip
+    empty = engine._empty_slots.lower(shape=shape, mesh=mesh).compile()
+    slots = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(lambda: engine._empty_slots(shape=shape, mesh=mesh)),
+        empty.output_shardings,
+    )
+    rows, scalar = job.batch_size, lambda dtype=jnp.int32: jax.ShapeDtypeStruct((), dtype)  # fmt: skip
+    vector = lambda dtype=jnp.int32, *tail: jax.ShapeDtypeStruct((rows, *tail), dtype)
+    settings = {name: vector() for name in ("row_id", "budget", "top_k")} | {
+        "stop_ids": vector(jnp.int32, 4), "seed": vector(jnp.uint32),
+        "temperature": vector(jnp.float32), "top_p": vector(jnp.float32)}  # fmt: skip
+    sampler = Sampler(greedy=True, top_k=0, use_top_p=False)
+    prompts = jax.ShapeDtypeStruct((rows, job.prompt_len), jnp.int32)
+    prefill = engine._insert.lower(state, slots, prompts, prompts, vector(), vector(), settings, graphdef=graphdef,
+                                   sampler=sampler, mesh=mesh)  # fmt: skip
+    decode = engine._decode_chunk.lower(state, slots, scalar(), scalar(), graphdef=graphdef, sampler=sampler,
+                                        window=job.seq_len, mesh=mesh)  # fmt: skip
+    return [("step", decode, {"weights": 0, "trained": None, "batch": 1}), ("prefill", prefill, {})]
+
+
+def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
+    """Compile the job for one mesh (or read the cached row): compile time, memory, FLOPs, collectives."""
+    key = _cache_key(job, dict(mesh.shape), target, mesh.devices.flat[0].device_kind)
+    cached = cache_dir / f"{key}.json" if cache_dir else None
+    if cached and cached.exists():
+        return json.loads(cached.read_text()) | {"cached": True}
+    row: dict = {}
+    for name, lowered, parts in (lower_train if job.kind == "train" else lower_decode)(job, mesh):
+        start = time.perf_counter()
+        try:
+            compiled = lowered.compile()
+        except Exception as err:  # XLA's own errors have no common public type
+            raise CompileError(str(err)) from err
+        seconds = time.perf_counter() - start
+        analysis = hlo.analyze(compiled.as_text(), dict(mesh.shape))
+        cost = compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, list) else cost) or {}
+        named = {k: v for k, v in parts.items() if v is not None}
+        facts = {"compile_s": round(seconds, 2), "xla_flops": float(cost.get("flops", 0.0)),
+                 "hlo_flops": analysis.dot_flops, "hbm_bytes": analysis.hbm_bytes,
+                 "collectives": analysis.collectives}  # fmt: skip
+        if name == "step":
+            memory = memory_split(lowered, compiled, named)
+            row |= facts | {"memory_bytes": {"weights": 0, "trained": 0, "batch": 0} | memory}
+        else:
+            row[name] = facts | {"memory_bytes": memory_split(lowered, compiled, {})}
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(row))
+    return row | {"cached": False}
+
+
+def _cache_key(job, sizes: dict[str, int], target: str, device_kind: str) -> str:
+    source = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):  # the package's code shapes the program
+        source.update(path.read_bytes())
+    fields = dataclasses.asdict(job) | {"model_name": None}
+    try:
+        libtpu = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        libtpu = None
+    flags = [os.environ.get(k) for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")]  # they change the compiled program
+    text = json.dumps([fields, sizes, target, device_kind, jax.__version__, libtpu, flags, source.hexdigest()],
+                      sort_keys=True, default=str)  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def layer_bytes(config) -> int:
+    """One decoder layer's weights, whole (what FSDP gathers per layer), in the storage dtype."""
+    d, f, n, k, h = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                     config.num_key_value_heads, config.resolved_head_dim)  # fmt: skip
+    count = 2 * d * n * h + 2 * d * k * h + (n + 2 * k) * h + 3 * d * f + 2 * d  # q, o; k, v; biases; MLP; norms
+    return count * np.dtype(config.param_dtype).itemsize
+
+
+def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
+    """The roofline of a compiled row on `chip`: terms, bounds, MFU, whether it fits."""
+    collectives = [c | {"crosses_node": roofline.crosses_node(c.get("group"), chip)} for c in row["collectives"]]
+    analysis = hlo.Analysis(row["hlo_flops"], row["hbm_bytes"], collectives)
+    terms = roofline.step_time(analysis, chip)
+    per_device = model_flops(job) / devices
+    peak_memory = max(row["memory_bytes"]["total"], row.get("prefill", {}).get("memory_bytes", {}).get("total", 0))
+    return {
+        "model_flops": per_device,
+        "layer_bytes": layer_bytes(job.model),
+        "gathered_bytes": sum(c["bytes"] for c in row["collectives"] if c["kind"] == "all-gather"),
+        "fits": peak_memory <= chip.hbm_bytes,  # decode: the prefill's program too
+        "predicted": {k: v for k, v in terms.items()},
+        "predicted_step_s": terms["step_max_s"],
+        "predicted_step_sum_s": terms["step_sum_s"],
+        "predicted_mfu": roofline.mfu(per_device, terms["step_max_s"], chip),
+    }
+
+
+def host_chip(devices: list) -> chips.Chip:
+    """This machine's CPU devices as a chip: matmul FLOP/s and copy bandwidth measured on all devices at once
+    (fake CPU devices share the cores, so each gets its share), memory = RAM / devices."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = sharding.make_mesh(data=len(devices), devices=devices)
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    n = 512
+    x = jax.device_put(np.ones((len(devices), n, n), np.float32), split)
+    matmul = jax.jit(lambda a: a @ a, out_shardings=split)
+    big = jax.device_put(np.ones((len(devices), 4 * 2**20), np.float32), split)
+    copy = jax.jit(lambda a: a * 1.0001, out_shardings=split)
+    flops = 2.0 * n**3 * len(devices) / _best_time(matmul, x)
+    bandwidth = 2.0 * big.nbytes / _best_time(copy, big)
+    ram = float(np.prod([__import__("os").sysconf(k) for k in ("SC_PAGE_SIZE", "SC_PHYS_PAGES")]))
+    per = lambda value: value / len(devices)
+    return chips.Chip("cpu (measured)", per(flops), per(ram), per(bandwidth), per(bandwidth))
+
+
+def _best_time(fn, x, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure(job, mesh, steps: int) -> float:
+    """Median seconds of `steps` real train steps on `mesh` (random weights made in their shardings, a random
+    batch at full length), after one compiling step."""
+    from flax import nnx
+
+    from jaxpatience import training
+    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
+
+    if job.kind != "train":
+        raise ValueError("--measure times train steps only; plan --job decode without it.")
+    make = lambda: Qwen2ForCausalLM(job.model, rngs=nnx.Rngs(0))
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=sharding.state_shardings(mesh, abstract))()
+    trainer = training.create_trainer(nnx.merge(graphdef, state), train_config(job, dict(mesh.shape)), mesh)
+    rng = np.random.default_rng(0)
+    batch = {k: np.ones(s.shape, np.int32) for k, s in train_batch(job).items() if k != "ref_logps"}
+    batch["input_ids"] = rng.integers(0, job.model.vocab_size, batch["input_ids"].shape).astype(np.int32)
+    batch["loss_mask"][..., : job.seq_len // 2] = 0
+    if "ref_logps" in train_batch(job):
+        batch["ref_logps"] = np.zeros((job.batch_size, 2), np.float32)
+    jax.block_until_ready(trainer.step(batch))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(trainer.step(batch))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -1,0 +1,282 @@
+"""`jaxpatience serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the live slot engine.
+
+    jaxpatience serve --model CKPT [--adapter DIR] [--slots 16] [--port 8000] [--api-key KEY]
+    GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: server-sent events)
+
+Each request becomes one engine Job per prompt (serve_engine.py); the engine thread calls back with Deltas, which
+reach the request's asyncio queue through `call_soon_threadsafe`. A streamed request sends them on as OpenAI
+chunks; a plain one gathers them. A client that goes away cancels its jobs, and the engine frees their slots at its
+next look. serve_api.py checks the fields and shapes the bodies; this file only moves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxpatience.config import ConfigError, MeshConfig, ServeConfig, command_parser, config_from_args
+from jaxpatience.serving import wire as serve_api
+from jaxpatience.serving.live import Delta, EngineFailed, Job, LiveEngine, QueueFull
+from jaxpatience.serving.wire import ApiError
+
+
+class _Request:
+    """One HTTP request's jobs and the queue their Deltas arrive on (as (prompt index, Delta))."""
+
+    def __init__(self, engine: LiveEngine, settings: serve_api.Settings):
+        self.engine, self.settings = engine, settings
+        self.events: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        post = lambda prompt: lambda delta: loop.call_soon_threadsafe(self.events.put_nowait, (prompt, delta))
+        self.jobs = [Job(prompt_ids=ids, emit=post(i), n=settings.n, max_tokens=settings.max_tokens,
+                         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                         seed=settings.seed, seed_index=i, stop_ids=settings.stop_ids,
+                         stop_strings=settings.stop_strings) for i, ids in enumerate(settings.prompt_ids)]  # fmt: skip
+        self.unfinished = len(self.jobs) * settings.n
+
+    def submit(self) -> None:
+        try:
+            for job in self.jobs:
+                self.engine.submit(job)
+        except QueueFull as err:
+            self.cancel()
+            raise ApiError(429, f"the server is busy ({err}); retry shortly.", kind="rate_limit_error") from None
+        except EngineFailed as err:
+            self.cancel()
+            raise ApiError(503, f"the engine stopped on an error: {err}", kind="server_error") from None
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            self.engine.cancel(job)
+
+    async def next(self) -> tuple[int, Delta]:
+        """The next Delta as (choice index, Delta); an engine failure raises ApiError 500."""
+        prompt, delta = await self.events.get()
+        if delta.error is not None:
+            raise ApiError(500, f"generation failed: {delta.error}", kind="server_error")
+        if delta.finish_reason is not None:
+            self.unfinished -= 1
+        return prompt * self.settings.n + delta.sample, delta
+
+
+async def _until_disconnected(request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
+
+
+async def _collect(http_request, request: _Request, tokenizer, *, chat: bool, model: str) -> dict | None:
+    """Gather every choice; None when the client left first (its jobs are cancelled)."""
+    count = len(request.jobs) * request.settings.n
+    texts, ids, logprobs, reasons = [""] * count, [[] for _ in range(count)], [[] for _ in range(count)], [None] * count
+    watch = asyncio.ensure_future(_until_disconnected(http_request))
+    try:
+        while request.unfinished:
+            get = asyncio.ensure_future(request.next())
+            await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                return None
+            index, delta = get.result()
+            texts[index] += delta.text
+            ids[index] += delta.token_ids
+            logprobs[index] += delta.logprobs
+            reasons[index] = delta.finish_reason or reasons[index]
+    finally:
+        watch.cancel()
+        if request.unfinished:
+            request.cancel()
+    choices = [serve_api.choice_body(i, texts[i], reasons[i], serve_api.logprobs_body(tokenizer, ids[i], logprobs[i],
+                                     chat=chat) if request.settings.logprobs else None, chat=chat, stream=False)
+               for i in range(count)]  # fmt: skip
+    prompt_tokens = sum(map(len, request.settings.prompt_ids))
+    return serve_api.response_body(serve_api.new_id(chat), model, choices, chat=chat, stream=False,
+                                   usage_body=serve_api.usage(prompt_tokens, sum(map(len, ids))))  # fmt: skip
+
+
+async def _stream(request: _Request, tokenizer, *, chat: bool, model: str) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per Delta, then (if asked) a usage chunk, then `data: [DONE]`."""
+    request_id, count = serve_api.new_id(chat), len(request.jobs) * request.settings.n
+    started, offsets, completion_tokens = [False] * count, [0] * count, 0
+    send = lambda body: f"data: {json.dumps(body)}\n\n"
+    try:
+        while request.unfinished:
+            try:
+                index, delta = await request.next()
+            except ApiError as err:
+                yield send(err.body())
+                break
+            lp = None
+            if request.settings.logprobs:
+                lp = serve_api.logprobs_body(tokenizer, delta.token_ids, delta.logprobs, chat=chat,
+                                             offset=offsets[index])  # fmt: skip
+            choice = serve_api.choice_body(index, delta.text, delta.finish_reason, lp, chat=chat, stream=True,
+                                           first=not started[index])  # fmt: skip
+            started[index], offsets[index] = True, offsets[index] + len(delta.text)
+            completion_tokens += len(delta.token_ids)
+            yield send(serve_api.response_body(request_id, model, [choice], chat=chat, stream=True, usage_body=None))
+        if request.settings.include_usage:
+            usage = serve_api.usage(sum(map(len, request.settings.prompt_ids)), completion_tokens)
+            yield send(serve_api.response_body(request_id, model, [], chat=chat, stream=True, usage_body=usage))
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnects (the response task is cancelled): free the slots
+        if request.unfinished:
+            request.cancel()
+
+
+async def _api_error(_, err: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if err.status == 429 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method
+    message = f"{request.method} {request.url.path}: {err.detail}"
+    return JSONResponse(ApiError(err.status_code, message).body(), status_code=err.status_code)
+
+
+def _read_request(raw: bytes, chat: bool, engine: LiveEngine, tokenizer, model_name: str) -> serve_api.Settings:
+    """A request body checked and tokenized (serve_api), against this engine's limits."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    body = serve_api.check_body(body, model_name)
+    prompt_ids = (serve_api.chat_prompt if chat else serve_api.completion_prompts)(body, tokenizer)
+    return serve_api.sampling_settings(body, prompt_ids, tokenizer, chat=chat, max_model_len=engine.max_model_len,
+                                       max_n=engine.max_slots, max_prompts=engine.max_queue,
+                                       end_ids=engine.end_ids)  # fmt: skip
+
+
+def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | None = None):
+    """The FastAPI application over a started engine."""
+    app = FastAPI(title="jaxpatience", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+    def authorize(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if api_key and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY').",
+                           kind="authentication_error")  # fmt: skip
+
+    @app.get("/health")
+    async def health():
+        facts = {"slots": engine.max_slots, "busy": engine.busy, "waiting": engine.waiting, **engine.stats}
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": engine.error, **facts}, status_code=503)
+        return {"status": "ok", **facts}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "jaxpatience",
+                "max_model_len": engine.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    async def complete(request: Request, chat: bool):
+        authorize(request)
+        raw = await request.body()
+        # Parsing and tokenizing run beside the event loop: a large prompt must not stall the other streams.
+        settings = await asyncio.to_thread(_read_request, raw, chat, engine, tokenizer, model_name)
+        pending = _Request(engine, settings)
+        pending.submit()
+        if settings.stream:
+            return StreamingResponse(_stream(pending, tokenizer, chat=chat, model=model_name),
+                                     media_type="text/event-stream")  # fmt: skip
+        result = await _collect(request, pending, tokenizer, chat=chat, model=model_name)
+        return JSONResponse(result if result is not None else {}, status_code=200 if result is not None else 499)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    return app
+
+
+def _warm_up(engine: LiveEngine) -> None:
+    """Compile the first executables with one short greedy request before the port opens."""
+    finished = threading.Event()
+    engine.submit(Job(prompt_ids=[0], emit=lambda d: (d.finish_reason or d.error) and finished.set(), max_tokens=2))
+    finished.wait()
+    if engine.error is not None:
+        raise RuntimeError(f"the engine failed while warming up: {engine.error}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: `jaxpatience serve ...` (cli.py dispatches here). The flags are aliases of ServeConfig keys.
+
+FLAGS = {
+    "--model": ("model", "HF checkpoint directory or .gguf file"),
+    "--adapter": ("adapter", "a PEFT LoRA adapter directory to apply on top of --model"),
+    "--served-model-name": ("served_model_name", "the name clients ask for (default: the checkpoint's folder name)"),
+    "--host": ("host", "address to bind (default: 127.0.0.1, this machine only)"),
+    "--port": ("port", "default: 8000"),
+    "--api-key": ("api_key", "require 'Authorization: Bearer KEY' (default: $JAXPATIENCE_API_KEY, else none)"),
+    "--slots": ("slots", "rows decoded at once (default: 16)"),
+    "--max-model-len": ("max_model_len", "context per slot: prompt + max_tokens (default: the model's)"),
+    "--max-queue": ("max_queue", "requests waiting for a slot before 429 (default: 256)"),
+    "--chunk-steps": ("chunk_steps", "decode steps between two looks from the host (default: 8)"),
+    "--dtype": ("param_dtype", "weight dtype: float32 or bfloat16 (default: float32)"),
+    "--mesh": ("mesh", "e.g. tensor=4: weights and slots sharded over this host's devices"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import dataclasses
+
+    import uvicorn
+
+    from jaxpatience import sharding
+    from jaxpatience.model import lora
+    from jaxpatience.model.weights import load_pretrained
+
+    parser = command_parser("jaxpatience serve", "Serve a checkpoint over an OpenAI-compatible HTTP API.", FLAGS)
+    config = config_from_args(ServeConfig, parser.parse_intermixed_args(argv)).validate()
+    if sharding.initialize_distributed():
+        raise ConfigError("serve runs in one process; use --mesh over this host's devices instead.")
+    mesh = None
+    if config.mesh is not None:
+        try:
+            mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh or MeshConfig()))
+        except ValueError as err:
+            raise ConfigError(f"mesh: {err}") from None
+    model, tokenizer = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh)
+    if config.adapter:
+        model = lora.load_adapter(model, config.adapter)
+    context = model.config.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > context:
+        raise ConfigError(f"max_model_len={config.max_model_len} is more than the model's context of {context}.")
+    engine = LiveEngine(model, tokenizer, slots=config.slots, max_model_len=config.max_model_len,
+                        chunk_steps=config.chunk_steps, max_queue=config.max_queue, mesh=mesh).start()  # fmt: skip
+    name = config.served_model_name or Path(config.model).resolve().name
+    api_key = config.api_key or os.environ.get("JAXPATIENCE_API_KEY") or None
+    try:
+        _warm_up(engine)
+        app = build_app(engine, tokenizer, model_name=name, api_key=api_key)
+        # In-flight requests get 10 s to finish on Ctrl-C / SIGTERM; a failed engine stops the server (exit 1), so
+        # that a supervisor can restart it rather than keep a process that answers 503.
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                               timeout_graceful_shutdown=10))  # fmt: skip
+        engine.on_failure = lambda: setattr(server, "should_exit", True)
+        print(f"serving {name!r} at http://{config.host}:{config.port}/v1 ({engine.max_slots} slots, context "
+              f"{engine.max_model_len} tokens{', API key required' if api_key else ''})", flush=True)  # fmt: skip
+        server.run()
+    finally:
+        engine.stop()
+    if engine.error is not None:
+        print(f"jaxpatience serve: the engine failed: {engine.error}", file=sys.stderr)
+        return 1
+    return 0
