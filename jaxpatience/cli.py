@@ -1,16 +1,16 @@
 """`jaxpatience <command>` (also `python -m jaxpatience`): a dispatcher only; each command lives in its own module.
 
-    demo   jaxpatience.recipes.demo.main            train  jaxpatience.training.loop.main
-    irpo   jaxpatience.recipes.irpo.main            eval   jaxpatience.evaluation.evaluate.main
-    pairs  jaxpatience.teacher.run.main    info   weights.describe_checkpoint
-    serve  jaxpatience.serving.app.main           tiny   weights.make_tiny_checkpoint
+    demo   recipes/demo.py            train  training/loop.py          irpo   recipes/irpo.py
+    eval   evaluation/evaluate.py     pairs  teacher/run.py            serve  serving/app.py
+    plan   planning/lab.py            info   model/weights.py's describe_checkpoint
+    tiny   model/weights.py's make_tiny_checkpoint
 
 Every command's module is imported only when that command runs, so `jaxpatience --help` does not start JAX.
 The delegated commands parse their own arguments (`jaxpatience eval --help`). User errors (ValueError, OSError:
 bad paths, configs, checkpoints) print one line, `jaxpatience: error: ...`, and exit with status 2; set
 JAXPATIENCE_DEBUG=1 to see the traceback instead. A full disk is one line too, naming the file and what is intact
-(store.DiskFull), and the rerun resumes. A training run stopped by SIGTERM (with a checkpoint, see
-preemption.py) exits with status 143, as a process killed by SIGTERM would.
+(DiskFull, durability/store.py), and the rerun resumes. A training run stopped by SIGTERM (with a checkpoint, see
+training/preemption.py) exits with status 143, as a process killed by SIGTERM would.
 """
 
 from __future__ import annotations
@@ -21,25 +21,40 @@ import os
 import sys
 from collections.abc import Callable
 
-from jaxpatience.training.preemption import TERMINATED_EXIT_STATUS, Preempted
+from jaxpatience.durability.store import DiskFull, is_disk_full
+
+# The commands' modules are imported inside the functions below, when their command runs: they load JAX (or the
+# teacher's client), which `jaxpatience --help` and a mistyped command must not wait for.
 
 
 def _demo(argv: list[str]) -> int:
     from jaxpatience.recipes.demo import main
 
-    return main(argv)
+    return _resumable(main, argv)
 
 
 def _train(argv: list[str]) -> int:
     from jaxpatience.training.loop import main
 
-    return main(argv)
+    return _resumable(main, argv)
 
 
 def _irpo(argv: list[str]) -> int:
     from jaxpatience.recipes.irpo import main
 
-    return main(argv)
+    return _resumable(main, argv)
+
+
+def _resumable(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a command that trains. A training run stopped by SIGTERM (training/preemption.py) is not an error: one
+    line, and exit status 143 as for a process killed by SIGTERM; the same command resumes it."""
+    from jaxpatience.training.preemption import TERMINATED_EXIT_STATUS, Preempted  # loads JAX, as `main` does
+
+    try:
+        return main(argv)
+    except Preempted as stop:
+        print(f"jaxpatience: {stop}", file=sys.stderr)
+        return TERMINATED_EXIT_STATUS
 
 
 def _eval(argv: list[str]) -> int:
@@ -138,9 +153,6 @@ def _guarded(run: Callable[[], int]) -> int:
     debug = os.environ.get("JAXPATIENCE_DEBUG") == "1"
     try:
         return run()
-    except Preempted as stop:  # not an error: SIGTERM during training, with a checkpoint; the same command resumes
-        print(f"jaxpatience: {stop}", file=sys.stderr)
-        return TERMINATED_EXIT_STATUS
     except (ValueError, OSError) as err:  # ConfigError and CheckpointError are ValueErrors
         if debug:
             raise
@@ -155,8 +167,6 @@ def _guarded(run: Callable[[], int]) -> int:
 
 def _one_line(err: ValueError | OSError) -> str:
     """The sentence for a user error; a full disk says what is intact (if known) and what to do."""
-    from jaxpatience.durability.store import DiskFull, is_disk_full
-
     if not is_disk_full(err):
         return str(err)
     if isinstance(err, DiskFull):  # names the file and what is intact

@@ -168,7 +168,7 @@ DEFAULT_LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """Hand-written LoRA (lora.py). `targets` is a regex fullmatched against HF module names such as
+    """Hand-written LoRA (model/lora.py). `targets` is a regex fullmatched against HF module names such as
     `model.layers.0.self_attn.q_proj` (the default: every attention and MLP projection)."""
 
     rank: int = 16  # R
@@ -192,7 +192,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """`loss = dpo_weight * DPO + nll_weight * NLL(chosen)` (losses.py).
+    """`loss = dpo_weight * DPO + nll_weight * NLL(chosen)` (training/losses.py).
 
     dpo_weight = 1, nll_weight = 0: DPO (Patience).  dpo_weight = 1, nll_weight = 1: Iterative RPO.
     dpo_weight = 0, nll_weight = 1: plain SFT on the chosen response.
@@ -255,7 +255,7 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything the train step needs (train.py). `lora: null` trains every parameter."""
+    """Everything the train step needs (training/step.py). `lora: null` trains every parameter."""
 
     lora: LoraConfig | None = dataclasses.field(default_factory=LoraConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -266,10 +266,10 @@ class TrainConfig:
     max_steps: int = 100  # length of the learning-rate schedule
     remat: str = "none"  # none, full (recompute each layer), dots (save matmul outputs), lora (base projections')
     attention: str = "auto"  # auto (cudnn on GPU in bf16, else xla), xla, cudnn, einsum (the reference)
-    scan_layers: bool = True  # one decoder layer scanned over stacked weights (model.LayerStack), not L unrolled
+    scan_layers: bool = True  # one layer scanned over stacked weights (qwen2.LayerStack), not L unrolled
     logits_chunk_size: int = 256  # tokens per chunk when turning hidden states into log-probs
     seed: int = 0  # LoRA init and dropout
-    strategy: str = "gspmd"  # gspmd (XLA places the collectives) or shard_map (written by hand: shardmap.py)
+    strategy: str = "gspmd"  # gspmd (XLA places the collectives) or shard_map (written by hand: training/shard_map.py)
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.micro_batches <= 0 or self.batch_size % self.micro_batches:
@@ -292,7 +292,7 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# A training run (run.py, `jaxpatience train`).
+# A training run (training/loop.py, `jaxpatience train`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,8 +316,9 @@ class DataConfig:
     def __post_init__(self):
         if self.max_length < 2:
             raise ConfigError(f"data.max_length must be at least 2 (a prompt and a response), not {self.max_length!r}.")
-        if self.buckets is not None and (not self.buckets or min(self.buckets) < 1 or
-                                         list(self.buckets) != sorted(set(self.buckets))):  # fmt: skip
+        if self.buckets is not None and (
+            not self.buckets or min(self.buckets) < 1 or list(self.buckets) != sorted(set(self.buckets))
+        ):
             raise ConfigError(f"data.buckets must be positive lengths in rising order, not {list(self.buckets)}.")
         if self.pack_length is not None and self.pack_length <= 0:
             raise ConfigError(f"data.pack_length must be positive, not {self.pack_length!r}.")
@@ -336,7 +337,7 @@ class DistributedConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One training run (run.py). `model` and `data.path` may stay empty in a template (IrpoConfig.training,
+    """One training run (training/loop.py). `model` and `data.path` may stay empty in a template (IrpoConfig.training,
     the demo's stages) that sets them later; `validate()` checks them before a run starts."""
 
     model: str = ""  # HF checkpoint directory or .gguf file
@@ -372,7 +373,7 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Generation and evaluation (decode.generate, evaluate.py, `jaxpatience eval`).
+# Generation and evaluation (generation/api.py, evaluation/evaluate.py, `jaxpatience eval`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,10 +397,16 @@ class SamplingConfig:
             raise ConfigError("sampling: temperature must be >= 0, top_p in (0, 1] and top_k >= 0.")
 
     def generate_kwargs(self) -> dict:
-        """The keyword arguments of `decode.generate` (sample j of prompt i is result[i][j])."""
-        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                    top_k=self.top_k, num_samples=self.num_samples, seed=self.seed,
-                    stop_tokens=None if self.stop is None else list(self.stop))  # fmt: skip
+        """The keyword arguments of `generate` (generation/api.py) (sample j of prompt i is result[i][j])."""
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            stop_tokens=None if self.stop is None else list(self.stop),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,7 +437,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    """`jaxpatience serve`: a checkpoint (and adapter) behind an OpenAI-compatible HTTP API (serve.py)."""
+    """`jaxpatience serve`: a checkpoint (and adapter) behind an OpenAI-compatible HTTP API (serving/app.py)."""
 
     model: str = ""  # HF checkpoint directory or .gguf file
     adapter: str | None = None  # a PEFT LoRA adapter directory applied on top of `model`
@@ -459,7 +466,7 @@ class ServeConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Iterative RPO (irpo.py, `jaxpatience irpo`).
+# Iterative RPO (recipes/irpo.py, `jaxpatience irpo`).
 
 
 def _irpo_training() -> RunConfig:

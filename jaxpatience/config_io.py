@@ -134,9 +134,12 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}.get(hint)  # fmt: skip
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }.get(hint)
     if ok is None:
         return tuple(value) if isinstance(value, list) else value
     if not ok(value):
@@ -208,8 +211,9 @@ def load_yaml(path: str | Path) -> dict:
 CONFIG_HELP = "YAML config; keys not given keep their defaults"
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), *,
-                base: str | Path | None = None) -> Any:  # fmt: skip
+def load_config(
+    cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), *, base: str | Path | None = None
+) -> Any:
     """A `cls` from YAML files and `section.key=value` overrides; strict about unknown keys.
 
     base: a YAML file read first (the demo's recipe); `path` then states only what differs from it.
@@ -254,8 +258,9 @@ def _merged(tree: dict, update: dict) -> dict:
     return out
 
 
-def command_parser(prog: str, description: str, aliases: dict[str, tuple[str, str]] | None = None,
-                   config_help: str = CONFIG_HELP) -> argparse.ArgumentParser:  # fmt: skip
+def command_parser(
+    prog: str, description: str, aliases: dict[str, tuple[str, str]] | None = None, config_help: str = CONFIG_HELP
+) -> argparse.ArgumentParser:
     """An argparse parser with `--config FILE`, `key=value` overrides and `aliases`: {"--flag": (key, help)}.
 
     A flag is the same as `key=VALUE`; a value `a=1,b=2` sets keys of a section (`--mesh data=8` = `mesh.data=8`).

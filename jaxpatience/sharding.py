@@ -1,7 +1,7 @@
 """The device mesh, the logical→mesh rule table, and helpers to shard weights and constrain activations.
 
 The whole sharding story lives here. Weights name logical axes (`embed`, `mlp`, `heads`, ...) in their `axes`
-metadata (model.py); `RULES` maps each logical axis to mesh axes of a mesh `('data', 'fsdp', 'tensor')`:
+metadata (model/qwen2.py); `RULES` maps each logical axis to mesh axes of a mesh `('data', 'fsdp', 'tensor')`:
 
     data=N                 pure data parallel (weights replicated)
     fsdp=N                 ZeRO-3: weights and optimizer state split along `embed`, batch split too
@@ -11,19 +11,30 @@ metadata (model.py); `RULES` maps each logical axis to mesh axes of a mesh `('da
 Model, training and decoding code name only logical axes (`constrain(x, ('batch', 'length', 'embed'))`,
 `named_sharding(mesh, ('batch',))`); outside this file the mesh axes appear only as the sizes of
 config.MeshConfig and in `--mesh data=2,...` strings.
+
+Importing this module also keeps libtpu quiet on a machine without a TPU (`_skip_libtpu_without_tpu`): every
+command and the library's models import it before any device work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import glob
+import importlib.metadata
+import importlib.util
+import json
 import math
 import os
+import pkgutil
 import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
+from jax._src import hardware_utils, xla_bridge
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,8 +51,56 @@ RULES: Rules = (
     ("length", None),
     ("norm", None),
     ("lora_rank", None),
-    ("layers", None),  # the leading axis of stacked layer weights (model.LayerStack)
+    ("layers", None),  # the leading axis of stacked layer weights (qwen2.LayerStack)
 )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which backends JAX starts. With JAX_PLATFORMS unset JAX tries every backend it knows, TPU included: where libtpu
+# is installed (the `[tpu]` extra) and there is no TPU, libtpu starts, fails (quietly for JAX), and prints its own
+# lines on stderr ("could not determine TPU worker hostnames", "=== Source Location Trace: ===", ...). Where JAX
+# would end with its CPU backend anyway, this module tells it so before it starts, and libtpu is never loaded.
+# (The sharding lab's abstract TPU topologies load libtpu by themselves: they do not need the TPU backend.)
+
+_TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")  # libtpu's chips: TPU v2-v4, and v5e and later
+
+
+def _libtpu_installed() -> bool:
+    return bool(os.environ.get("TPU_LIBRARY_PATH")) or importlib.util.find_spec("libtpu") is not None
+
+
+def _tpu_may_be_present() -> bool:
+    """A TPU device file libtpu would open, or a TPU chip on the PCI bus (JAX's own test, hardware_utils)."""
+    if any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES):
+        return True
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
+def _other_backend_possible() -> bool:
+    """An NVIDIA GPU (JAX says when its CUDA plugin is missing) or any PJRT plugin JAX would try (CUDA, ROCm, ...):
+    there `cpu` might not be JAX's own choice."""
+    if hardware_utils.has_visible_nvidia_gpu() or os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
+        return True
+    namespace = importlib.util.find_spec("jax_plugins")  # the plugins' namespace package, not imported here
+    if namespace is not None and any(pkgutil.iter_modules(namespace.submodule_search_locations)):
+        return True
+    return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
+def _skip_libtpu_without_tpu() -> None:
+    """Set JAX's platforms to `cpu` where that is what JAX would choose anyway, after a failed start of libtpu:
+    libtpu is installed, there is no TPU, no GPU and no other PJRT plugin, and nobody chose (neither JAX_PLATFORMS,
+    even empty, nor jax.config's jax_platforms is set). Starts no backend; does nothing once they run."""
+    if "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms is not None:
+        return
+    if xla_bridge.backends_are_initialized() or not _libtpu_installed():
+        return
+    if _tpu_may_be_present() or _other_backend_possible():
+        return
+    jax.config.update("jax_platforms", "cpu")
+
+
+_skip_libtpu_without_tpu()
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -81,8 +140,9 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
-                    rules: Rules = RULES) -> PartitionSpec:  # fmt: skip
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None, rules: Rules = RULES
+) -> PartitionSpec:
     """PartitionSpec for an array whose dims have logical names `axes`.
 
     A mesh axis is used at most once per array (the first dim that asks for it wins). When `shape` and `mesh`
@@ -117,14 +177,14 @@ def batch_shards(mesh: Mesh | None, rules: Rules = RULES) -> int:
     return math.prod(mesh.shape[axis] for axis in mesh_axes)
 
 
-def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                   rules: Rules = RULES) -> NamedSharding:  # fmt: skip
+def named_sharding(
+    mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None, rules: Rules = RULES
+) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
 def state_shardings(mesh: Mesh, state, rules: Rules = RULES):
     """A pytree of NamedSharding matching an NNX state, read from each Variable's `axes` metadata."""
-    from flax import nnx
 
     def one(variable):
         axes = variable.get_metadata().get("axes")
@@ -169,8 +229,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 # Multi-host start-up.
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:  # fmt: skip
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Start `jax.distributed` from arguments or the environment; returns True if it is multi-process.
 
     Reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID when the arguments are None. With none
@@ -203,8 +264,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                 "job step (srun), on a TPU VM, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."
             ) from err
         return jax.process_count() > 1
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)  # fmt: skip
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return jax.process_count() > 1
 
 
@@ -230,8 +292,6 @@ def fetch(x: jax.Array) -> np.ndarray:
     """A (possibly multi-host, sharded) array -> the whole array as numpy, the same on every process."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -248,10 +308,6 @@ def broadcast_json(value=None):
     """
     if jax.process_count() == 1:
         return value
-    import json
-
-    from jax.experimental import multihost_utils
-
     data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_main_process() else np.zeros(0, np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
     padded = np.zeros(size, np.uint8)
@@ -262,6 +318,4 @@ def broadcast_json(value=None):
 def barrier(name: str) -> None:
     """Wait until every process gets here (e.g. after process 0 wrote files the others read next)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

@@ -37,7 +37,7 @@ def test_lines_come_at_most_every_period_and_a_disabled_bar_is_silent(capsys):
 
 def test_a_log_file_of_the_train_loop_has_no_redraws(tmp_path):
     """A command's stderr redirected to a file, as `make demo > demo.log 2>&1` does."""
-    code = ("from jaxpatience import progress\n"
+    code = ("from jaxpatience.durability import progress\n"
             "bar = progress.bar(3000, desc='train', unit='step', every=0.0)\n"
             "for _ in range(3000): bar.update()\n"
             "bar.close()\n")  # fmt: skip

@@ -268,7 +268,7 @@ def is_numeric(gold: str) -> bool:
 
 def math_verify_available() -> str | None:
     """None when math-verify can be used; otherwise the sentence to show instead of its column."""
-    try:
+    try:  # here, not at the top: math-verify may be missing (its column then says so), and takes 0.3 s
         import math_verify  # noqa: F401
     except ImportError:
         return "math-verify is not installed (pip install math-verify)"
@@ -277,7 +277,7 @@ def math_verify_available() -> str | None:
 
 def math_verify_equal(response: str, gold: str) -> bool | None:
     """math-verify's equivalence of the response's final answer with the gold; None when it is not installed."""
-    try:
+    try:  # as in math_verify_available
         from math_verify import parse, verify
     except ImportError:
         return None
@@ -338,8 +338,12 @@ def powers_of_two_up_to(k: int) -> list[int]:
     return ks + ([k] if ks and ks[-1] != k else [])
 
 
-def maj_at_k(sample_answers: Sequence[Sequence[str | None]], golds: Sequence[str], k: int,
-             equal: Callable[[str | None, str], bool] | None = None) -> float:  # fmt: skip
+def maj_at_k(
+    sample_answers: Sequence[Sequence[str | None]],
+    golds: Sequence[str],
+    k: int,
+    equal: Callable[[str | None, str], bool] | None = None,
+) -> float:
     """Share of problems whose majority vote over their first k samples equals the gold answer.
 
     The first k samples, not an average over subsets: maj@1 is then the first sample's accuracy. `equal`

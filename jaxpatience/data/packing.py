@@ -11,12 +11,13 @@ rows of L tokens:
     pair_index                                                      [B] int64: the pairs (host only, as padded)
 
 Segment s + 1 of a row (0 marks padding) is one sequence; positions restart at each segment and the model
-attends only within it (model.hidden_states' `segment_ids`), so each sequence's log-probs are what its own
-padded row gives. A segment names its pair by position b in the batch (and its side). train._micro_batches
-splits rows and pairs alike (item k to micro-batch k % M), so the batch's pair b is pair b // M of micro-batch
-b % M, and each micro-batch's sequences are packed into rows of its own (row k·M + m): a pair's two sequences
-never leave their micro-batch, though they may sit in two rows, on two devices (train.pair_logps sums segments
-into pairs with an einsum over rows, a reduction of a few floats). A batch is laid out for one M.
+attends only within it (the `segment_ids` of hidden_states, model/qwen2.py), so each sequence's log-probs are
+what its own padded row gives. A segment names its pair by position b in the batch (and its side).
+split_micro_batches (training/batch.py) splits rows and pairs alike (item k to micro-batch k % M), so the
+batch's pair b is pair b // M of micro-batch b % M, and each micro-batch's sequences are packed into rows of its
+own (row k·M + m): a pair's two sequences never leave their micro-batch, though they may sit in two rows, on two
+devices (pair_logps in training/core.py sums segments into pairs with an einsum over rows, a reduction of a few
+floats). A batch is laid out for one M.
 
 A loss that reads only the chosen sequences (SFT: `dpo_weight = 0`, no reference) packs only those
 (`sides=(0,)`): the rejected sequences are neither laid out nor computed, and their log-probs and counts are 0.
@@ -67,8 +68,14 @@ def segments_per_row(pairs: Sequence, row_length: int, sides: Sequence[int] = (0
     return max(fit, 1)
 
 
-def pack_plan(pairs: Sequence, indices: np.ndarray, row_length: int, micro_batches: int, row_multiple: int,
-              sides: Sequence[int] = (0, 1)) -> list[list[tuple[int, int]]]:  # fmt: skip
+def pack_plan(
+    pairs: Sequence,
+    indices: np.ndarray,
+    row_length: int,
+    micro_batches: int,
+    row_multiple: int,
+    sides: Sequence[int] = (0, 1),
+) -> list[list[tuple[int, int]]]:
     """The global row layout of one batch: for each of the R rows, its segments as (position b in the batch,
     side 0 chosen / 1 rejected); only the `sides` given are laid out. `indices[b] < 0` marks an empty position
     (a reference batch's last, short one)."""
@@ -80,14 +87,21 @@ def pack_plan(pairs: Sequence, indices: np.ndarray, row_length: int, micro_batch
     rows = max(len(bins) for bins in per_micro) * micro_batches
     rows = -(-rows // row_multiple) * row_multiple  # a multiple of micro-batches x devices and of the hosts
     layout: list[list[tuple[int, int]]] = [[] for _ in range(rows)]
-    for m, bins in enumerate(per_micro):  # micro-batch m's k-th row is global row k·M + m (train._micro_batches)
+    # micro-batch m's k-th row is global row k·M + m (split_micro_batches, training/batch.py)
+    for m, bins in enumerate(per_micro):
         for k, members in enumerate(bins):
             layout[k * micro_batches + m] = members
     return layout
 
 
-def packed_rows(pairs: Sequence, indices: np.ndarray, layout: list[list[tuple[int, int]]], row_length: int,
-                segments: int, pad_id: int) -> dict[str, np.ndarray]:  # fmt: skip
+def packed_rows(
+    pairs: Sequence,
+    indices: np.ndarray,
+    layout: list[list[tuple[int, int]]],
+    row_length: int,
+    segments: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
     """The row arrays ([len(layout), L]) and segment_pairs ([len(layout), S]) of the rows in `layout`."""
     shape = (len(layout), row_length)
     batch = {k: np.zeros(shape, np.int32) for k in ROW_KEYS[1:]}

@@ -9,8 +9,8 @@ appended, so the model learns to stop.
 
 Batch layout, per pair b: `input_ids[b, 0]` = prompt + chosen, `input_ids[b, 1]` = prompt + rejected, right-padded
 to the batch's bucket length T. `attention_mask` is 1 on real tokens; `loss_mask` is 1 on response tokens (at their
-own positions; losses.py shifts). Shapes are `[B_host, 2, T]`, T one of `buckets`, so the train step compiles once
-per bucket and never again.
+own positions; training/losses.py shifts). Shapes are `[B_host, 2, T]`, T one of `buckets`, so the train step
+compiles once per bucket and never again.
 
 Truncation policy (counted in `stats`): a prompt longer than `max_prompt_length` keeps its *end* (the question
 sits there); then each response is cut to fit `max_length`. Responses are never dropped entirely.
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpatience.data import packing
+from jaxpatience.data.problems import ProblemsError, read_file_records
 
 PROMPT_KEYS = ("prompt", "question", "problem", "instruction")
 
@@ -53,8 +54,6 @@ def read_records(source, split: str = "train") -> list[dict]:
         return [dict(r, _where=f"row {i}") for i, r in enumerate(source)]
     path = Path(source)
     if path.suffix in (".jsonl", ".json", ".parquet"):
-        from jaxpatience.data.problems import ProblemsError, read_file_records
-
         try:
             rows = read_file_records(path)
         except ProblemsError as err:
@@ -68,7 +67,7 @@ def read_records(source, split: str = "train") -> list[dict]:
     if path.exists():
         raise DataError(f"{path}: unsupported pairs file (use .jsonl, .json or .parquet).")
     try:  # not a local file: a hub dataset id
-        import datasets
+        import datasets  # here, not at the top: 2 s to import, for the hub path only
 
         dataset = datasets.load_dataset(str(source), split=split)
     except Exception as err:  # offline, unknown id, ...: one sentence with the way out
@@ -97,8 +96,11 @@ def prompt_messages(record: dict) -> list[dict]:
     value = record[key]
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
-                                                 for m in value):  # fmt: skip
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
+    ):
         return value
     raise DataError(f"{where}: field {key!r} must be a non-empty string or a list of {{role, content}} messages.")
 
@@ -128,12 +130,15 @@ class TruncationStats:
 
     def summary(self) -> str:
         dropped = f"; {self.identical} pairs with identical chosen and rejected left out" if self.identical else ""
-        return (f"{self.pairs} pairs; {self.prompts_cut} prompts cut at the front, {self.responses_cut} responses "
-                f"cut at the end, {self.tokens_cut} tokens dropped in all{dropped}")  # fmt: skip
+        return (
+            f"{self.pairs} pairs; {self.prompts_cut} prompts cut at the front, {self.responses_cut} responses "
+            f"cut at the end, {self.tokens_cut} tokens dropped in all{dropped}"
+        )
 
 
-def encode_pair(record: dict, tokenizer, max_length: int, max_prompt_length: int, stats: TruncationStats,
-                chat_template: bool = True) -> EncodedPair:  # fmt: skip
+def encode_pair(
+    record: dict, tokenizer, max_length: int, max_prompt_length: int, stats: TruncationStats, chat_template: bool = True
+) -> EncodedPair:
     """Tokenise one record under the truncation policy (module docstring)."""
     where = record.get("_where", "record")
     messages = prompt_messages(record)
@@ -169,8 +174,9 @@ def encode_pair(record: dict, tokenizer, max_length: int, max_prompt_length: int
 # The loader
 
 
-def _without_identical(pairs: list[EncodedPair], records: list[dict], stats: TruncationStats, source,
-                       warn: bool) -> list[EncodedPair]:  # fmt: skip
+def _without_identical(
+    pairs: list[EncodedPair], records: list[dict], stats: TruncationStats, source, warn: bool
+) -> list[EncodedPair]:
     """The pairs whose chosen and rejected tokens differ; the others are counted and named in a warning, or
     refused when no pair is left (DPO on them is log 2 with no gradient: a run that would silently learn nothing)."""
     same = [i for i, pair in enumerate(pairs) if np.array_equal(pair.chosen, pair.rejected)]
@@ -178,12 +184,17 @@ def _without_identical(pairs: list[EncodedPair], records: list[dict], stats: Tru
         return pairs
     first = records[same[0]].get("_where", f"record {same[0]}")
     if len(same) == len(pairs):
-        raise DataError(f"every pair of {source} has the same chosen and rejected text (after truncation; first: "
-                        f"{first}); DPO cannot learn from them: check the data.")  # fmt: skip
+        raise DataError(
+            f"every pair of {source} has the same chosen and rejected text (after truncation; first: "
+            f"{first}); DPO cannot learn from them: check the data."
+        )
     stats.identical, stats.pairs = len(same), stats.pairs - len(same)
     if warn:
-        print(f"jaxpatience: warning: {len(same)} of {len(pairs)} pairs have the same chosen and rejected text (after "
-              f"truncation; first: {first}); they are left out.", file=sys.stderr)  # fmt: skip
+        print(
+            f"jaxpatience: warning: {len(same)} of {len(pairs)} pairs have the same chosen and rejected text (after "
+            f"truncation; first: {first}); they are left out.",
+            file=sys.stderr,
+        )
     dropped = set(same)
     return [pair for i, pair in enumerate(pairs) if i not in dropped]
 
@@ -245,8 +256,10 @@ class PairLoader:
 
     def _check_packing(self) -> None:
         if self.row_multiple <= 0 or self.row_multiple % self.process_count or self.row_multiple % self.micro_batches:
-            raise DataError(f"row_multiple ({self.row_multiple}) must be a positive multiple of the "
-                            f"{self.process_count} hosts and {self.micro_batches} micro-batches.")  # fmt: skip
+            raise DataError(
+                f"row_multiple ({self.row_multiple}) must be a positive multiple of the "
+                f"{self.process_count} hosts and {self.micro_batches} micro-batches."
+            )
         if self.batch_size % self.micro_batches:
             raise DataError(f"batch_size {self.batch_size} is not divisible by {self.micro_batches} micro-batches.")
         self.pack_length = self.pack_length or self.buckets[-1]
@@ -261,12 +274,26 @@ class PairLoader:
         return (0,) if self.chosen_only else (0, 1)
 
     @classmethod
-    def from_source(cls, source, tokenizer, *, batch_size: int, max_length: int = 1024,
-                    max_prompt_length: int | None = None, buckets: Sequence[int] | None = None, seed: int = 0,
-                    shuffle: bool = True, process_index: int = 0, process_count: int = 1,
-                    chat_template: bool = True, packing: bool = False, pack_length: int | None = None,
-                    micro_batches: int = 1, row_multiple: int = 1,
-                    chosen_only: bool = False) -> PairLoader:  # fmt: skip
+    def from_source(
+        cls,
+        source,
+        tokenizer,
+        *,
+        batch_size: int,
+        max_length: int = 1024,
+        max_prompt_length: int | None = None,
+        buckets: Sequence[int] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        chat_template: bool = True,
+        packing: bool = False,
+        pack_length: int | None = None,
+        micro_batches: int = 1,
+        row_multiple: int = 1,
+        chosen_only: bool = False,
+    ) -> PairLoader:
         """Read and tokenise every record (each host builds the same global plan), then batch."""
         max_prompt_length = max_prompt_length or max_length // 2
         if not 0 < max_prompt_length < max_length:
@@ -277,10 +304,23 @@ class PairLoader:
         if not chosen_only:  # SFT reads the chosen side only: a pair's rejected side does not matter there
             pairs = _without_identical(pairs, records, stats, source, warn=process_index == 0)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(pairs, batch_size, tuple(buckets or default_buckets(max_length)), pad_id, seed, shuffle,
-                   process_index, process_count, stats, packing=packing, pack_length=pack_length,
-                   micro_batches=micro_batches, row_multiple=row_multiple, chosen_only=chosen_only,
-                   fingerprint=records_fingerprint(records))  # fmt: skip
+        return cls(
+            pairs,
+            batch_size,
+            tuple(buckets or default_buckets(max_length)),
+            pad_id,
+            seed,
+            shuffle,
+            process_index,
+            process_count,
+            stats,
+            packing=packing,
+            pack_length=pack_length,
+            micro_batches=micro_batches,
+            row_multiple=row_multiple,
+            chosen_only=chosen_only,
+            fingerprint=records_fingerprint(records),
+        )
 
     # -- the plan ---------------------------------------------------------------------------------
     def _bucket_of(self, length: int) -> int:
@@ -335,8 +375,12 @@ class PairLoader:
                 attention_mask[row, side, : p + r] = 1
                 loss_mask[row, side, p : p + r] = 1
         slots = self.batch_size * len(self.sides) * bucket
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-                "pair_index": mine.astype(np.int64)} | self._counts(indices, slots)  # fmt: skip
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "loss_mask": loss_mask,
+            "pair_index": mine.astype(np.int64),
+        } | self._counts(indices, slots)
 
     def _counts(self, indices: np.ndarray, slots: int) -> dict[str, np.ndarray]:
         """The *global* batch's real tokens and token slots (padding included) of the sequences the loss reads
@@ -347,13 +391,17 @@ class PairLoader:
 
     def _packed(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """This host's rows and pairs of a packed global batch (data/packing.py); -1 in `indices`: no pair."""
-        layout = packing.pack_plan(self.pairs, indices, self.pack_length, self.micro_batches, self.row_multiple,
-                                   self.sides)  # fmt: skip
+        layout = packing.pack_plan(
+            self.pairs, indices, self.pack_length, self.micro_batches, self.row_multiple, self.sides
+        )
         rows = packing.host_slice(len(layout), self.process_index, self.process_count)
         batch = packing.packed_rows(self.pairs, indices, layout[rows], self.pack_length, self.segments, self.pad_id)
         mine = indices[packing.host_slice(len(indices), self.process_index, self.process_count)]
-        return (batch | {"pair_mask": (mine >= 0).astype(np.int32), "pair_index": mine.astype(np.int64)}
-                | self._counts(indices, len(layout) * self.pack_length))  # fmt: skip
+        return (
+            batch
+            | {"pair_mask": (mine >= 0).astype(np.int32), "pair_index": mine.astype(np.int64)}
+            | self._counts(indices, len(layout) * self.pack_length)
+        )
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Endless: epoch after epoch, resuming at (epoch, step)."""

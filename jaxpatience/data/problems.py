@@ -79,7 +79,7 @@ def load_problems(dataset: str, *, split: str = "test", limit: int | None = None
 def load_hub(name: str, *, split: str = "test", limit: int | None = None) -> list[Problem]:
     """A hub dataset through `datasets`; without network, one sentence saying how to use a local file instead."""
     hub_id, config, question_field, answer_field = HUB_DATASETS[name]
-    import datasets
+    import datasets  # here, not at the top: 2 s to import, for the hub path only
 
     try:
         rows = datasets.load_dataset(hub_id, config, split=split)
@@ -101,7 +101,7 @@ def load_hub(name: str, *, split: str = "test", limit: int | None = None) -> lis
 def load_gsm_symbolic(count: int, *, seed: int = 0) -> list[Problem]:
     """`count` GSM-Symbolic problems from reasoning-gym's templates, the same ones for the same seed."""
     try:
-        import reasoning_gym
+        import reasoning_gym  # optional (the `eval` extra)
     except ImportError:
         raise ProblemsError("dataset 'gsm_symbolic' needs reasoning-gym: pip install reasoning-gym.") from None
     generated = reasoning_gym.create_dataset("gsm_symbolic", seed=seed, size=count)
@@ -142,7 +142,8 @@ def read_file_records(path: str | Path) -> list[tuple[str, object]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
-    """A user's file is read strictly (store.iter_jsonl): a broken line is an error naming it, never repaired."""
+    """A user's file is read strictly (durability/store.py's iter_jsonl): a broken line is an error naming it,
+    never repaired."""
     try:
         for number, record in iter_jsonl(path):
             yield f"line {number}", record
@@ -163,7 +164,7 @@ def _json_records(path: Path) -> Iterable[tuple[str, dict]]:
 
 
 def _parquet_records(path: Path) -> Iterable[tuple[str, dict]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # for .parquet files only (0.25 s); pyarrow comes with `datasets`
 
     try:
         rows = pq.read_table(path).to_pylist()
@@ -186,8 +187,10 @@ def _problem_from_record(record: object, path: Path, where: str, index: int) -> 
         raise ProblemsError(f"{path}, {where}: the answer has nothing after '####'.")
     unreadable = unreadable_gold(gold)
     if unreadable:
-        raise ProblemsError(f"{path}, {where}: the gold answer {_short(gold)} is {unreadable}, so no answer reading "
-                            "could score it; give the final answer after '####' (a number) or as LaTeX.")  # fmt: skip
+        raise ProblemsError(
+            f"{path}, {where}: the gold answer {_short(gold)} is {unreadable}, so no answer reading "
+            "could score it; give the final answer after '####' (a number) or as LaTeX."
+        )
     problem_id = record.get("id", record.get("unique_id", f"{path.stem}-{index}"))
     return Problem(id=str(problem_id), question=str(question), answer=gold)
 
@@ -258,8 +261,9 @@ GSM8K_COT_EXEMPLARS = (
 PLAIN_STOP_STRINGS = ("\n\nQ:", "\nQ:", "\n\n\n")
 
 
-def build_prompt(problem: Problem, tokenizer, style: str | Callable[[Problem], str] = "zero_shot",
-                 latex: bool | None = None) -> str:  # fmt: skip
+def build_prompt(
+    problem: Problem, tokenizer, style: str | Callable[[Problem], str] = "zero_shot", latex: bool | None = None
+) -> str:
     """The prompt string for one problem (chat-formatted unless the style is `few_shot_plain`).
 
     zero_shot: one user turn asking for step-by-step reasoning ending in "The answer is N", or, for a LaTeX

@@ -31,8 +31,10 @@ class SelfPlayStats:
     skipped_duplicates: int = field(default=0)
 
     def summary(self) -> str:
-        return (f"{self.pairs} pairs from {self.with_pairs}/{self.problems} problems; skipped {self.all_correct} "
-                f"all-correct and {self.all_wrong} all-wrong; sample accuracy {self.sample_accuracy:.3f}")  # fmt: skip
+        return (
+            f"{self.pairs} pairs from {self.with_pairs}/{self.problems} problems; skipped {self.all_correct} "
+            f"all-correct and {self.all_wrong} all-wrong; sample accuracy {self.sample_accuracy:.3f}"
+        )
 
 
 def pair_samples(samples: Sequence[dict], max_pairs: int, rng: random.Random) -> list[tuple[dict, dict]]:
@@ -51,8 +53,9 @@ def pair_samples(samples: Sequence[dict], max_pairs: int, rng: random.Random) ->
     return combos[:max_pairs]
 
 
-def pairs_from_generations(records: Sequence[dict], prompts: dict[str, str], *, metric: str, max_pairs: int,
-                           iteration: int, seed: int = 0) -> tuple[list[dict], SelfPlayStats]:  # fmt: skip
+def pairs_from_generations(
+    records: Sequence[dict], prompts: dict[str, str], *, metric: str, max_pairs: int, iteration: int, seed: int = 0
+) -> tuple[list[dict], SelfPlayStats]:
     """Pair records (the evaluator's generations.jsonl lines) by problem; returns (pair records, stats)."""
     by_problem: dict[str, list[dict]] = {}
     for record in records:
@@ -62,7 +65,7 @@ def pairs_from_generations(records: Sequence[dict], prompts: dict[str, str], *, 
                 "correct": bool(record["correct"].get(metric)),
                 "answer": record["strict"] if record["strict"] is not None else record["flexible"],
                 "gold": record["gold"],
-            }  # fmt: skip
+            }
         )
     stats = SelfPlayStats(problems=len(by_problem))
     total = sum(len(s) for s in by_problem.values())
@@ -78,17 +81,25 @@ def pairs_from_generations(records: Sequence[dict], prompts: dict[str, str], *, 
             continue
         stats.with_pairs += 1
         for winner, loser in chosen:
-            pairs.append({
-                "id": f"{problem_id}-{len(pairs)}", "problem_id": problem_id, "iteration": iteration,
-                "prompt": prompts[problem_id], "chosen": winner["response"], "rejected": loser["response"],
-                "chosen_answer": winner["answer"], "rejected_answer": loser["answer"], "gold": winner["gold"],
-            })  # fmt: skip
+            pairs.append(
+                {
+                    "id": f"{problem_id}-{len(pairs)}",
+                    "problem_id": problem_id,
+                    "iteration": iteration,
+                    "prompt": prompts[problem_id],
+                    "chosen": winner["response"],
+                    "rejected": loser["response"],
+                    "chosen_answer": winner["answer"],
+                    "rejected_answer": loser["answer"],
+                    "gold": winner["gold"],
+                }
+            )
     stats.pairs = len(pairs)
     return pairs, stats
 
 
 def write_pairs(path: str | Path, pairs: Sequence[dict], stats: SelfPlayStats) -> None:
-    """Write the stats, then the pairs JSONL atomically: irpo.py takes an existing pairs file as this stage done
+    """Write the stats, then the pairs JSONL atomically: recipes/irpo.py takes an existing pairs file as this stage done
     and reads the stats beside it, so both must be complete once the pairs file appears."""
     path = Path(path)
     Path(str(path) + ".stats.json").write_text(json.dumps(asdict(stats), indent=2))

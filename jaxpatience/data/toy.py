@@ -45,8 +45,9 @@ class ToyProblem:
         return {"id": self.id, "question": self.question, "answer": str(self.answer)}
 
 
-def make_problem(rng: random.Random, index: int, num_ops: int = 3, max_value: int = 99,
-                 max_operand: int | None = None) -> ToyProblem:  # fmt: skip
+def make_problem(
+    rng: random.Random, index: int, num_ops: int = 3, max_value: int = 99, max_operand: int | None = None
+) -> ToyProblem:
     """Every quantity, first to last, stays in [1, max_value]; amounts found or given away are at most
     `max_operand` (default max_value); a bag holds 2-9 items and there are 2-9 bags (fewer if the cap says so)."""
     max_operand = max_operand or max_value
@@ -80,20 +81,23 @@ def make_problem(rng: random.Random, index: int, num_ops: int = 3, max_value: in
     return ToyProblem(f"toy-{index}", " ".join(sentences), value, tuple(steps))
 
 
-def make_problems(count: int, seed: int, num_ops: int = 3, offset: int = 0, max_value: int = 99,
-                  max_operand: int | None = None) -> list[ToyProblem]:  # fmt: skip
+def make_problems(
+    count: int, seed: int, num_ops: int = 3, offset: int = 0, max_value: int = 99, max_operand: int | None = None
+) -> list[ToyProblem]:
     """`count` problems from a seed; ids are toy-{offset + i}. Use different seeds for train and held-out sets."""
     rng = random.Random(seed)
     return [make_problem(rng, offset + i, num_ops, max_value, max_operand) for i in range(count)]
 
 
-def make_split(seed: int, num_train: int, num_test: int, num_ops: int = 3, max_value: int = 99,
-               max_operand: int | None = None) -> tuple[list, list]:  # fmt: skip
+def make_split(
+    seed: int, num_train: int, num_test: int, num_ops: int = 3, max_value: int = 99, max_operand: int | None = None
+) -> tuple[list, list]:
     """Disjoint train / held-out problems: held-out questions never appear in the training set."""
     train = make_problems(num_train, seed * 2 + 1, num_ops, max_value=max_value, max_operand=max_operand)
     seen = {p.question for p in train}
-    candidates = make_problems(num_test * 4, seed * 2 + 2, num_ops, offset=num_train, max_value=max_value,
-                               max_operand=max_operand)  # fmt: skip
+    candidates = make_problems(
+        num_test * 4, seed * 2 + 2, num_ops, offset=num_train, max_value=max_value, max_operand=max_operand
+    )
     test = [p for p in candidates if p.question not in seen]
     if len(test) < num_test:
         raise ValueError(f"only {len(test)} held-out problems differ from the training set; use larger values.")

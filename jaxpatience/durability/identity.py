@@ -28,10 +28,21 @@ MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit on a
 SAMPLES, BLOCK = 256, 1 << 16  # blocks sampled from a large weight file, and their size (16 MiB in all)
 FULL_HASH_BELOW = 8 << 20  # files smaller than this are hashed in full
 GGUF_PREFIX = 32 << 20  # a GGUF file's metadata (tokenizer, hyperparameters) sits in its first MiBs
-MODEL_FILE_NAMES = frozenset({
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-})  # fmt: skip
+MODEL_FILE_NAMES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".msgpack", ".index.json")
 
 
@@ -64,8 +75,13 @@ def model_fingerprint(path: str | Path) -> dict[str, str]:
         raise ConfigError(f"{path} does not exist.")
     if path.is_file():
         return {path.name: file_digest(path)}
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and (
-        p.name in MODEL_FILE_NAMES or p.name.endswith(WEIGHT_SUFFIXES)))  # fmt: skip
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and (p.name in MODEL_FILE_NAMES or p.name.endswith(WEIGHT_SUFFIXES))
+    )
     if not files:
         raise ConfigError(f"{path} holds no model files (config.json, tokenizer, weights).")
     return {p.name: file_digest(p) for p in files}

@@ -1,5 +1,5 @@
 """Training metrics: one JSON line per logged step in OUT/metrics.jsonl, through the durable JSONL store
-(store.py), and TensorBoard too when `tensorboardX` is installed. report.plot_training draws them."""
+(store.py), and TensorBoard too when `tensorboardX` is installed. plot_training (evaluation/report.py) draws them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class MetricsWriter:
         self.store = None
         if not enabled:
             return
-        try:
+        try:  # optional: TensorBoard files only where tensorboardX is installed
             from tensorboardX import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(Path(out_dir) / "tensorboard"))

@@ -13,13 +13,13 @@ import sys
 import time
 from typing import Any
 
+from tqdm.auto import tqdm  # a notebook's widget, a terminal's bar
+
 
 def bar(total: int, *, desc: str, unit: str, initial: int = 0, enabled: bool = True, every: float = 30.0) -> Any:
     """A progress bar over `total` units: tqdm on a terminal or in a notebook, a LogBar otherwise; disabled, one that
     prints nothing."""
     if enabled and (sys.stderr.isatty() or "ipykernel" in sys.modules):
-        from tqdm.auto import tqdm  # a notebook's widget, a terminal's bar
-
         return tqdm(total=total, initial=initial, desc=desc, unit=unit)
     return LogBar(total, desc=desc, unit=unit, initial=initial, enabled=enabled, every=every)
 
@@ -27,8 +27,9 @@ def bar(total: int, *, desc: str, unit: str, initial: int = 0, enabled: bool = T
 class LogBar:
     """tqdm's update / set_postfix / close, as a line on stderr at most every `every` seconds, and at close."""
 
-    def __init__(self, total: int, *, desc: str, unit: str, initial: int = 0, enabled: bool = True,
-                 every: float = 30.0):  # fmt: skip
+    def __init__(
+        self, total: int, *, desc: str, unit: str, initial: int = 0, enabled: bool = True, every: float = 30.0
+    ):
         self.total, self.desc, self.unit, self.enabled, self.every = total, desc, unit, enabled, every
         self.n = self.start_n = initial
         self.postfix = ""
@@ -50,8 +51,9 @@ class LogBar:
     def line(self) -> str:
         elapsed = time.perf_counter() - self.start
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
-        parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}"
-                 + (f" ({self.n / self.total:.0%})" if self.total else "")]  # fmt: skip
+        parts = [
+            f"{self.desc}: {self.n}/{self.total} {self.unit}" + (f" ({self.n / self.total:.0%})" if self.total else "")
+        ]
         if rate > 0:
             parts.append(f"{rate:.1f} {self.unit}/s")
             if self.n < self.total:

@@ -1,7 +1,7 @@
 """The one durable JSONL store: every file of records the project appends to and resumes from.
 
-Users: the teacher's pairs and drops (data/teacher.py), the evaluator's generations (evaluate.py), self-play
-pairs (data/selfplay.py), training metrics (metrics.py), the demo's data files (demo.py); `iter_jsonl` also
+Users: the teacher's pairs and drops (teacher/run.py), the evaluator's generations (evaluation/evaluate.py), self-play
+pairs (data/selfplay.py), training metrics (metrics.py), the demo's data files (recipes/demo.py); `iter_jsonl` also
 reads users' own .jsonl inputs.
 
 Durability: `JsonlStore.append` writes a batch of records at once (the file is unbuffered) and fsyncs before it
@@ -34,6 +34,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from jaxpatience.durability import faults
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock (see _lock)
+    fcntl = None
 
 
 class StoreError(ValueError):
@@ -284,9 +289,7 @@ class JsonlStore:
 
 def _lock(handle, path: Path) -> None:
     """An exclusive advisory lock, so that two runs never append to one file at once (POSIX only)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock
+    if fcntl is None:  # Windows: no lock
         return
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,7 +1,7 @@
 """The settings of `jaxpatience pairs` (one frozen dataclass) and the error every teacher module raises.
 
 `TeacherConfig` is read like every command's config (YAML < flags < key=value, see `config.command_parser`), so
-each field is a plain YAML value: the prompts are a file *path* (teacher_prompts.load_prompts reads it), and the
+each field is a plain YAML value: the prompts are a file *path* (load_prompts of teacher/prompts.py reads it), and the
 API key is no setting at all: it comes only from OPENAI_API_KEY, so that it never lands in a config file.
 Values from a command line arrive as YAML scalars, untyped by argparse: `__post_init__` checks their types.
 `public_url` and `redact` keep secrets (the key, a password or token in the URL) out of every message and file.
@@ -39,7 +39,7 @@ class TeacherConfig:
     backoff: float = 1.0  # first backoff sleep in seconds; doubles per retry, jittered
     prompts: str = ""  # prompt templates (YAML); "": configs/teacher_prompts.yaml
     retry_dropped: bool = False  # ask again for problems dropped for their content too (transient drops always are)
-    price_in: float | None = None  # $ per 1M prompt tokens; None: from teacher.PRICES_PER_MILLION
+    price_in: float | None = None  # $ per 1M prompt tokens; None: from PRICES_PER_MILLION (teacher/run.py)
     price_out: float | None = None  # $ per 1M completion tokens
 
     def __post_init__(self) -> None:

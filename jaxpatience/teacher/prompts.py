@@ -90,7 +90,7 @@ def build_messages(prompts: dict, question: str, concise: str | None = None) -> 
 def final_answer(text: str, gold: str) -> str | None:
     """The final answer of a solution: after "The answer is" / "####" / `\\boxed{}`, else its last number.
 
-    Commas, `$` and a trailing dot are normalised away (answers.py), so "The answer is $1,234." reads 1234.
+    Commas, `$` and a trailing dot are normalised away (data/answers.py), so "The answer is $1,234." reads 1234.
     """
     numeric = is_numeric(gold)
     strict = extract_strict(text, numeric=numeric)

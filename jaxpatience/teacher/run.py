@@ -73,7 +73,7 @@ __all__ = [
 # so "gpt-4o-mini-2024-07-18" is priced as gpt-4o-mini. Override with price_in / price_out.
 PRICES_PER_MILLION = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60)}
 DRY_RUN_SHOWN = 3
-REQUIRED = ("id",)  # what makes a line of the pairs or rejected file a whole record (see store.py)
+REQUIRED = ("id",)  # what makes a line of the pairs or rejected file a whole record (see durability/store.py)
 
 
 def estimate_cost(
