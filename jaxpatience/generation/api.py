@@ -8,10 +8,10 @@ This file checks the input (one sentence per bad prompt, setting or request) and
 (graphdef + state, placed by sharding.RULES on a mesh), the static sampler, the traced settings. Two decoders run
 the plan:
 
-* engine.py (default, `engine="slots"`): continuous batching over a fixed set of slots; a finished row frees its
+* slots.py (default, `engine="slots"`): continuous batching over a fixed set of slots; a finished row frees its
   slot for the next prompt; one prefill per prompt for its n samples; per-request budgets and stop tokens; runs
   on several processes (every process calls generate alike; weights and slots are split over the global mesh).
-* decode_static.py (`engine="static"`): the earlier static batches, kept as the benchmark's baseline.
+* static.py (`engine="static"`): the earlier static batches, kept as the benchmark's baseline.
 
 Both give the same tokens: greedy is token-exact against transformers and an uncached rollout, and each row draws
 from its own key (sampling.py), so a sample does not depend on the rest of its batch.
@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxpatience.config import SamplingConfig
 from jaxpatience.generation.sampling import Generation, Sampler, sample_tokens
-from jaxpatience.generation.shapes import make_plan
+from jaxpatience.generation.shapes import Plan, make_plan
 from jaxpatience.generation.slots import EngineStats, run_slots
 from jaxpatience.generation.static import run_batches
 from jaxpatience.model.qwen2 import Qwen2ForCausalLM
@@ -113,18 +113,21 @@ def _stop_ids(tokenizer, stop_tokens: Sequence[int | str] | None, vocab_size: in
 def _check_settings(settings: dict[str, Any], batch_size: int, engine: str, chunk_steps: int) -> None:
     """One clear ValueError for a bad sampling setting (before any tokenization or compilation)."""
     max_new_tokens, temperature, top_p, top_k, num_samples = (
-        settings[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "num_samples"))  # fmt: skip
+        settings[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "num_samples")
+    )
     checks = [
         (isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens must be >= 1, not {max_new_tokens}"),
         (temperature >= 0, f"temperature must be >= 0, not {temperature}"),
         (0 < top_p <= 1, f"top_p must be in (0, 1], not {top_p}"),
         (isinstance(top_k, int) and top_k >= 0, f"top_k must be an integer >= 0 (0 = off), not {top_k}"),
-        (num_samples is None or (isinstance(num_samples, int) and num_samples >= 1),
-         f"num_samples must be >= 1, not {num_samples}"),
+        (
+            num_samples is None or (isinstance(num_samples, int) and num_samples >= 1),
+            f"num_samples must be >= 1, not {num_samples}",
+        ),
         (isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be >= 1, not {batch_size}"),
         (engine in ENGINES, f"unknown engine {engine!r}: use {' or '.join(ENGINES)}"),
         (isinstance(chunk_steps, int) and chunk_steps >= 1, f"chunk_steps must be an integer >= 1, not {chunk_steps}"),
-    ]  # fmt: skip
+    ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message + ".")
@@ -139,9 +142,9 @@ def _requests(prompts: Sequence, settings: dict[str, Any], tokenizer, vocab_size
         if not isinstance(budget, int) or budget < 1:
             raise ValueError(f"prompt {i}: max_new_tokens must be an integer >= 1, not {budget!r}.")
         budgets.append(budget)
+        stop_tokens = settings["stop_tokens"] if request.stop_tokens is None else request.stop_tokens
         try:
-            stops.append(_stop_ids(tokenizer, settings["stop_tokens"] if request.stop_tokens is None
-                                   else request.stop_tokens, vocab_size))  # fmt: skip
+            stops.append(_stop_ids(tokenizer, stop_tokens, vocab_size))
         except ValueError as err:
             raise (ValueError(f"prompt {i}: {err}") if request.stop_tokens is not None else err) from None
     seed_indices = [i if r.seed_index is None else r.seed_index for i, r in enumerate(requests)]
@@ -170,6 +173,34 @@ def _sampling_settings(sampling: SamplingConfig | None, given: dict[str, Any]) -
     if passed:
         raise ValueError(f"pass either sampling or {', '.join(passed)}, not both (sampling sets them all).")
     return sampling.generate_kwargs()
+
+
+def _prepare_rows(prompts: Sequence, settings: dict[str, Any], tokenizer, config, engine: str):
+    """The call's prompts as checked token ids, with their budgets, stop ids and seed indices (one of each per
+    prompt); refuses per-prompt budgets or stops that the static engine cannot follow."""
+    texts, budgets, stops, seed_indices = _requests(prompts, settings, tokenizer, config.vocab_size)
+    prompt_ids = _tokenize(tokenizer, texts)
+    _check_prompts(prompt_ids, config.vocab_size, config.max_position_embeddings, budgets)
+    if engine == "static" and (len(set(budgets)) > 1 or any(stop != stops[0] for stop in stops)):
+        raise ValueError("the static engine takes one max_new_tokens and one set of stop tokens per call.")
+    return prompt_ids, budgets, stops, seed_indices
+
+
+def _run_engine(
+    engine: str,
+    plan: Plan,
+    prompt_ids: list[list[int]],
+    budgets: list[int],
+    stops: list[list[int]],
+    tokenizer,
+    progress: bool | None,
+    on_result: Callable[[int, int, Generation], None] | None,
+    stats: EngineStats | None,
+) -> list[list[Generation]]:
+    """Decode the plan with the chosen engine: results[prompt][sample], in prompt order."""
+    if engine == "static":
+        return run_batches(plan, prompt_ids, tokenizer, progress, on_result)
+    return run_slots(plan, prompt_ids, budgets, stops, tokenizer, progress=progress, on_result=on_result, stats=stats)
 
 
 def generate(
@@ -208,27 +239,25 @@ def generate(
     batch_size: rows (prompt x sample) decoded at once: the slot count (or the static batch size).
     mesh: a sharding.make_mesh() mesh; weights are placed by sharding.RULES, rows split along the logical `batch`
         axis. On several processes every process calls generate alike (model loaded with the mesh).
-    engine: "slots" (engine.py) or "static" (decode_static.py: one budget and stop set per call, one process).
+    engine: "slots" (slots.py) or "static" (static.py: one budget and stop set per call, one process).
     on_result: on_result(prompt index, sample index, Generation) as soon as each row is done (streaming).
     stats: an `EngineStats` the slot engine fills in; chunk_steps: its most decode steps between host looks.
     progress: show a progress bar (None: when rows outnumber slots). tokenizer: None if prompts and stops are ids.
     """
-    given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                 num_samples=num_samples, seed=seed, stop_tokens=stop_tokens)  # fmt: skip
+    given = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        num_samples=num_samples,
+        seed=seed,
+        stop_tokens=stop_tokens,
+    )
     settings = _sampling_settings(sampling, given)
     _check_settings(settings, batch_size, engine, chunk_steps)
-    config = model.config
-    texts, budgets, stops, seed_indices = _requests(prompts, settings, tokenizer, config.vocab_size)
-    prompt_ids = _tokenize(tokenizer, texts)
-    _check_prompts(prompt_ids, config.vocab_size, config.max_position_embeddings, budgets)
+    prompt_ids, budgets, stops, seed_indices = _prepare_rows(prompts, settings, tokenizer, model.config, engine)
     if not prompt_ids:
         return []
-    if engine == "static" and (len(set(budgets)) > 1 or any(stop != stops[0] for stop in stops)):
-        raise ValueError("the static engine takes one max_new_tokens and one set of stop tokens per call.")
     plan = make_plan(model, settings, stops, budgets, seed_indices, batch_size, mesh, chunk_steps)
-    if engine == "static":
-        results = run_batches(plan, prompt_ids, tokenizer, progress, on_result)
-    else:
-        results = run_slots(plan, prompt_ids, budgets, stops, tokenizer, progress=progress, on_result=on_result,
-                            stats=stats)  # fmt: skip
+    results = _run_engine(engine, plan, prompt_ids, budgets, stops, tokenizer, progress, on_result, stats)
     return [row[0] for row in results] if settings["num_samples"] is None else results

@@ -1,6 +1,6 @@
 """Choosing the next token: greedy, temperature, top-k and nucleus (top-p) sampling, with per-row keys.
 
-Pure functions of logits and keys, shared by both decoders (engine.py's slots and decode_static.py's batches);
+Pure functions of logits and keys, shared by both decoders (slots.py's engine and static.py's batches);
 the tests call `sample_tokens` directly.
 
 Keys: row r of a call draws token t with `fold_in(fold_in(key(seed), row_id), t)`, where row_id = prompt's seed
@@ -52,8 +52,9 @@ def _column(value: Array) -> Array:
     return value[:, None] if value.ndim == 1 else value
 
 
-def sample_tokens(logits: Array, keys: Array, sampler: Sampler, temperature: Array, top_p: Array,
-                  top_k: Array | None = None) -> Array:  # fmt: skip
+def sample_tokens(
+    logits: Array, keys: Array, sampler: Sampler, temperature: Array, top_p: Array, top_k: Array | None = None
+) -> Array:
     """Next token per row. logits [B, V] float32, keys [B] -> ids [B] int32.
 
     temperature, top_p: scalars or one per row [B]; top_k [B]: per-row cut-offs (0 = off), read with `per_row`.
@@ -85,8 +86,9 @@ def _nucleus(candidates: Array, top_p: Array) -> Array:
     return jnp.where(mass_before < top_p, candidates, -jnp.inf)  # the top candidate always survives
 
 
-def _sample_per_row(logits: Array, keys: Array, temperature: Array, top_p: Array, top_k: Array, *,
-                    filtered: bool) -> Array:  # fmt: skip
+def _sample_per_row(
+    logits: Array, keys: Array, temperature: Array, top_p: Array, top_k: Array, *, filtered: bool
+) -> Array:
     """Sampler.per_row: temperature, top_p, top_k [B] each; rows with temperature 0 take the argmax."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]

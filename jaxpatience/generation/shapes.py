@@ -61,8 +61,16 @@ class Plan:
     full_rows: int  # B of a full batch: a multiple of the mesh's batch shards
 
 
-def make_plan(model: Qwen2ForCausalLM, settings: dict[str, Any], stops: list[list[int]], budgets: list[int],
-          seed_indices: list[int], batch_size: int, mesh, chunk_steps: int) -> Plan:  # fmt: skip
+def make_plan(
+    model: Qwen2ForCausalLM,
+    settings: dict[str, Any],
+    stops: list[list[int]],
+    budgets: list[int],
+    seed_indices: list[int],
+    batch_size: int,
+    mesh,
+    chunk_steps: int,
+) -> Plan:
     """Split the model once (jit's cache is keyed on the hashable graphdef and shapes) and fix the buckets."""
     temperature, top_p, samples = settings["temperature"], settings["top_p"], settings["num_samples"] or 1
     top_k = min(settings["top_k"], model.config.vocab_size) if temperature > 0 else 0  # static: greedy ignores it
@@ -75,12 +83,24 @@ def make_plan(model: Qwen2ForCausalLM, settings: dict[str, Any], stops: list[lis
     prompts_per_batch, batch_shards = max(1, batch_size // samples), sharding.batch_shards(mesh)
     slots = round_up(max(batch_size, samples), batch_shards)
     return Plan(
-        graphdef=graphdef, model_state=model_state, model_config=model.config, mesh=mesh,
+        graphdef=graphdef,
+        model_state=model_state,
+        model_config=model.config,
+        mesh=mesh,
         sampler=Sampler(greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1.0 and temperature > 0),
         scalars=dict(temperature=np.float32(max(temperature, 1e-6)), top_p=np.float32(top_p)),
-        seed=settings["seed"], seed_indices=seed_indices, samples=samples, batch_shards=batch_shards,
-        slots=slots, chunk_steps=chunk_steps, refill_rows=max(1, slots // 8), max_insert=max(1, slots // samples),
-        stop_width=stop_width, stop_array=stop_array, max_new_tokens=max(budgets),
-        new_bucket=bucket(max(budgets), MIN_LENGTH_BUCKET), prompts_per_batch=prompts_per_batch,
+        seed=settings["seed"],
+        seed_indices=seed_indices,
+        samples=samples,
+        batch_shards=batch_shards,
+        slots=slots,
+        chunk_steps=chunk_steps,
+        refill_rows=max(1, slots // 8),
+        max_insert=max(1, slots // samples),
+        stop_width=stop_width,
+        stop_array=stop_array,
+        max_new_tokens=max(budgets),
+        new_bucket=bucket(max(budgets), MIN_LENGTH_BUCKET),
+        prompts_per_batch=prompts_per_batch,
         full_rows=round_up(prompts_per_batch * samples, batch_shards),
-    )  # fmt: skip
+    )

@@ -1,8 +1,8 @@
 """The slot engine: continuous batching over a fixed set of cache rows ("slots").
 
-    results = run_slots(plan, requests, tokenizer, progress, on_result, stats)  # decode.generate's default
+    results = run_slots(plan, prompt_ids, budgets, stop_ids, tokenizer, on_result=..., stats=...)  # api.generate
 
-Why: a static batch (decode_static.py) decodes until its longest row is done, and its finished rows keep
+Why: a static batch (static.py) decodes until its longest row is done, and its finished rows keep
 computing. Here each of B slots holds one (prompt, sample) row with its own cache fill, position and budget, so a
 row that finishes frees its slot for the next waiting prompt while the others go on.
 
@@ -25,7 +25,7 @@ bucketed when smaller) and the tail's buckets (powers of two rounded up to the b
 windows (powers of two), prompt lengths P (2^k or 1.5 * 2^k): a call compiles a few executables and a second
 call with the same buckets compiles nothing.
 
-Per row: its own max_new_tokens (`budget`), stop tokens, seed, temperature, top_p and top_k (serve_engine.py
+Per row: its own max_new_tokens (`budget`), stop tokens, seed, temperature, top_p and top_k (serving/live.py
 mixes requests; `generate` gives every row the call's); keys from sampling.py (a sample is the same whatever
 slot or batch it lands in). With a mesh, slots are split over the logical `batch` axis and every host-side
 decision is made from arrays all processes read alike (sharding.fetch), so the same loop runs on a pod.
@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
+from jaxpatience.durability import progress as progress_bars
 from jaxpatience.generation.sampling import Generation, chosen_logprobs, row_keys, sample_tokens, step_keys
 from jaxpatience.generation.shapes import CACHE_AXES, MIN_LENGTH_BUCKET, Plan, bucket, round_up
 from jaxpatience.model.qwen2 import KVCache, Qwen2ForCausalLM, init_kv_cache
@@ -99,8 +100,11 @@ class EngineStats:
 
 def _constrain_slots(slots: Slots) -> Slots:
     kv = KVCache(*(tuple(sharding.constrain(layer, CACHE_AXES) for layer in part) for part in slots.kv_cache))
-    rows = {name: sharding.constrain(value, ROW + (None,) * (value.ndim - 1))
-            for name, value in slots._asdict().items() if name != "kv_cache"}  # fmt: skip
+    rows = {
+        name: sharding.constrain(value, ROW + (None,) * (value.ndim - 1))
+        for name, value in slots._asdict().items()
+        if name != "kv_cache"
+    }
     return Slots(kv_cache=kv, **rows)
 
 
@@ -116,13 +120,24 @@ def _empty_slots(*, shape: tuple[int, ...], mesh) -> Slots:
     with sharding.activate_if(mesh):
         buffer = lambda: jnp.zeros((rows, cache_len, kv_heads, head_dim), dtype)
         zeros = lambda dtype=jnp.int32: jnp.zeros((rows,), dtype)
-        return _constrain_slots(_mark_free(Slots(
+        zeroed = Slots(
             kv_cache=KVCache(tuple(buffer() for _ in range(layers)), tuple(buffer() for _ in range(layers))),
-            index=zeros(), last=zeros(), tokens=jnp.zeros((rows, new_len), jnp.int32),
-            logprobs=jnp.zeros((rows, new_len), jnp.float32), count=zeros(), budget=zeros(), stopped=zeros(bool),
-            done=zeros(bool), stop_ids=jnp.zeros((rows, stop_len), jnp.int32), row_id=zeros(),
-            seed=zeros(jnp.uint32), temperature=zeros(jnp.float32), top_p=zeros(jnp.float32), top_k=zeros(),
-        )))  # fmt: skip
+            index=zeros(),
+            last=zeros(),
+            tokens=jnp.zeros((rows, new_len), jnp.int32),
+            logprobs=jnp.zeros((rows, new_len), jnp.float32),
+            count=zeros(),
+            budget=zeros(),
+            stopped=zeros(bool),
+            done=zeros(bool),
+            stop_ids=jnp.zeros((rows, stop_len), jnp.int32),
+            row_id=zeros(),
+            seed=zeros(jnp.uint32),
+            temperature=zeros(jnp.float32),
+            top_p=zeros(jnp.float32),
+            top_k=zeros(),
+        )
+        return _constrain_slots(_mark_free(zeroed))
 
 
 def _is_stop(token: Array, stop_ids: Array) -> Array:
@@ -136,9 +151,32 @@ def _left_to_front(rows: Array, lengths: Array) -> Array:
     return jnp.take_along_axis(rows, source.reshape(source.shape + (1,) * (rows.ndim - 2)), axis=1)
 
 
+def _write_prompts(cache: KVCache, prompt_cache: KVCache, targets: Array, sources: Array, lengths: Array) -> KVCache:
+    """The slots' cache with row r's prompt (prompt_cache: L x [Bp, P, K, H], left-padded) written to slot
+    `targets[r]`, cache slots [0, P): prompt `sources[r]`, its `lengths` real entries first."""
+    prompt_len = prompt_cache.k[0].shape[1]  # P
+    write = lambda buffer, rows: buffer.at[targets, :prompt_len].set(
+        _left_to_front(rows, lengths)[sources], mode="drop"
+    )
+    return KVCache(
+        *(tuple(write(b, p) for b, p in zip(*parts, strict=True)) for parts in zip(cache, prompt_cache, strict=True))
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("slots",))
-def _insert(model_state: nnx.State, slots: Slots, prompt_ids: Array, prompt_mask: Array, targets: Array,
-            sources: Array, settings: dict[str, Array], *, graphdef: nnx.GraphDef, sampler, mesh) -> Slots:  # fmt: skip
+def _insert(
+    model_state: nnx.State,
+    slots: Slots,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    targets: Array,
+    sources: Array,
+    settings: dict[str, Array],
+    *,
+    graphdef: nnx.GraphDef,
+    sampler,
+    mesh,
+) -> Slots:
     """Prefill prompts [Bp, P] once each; row r (of R) copies prompt `sources[r]` into slot `targets[r]`.
 
     settings: the rows' own values [R] of row_id, budget, stop_ids [R, E], seed, temperature, top_p, top_k.
@@ -155,28 +193,41 @@ def _insert(model_state: nnx.State, slots: Slots, prompt_ids: Array, prompt_mask
         keys = step_keys(row_keys(settings["seed"], settings["row_id"]), 0)
         token = sample_tokens(logits, keys, sampler, settings["temperature"], settings["top_p"], settings["top_k"])
         lengths = jnp.sum(prompt_mask, axis=1)  # [Bp]
-        write = lambda buffer, rows: buffer.at[targets, :prompt_len].set(_left_to_front(rows, lengths)[sources],
-                                                                          mode="drop")  # fmt: skip
-        kv = KVCache(*(tuple(write(b, p) for b, p in zip(*parts, strict=True))
-                       for parts in zip(slots.kv_cache, prompt_cache, strict=True)))  # fmt: skip
+        kv = _write_prompts(slots.kv_cache, prompt_cache, targets, sources, lengths)
         stopped = _is_stop(token, settings["stop_ids"])
         put = lambda array, values: array.at[targets].set(values, mode="drop")
         first = lambda array, values: array.at[targets, 0].set(values, mode="drop")
-        return _constrain_slots(Slots(
-            kv_cache=kv, index=put(slots.index, lengths[sources]),  # the first sampled token goes to slot len
-            last=put(slots.last, token), tokens=first(slots.tokens, token),
-            logprobs=first(slots.logprobs, chosen_logprobs(logits, token)),
-            count=put(slots.count, jnp.ones_like(targets)),
-            budget=put(slots.budget, settings["budget"]), stopped=put(slots.stopped, stopped),
-            done=put(slots.done, stopped | (settings["budget"] <= 1)),
-            **{name: put(getattr(slots, name), settings[name])
-               for name in ("stop_ids", "row_id", "seed", "temperature", "top_p", "top_k")},
-        ))  # fmt: skip
+        return _constrain_slots(
+            Slots(
+                kv_cache=kv,
+                index=put(slots.index, lengths[sources]),  # the first sampled token goes to slot len
+                last=put(slots.last, token),
+                tokens=first(slots.tokens, token),
+                logprobs=first(slots.logprobs, chosen_logprobs(logits, token)),
+                count=put(slots.count, jnp.ones_like(targets)),
+                budget=put(slots.budget, settings["budget"]),
+                stopped=put(slots.stopped, stopped),
+                done=put(slots.done, stopped | (settings["budget"] <= 1)),
+                **{
+                    name: put(getattr(slots, name), settings[name])
+                    for name in ("stop_ids", "row_id", "seed", "temperature", "top_p", "top_k")
+                },
+            )
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "window", "mesh"), donate_argnames=("slots",))
-def _decode_chunk(model_state: nnx.State, slots: Slots, max_steps: Array, refill_at: Array, *,
-                  graphdef: nnx.GraphDef, sampler, window: int, mesh) -> tuple[Slots, Array]:  # fmt: skip
+def _decode_chunk(
+    model_state: nnx.State,
+    slots: Slots,
+    max_steps: Array,
+    refill_at: Array,
+    *,
+    graphdef: nnx.GraphDef,
+    sampler,
+    window: int,
+    mesh,
+) -> tuple[Slots, Array]:
     """One token per slot per step until `refill_at` slots are done, every slot is done, or `max_steps` steps.
 
     Attention reads only the first `window` cache slots (a bucket above every busy row's last slot in this
@@ -194,8 +245,13 @@ def _decode_chunk(model_state: nnx.State, slots: Slots, max_steps: Array, refill
         def one_step(carry):
             state, steps = carry
             active = ~state.done
-            hidden, kv = model.hidden_states(state.last[:, None], kv_cache=state.kv_cache, cache_index=state.index,
-                                             positions=state.index[:, None], attend_len=window)  # fmt: skip
+            hidden, kv = model.hidden_states(
+                state.last[:, None],
+                kv_cache=state.kv_cache,
+                cache_index=state.index,
+                positions=state.index[:, None],
+                attend_len=window,
+            )
             logits = model.logits(hidden[:, 0]).astype(jnp.float32)  # [B, V]
             keys = step_keys(row_keys(state.seed, state.row_id), state.count)
             token = sample_tokens(logits, keys, sampler, state.temperature, state.top_p, state.top_k)  # [B]
@@ -204,11 +260,15 @@ def _decode_chunk(model_state: nnx.State, slots: Slots, max_steps: Array, refill
             stopped = state.stopped | (active & _is_stop(token, state.stop_ids))
             count = state.count + active
             state = state._replace(
-                kv_cache=kv, index=state.index + active, last=jnp.where(active, token, state.last),
+                kv_cache=kv,
+                index=state.index + active,
+                last=jnp.where(active, token, state.last),
                 tokens=at_column(state.tokens, token),
                 logprobs=at_column(state.logprobs, chosen_logprobs(logits, token)),
-                count=count, stopped=stopped, done=stopped | (count >= state.budget),
-            )  # fmt: skip
+                count=count,
+                stopped=stopped,
+                done=stopped | (count >= state.budget),
+            )
             return state, steps + 1
 
         slots, steps = jax.lax.while_loop(keep_going, one_step, (slots, jnp.zeros((), jnp.int32)))
@@ -233,11 +293,11 @@ def _release_slots(slots: Slots, release: Array, *, mesh) -> Slots:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Host side: one call per jitted function (shared with serve_engine.py), then the batch loop `run_slots`.
+# Host side: one call per jitted function (shared with serving/live.py), then the batch loop `run_slots`.
 
 
 class Placed(Protocol):
-    """What the host calls need of a model: shapes.Plan has it, and so has serve_engine's engine."""
+    """What the host calls need of a model: shapes.Plan has it, and so has serving's LiveEngine."""
 
     graphdef: nnx.GraphDef
     model_state: nnx.State
@@ -298,10 +358,15 @@ def insert(placed: Placed, slots: Slots, sampler, prompts: list[list[int]], rows
     count = round_up(len(rows), placed.batch_shards)  # R
     targets = np.full(count, slot_count, np.int32)  # padding rows: out of range, dropped
     sources = np.zeros(count, np.int32)
-    settings = {"row_id": np.zeros(count, np.int32), "budget": np.zeros(count, np.int32),
-                "stop_ids": np.full((count, slots.stop_ids.shape[1]), -1, np.int32),
-                "seed": np.zeros(count, np.uint32), "temperature": np.zeros(count, np.float32),
-                "top_p": np.ones(count, np.float32), "top_k": np.zeros(count, np.int32)}  # fmt: skip
+    settings = {
+        "row_id": np.zeros(count, np.int32),
+        "budget": np.zeros(count, np.int32),
+        "stop_ids": np.full((count, slots.stop_ids.shape[1]), -1, np.int32),
+        "seed": np.zeros(count, np.uint32),
+        "temperature": np.zeros(count, np.float32),
+        "top_p": np.ones(count, np.float32),
+        "top_k": np.zeros(count, np.int32),
+    }
     for r, row in enumerate(rows):
         targets[r], sources[r] = row.slot, row.prompt
         settings["stop_ids"][r, : len(row.stop_ids)] = row.stop_ids
@@ -309,13 +374,23 @@ def insert(placed: Placed, slots: Slots, sampler, prompts: list[list[int]], rows
             settings[name][r] = getattr(row, name)
     put = functools.partial(sharding.put_global, mesh=placed.mesh, axes=ROW + (None,))
     targets, sources, *values = _replicated(placed, targets, sources, *settings.values())
-    return _insert(placed.model_state, slots, put(ids), put(mask), targets, sources,
-                   dict(zip(settings, values, strict=True)), graphdef=placed.graphdef, sampler=sampler,
-                   mesh=placed.mesh)  # fmt: skip
+    return _insert(
+        placed.model_state,
+        slots,
+        put(ids),
+        put(mask),
+        targets,
+        sources,
+        dict(zip(settings, values, strict=True)),
+        graphdef=placed.graphdef,
+        sampler=sampler,
+        mesh=placed.mesh,
+    )
 
 
-def decode_chunk(placed: Placed, slots: Slots, sampler, *, steps: int, refill_at: int, busy: list[int]
-                 ) -> tuple[Slots, int]:  # fmt: skip
+def decode_chunk(
+    placed: Placed, slots: Slots, sampler, *, steps: int, refill_at: int, busy: list[int]
+) -> tuple[Slots, int]:
     """Decode up to `steps` tokens per slot (until `refill_at` slots are done); returns the slots and steps taken.
 
     busy: the slots in use, whose furthest cache slot in this chunk fixes the attention window.
@@ -324,8 +399,16 @@ def decode_chunk(placed: Placed, slots: Slots, sampler, *, steps: int, refill_at
     reach = max((int(index[slot]) for slot in busy), default=0) + steps
     window = min(slots.kv_cache.k[0].shape[1], bucket(reach, MIN_LENGTH_BUCKET))  # a power of two above it
     max_steps, refill = _replicated(placed, np.int32(steps), np.int32(refill_at))
-    slots, taken = _decode_chunk(placed.model_state, slots, max_steps, refill, graphdef=placed.graphdef,
-                                 sampler=sampler, window=window, mesh=placed.mesh)  # fmt: skip
+    slots, taken = _decode_chunk(
+        placed.model_state,
+        slots,
+        max_steps,
+        refill,
+        graphdef=placed.graphdef,
+        sampler=sampler,
+        window=window,
+        mesh=placed.mesh,
+    )
     return slots, int(sharding.fetch(taken))
 
 
@@ -371,16 +454,32 @@ def _insert_batch(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -
     for i, p in enumerate(batch):
         for sample in range(queue.samples):
             slot = free[len(rows)]
-            rows.append(Row(slot=slot, prompt=i, row_id=queue.seed_indices[p] * queue.samples + sample,
-                            budget=queue.budgets[p], stop_ids=queue.stop_ids[p], **settings))  # fmt: skip
+            rows.append(
+                Row(
+                    slot=slot,
+                    prompt=i,
+                    row_id=queue.seed_indices[p] * queue.samples + sample,
+                    budget=queue.budgets[p],
+                    stop_ids=queue.stop_ids[p],
+                    **settings,
+                )
+            )
             queue.owner[slot] = (p, sample)
     stats.inserts += 1
     stats.prefill_rows += take
     return insert(plan, slots, plan.sampler, [queue.prompt_ids[p] for p in batch], rows)
 
 
-def _finish_rows(queue: _Queue, done: np.ndarray, count: np.ndarray, stopped: np.ndarray, tokens_of, tokenizer,
-                 results: list, on_result) -> int:  # fmt: skip
+def _finish_rows(
+    queue: _Queue,
+    done: np.ndarray,
+    count: np.ndarray,
+    stopped: np.ndarray,
+    tokens_of,
+    tokenizer,
+    results: list,
+    on_result,
+) -> int:
     """Hand every newly done row to `results` / `on_result` and free its slot; returns the tokens returned."""
     finished = [slot for slot, owner in enumerate(queue.owner) if owner is not None and done[slot]]
     if not finished:
@@ -391,8 +490,9 @@ def _finish_rows(queue: _Queue, done: np.ndarray, count: np.ndarray, stopped: np
         (p, sample), length = queue.owner[slot], int(count[slot] - stopped[slot])  # the stop token is not returned
         new_ids = tokens[slot, :length].tolist()
         text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else ""
-        results[p][sample] = Generation(text=text, token_ids=new_ids,
-                                        finish_reason="stop" if stopped[slot] else "length")  # fmt: skip
+        results[p][sample] = Generation(
+            text=text, token_ids=new_ids, finish_reason="stop" if stopped[slot] else "length"
+        )
         queue.owner[slot] = None
         returned += length
         if on_result is not None:
@@ -430,29 +530,46 @@ def _refill_at(plan: Plan, queue: _Queue, size: int) -> int:
     return size - busy_at_most
 
 
-def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_ids: list[list[int]],
-              tokenizer, *, progress: bool | None = None, on_result=None,
-              stats: EngineStats | None = None) -> list[list[Generation]]:  # fmt: skip
+def _free_slots_for(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], slot_count: int) -> Slots:
+    """The call's device state, every slot free: S cache slots per row hold the longest prompt + its budget (a
+    prompt sits at slots [0, len) and its new tokens follow), N tokens the largest budget (bucketed)."""
+    config = plan.model_config
+    lengths = (len(ids) + budget for ids, budget in zip(prompt_ids, budgets, strict=True))
+    shape = (
+        config.num_hidden_layers,
+        slot_count,
+        bucket(max(lengths), MIN_LENGTH_BUCKET),  # S
+        config.num_key_value_heads,
+        config.resolved_head_dim,
+        bucket(max(budgets), MIN_LENGTH_BUCKET),  # N
+        plan.stop_width,
+        jnp.dtype(config.compute_dtype).name,
+    )
+    return _empty_slots(shape=shape, mesh=plan.mesh)
+
+
+def run_slots(
+    plan: Plan,
+    prompt_ids: list[list[int]],
+    budgets: list[int],
+    stop_ids: list[list[int]],
+    tokenizer,
+    *,
+    progress: bool | None = None,
+    on_result=None,
+    stats: EngineStats | None = None,
+) -> list[list[Generation]]:
     """Generate every (prompt, sample) row; returns results[prompt][sample] in prompt order.
 
     budgets, stop_ids: per prompt. on_result(prompt, sample, generation) is called as each row finishes.
     """
-    from jaxpatience.durability import progress as progress_bars
-
     stats = stats if stats is not None else EngineStats()
     samples = plan.samples
     stats.prompts, stats.rows = len(prompt_ids), len(prompt_ids) * samples
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share an insert
     slot_count = min(plan.slots, round_up(bucket(len(prompt_ids) * samples), plan.batch_shards))  # B
     queue = _Queue(prompt_ids, budgets, stop_ids, plan.seed_indices, samples, deque(order), [None] * slot_count)
-    config = plan.model_config
-    cache_len = bucket(
-        max(len(ids) + budget for ids, budget in zip(prompt_ids, budgets, strict=True)), MIN_LENGTH_BUCKET
-    )  # S: every prompt sits at slots [0, len) and its new tokens follow
-    shape = (config.num_hidden_layers, slot_count, cache_len, config.num_key_value_heads, config.resolved_head_dim,
-             bucket(max(budgets), MIN_LENGTH_BUCKET), plan.stop_width,
-             jnp.dtype(config.compute_dtype).name)  # fmt: skip
-    slots = _empty_slots(shape=shape, mesh=plan.mesh)
+    slots = _free_slots_for(plan, prompt_ids, budgets, slot_count)
     stats.slot_buckets.append(slot_count)
     results: list[list[Generation | None]] = [[None] * samples for _ in prompt_ids]
     show = progress if progress is not None else len(prompt_ids) * samples > slot_count
@@ -469,11 +586,13 @@ def run_slots(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], stop_
         done, count, stopped = (sharding.fetch(a) for a in (slots.done, slots.count, slots.stopped))
         if steps == 0 and not any(owner is not None and done[slot] for slot, owner in enumerate(queue.owner)):
             raise RuntimeError(f"the slot engine made no progress (slots {size}, refill at {refill_at}); a bug.")
-        stats.chunks, stats.decode_steps, stats.slot_steps = (stats.chunks + 1, stats.decode_steps + steps,
-                                                              stats.slot_steps + steps * size)  # fmt: skip
+        stats.chunks += 1
+        stats.decode_steps += steps
+        stats.slot_steps += steps * size
         before = sum(owner is None for owner in queue.owner)
-        stats.tokens += _finish_rows(queue, done, count, stopped, functools.partial(sharding.fetch, slots.tokens),
-                                     tokenizer, results, on_result)  # fmt: skip
+        stats.tokens += _finish_rows(
+            queue, done, count, stopped, functools.partial(sharding.fetch, slots.tokens), tokenizer, results, on_result
+        )
         bar.update(sum(owner is None for owner in queue.owner) - before)
         bar.set_postfix({"tokens/s": f"{stats.tokens / (time.perf_counter() - start):.1f}"})
     bar.close()

@@ -1,15 +1,15 @@
 """Static batching: prefill a batch, then one `lax.while_loop` until its longest row is done.
 
-    results = run_batches(plan, prompt_ids, tokenizer, progress)  # decode.generate(engine="static")
+    results = run_batches(plan, prompt_ids, tokenizer, progress)  # api.generate(engine="static")
 
-The decoder before the slot engine (engine.py), kept as the baseline `scripts/bench_decode.py --workload varied`
+The decoder before the slot engine (slots.py), kept as the baseline `scripts/bench_decode.py --workload varied`
 measures the slots against. Every row of a batch computes until the batch's last row is done, so on answers of
 mixed lengths most steps are spent on rows that have already stopped. One budget and one set of stop tokens for
 the whole call.
 
 * Shapes are bucketed: prompt length P and new-token budget N round up to powers of two (min 16), the batch to a
   power of two (dummy rows fill it). The cache has S = P + N slots. Prompts are left-padded; positions come
-  from the mask (model.py), so each row counts from its first real token, exactly like transformers' `generate`.
+  from the mask (model/qwen2.py), so each row counts from its first real token, exactly like transformers' `generate`.
 * `_decode` donates its carry (the KV cache included), so XLA updates the cache in place.
 * Keys: sampling.py (a sample does not depend on its batch).
 
@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
+from jaxpatience.durability import progress as progress_bars
 from jaxpatience.generation.sampling import Generation, Sampler, row_keys, sample_tokens, step_keys
 from jaxpatience.generation.shapes import CACHE_AXES, MIN_LENGTH_BUCKET, Plan, bucket, round_up
 from jaxpatience.model.qwen2 import KVCache, Qwen2ForCausalLM, init_kv_cache
@@ -56,15 +57,28 @@ def _record(carry: DecodeState, token: Array, stop_ids: Array) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "new_bucket", "mesh"))
-def _prefill(model_state: nnx.State, prompt_ids: Array, prompt_mask: Array, active: Array, row_ids: Array, seed: Array,
-             stop_ids: Array, temperature: Array, top_p: Array, *, graphdef: nnx.GraphDef, sampler: Sampler,
-             new_bucket: int, mesh) -> DecodeState:  # fmt: skip
+def _prefill(
+    model_state: nnx.State,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    active: Array,
+    row_ids: Array,
+    seed: Array,
+    stop_ids: Array,
+    temperature: Array,
+    top_p: Array,
+    *,
+    graphdef: nnx.GraphDef,
+    sampler: Sampler,
+    new_bucket: int,
+    mesh,
+) -> DecodeState:
     """Run the prompts [B, P] through the model into a fresh cache and sample the first new token."""
     with sharding.activate_if(mesh):
         model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
         batch, prompt_len = prompt_ids.shape
         # Prefill over the P prompt slots only (attention scores [B, K, G, P, P], not P x S), then widen each
-        # layer's [B, P, K, H] buffer to S = P + new slots. One buffer per layer (model.KVCache): XLA then writes
+        # layer's [B, P, K, H] buffer to S = P + new slots. One buffer per layer (qwen2.KVCache): XLA then writes
         # each decode step's keys and values in place.
         empty = init_kv_cache(model.config, batch, prompt_len)  # zeros, folded away by XLA
         hidden, prompt_cache = model.hidden_states(prompt_ids, prompt_mask, kv_cache=empty, cache_index=0)
@@ -89,9 +103,18 @@ def _prefill(model_state: nnx.State, prompt_ids: Array, prompt_mask: Array, acti
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "mesh"), donate_argnames=("decode_state",))
-def _decode(model_state: nnx.State, decode_state: DecodeState, stop_ids: Array, max_new_tokens: Array,
-            temperature: Array, top_p: Array, *, graphdef: nnx.GraphDef, sampler: Sampler,
-            mesh) -> DecodeState:  # fmt: skip
+def _decode(
+    model_state: nnx.State,
+    decode_state: DecodeState,
+    stop_ids: Array,
+    max_new_tokens: Array,
+    temperature: Array,
+    top_p: Array,
+    *,
+    graphdef: nnx.GraphDef,
+    sampler: Sampler,
+    mesh,
+) -> DecodeState:
     """Generate until every row is done or `max_new_tokens` tokens exist: one while_loop, one token per step."""
     with sharding.activate_if(mesh):
         model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
@@ -104,8 +127,9 @@ def _decode(model_state: nnx.State, decode_state: DecodeState, stop_ids: Array, 
             last = jax.lax.dynamic_index_in_dim(carry.tokens, carry.step - 1, axis=1)  # [B, 1]
             last = jnp.maximum(last, 0)  # done rows hold -1: feed any valid id, their output is ignored
             # Token number step-1 sits in slot P + step - 1; its logits give token number `step`.
-            hidden, kv_cache = model.hidden_states(last, carry.cache_mask, kv_cache=carry.kv_cache,
-                                                   cache_index=prompt_len + carry.step - 1)  # fmt: skip
+            hidden, kv_cache = model.hidden_states(
+                last, carry.cache_mask, kv_cache=carry.kv_cache, cache_index=prompt_len + carry.step - 1
+            )
             logits = model.logits(hidden[:, 0]).astype(jnp.float32)  # [B, V]
             token = sample_tokens(logits, step_keys(carry.row_keys, carry.step), sampler, temperature, top_p)
             return _record(carry._replace(kv_cache=kv_cache), token, stop_ids)
@@ -140,17 +164,26 @@ def _launch(plan: Plan, prompt_ids: list[list[int]], batch: list[int]) -> tuple[
     mesh, static = plan.mesh, dict(graphdef=plan.graphdef, sampler=plan.sampler, mesh=plan.mesh)
     put = functools.partial(sharding.put_global, mesh=mesh)
     decode_state = _prefill(
-        plan.model_state, put(ids, axes=("batch", "length")), put(mask, axes=("batch", "length")),
-        put(active, axes=("batch",)), put(row_ids, axes=("batch",)), np.uint32(plan.seed), plan.stop_array,
-        new_bucket=plan.new_bucket, **static, **plan.scalars,
-    )  # fmt: skip
-    decode_state = _decode(plan.model_state, decode_state, plan.stop_array, np.int32(plan.max_new_tokens), **static,
-                           **plan.scalars)  # fmt: skip
+        plan.model_state,
+        put(ids, axes=("batch", "length")),
+        put(mask, axes=("batch", "length")),
+        put(active, axes=("batch",)),
+        put(row_ids, axes=("batch",)),
+        np.uint32(plan.seed),
+        plan.stop_array,
+        new_bucket=plan.new_bucket,
+        **static,
+        **plan.scalars,
+    )
+    decode_state = _decode(
+        plan.model_state, decode_state, plan.stop_array, np.int32(plan.max_new_tokens), **static, **plan.scalars
+    )
     return rows, decode_state
 
 
-def _collect(rows: list[tuple[int, int]], decode_state: DecodeState, tokenizer, results: list[list[Generation | None]],
-             on_result) -> int:  # fmt: skip
+def _collect(
+    rows: list[tuple[int, int]], decode_state: DecodeState, tokenizer, results: list[list[Generation | None]], on_result
+) -> int:
     """Copy one finished batch to the host and fill `results`; returns the number of tokens generated."""
     tokens, lengths, done = (sharding.fetch(a) for a in (decode_state.tokens, decode_state.lengths, decode_state.done))
     for r, (p, s) in enumerate(rows):
@@ -162,15 +195,14 @@ def _collect(rows: list[tuple[int, int]], decode_state: DecodeState, tokenizer, 
     return int(lengths[: len(rows)].sum())
 
 
-def run_batches(plan: Plan, prompt_ids: list[list[int]], tokenizer, progress: bool | None,
-                on_result=None) -> list[list[Generation]]:  # fmt: skip
+def run_batches(
+    plan: Plan, prompt_ids: list[list[int]], tokenizer, progress: bool | None, on_result=None
+) -> list[list[Generation]]:
     """All batches, shortest prompts first; the next batch is dispatched before the previous one is copied back.
 
     Returns results[prompt][sample] in the original prompt order; `on_result(prompt, sample, generation)` is
     called for each row as its batch comes back.
     """
-    from jaxpatience.durability import progress as progress_bars
-
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch
     step = plan.prompts_per_batch
     batches = [order[i : i + step] for i in range(0, len(order), step)]

@@ -3,15 +3,16 @@
     jaxpatience serve --model CKPT [--adapter DIR] [--slots 16] [--port 8000] [--api-key KEY]
     GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: server-sent events)
 
-Each request becomes one engine Job per prompt (serve_engine.py); the engine thread calls back with Deltas, which
+Each request becomes one engine Job per prompt (live.py); the engine thread calls back with Deltas, which
 reach the request's asyncio queue through `call_soon_threadsafe`. A streamed request sends them on as OpenAI
 chunks; a plain one gathers them. A client that goes away cancels its jobs, and the engine frees their slots at its
-next look. serve_api.py checks the fields and shapes the bodies; this file only moves them.
+next look. wire.py checks the fields and shapes the bodies; this file only moves them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -20,12 +21,16 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxpatience import sharding
 from jaxpatience.config import ConfigError, MeshConfig, ServeConfig, command_parser, config_from_args
-from jaxpatience.serving import wire as serve_api
+from jaxpatience.model import lora
+from jaxpatience.model.weights import load_pretrained
+from jaxpatience.serving import wire
 from jaxpatience.serving.live import Delta, EngineFailed, Job, LiveEngine, QueueFull
 from jaxpatience.serving.wire import ApiError
 
@@ -33,15 +38,27 @@ from jaxpatience.serving.wire import ApiError
 class _Request:
     """One HTTP request's jobs and the queue their Deltas arrive on (as (prompt index, Delta))."""
 
-    def __init__(self, engine: LiveEngine, settings: serve_api.Settings):
+    def __init__(self, engine: LiveEngine, settings: wire.Settings):
         self.engine, self.settings = engine, settings
         self.events: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         post = lambda prompt: lambda delta: loop.call_soon_threadsafe(self.events.put_nowait, (prompt, delta))
-        self.jobs = [Job(prompt_ids=ids, emit=post(i), n=settings.n, max_tokens=settings.max_tokens,
-                         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                         seed=settings.seed, seed_index=i, stop_ids=settings.stop_ids,
-                         stop_strings=settings.stop_strings) for i, ids in enumerate(settings.prompt_ids)]  # fmt: skip
+        self.jobs = [
+            Job(
+                prompt_ids=ids,
+                emit=post(i),
+                n=settings.n,
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                seed=settings.seed,
+                seed_index=i,
+                stop_ids=settings.stop_ids,
+                stop_strings=settings.stop_strings,
+            )
+            for i, ids in enumerate(settings.prompt_ids)
+        ]
         self.unfinished = len(self.jobs) * settings.n
 
     def submit(self) -> None:
@@ -95,17 +112,31 @@ async def _collect(http_request, request: _Request, tokenizer, *, chat: bool, mo
         watch.cancel()
         if request.unfinished:
             request.cancel()
-    choices = [serve_api.choice_body(i, texts[i], reasons[i], serve_api.logprobs_body(tokenizer, ids[i], logprobs[i],
-                                     chat=chat) if request.settings.logprobs else None, chat=chat, stream=False)
-               for i in range(count)]  # fmt: skip
+    choices = [
+        wire.choice_body(
+            i,
+            texts[i],
+            reasons[i],
+            wire.logprobs_body(tokenizer, ids[i], logprobs[i], chat=chat) if request.settings.logprobs else None,
+            chat=chat,
+            stream=False,
+        )
+        for i in range(count)
+    ]
     prompt_tokens = sum(map(len, request.settings.prompt_ids))
-    return serve_api.response_body(serve_api.new_id(chat), model, choices, chat=chat, stream=False,
-                                   usage_body=serve_api.usage(prompt_tokens, sum(map(len, ids))))  # fmt: skip
+    return wire.response_body(
+        wire.new_id(chat),
+        model,
+        choices,
+        chat=chat,
+        stream=False,
+        usage_body=wire.usage(prompt_tokens, sum(map(len, ids))),
+    )
 
 
 async def _stream(request: _Request, tokenizer, *, chat: bool, model: str) -> AsyncIterator[str]:
     """Server-sent events: one chunk per Delta, then (if asked) a usage chunk, then `data: [DONE]`."""
-    request_id, count = serve_api.new_id(chat), len(request.jobs) * request.settings.n
+    request_id, count = wire.new_id(chat), len(request.jobs) * request.settings.n
     started, offsets, completion_tokens = [False] * count, [0] * count, 0
     send = lambda body: f"data: {json.dumps(body)}\n\n"
     try:
@@ -117,16 +148,16 @@ async def _stream(request: _Request, tokenizer, *, chat: bool, model: str) -> As
                 break
             lp = None
             if request.settings.logprobs:
-                lp = serve_api.logprobs_body(tokenizer, delta.token_ids, delta.logprobs, chat=chat,
-                                             offset=offsets[index])  # fmt: skip
-            choice = serve_api.choice_body(index, delta.text, delta.finish_reason, lp, chat=chat, stream=True,
-                                           first=not started[index])  # fmt: skip
+                lp = wire.logprobs_body(tokenizer, delta.token_ids, delta.logprobs, chat=chat, offset=offsets[index])
+            choice = wire.choice_body(
+                index, delta.text, delta.finish_reason, lp, chat=chat, stream=True, first=not started[index]
+            )
             started[index], offsets[index] = True, offsets[index] + len(delta.text)
             completion_tokens += len(delta.token_ids)
-            yield send(serve_api.response_body(request_id, model, [choice], chat=chat, stream=True, usage_body=None))
+            yield send(wire.response_body(request_id, model, [choice], chat=chat, stream=True, usage_body=None))
         if request.settings.include_usage:
-            usage = serve_api.usage(sum(map(len, request.settings.prompt_ids)), completion_tokens)
-            yield send(serve_api.response_body(request_id, model, [], chat=chat, stream=True, usage_body=usage))
+            usage = wire.usage(sum(map(len, request.settings.prompt_ids)), completion_tokens)
+            yield send(wire.response_body(request_id, model, [], chat=chat, stream=True, usage_body=usage))
         yield "data: [DONE]\n\n"
     finally:  # also when the client disconnects (the response task is cancelled): free the slots
         if request.unfinished:
@@ -143,17 +174,24 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
     return JSONResponse(ApiError(err.status_code, message).body(), status_code=err.status_code)
 
 
-def _read_request(raw: bytes, chat: bool, engine: LiveEngine, tokenizer, model_name: str) -> serve_api.Settings:
-    """A request body checked and tokenized (serve_api), against this engine's limits."""
+def _read_request(raw: bytes, chat: bool, engine: LiveEngine, tokenizer, model_name: str) -> wire.Settings:
+    """A request body checked and tokenized (wire.py), against this engine's limits."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-    body = serve_api.check_body(body, model_name)
-    prompt_ids = (serve_api.chat_prompt if chat else serve_api.completion_prompts)(body, tokenizer)
-    return serve_api.sampling_settings(body, prompt_ids, tokenizer, chat=chat, max_model_len=engine.max_model_len,
-                                       max_n=engine.max_slots, max_prompts=engine.max_queue,
-                                       end_ids=engine.end_ids)  # fmt: skip
+    body = wire.check_body(body, model_name)
+    prompt_ids = (wire.chat_prompt if chat else wire.completion_prompts)(body, tokenizer)
+    return wire.sampling_settings(
+        body,
+        prompt_ids,
+        tokenizer,
+        chat=chat,
+        max_model_len=engine.max_model_len,
+        max_n=engine.max_slots,
+        max_prompts=engine.max_queue,
+        end_ids=engine.end_ids,
+    )
 
 
 def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | None = None):
@@ -165,8 +203,9 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
     def authorize(request: Request) -> None:
         given = request.headers.get("authorization", "")
         if api_key and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY').",
-                           kind="authentication_error")  # fmt: skip
+            raise ApiError(
+                401, "missing or wrong API key (send 'Authorization: Bearer KEY').", kind="authentication_error"
+            )
 
     @app.get("/health")
     async def health():
@@ -178,8 +217,13 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "jaxpatience",
-                "max_model_len": engine.max_model_len}  # fmt: skip
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "jaxpatience",
+            "max_model_len": engine.max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
     async def complete(request: Request, chat: bool):
@@ -190,8 +234,9 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
         pending = _Request(engine, settings)
         pending.submit()
         if settings.stream:
-            return StreamingResponse(_stream(pending, tokenizer, chat=chat, model=model_name),
-                                     media_type="text/event-stream")  # fmt: skip
+            return StreamingResponse(
+                _stream(pending, tokenizer, chat=chat, model=model_name), media_type="text/event-stream"
+            )
         result = await _collect(request, pending, tokenizer, chat=chat, model=model_name)
         return JSONResponse(result if result is not None else {}, status_code=200 if result is not None else 499)
 
@@ -235,14 +280,6 @@ FLAGS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    import dataclasses
-
-    import uvicorn
-
-    from jaxpatience import sharding
-    from jaxpatience.model import lora
-    from jaxpatience.model.weights import load_pretrained
-
     parser = command_parser("jaxpatience serve", "Serve a checkpoint over an OpenAI-compatible HTTP API.", FLAGS)
     config = config_from_args(ServeConfig, parser.parse_intermixed_args(argv)).validate()
     if sharding.initialize_distributed():
@@ -259,8 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     context = model.config.max_position_embeddings
     if config.max_model_len is not None and config.max_model_len > context:
         raise ConfigError(f"max_model_len={config.max_model_len} is more than the model's context of {context}.")
-    engine = LiveEngine(model, tokenizer, slots=config.slots, max_model_len=config.max_model_len,
-                        chunk_steps=config.chunk_steps, max_queue=config.max_queue, mesh=mesh).start()  # fmt: skip
+    engine = LiveEngine(
+        model,
+        tokenizer,
+        slots=config.slots,
+        max_model_len=config.max_model_len,
+        chunk_steps=config.chunk_steps,
+        max_queue=config.max_queue,
+        mesh=mesh,
+    ).start()
     name = config.served_model_name or Path(config.model).resolve().name
     api_key = config.api_key or os.environ.get("JAXPATIENCE_API_KEY") or None
     try:
@@ -268,11 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app(engine, tokenizer, model_name=name, api_key=api_key)
         # In-flight requests get 10 s to finish on Ctrl-C / SIGTERM; a failed engine stops the server (exit 1), so
         # that a supervisor can restart it rather than keep a process that answers 503.
-        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                               timeout_graceful_shutdown=10))  # fmt: skip
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=10)
+        )
         engine.on_failure = lambda: setattr(server, "should_exit", True)
-        print(f"serving {name!r} at http://{config.host}:{config.port}/v1 ({engine.max_slots} slots, context "
-              f"{engine.max_model_len} tokens{', API key required' if api_key else ''})", flush=True)  # fmt: skip
+        print(
+            f"serving {name!r} at http://{config.host}:{config.port}/v1 ({engine.max_slots} slots, context "
+            f"{engine.max_model_len} tokens{', API key required' if api_key else ''})",
+            flush=True,
+        )
         server.run()
     finally:
         engine.stop()

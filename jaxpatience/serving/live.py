@@ -6,7 +6,7 @@
     engine.submit(job)   # QueueFull when too many wait; engine.cancel(job) frees its slots
     engine.stop()
 
-engine.py's `run_slots` decodes one known list of prompts; here a thread owns the slots for the server's life and
+slots.py's `run_slots` decodes one known list of prompts; here a thread owns the slots for the server's life and
 loops: admit waiting jobs into free slots (one prefill per prompt, its n samples copied), decode a chunk of at
 most `chunk_steps` tokens, then hand each busy row its new tokens (`Delta`s: text, ids, log-probs) and free the
 rows that finished or whose job was cancelled. A new request therefore waits at most one chunk for its first
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpatience import sharding
-from jaxpatience.generation import slots as engine
+from jaxpatience.generation import slots as slot_engine  # `slots` is also LiveEngine(slots=...), the slot count
 from jaxpatience.generation.api import default_stop_ids
 from jaxpatience.generation.sampling import ROW_FILTERED, ROW_PLAIN, Sampler
 from jaxpatience.generation.shapes import bucket, round_up
@@ -100,8 +100,17 @@ class _Row:
 class LiveEngine:
     """The server's slot engine: one thread, one device state, jobs in and Deltas out."""
 
-    def __init__(self, model, tokenizer, *, slots: int = 16, max_model_len: int | None = None,
-                 chunk_steps: int = 8, max_queue: int = 256, mesh=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        slots: int = 16,
+        max_model_len: int | None = None,
+        chunk_steps: int = 8,
+        max_queue: int = 256,
+        mesh=None,
+    ):
         config = model.config
         self.max_model_len = max_model_len or config.max_position_embeddings
         self.tokenizer, self.mesh, self.chunk_steps, self.max_queue = tokenizer, mesh, chunk_steps, max_queue
@@ -137,7 +146,7 @@ class LiveEngine:
     def start(self) -> LiveEngine:
         size = round_up(1, self.batch_shards)
         self._rows = [None] * size
-        self._slots = engine.empty_slots(self, (size, *self._shape))
+        self._slots = slot_engine.empty_slots(self, (size, *self._shape))
         self._thread = threading.Thread(target=self._run, name="jaxpatience-engine", daemon=True)
         self._thread.start()
         return self
@@ -212,7 +221,7 @@ class LiveEngine:
         """Free the slots of cancelled jobs' rows."""
         gone = [slot for slot, row in enumerate(self._rows) if row is not None and row.job.cancelled]
         if gone:
-            self._slots = engine.release(self, self._slots, gone)
+            self._slots = slot_engine.release(self, self._slots, gone)
             for slot in gone:
                 self._rows[slot] = None
 
@@ -222,7 +231,7 @@ class LiveEngine:
         busy = [slot for slot, row in enumerate(self._rows) if row is not None]
         keep = busy + [old + i for i in range(size - len(busy))]  # indices >= old: new free slots
         rows = [self._rows[slot] for slot in busy] + [None] * (size - len(busy))
-        self._slots = engine.resize(self, self._slots, keep)
+        self._slots = slot_engine.resize(self, self._slots, keep)
         self._rows = rows
 
     def _insert(self, jobs: list[Job]) -> None:
@@ -239,12 +248,22 @@ class LiveEngine:
                 for sample in range(job.n):
                     slot = free[len(rows)]
                     row_id = job.seed_index * job.n + sample
-                    rows.append(engine.Row(slot=slot, prompt=prompt, row_id=row_id, budget=job.max_tokens,
-                                           stop_ids=job.stop_ids, seed=job.seed, temperature=job.temperature,
-                                           top_p=job.top_p, top_k=job.top_k))  # fmt: skip
+                    rows.append(
+                        slot_engine.Row(
+                            slot=slot,
+                            prompt=prompt,
+                            row_id=row_id,
+                            budget=job.max_tokens,
+                            stop_ids=job.stop_ids,
+                            seed=job.seed,
+                            temperature=job.temperature,
+                            top_p=job.top_p,
+                            top_k=job.top_k,
+                        )
+                    )
                     self._rows[slot] = _Row(job, sample)
             sampler = _sampler(group)
-            self._slots = engine.insert(self, self._slots, sampler, [job.prompt_ids for job in group], rows)
+            self._slots = slot_engine.insert(self, self._slots, sampler, [job.prompt_ids for job in group], rows)
             self.stats["rows"] += len(rows)
 
     def _decode(self) -> None:
@@ -259,8 +278,9 @@ class LiveEngine:
         # job's rows would fit.
         refill_at = min(size - len(busy) + max(1, waiting), size)
         sampler = _sampler([self._rows[slot].job for slot in busy])
-        self._slots, steps = engine.decode_chunk(self, self._slots, sampler, steps=self.chunk_steps,
-                                                 refill_at=refill_at, busy=busy)  # fmt: skip
+        self._slots, steps = slot_engine.decode_chunk(
+            self, self._slots, sampler, steps=self.chunk_steps, refill_at=refill_at, busy=busy
+        )
         self.stats["chunks"] += 1
         self.stats["decode_steps"] += steps
         done, count, stopped = (sharding.fetch(a) for a in (self._slots.done, self._slots.count, self._slots.stopped))
@@ -281,7 +301,7 @@ class LiveEngine:
         if finished:
             still_busy = [slot for slot in finished if not done[slot]]  # a stop string ended them: free the slots
             if still_busy:
-                self._slots = engine.release(self, self._slots, still_busy)
+                self._slots = slot_engine.release(self, self._slots, still_busy)
             for slot in finished:
                 self._rows[slot] = None
 
@@ -302,8 +322,13 @@ class LiveEngine:
         tokens = len(row.ids)  # while streaming, only the tokens whose text goes out now
         while not reason and tokens > row.sent_tokens and len(self._decode_ids(row.ids[:tokens])) > end:
             tokens -= 1
-        delta = Delta(row.sample, text[row.sent_text : max(end, row.sent_text)], row.ids[row.sent_tokens : tokens],
-                      row.logprobs[row.sent_tokens : tokens], finish_reason=reason)  # fmt: skip
+        delta = Delta(
+            row.sample,
+            text[row.sent_text : max(end, row.sent_text)],
+            row.ids[row.sent_tokens : tokens],
+            row.logprobs[row.sent_tokens : tokens],
+            finish_reason=reason,
+        )
         row.sent_text, row.sent_tokens = max(end, row.sent_text), tokens
         row.job.emit(delta)
         return reason is not None

@@ -1,6 +1,6 @@
 """The OpenAI wire format of `jaxpatience serve`: request bodies in (checked field by field), response bodies out.
 
-No web framework and no JAX here: serve.py moves bytes, this file says what they mean, and the tests call it
+No web framework and no JAX here: app.py moves bytes, this file says what they mean, and the tests call it
 directly. A bad field is an `ApiError` (HTTP status + one sentence naming the field), returned in OpenAI's error
 shape `{"error": {"message", "type", "param", "code"}}`.
 
@@ -25,9 +25,15 @@ from typing import Any
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; lm-evaluation-harness's local-completions may send more
 ACCEPTED_ONLY = {  # fields not implemented -> the values that ask for nothing (besides null)
-    "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
-    "frequency_penalty": (0,), "tools": ([],), "response_format": ({"type": "text"},),
-}  # fmt: skip
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "tools": ([],),
+    "response_format": ({"type": "text"},),
+}
 
 
 class ApiError(Exception):
@@ -84,8 +90,9 @@ def check_body(body: Any, served_name: str) -> dict:
     if model is not None and not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string, not {type(model).__name__}.", "model")
     if model not in (None, served_name):
-        raise ApiError(404, f"model {model!r} does not exist; this server serves {served_name!r}.", "model",
-                       "not_found_error")  # fmt: skip
+        raise ApiError(
+            404, f"model {model!r} does not exist; this server serves {served_name!r}.", "model", "not_found_error"
+        )
     for name, accepted in ACCEPTED_ONLY.items():
         if body.get(name) is not None and body[name] not in accepted:
             raise ApiError(400, f"'{name}' = {body[name]!r:.40} is not supported by this server.", name)
@@ -125,8 +132,10 @@ def chat_prompt(body: dict, tokenizer) -> list[list[int]]:
         if content is None and message["role"] == "assistant":  # an assistant turn that only called tools
             content = ""
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-                       for part in content):  # fmt: skip
+            if not all(
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                for part in content
+            ):
                 raise ApiError(400, f"messages[{i}].content may hold text parts only.", "messages")
             content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
@@ -141,8 +150,11 @@ def chat_prompt(body: dict, tokenizer) -> list[list[int]]:
 
 def _check_prompt_ids(prompt_ids: list[list[int]], vocab: int, max_prompts: int) -> None:
     if len(prompt_ids) > max_prompts:
-        raise ApiError(400, f"the request holds {len(prompt_ids)} prompts; this server queues at most {max_prompts} "
-                            "(--max-queue).", "prompt")  # fmt: skip
+        raise ApiError(
+            400,
+            f"the request holds {len(prompt_ids)} prompts; this server queues at most {max_prompts} (--max-queue).",
+            "prompt",
+        )
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise ApiError(400, f"prompt {i} is empty.", "prompt")
@@ -150,11 +162,8 @@ def _check_prompt_ids(prompt_ids: list[list[int]], vocab: int, max_prompts: int)
             raise ApiError(400, f"prompt {i} holds a token id outside the vocabulary [0, {vocab}).", "prompt")
 
 
-def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, chat: bool, max_model_len: int,
-                      max_n: int, max_prompts: int, end_ids: list[int]) -> Settings:  # fmt: skip
-    """Check every sampling field against the model (vocabulary, context) and the server (slots, queue)."""
-    vocab = len(tokenizer)
-    _check_prompt_ids(prompt_ids, vocab, max_prompts)
+def _sampler_fields(body: dict, vocab: int, max_n: int) -> tuple[float, float, int, int, int]:
+    """temperature, top_p, top_k (0: off), n and seed, each checked; a request without a seed gets a random one."""
     number = (int, float)
     temperature = _field(body, "temperature", number, 1.0, "a number")
     top_p = _field(body, "top_p", number, 1.0, "a number")
@@ -167,6 +176,12 @@ def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, cha
     seed = _field(body, "seed", (int,), None, "an integer")
     seed = secrets.randbits(32) if seed is None else seed % 2**32  # any integer, as OpenAI takes
     top_k = min(top_k, vocab)  # a larger cut keeps every token anyway
+    return float(temperature), float(top_p), max(top_k, 0), n, seed
+
+
+def _stop_fields(body: dict, tokenizer, end_ids: list[int]) -> tuple[list[str], list[int]]:
+    """`stop` (the strings matched on the text) and the token ids that end a row: the tokenizer's end tokens
+    (none with `ignore_eos`) and each stop string that is a single token of the vocabulary."""
     stop = _field(body, "stop", (str, list), [], "a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP_STRINGS:
@@ -176,6 +191,12 @@ def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, cha
     stop_ids = [] if ignore_eos else list(end_ids)
     stop_ids += [vocab_ids[s] for s in stop if s in vocab_ids]  # a special token such as "<|im_end|>" never reaches
     # the text (it is skipped when decoding), so a one-token stop string also stops as a token
+    return [s for s in stop if s], sorted(set(stop_ids))
+
+
+def _output_fields(body: dict, chat: bool) -> tuple[bool, bool, bool]:
+    """What the answer carries: stream, stream_options.include_usage, and logprobs (completions: an integer in
+    [0, 5], where 0 too asks for the chosen tokens' log-probabilities; chat: true or false)."""
     stream = _field(body, "stream", (bool,), False, "true or false")
     options = _field(body, "stream_options", (dict,), {}, "an object")
     include_usage = _field(options, "include_usage", (bool,), False, "true or false")
@@ -184,26 +205,68 @@ def sampling_settings(body: dict, prompt_ids: list[list[int]], tokenizer, *, cha
     logprobs = _field(body, "logprobs", (bool,) if chat else (int,), None, "true or false" if chat else "an integer")
     if not chat and logprobs is not None:
         _in_range("logprobs", logprobs, 0 <= logprobs <= 5, "in [0, 5]")
+    return stream, include_usage, bool(logprobs) or (logprobs == 0 and not chat)
+
+
+def _max_tokens(body: dict, prompt_ids: list[list[int]], *, chat: bool, max_model_len: int) -> int:
+    """max_tokens (chat: or max_completion_tokens), which must fit in the context after the longest prompt;
+    when not given, OpenAI's defaults: the rest of the context (chat) or 16 tokens (completions)."""
     longest = max(map(len, prompt_ids))
     room = max_model_len - longest
     if room < 1:
-        raise ApiError(400, f"the prompt has {_tokens(longest)}, which leaves no room in the context of "
-                            f"{_tokens(max_model_len)}.", "prompt")  # fmt: skip
+        raise ApiError(
+            400,
+            f"the prompt has {_tokens(longest)}, which leaves no room in the context of {_tokens(max_model_len)}.",
+            "prompt",
+        )
     names = ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",)
-    max_tokens = next((_field(body, name, (int,), None, "an integer") for name in names if body.get(name) is not None),
-                      None)  # fmt: skip
+    given = (_field(body, name, (int,), None, "an integer") for name in names if body.get(name) is not None)
+    max_tokens = next(given, None)
     if max_tokens is None:
-        max_tokens = room if chat else min(16, room)  # OpenAI's defaults: the rest of the context / 16
+        max_tokens = room if chat else min(16, room)
     _in_range("max_tokens", max_tokens, max_tokens >= 1, ">= 1")
     if longest + max_tokens > max_model_len:
-        raise ApiError(400, f"the prompt has {_tokens(longest)} and max_tokens is {max_tokens}: "
-                            f"{longest + max_tokens} tokens, more than the context of {max_model_len}; lower "
-                            "max_tokens.", "max_tokens")  # fmt: skip
-    return Settings(prompt_ids=prompt_ids, max_tokens=max_tokens, n=n, temperature=float(temperature),
-                    top_p=float(top_p), top_k=max(top_k, 0), seed=seed, stop_ids=sorted(set(stop_ids)),
-                    stop_strings=[s for s in stop if s], stream=stream,
-                    include_usage=include_usage, logprobs=bool(logprobs) or
-                    (logprobs == 0 and not chat))  # fmt: skip
+        raise ApiError(
+            400,
+            f"the prompt has {_tokens(longest)} and max_tokens is {max_tokens}: {longest + max_tokens} tokens, more "
+            f"than the context of {max_model_len}; lower max_tokens.",
+            "max_tokens",
+        )
+    return max_tokens
+
+
+def sampling_settings(
+    body: dict,
+    prompt_ids: list[list[int]],
+    tokenizer,
+    *,
+    chat: bool,
+    max_model_len: int,
+    max_n: int,
+    max_prompts: int,
+    end_ids: list[int],
+) -> Settings:
+    """Check every sampling field against the model (vocabulary, context) and the server (slots, queue)."""
+    vocab = len(tokenizer)
+    _check_prompt_ids(prompt_ids, vocab, max_prompts)
+    temperature, top_p, top_k, n, seed = _sampler_fields(body, vocab, max_n)
+    stop_strings, stop_ids = _stop_fields(body, tokenizer, end_ids)
+    stream, include_usage, logprobs = _output_fields(body, chat)
+    max_tokens = _max_tokens(body, prompt_ids, chat=chat, max_model_len=max_model_len)
+    return Settings(
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop_ids=stop_ids,
+        stop_strings=stop_strings,
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=logprobs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,8 +282,11 @@ def new_id(chat: bool) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def logprobs_body(tokenizer, token_ids: list[int], logprobs: list[float], *, chat: bool, offset: int = 0) -> dict:
@@ -232,8 +298,12 @@ def logprobs_body(tokenizer, token_ids: list[int], logprobs: list[float], *, cha
     pieces = [tokenizer.decode([t]) for t in token_ids]
     if chat:
         rows = zip(token_ids, pieces, logprobs, strict=True)
-        return {"content": [{"token": piece, "logprob": lp, "bytes": list(_token_bytes(tokenizer, t, piece)),
-                             "top_logprobs": []} for t, piece, lp in rows]}  # fmt: skip
+        return {
+            "content": [
+                {"token": piece, "logprob": lp, "bytes": list(_token_bytes(tokenizer, t, piece)), "top_logprobs": []}
+                for t, piece, lp in rows
+            ]
+        }
     offsets = [offset + len(tokenizer.decode(token_ids[:i], skip_special_tokens=True)) for i in range(len(token_ids))]
     return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
 
@@ -260,20 +330,33 @@ def _unicode_to_bytes() -> dict[str, int]:
     return table
 
 
-def choice_body(index: int, text: str, finish_reason: str | None, logprobs: dict | None, *, chat: bool,
-                stream: bool, first: bool = False) -> dict:  # fmt: skip
+def choice_body(
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict | None,
+    *,
+    chat: bool,
+    stream: bool,
+    first: bool = False,
+) -> dict:
     """One choice of a response (stream: of a chunk)."""
     if not chat:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     if stream:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}  # fmt: skip
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
 
 
-def response_body(request_id: str, model: str, choices: list[dict], *, chat: bool, stream: bool,
-                  usage_body: dict | None) -> dict:  # fmt: skip
+def response_body(
+    request_id: str, model: str, choices: list[dict], *, chat: bool, stream: bool, usage_body: dict | None
+) -> dict:
     kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
     body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
     if usage_body is not None or not stream:
