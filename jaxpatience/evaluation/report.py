@@ -11,14 +11,16 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from jaxpatience.durability.metrics import read_metrics
+
 ANSWER_READINGS = ("strict", "flexible", "math_verify")  # the evaluator's answer readings (evaluate.METRICS)
 
 
 def figure(width: float = 6.0, height: float = 4.0, columns: int = 1):
     """(figure, axes) of a new figure drawn by the Agg canvas (no pyplot); `columns` > 1 gives a row of axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig, (fig.add_subplot() if columns == 1 else fig.subplots(1, columns))
@@ -31,13 +33,11 @@ def save(fig, path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Training (run.py): metrics.jsonl -> training.png.
+# Training (training/loop.py): metrics.jsonl -> training.png.
 
 
 def plot_training(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
     """Loss (left) and log-probs of chosen / rejected responses (right) over steps. None if nothing to plot."""
-    from jaxpatience.durability.metrics import read_metrics
-
     records = read_metrics(metrics_path)
     if not records:
         return None
@@ -60,7 +60,7 @@ def plot_training(metrics_path: str | Path, out_png: str | Path, title: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation (evaluate.py, `jaxpatience eval`).
+# Evaluation (evaluation/evaluate.py, `jaxpatience eval`).
 
 
 def plot_eval(summary: dict, out_dir: Path) -> dict[str, str]:
@@ -88,8 +88,10 @@ def plot_eval(summary: dict, out_dir: Path) -> dict[str, str]:
 def format_eval_summary(summary: dict) -> str:
     """An evaluation summary in a few lines for the terminal."""
     low, high = summary["accuracy_ci95"]
-    lines = [f"accuracy ({summary['metric']}): {summary['accuracy']:.3f}  [95% CI {low:.3f}-{high:.3f}]  "
-             f"n={summary['n_problems']}"]  # fmt: skip
+    lines = [
+        f"accuracy ({summary['metric']}): {summary['accuracy']:.3f}  [95% CI {low:.3f}-{high:.3f}]  "
+        f"n={summary['n_problems']}"
+    ]
     for name, m in summary["metrics"].items():
         lines.append(f"  {name:<12} {m['accuracy']:.3f}" if "accuracy" in m else f"  {name:<12} ({m['unavailable']})")
     if summary["samples"] > 1:
@@ -103,8 +105,10 @@ def format_eval_summary(summary: dict) -> str:
     timing = summary["timing"]
     if timing.get("tokens_per_s"):
         warm = f" ({timing['tokens_per_s_warm']:.1f} warm)" if timing.get("tokens_per_s_warm") else ""
-        lines.append(f"generation {timing['generation_s']:.1f}s, {timing['tokens_per_s']:.1f} tokens/s{warm}"
-                     + (f", wall {timing['wall_s']:.1f}s" if "wall_s" in timing else ""))  # fmt: skip
+        lines.append(
+            f"generation {timing['generation_s']:.1f}s, {timing['tokens_per_s']:.1f} tokens/s{warm}"
+            + (f", wall {timing['wall_s']:.1f}s" if "wall_s" in timing else "")
+        )
     return "\n".join(lines)
 
 
@@ -152,13 +156,15 @@ def compare_table(before: dict, after: dict, names: tuple[str, str] = ("A", "B")
     ci = [get(s, "accuracy_ci95") for s in (before, after)]
     table.insert(2, ("  95% CI", *("-" if c is None else f"{100 * c[0]:.1f}-{100 * c[1]:.1f}" for c in ci), ""))
     widths = [max(len(row[i]) for row in table) for i in range(4)]
-    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
-             for row in table]  # fmt: skip
+    lines = [
+        "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
+        for row in table
+    ]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Iterative RPO (irpo.py): accuracy per iteration.
+# Iterative RPO (recipes/irpo.py): accuracy per iteration.
 
 
 def irpo_table(rows: Sequence[dict]) -> str:
@@ -166,8 +172,10 @@ def irpo_table(rows: Sequence[dict]) -> str:
     for row in rows:
         ci = row.get("accuracy_ci95")
         ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
-        lines.append(f"{row['iteration']:>4}  {row['accuracy']:>8.3f}  {ci_text:>15}  {row.get('pairs', '-'):>6}  "
-                     f"{row['mean_response_tokens']:>12.1f}")  # fmt: skip
+        lines.append(
+            f"{row['iteration']:>4}  {row['accuracy']:>8.3f}  {ci_text:>15}  {row.get('pairs', '-'):>6}  "
+            f"{row['mean_response_tokens']:>12.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -187,21 +195,25 @@ def plot_irpo(rows: Sequence[dict], path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The demo (demo.py): one table and three plots over its stages.
+# The demo (recipes/demo.py): one table and three plots over its stages.
 
 
 def demo_table(summary: dict) -> str:
     lines = [f"{'stage':<30} {'accuracy':>8}  {'95% CI':>13}  {'patient':>7}  {'resp. tokens':>12}  {'wall s':>7}"]
-    named = [("base (SFT, concise default)", summary["base"]),
-             ("base, answer started", summary["base_forced_patient_start"]),
-             ("Patience (DPO + LoRA)", summary["patience"]),
-             ("Patience (DPO + NLL + LoRA)", summary["patience_nll"])]  # fmt: skip
+    named = [
+        ("base (SFT, concise default)", summary["base"]),
+        ("base, answer started", summary["base_forced_patient_start"]),
+        ("Patience (DPO + LoRA)", summary["patience"]),
+        ("Patience (DPO + NLL + LoRA)", summary["patience_nll"]),
+    ]
     named += [(f"IRPO iteration {r['iteration']} ({r['pairs']} pairs)", r) for r in summary["irpo"]]
     for name, r in named:
         low, high = r["accuracy_ci95"]
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else ""
-        lines.append(f"{name:<30} {r['accuracy']:>8.3f}  [{low:.2f}, {high:.2f}]  {r['patient_share']:>7.0%}  "
-                     f"{r['mean_response_tokens']:>12.1f}  {wall:>7}")  # fmt: skip
+        lines.append(
+            f"{name:<30} {r['accuracy']:>8.3f}  [{low:.2f}, {high:.2f}]  {r['patient_share']:>7.0%}  "
+            f"{r['mean_response_tokens']:>12.1f}  {wall:>7}"
+        )
     lines.append(f"(wall s: the stage's training, or IRPO's iterations all told; whole demo {summary['wall_s']:.0f} s)")
     return "\n".join(lines)
 
@@ -210,8 +222,10 @@ def plot_stage_accuracy(stages: Sequence[tuple[str, dict]], path: Path) -> str:
     """A bar per stage (name, row with accuracy and accuracy_ci95): base grey, Patience blue, IRPO orange."""
     fig, ax = figure(7)
     ys = [r["accuracy"] for _, r in stages]
-    errors = [[y - r["accuracy_ci95"][0] for y, (_, r) in zip(ys, stages, strict=True)],
-              [r["accuracy_ci95"][1] - y for y, (_, r) in zip(ys, stages, strict=True)]]  # fmt: skip
+    errors = [
+        [y - r["accuracy_ci95"][0] for y, (_, r) in zip(ys, stages, strict=True)],
+        [r["accuracy_ci95"][1] - y for y, (_, r) in zip(ys, stages, strict=True)],
+    ]
     colors = ["C1" if name.startswith("IRPO") else "grey" if name == "base" else "C0" for name, _ in stages]
     ax.bar([name for name, _ in stages], ys, yerr=errors, capsize=4, color=colors)
     ax.set(ylabel="held-out accuracy (95% CI)", ylim=(0, 1), title="Accuracy per stage")
@@ -237,8 +251,13 @@ def plot_logps(panels: dict[str, tuple[dict[str, Sequence[dict]], Sequence[str]]
         for i, (name, records) in enumerate(runs.items()):
             steps = [r["step"] for r in records]
             for side in sides:
-                ax.plot(steps, [r[f"logps/{side}"] for r in records], color=f"C{i}",
-                        linestyle="-" if side == "chosen" else "--", label=f"{name}: {side}")  # fmt: skip
+                ax.plot(
+                    steps,
+                    [r[f"logps/{side}"] for r in records],
+                    color=f"C{i}",
+                    linestyle="-" if side == "chosen" else "--",
+                    label=f"{name}: {side}",
+                )
         ax.set(xlabel="training step", ylabel="sequence log-prob (policy)", title=title)
         ax.legend(fontsize=8)
     return save(fig, path)

@@ -1,7 +1,7 @@
 """An evaluation's summary: accuracy per answer reading with 95% Wilson intervals, maj@k, response lengths,
 behaviour markers and timing, from the records of generations.jsonl (evaluate.py writes them).
 
-Pure functions of the records and the problems; answer reading itself is answers.py.
+Pure functions of the records and the problems; answer reading itself is data/answers.py.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def summarize(records: Sequence[dict], problems: Sequence[Problem], *, samples: 
         raise EvalError("no generations to summarize.")
     unavailable = answers.math_verify_available()
     use_math_verify = unavailable is None or metric == "math_verify"
-    scores = {pid: [answers.score_response(r["response"], gold[pid], use_math_verify=use_math_verify) for r in rs]
-              for pid, rs in by_problem.items()}  # fmt: skip
+    scores = {
+        pid: [answers.score_response(r["response"], gold[pid], use_math_verify=use_math_verify) for r in rs]
+        for pid, rs in by_problem.items()
+    }
     n = len(by_problem)
 
     def accuracy_of(name: str) -> dict:

@@ -31,11 +31,32 @@ from collections import defaultdict
 import numpy as np
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}  # fmt: skip
-_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
-               "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "async-start",
-               "async-done", "async-update"}  # fmt: skip
+_DTYPE_BYTES = {  # bytes per element, one row per width
+    "s4": 0.5, "u4": 0.5,
+    "pred": 1, "s8": 1, "u8": 1,
+    "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+    "f32": 4, "s32": 4, "u32": 4,
+    "f64": 8, "s64": 8, "u64": 8, "c64": 8,
+    "c128": 16,
+}  # fmt: skip
+_NO_TRAFFIC = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+    "async-start",
+    "async-done",
+    "async-update",
+}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
@@ -144,8 +165,9 @@ def _constant(instruction: Instruction | None) -> int | None:
     return int(value.group(1)) if value else None
 
 
-def _callees(instruction: Instruction, computations: dict | None = None, caller: dict | None = None
-             ) -> list[tuple[str, float]]:  # fmt: skip
+def _callees(
+    instruction: Instruction, computations: dict | None = None, caller: dict | None = None
+) -> list[tuple[str, float]]:
     """(computation, times per execution of the instruction) for every computation it calls."""
     attributes = instruction.attributes
     if instruction.opcode == "while":
@@ -201,8 +223,11 @@ def _matmul_flops(instruction: Instruction, table: dict[str, Instruction]) -> fl
         size, stride, dilate = int(field("size", "1")), int(field("stride", "1")), int(field("lhs_dilate", "1"))
         pad, window_dilate = int(field("pad", "0_0").split("_")[0]), int(field("rhs_dilate", "1"))
         extent, positions = (shapes[0][lhs.index(digit)] - 1) * dilate + 1, out[result.index(digit)]
-        hits = sum(0 <= (p := o * stride + j * window_dilate - pad) < extent and p % dilate == 0
-                   for o in range(positions) for j in range(size))  # fmt: skip
+        hits = sum(
+            0 <= (p := o * stride + j * window_dilate - pad) < extent and p % dilate == 0
+            for o in range(positions)
+            for j in range(size)
+        )
         taps *= hits / max(positions, 1)
     return 2.0 * math.prod(out) * shapes[1][rhs.index("i")] * taps
 
@@ -227,8 +252,10 @@ def _fusion_bytes(instruction: Instruction, computations, table) -> float:
             continue  # updated in place
         params = [i for i in body.values() if i.opcode == "parameter" and i.args.strip() == str(index)]
         users = [u for p in params for u in body.values() if p.name in u.operands]
-        sliced = users and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] in
-                               {p.name for p in params} for u in users)  # fmt: skip
+        sliced = users and all(
+            u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] in {p.name for p in params}
+            for u in users
+        )
         total += sum(shape_bytes(u.shape) for u in users) if sliced else full
     return total
 
@@ -326,8 +353,9 @@ def analyze(text: str, mesh_shape: dict[str, int]) -> Analysis:
     """FLOPs, HBM traffic and collectives per device of one execution of an optimised HLO module."""
     computations = parse_module(text)
     times = multipliers(computations)
-    fused = {c for instrs in computations.values() for i in instrs.values() if i.opcode == "fusion"
-             for c, _ in _callees(i)}  # fmt: skip
+    fused = {
+        c for instrs in computations.values() for i in instrs.values() if i.opcode == "fusion" for c, _ in _callees(i)
+    }
     scatters = _reduce_scatter_fusions(computations)
     flops = traffic = 0.0
     grouped: dict[tuple[str, tuple[str, ...]], dict] = {}
@@ -360,8 +388,10 @@ def _record(grouped: dict, kind: str, holder: Instruction, buffer: float, count:
     groups = replica_groups(holder.attributes)
     size = 2 if kind == "collective-permute" else len(groups[0]) if groups else math.prod(mesh_shape.values())
     axes = spanned_axes(groups, mesh_shape)
-    entry = grouped.setdefault((kind, tuple(axes)), {"kind": kind, "axes": axes, "count": 0, "bytes": 0.0,
-                                                     "group_size": size, "group": _widest(groups)})  # fmt: skip
+    entry = grouped.setdefault(
+        (kind, tuple(axes)),
+        {"kind": kind, "axes": axes, "count": 0, "bytes": 0.0, "group_size": size, "group": _widest(groups)},
+    )
     entry["count"] += int(round(count))
     entry["bytes"] += count * buffer
 

@@ -3,14 +3,14 @@
     jaxpatience plan --model qwen2-7b --job train --batch-size 64 --seq-len 1024 --lora-rank 16 \
         --target tpu:v5p:4x4x4 --meshes auto --json plan.json
 
-For every mesh the job's own program is built (train.lower_abstract_step: the step `jaxpatience train` runs,
-from shapes alone, nothing materialised) and compiled ahead of time for the target: `local` (the devices
-present), `cpu:N` (N CPU devices) or `tpu:TOPOLOGY` (abstract TPU devices through libtpu, the `[tpu]` extra).
-A row then holds the compile time; memory per device from the compiled program (frozen weights, trained
+For every mesh the job's own program is built (training/step.py's lower_abstract_step: the step `jaxpatience train`
+runs, from shapes alone, nothing materialised; rows.py) and compiled ahead of time for the target: `local` (the
+devices present), `cpu:N` (N CPU devices) or `tpu:TOPOLOGY` (abstract TPU devices through libtpu, the `[tpu]`
+extra). A row then holds the compile time; memory per device from the compiled program (frozen weights, trained
 parameters + optimizer state, batch, temporaries, outputs) against the chip's; XLA's FLOPs and the HLO's matmul
-FLOPs with loops counted (hlo.py) beside the model's FLOPs; every collective with its mesh axes; the roofline
-step time and MFU (roofline.py, chips.py). `--measure` runs real steps on local / CPU devices beside the
-prediction. Rows are ranked: meshes that fit first, fastest predicted step first.
+FLOPs with loops counted (hlo.py) beside the model's FLOPs; every collective with its mesh axes; the roofline step
+time and MFU (roofline.py, chips.py). `--measure` runs real steps on local / CPU devices beside the prediction.
+Rows are ranked: meshes that fit first, fastest predicted step first.
 
 Compiled rows are cached by job, mesh, target and the package's source (`--cache-dir`, default
 ~/.cache/jaxpatience/plan): another chip, format or ranking reuses them; `--no-cache` recompiles.
@@ -22,12 +22,18 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+import jax
+from jax.experimental import topologies
+
+from jaxpatience import sharding
 from jaxpatience.config import PRESETS, ConfigError, ModelConfig, preset
-from jaxpatience.planning import chips
+from jaxpatience.planning import chips, report
+from jaxpatience.planning.rows import CompileError, compile_row, host_chip, measure, predict
 
 MESH_AXES = ("data", "fsdp", "tensor")
 TPU_HINT = 'TPU targets need libtpu: pip install -e ".[tpu]" (or pip install "jax[tpu]" matching your jax).'
@@ -86,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--png", default=None, help="plot predicted time per term and memory per device")
     p.add_argument("--cache-dir", default=None, help="compiled rows (default ~/.cache/jaxpatience/plan)")
     p.add_argument("--no-cache", action="store_true", help="compile every mesh again")
-    return p.parse_args(argv)  # fmt: skip
+    return p.parse_args(argv)
 
 
 def load_model(name: str, dtype: str) -> ModelConfig:
@@ -112,8 +118,21 @@ def make_job(args: argparse.Namespace, dtype: str) -> Job:
     prompt = args.prompt_len or max(args.seq_len // 4, 1)
     if args.job == "decode" and not 0 < prompt < args.seq_len:
         raise ConfigError(f"--prompt-len must be between 1 and --seq-len - 1 ({args.seq_len - 1}), not {prompt}.")
-    return Job(args.model, model, args.job, args.batch_size, args.seq_len, args.lora_rank, args.remat, args.loss,
-               args.micro_batches, args.strategy, args.reference, prompt, not args.unrolled)  # fmt: skip
+    return Job(
+        args.model,
+        model,
+        args.job,
+        args.batch_size,
+        args.seq_len,
+        args.lora_rank,
+        args.remat,
+        args.loss,
+        args.micro_batches,
+        args.strategy,
+        args.reference,
+        prompt,
+        not args.unrolled,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,8 +141,6 @@ def make_job(args: argparse.Namespace, dtype: str) -> Job:
 
 def target_devices(target: str) -> list:
     """The devices a target names: local ones, N CPU devices, or abstract TPU devices of a topology."""
-    import jax
-
     if target == "local":
         return list(jax.devices())
     if target.startswith("cpu:"):
@@ -136,8 +153,6 @@ def target_devices(target: str) -> list:
             )
         return list(devices[:count])
     if target.startswith("tpu:"):
-        from jax.experimental import topologies
-
         try:
             return list(topologies.get_topology_desc(topology_name=target[4:], platform="tpu").devices)
         except RuntimeError as err:
@@ -150,16 +165,16 @@ def target_devices(target: str) -> list:
 def prepare_backends(target: str) -> None:
     """Before JAX starts its backends (a no-op once they run): N CPU devices for `cpu:N`; for `tpu:` targets the
     CPU backend only, so that a plan never takes a TPU VM's chips from a job running there, and libtpu loaded
-    beside other processes (ALLOW_MULTIPLE_LIBTPU_LOAD: the plan only compiles, it never runs on a TPU)."""
-    if target.startswith("tpu:"):
-        import jax
+    beside other processes (ALLOW_MULTIPLE_LIBTPU_LOAD: the plan only compiles, it never runs on a TPU).
 
+    Importing JAX (this module does, at its top) starts no backend and loads no libtpu: the backends start at the
+    first device query, and libtpu with the first TPU topology. So what matters is the order in `main`, which
+    calls this first, before `_chip_and_dtype` and `target_devices` ask for devices."""
+    if target.startswith("tpu:"):
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         jax.config.update("jax_platforms", "cpu")
     if target.startswith("cpu:"):
         count = _positive(target[4:], "cpu:N")
-        import jax
-
         jax.config.update("jax_platforms", "cpu")  # on a GPU host too: the plan compiles for CPU devices
         try:
             jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
@@ -178,8 +193,10 @@ def parse_meshes(text: str, devices: int, job: Job) -> list[dict[str, int]]:
     if text.strip() == "auto":
         meshes = [m for m in factorisations(devices) if mesh_problem(m, devices, job) is None]
         if not meshes:
-            raise ConfigError(f"no factorisation of {devices} devices over data/fsdp/tensor suits this job: "
-                              f"{mesh_problem({'data': devices, 'fsdp': 1, 'tensor': 1}, devices, job)}")  # fmt: skip
+            raise ConfigError(
+                f"no factorisation of {devices} devices over data/fsdp/tensor suits this job: "
+                f"{mesh_problem({'data': devices, 'fsdp': 1, 'tensor': 1}, devices, job)}"
+            )
         return meshes
     meshes = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
@@ -201,8 +218,9 @@ def parse_meshes(text: str, devices: int, job: Job) -> list[dict[str, int]]:
 def factorisations(devices: int) -> list[dict[str, int]]:
     """Every (data, fsdp, tensor) with data · fsdp · tensor = devices."""
     divisors = [d for d in range(1, devices + 1) if devices % d == 0]
-    return [dict(data=d, fsdp=f, tensor=devices // (d * f)) for d in divisors for f in divisors
-            if devices % (d * f) == 0]  # fmt: skip
+    return [
+        dict(data=d, fsdp=f, tensor=devices // (d * f)) for d in divisors for f in divisors if devices % (d * f) == 0
+    ]
 
 
 def mesh_problem(sizes: dict[str, int], devices: int, job: Job) -> str | None:
@@ -243,34 +261,27 @@ def _chip_and_dtype(args: argparse.Namespace) -> tuple[chips.Chip | None, str]:
 
 
 def _local_platform() -> str:
-    import jax
-
     return jax.devices()[0].platform
 
 
 def _local_device_kind() -> str:
-    import jax
-
     return jax.devices()[0].device_kind
 
 
 def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Namespace, chip: chips.Chip) -> dict:
     """One row: compiled (or an error row), predicted on `chip`, measured with --measure."""
-    from jaxpatience import sharding
-    from jaxpatience.planning import rows as plan_rows
-
     mesh = sharding.make_mesh(**sizes, devices=devices)
     cache = None if args.no_cache else Path(args.cache_dir or Path.home() / ".cache" / "jaxpatience" / "plan")
     try:
-        row = plan_rows.compile_row(job, mesh, args.target, cache)
-    except plan_rows.CompileError as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
+        row = compile_row(job, mesh, args.target, cache)
+    except CompileError as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
         return error_row(sizes, err)
     # flops: the compiled program's matmul FLOPs with loops counted (XLA's cost_analysis counts a loop once)
-    row = {"mesh": sizes, **row, "flops": row["hlo_flops"]} | plan_rows.predict(row, job, chip, len(devices))
+    row = {"mesh": sizes, **row, "flops": row["hlo_flops"]} | predict(row, job, chip, len(devices))
     row |= {"measured_step_s": None, "measured_mfu": None}
     if args.measure and row["fits"]:
         try:
-            seconds = plan_rows.measure(job, mesh, args.steps)
+            seconds = measure(job, mesh, args.steps)
         except Exception as err:  # e.g. out of memory at run time: the row says so, the other meshes go on
             return row | {"measure_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         row |= {"measured_step_s": seconds, "measured_mfu": row["model_flops"] / seconds / chip.peak_flops}
@@ -280,17 +291,23 @@ def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Nam
 def error_row(sizes: dict[str, int], err: Exception) -> dict:
     """A mesh XLA would not compile. When libtpu says how much its temporaries need, that figure is the row's
     `temp` and `total` (a lower bound: the arguments come on top)."""
-    import re
-
     text = str(err)  # libtpu: "the total memory required for HLO temporaries (216.78G) exceeds available HBM"
     used = re.search(r"(?:required for HLO temporaries \(|Used )([\d.]+)([KMGT])?", text)
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}
     temp = int(float(used.group(1)) * scale[used.group(2)]) if used else None  # a lower bound of the total
     line = next((part for part in text.splitlines() if "memory" in part.lower()), text.splitlines()[0] if text else "")
-    return {"mesh": sizes, "fits": False, "error": f"{type(err).__name__}: {line.strip()[:300]}",
-            "memory_bytes": {"weights": None, "trained": None, "batch": None, "temp": temp, "total": temp},
-            "flops": None, "model_flops": None, "collectives": [], "predicted_step_s": None,
-            "predicted_mfu": None, "measured_step_s": None}  # fmt: skip
+    return {
+        "mesh": sizes,
+        "fits": False,
+        "error": f"{type(err).__name__}: {line.strip()[:300]}",
+        "memory_bytes": {"weights": None, "trained": None, "batch": None, "temp": temp, "total": temp},
+        "flops": None,
+        "model_flops": None,
+        "collectives": [],
+        "predicted_step_s": None,
+        "predicted_mfu": None,
+        "measured_step_s": None,
+    }
 
 
 def rank(rows: list[dict]) -> list[dict]:
@@ -301,8 +318,6 @@ def rank(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxpatience.planning import report as plan_report
-
     args = parse_args(argv)
     prepare_backends(args.target)
     chip, dtype = _chip_and_dtype(args)
@@ -313,33 +328,33 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--measure on CPU devices compares with this CPU's own measured figures; drop --chip.")
     devices = target_devices(args.target)
     meshes = parse_meshes(args.meshes, len(devices), job)
-    chip = chips.with_spec(chip or _host_chip(devices), args.chip_spec)
-    print(f"plan: {args.model} {job.kind} B={job.batch_size} T={job.seq_len} {dtype} on {len(devices)}× "
-          f"{devices[0].device_kind} ({chip.name}): {len(meshes)} mesh(es)", file=sys.stderr)  # fmt: skip
+    chip = chips.with_spec(chip or host_chip(devices), args.chip_spec)
+    print(
+        f"plan: {args.model} {job.kind} B={job.batch_size} T={job.seq_len} {dtype} on {len(devices)}× "
+        f"{devices[0].device_kind} ({chip.name}): {len(meshes)} mesh(es)",
+        file=sys.stderr,
+    )
     rows = []
     for i, sizes in enumerate(meshes, 1):
         start = time.perf_counter()
         rows.append(plan_mesh(job, sizes, devices, args, chip))
-        print(f"  [{i}/{len(meshes)}] {plan_report.mesh_text(sizes)}: {time.perf_counter() - start:.1f}s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"  [{i}/{len(meshes)}] {report.mesh_text(sizes)}: {time.perf_counter() - start:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
     rows = rank(rows)
-    print(plan_report.table(rows))
+    print(report.table(rows))
     for row in rows:
-        print(f"  {plan_report.mesh_text(row['mesh'])}: {plan_report.collectives_text(row) or row.get('error', '')}")
-    for path, write in ((args.json, plan_report.write_json), (args.csv, plan_report.write_csv)):
+        print(f"  {report.mesh_text(row['mesh'])}: {report.collectives_text(row) or row.get('error', '')}")
+    for path, write in ((args.json, report.write_json), (args.csv, report.write_csv)):
         if path:
             write(rows, path)
     if args.markdown:
-        Path(args.markdown).write_text(plan_report.table(rows, markdown=True) + "\n")
+        Path(args.markdown).write_text(report.table(rows, markdown=True) + "\n")
     if args.png:
-        plan_report.write_png(rows, args.png, chip.hbm_bytes)
+        report.write_png(rows, args.png, chip.hbm_bytes)
     return 0
-
-
-def _host_chip(devices: list) -> chips.Chip:
-    from jaxpatience.planning import rows as plan_rows
-
-    return plan_rows.host_chip(devices)
 
 
 if __name__ == "__main__":

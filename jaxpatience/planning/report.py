@@ -7,11 +7,24 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxpatience.evaluation import report
+from jaxpatience.evaluation.report import figure, save
 
-COLUMNS = ("rank", "mesh", "fits", "mem GB", "temp GB", "temp/layer", "compile s", "HLO/model FLOPs", "gather GB",
-           "comm GB",
-           "pred ms (max/sum)", "pred MFU", "meas ms", "meas MFU")  # fmt: skip
+COLUMNS = (
+    "rank",
+    "mesh",
+    "fits",
+    "mem GB",
+    "temp GB",
+    "temp/layer",
+    "compile s",
+    "HLO/model FLOPs",
+    "gather GB",
+    "comm GB",
+    "pred ms (max/sum)",
+    "pred MFU",
+    "meas ms",
+    "meas MFU",
+)
 
 
 def mesh_text(sizes: dict[str, int]) -> str:
@@ -26,15 +39,21 @@ def _cells(row: dict) -> list[str]:
     ratio = row["hlo_flops"] / row["model_flops"] if row["model_flops"] else 0.0
     measured = row.get("measured_step_s")
     return [
-        str(row["rank"]), mesh_text(row["mesh"]), "yes" if row["fits"] else "NO", gb(memory["total"]),
-        gb(memory["temp"]), f"{memory['temp'] / row['layer_bytes']:.1f}",
-        f"{row['compile_s']:.1f}" + (" (cached)" if row.get("cached") else ""), f"{ratio:.2f}",
-        gb(row["gathered_bytes"]), gb(sum(c["bytes"] for c in row["collectives"])),
+        str(row["rank"]),
+        mesh_text(row["mesh"]),
+        "yes" if row["fits"] else "NO",
+        gb(memory["total"]),
+        gb(memory["temp"]),
+        f"{memory['temp'] / row['layer_bytes']:.1f}",
+        f"{row['compile_s']:.1f}" + (" (cached)" if row.get("cached") else ""),
+        f"{ratio:.2f}",
+        gb(row["gathered_bytes"]),
+        gb(sum(c["bytes"] for c in row["collectives"])),
         f"{row['predicted_step_s'] * 1e3:.3g} / {row['predicted_step_sum_s'] * 1e3:.3g}",
         f"{row['predicted_mfu']:.1%}",
         "" if measured is None else f"{measured * 1e3:.3g}",
         "" if row.get("measured_mfu") is None else f"{row['measured_mfu']:.1%}",
-    ]  # fmt: skip
+    ]
 
 
 def table(rows: Sequence[dict], markdown: bool = False) -> str:
@@ -49,8 +68,10 @@ def table(rows: Sequence[dict], markdown: bool = False) -> str:
 
 def collectives_text(row: dict) -> str:
     """`all-gather fsdp ×145 2.29 GB; ...` for one row."""
-    return "; ".join(f"{c['kind']} {'+'.join(c['axes']) or '-'} ×{c['count']} {c['bytes'] / 1e9:.3g} GB"
-                     for c in row.get("collectives", []))  # fmt: skip
+    return "; ".join(
+        f"{c['kind']} {'+'.join(c['axes']) or '-'} ×{c['count']} {c['bytes'] / 1e9:.3g} GB"
+        for c in row.get("collectives", [])
+    )
 
 
 def write_json(rows: Sequence[dict], path: str | Path) -> None:
@@ -58,10 +79,33 @@ def write_json(rows: Sequence[dict], path: str | Path) -> None:
 
 
 def write_csv(rows: Sequence[dict], path: str | Path) -> None:
-    fields = ("rank", "mesh", "fits", "weights", "trained", "batch", "temp", "output", "total", "compile_s",
-              "xla_flops", "hlo_flops", "model_flops", "layer_bytes", "gathered_bytes", "compute_s", "hbm_s",
-              "collective_s", "predicted_step_s", "predicted_step_sum_s", "predicted_mfu", "measured_step_s",
-              "measured_mfu", "collectives", "error")  # fmt: skip
+    fields = (
+        "rank",
+        "mesh",
+        "fits",
+        "weights",
+        "trained",
+        "batch",
+        "temp",
+        "output",
+        "total",
+        "compile_s",
+        "xla_flops",
+        "hlo_flops",
+        "model_flops",
+        "layer_bytes",
+        "gathered_bytes",
+        "compute_s",
+        "hbm_s",
+        "collective_s",
+        "predicted_step_s",
+        "predicted_step_sum_s",
+        "predicted_mfu",
+        "measured_step_s",
+        "measured_mfu",
+        "collectives",
+        "error",
+    )
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fields)
         writer.writeheader()
@@ -74,7 +118,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
 def write_png(rows: Sequence[dict], path: str | Path, capacity: float) -> str:
     """Left: predicted ms per term (stacked: the sum bound); right: memory per device against the chip's."""
     rows = [row for row in rows if "error" not in row]
-    fig, (time_axes, memory_axes) = report.figure(12, 0.45 * len(rows) + 2.0, columns=2)
+    fig, (time_axes, memory_axes) = figure(12, 0.45 * len(rows) + 2.0, columns=2)
     labels = [mesh_text(row["mesh"]) for row in rows]
     ys = range(len(rows))
     left = [0.0] * len(rows)
@@ -86,8 +130,13 @@ def write_png(rows: Sequence[dict], path: str | Path, capacity: float) -> str:
     time_axes.invert_yaxis()
     time_axes.legend(loc="lower right")
     left = [0.0] * len(rows)
-    for part, colour in (("weights", "tab:gray"), ("trained", "tab:orange"), ("batch", "tab:purple"),
-                         ("temp", "tab:cyan"), ("output", "tab:olive")):  # fmt: skip
+    for part, colour in (
+        ("weights", "tab:gray"),
+        ("trained", "tab:orange"),
+        ("batch", "tab:purple"),
+        ("temp", "tab:cyan"),
+        ("output", "tab:olive"),
+    ):
         values = [row["memory_bytes"].get(part, 0) / 1e9 for row in rows]
         memory_axes.barh(ys, values, left=left, color=colour, label=part)
         left = [a + b for a, b in zip(left, values, strict=True)]
@@ -95,4 +144,4 @@ def write_png(rows: Sequence[dict], path: str | Path, capacity: float) -> str:
     memory_axes.set(yticks=list(ys), yticklabels=labels, xlabel="GB per device")
     memory_axes.invert_yaxis()
     memory_axes.legend(loc="lower right")
-    return report.save(fig, path)
+    return save(fig, path)

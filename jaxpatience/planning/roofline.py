@@ -14,7 +14,7 @@ Model FLOPs count what the job needs, not what the program does (remat's recompu
 token: 2 per matmul weight (every projection and the LM head) plus attention scores and values counted causally
 (4·(T/2)·heads·head_dim per layer). A training step runs that forward (policy), the backward's input gradients
 (the same again), the weight gradients only in full-parameter training, and a second forward for the in-step
-reference of LoRA DPO: 6N per token for LoRA DPO, as bench_train.py counts.
+reference of LoRA DPO: 6N per token for LoRA DPO, as scripts/bench_train.py counts.
 """
 
 from __future__ import annotations
@@ -27,8 +27,13 @@ RING = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-to-all": 1.0, "all-reduce
 
 def forward_flops_per_token(config, seq_len: int) -> float:
     """Forward FLOPs per token of a Qwen2 config at sequence length T (see the module docstring)."""
-    d, f, n, k, h = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                     config.num_key_value_heads, config.resolved_head_dim)  # fmt: skip
+    d, f, n, k, h = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.resolved_head_dim,
+    )
     per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f  # q, o; k, v; gate, up, down
     matmul_weights = config.num_hidden_layers * per_layer + config.vocab_size * d  # + LM head
     return 2.0 * matmul_weights + config.num_hidden_layers * 2.0 * seq_len * n * h  # causal: T/2 keys on average

@@ -1,9 +1,9 @@
 """One row of a plan: the job's program compiled for one mesh, what it costs, and (optionally) measured.
 
-`compile_row` lowers the job through the project's own functions (training.lower_abstract_step; the engine's
-`_insert` and `_decode_chunk` for decoding) from abstract, sharded shapes, compiles it, and keeps what the
-compiled program says: memory per device, XLA's FLOPs, and hlo.analyze's loop-aware FLOPs, HBM traffic and
-collectives. `predict` adds the roofline for a chip; `measure` times real steps on real devices.
+`compile_row` lowers the job through the project's own functions (training/step.py's lower_abstract_step;
+generation/slots.py's `_insert` and `_decode_chunk` for decoding) from abstract, sharded shapes, compiles it, and
+keeps what the compiled program says: memory per device, XLA's FLOPs, and hlo.analyze's loop-aware FLOPs, HBM
+traffic and collectives. `predict` adds the roofline for a chip; `measure` times real steps on real devices.
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpatience import sharding
+from jaxpatience import sharding, training
+from jaxpatience.config import LoraConfig, LossConfig, MeshConfig, TrainConfig
+from jaxpatience.generation import slots
+from jaxpatience.generation.sampling import Sampler
+from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 from jaxpatience.planning import chips, hlo, roofline
 
 
@@ -33,13 +39,18 @@ LOSSES = {"dpo": (1.0, 0.0), "irpo": (1.0, 1.0), "sft": (0.0, 1.0)}  # (dpo_weig
 
 
 def train_config(job, sizes: dict[str, int]):
-    from jaxpatience.config import LoraConfig, LossConfig, MeshConfig, TrainConfig
-
+    """The TrainConfig `jaxpatience train` would run the job with on a mesh of `sizes`."""
     dpo, nll = LOSSES[job.loss]
-    return TrainConfig(mesh=MeshConfig(**sizes), lora=LoraConfig(rank=job.lora_rank) if job.lora_rank else None,
-                       loss=LossConfig(dpo_weight=dpo, nll_weight=nll), batch_size=job.batch_size,
-                       micro_batches=job.micro_batches, remat=job.remat, strategy=job.strategy,
-                       scan_layers=job.scan_layers)  # fmt: skip
+    return TrainConfig(
+        mesh=MeshConfig(**sizes),
+        lora=LoraConfig(rank=job.lora_rank) if job.lora_rank else None,
+        loss=LossConfig(dpo_weight=dpo, nll_weight=nll),
+        batch_size=job.batch_size,
+        micro_batches=job.micro_batches,
+        remat=job.remat,
+        strategy=job.strategy,
+        scan_layers=job.scan_layers,
+    )
 
 
 def train_batch(job) -> dict[str, jax.ShapeDtypeStruct]:
@@ -56,8 +67,14 @@ def model_flops(job) -> float:
     """The job's model FLOPs per step, all devices (roofline.py's convention)."""
     per_token = roofline.forward_flops_per_token(job.model, job.seq_len)
     if job.kind == "decode":  # one new token per slot, attending to the whole cache (not causal halves)
-        return job.batch_size * (per_token + job.model.num_hidden_layers * 2.0 * job.seq_len *
-                                 job.model.num_attention_heads * job.model.resolved_head_dim)  # fmt: skip
+        return job.batch_size * (
+            per_token
+            + job.model.num_hidden_layers
+            * 2.0
+            * job.seq_len
+            * job.model.num_attention_heads
+            * job.model.resolved_head_dim
+        )
     dpo = LOSSES[job.loss][0] > 0
     tokens = job.batch_size * job.seq_len * (2 if dpo else 1)  # SFT's padded step skips the rejected rows
     in_step = job.reference == "in-step" and "ref_logps" not in train_batch(job)
@@ -66,8 +83,10 @@ def model_flops(job) -> float:
 
 def _per_device_bytes(infos, shardings) -> int:
     infos = jax.tree.leaves(infos, is_leaf=lambda x: hasattr(x, "donated"))
-    return sum(math.prod(s.shard_shape(tuple(i.shape))) * np.dtype(i.dtype).itemsize
-               for i, s in zip(infos, jax.tree.leaves(shardings), strict=True))  # fmt: skip
+    return sum(
+        math.prod(s.shard_shape(tuple(i.shape))) * np.dtype(i.dtype).itemsize
+        for i, s in zip(infos, jax.tree.leaves(shardings), strict=True)
+    )
 
 
 def memory_split(lowered, compiled, parts: dict[str, int]) -> dict[str, int]:
@@ -81,49 +100,74 @@ def memory_split(lowered, compiled, parts: dict[str, int]) -> dict[str, int]:
 
 
 def lower_train(job, mesh):
-    from jaxpatience import training
-
+    """The train step, lowered from abstract shapes: [(name, lowered, argument index of each memory part)]."""
     lowered = training.lower_abstract_step(job.model, train_config(job, dict(mesh.shape)), mesh, train_batch(job))
     return [("step", lowered, {"trained": 0, "weights": 1, "batch": 2})]
 
 
 def _abstract(tree, shardings):
     """ShapeDtypeStructs with shardings in place of an NNX state's abstract values."""
-    return jax.tree.map(lambda s, v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
-                                                                     sharding=s)), shardings, tree)  # fmt: skip
+    return jax.tree.map(
+        lambda s, v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
+        shardings,
+        tree,
+    )
 
 
 def lower_decode(job, mesh):
     """The prefill of `batch_size` prompts of `prompt_len` tokens into empty slots, and one decode step."""
-    from flax import nnx
-
-    from jaxpatience.generation import slots as engine
-    from jaxpatience.generation.sampling import Sampler
-    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
-
     config = job.model
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))))
     state = _abstract(state, sharding.state_shardings(mesh, state))
-    shape = (config.num_hidden_layers, job.batch_size, job.seq_len, config.num_key_value_heads,
-             config.resolved_head_dim, job.seq_len - job.prompt_len, 4, config.compute_dtype)  # fmt: skip
-    empty = engine._empty_slots.lower(shape=shape, mesh=mesh).compile()
-    slots = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(lambda: engine._empty_slots(shape=shape, mesh=mesh)),
-        empty.output_shardings,
-    )
-    rows, scalar = job.batch_size, lambda dtype=jnp.int32: jax.ShapeDtypeStruct((), dtype)  # fmt: skip
+    empty_slots = _abstract_slots(job, mesh)
+    rows, scalar = job.batch_size, lambda dtype=jnp.int32: jax.ShapeDtypeStruct((), dtype)
     vector = lambda dtype=jnp.int32, *tail: jax.ShapeDtypeStruct((rows, *tail), dtype)
     settings = {name: vector() for name in ("row_id", "budget", "top_k")} | {
-        "stop_ids": vector(jnp.int32, 4), "seed": vector(jnp.uint32),
-        "temperature": vector(jnp.float32), "top_p": vector(jnp.float32)}  # fmt: skip
+        "stop_ids": vector(jnp.int32, 4),
+        "seed": vector(jnp.uint32),
+        "temperature": vector(jnp.float32),
+        "top_p": vector(jnp.float32),
+    }
     sampler = Sampler(greedy=True, top_k=0, use_top_p=False)
     prompts = jax.ShapeDtypeStruct((rows, job.prompt_len), jnp.int32)
-    prefill = engine._insert.lower(state, slots, prompts, prompts, vector(), vector(), settings, graphdef=graphdef,
-                                   sampler=sampler, mesh=mesh)  # fmt: skip
-    decode = engine._decode_chunk.lower(state, slots, scalar(), scalar(), graphdef=graphdef, sampler=sampler,
-                                        window=job.seq_len, mesh=mesh)  # fmt: skip
+    prefill = slots._insert.lower(
+        state,
+        empty_slots,
+        prompts,
+        prompts,
+        vector(),
+        vector(),
+        settings,
+        graphdef=graphdef,
+        sampler=sampler,
+        mesh=mesh,
+    )
+    decode = slots._decode_chunk.lower(
+        state, empty_slots, scalar(), scalar(), graphdef=graphdef, sampler=sampler, window=job.seq_len, mesh=mesh
+    )
     return [("step", decode, {"weights": 0, "trained": None, "batch": 1}), ("prefill", prefill, {})]
+
+
+def _abstract_slots(job, mesh):
+    """The engine's empty slots for the job (a KV cache of `seq_len` per row, room for `seq_len - prompt_len` new
+    tokens) as ShapeDtypeStructs, with the shardings the engine's own program gives them."""
+    config = job.model
+    shape = (
+        config.num_hidden_layers,
+        job.batch_size,
+        job.seq_len,
+        config.num_key_value_heads,
+        config.resolved_head_dim,
+        job.seq_len - job.prompt_len,
+        4,
+        config.compute_dtype,
+    )
+    empty = slots._empty_slots.lower(shape=shape, mesh=mesh).compile()
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(lambda: slots._empty_slots(shape=shape, mesh=mesh)),
+        empty.output_shardings,
+    )
 
 
 def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
@@ -144,9 +188,13 @@ def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
         cost = compiled.cost_analysis()
         cost = (cost[0] if isinstance(cost, list) else cost) or {}
         named = {k: v for k, v in parts.items() if v is not None}
-        facts = {"compile_s": round(seconds, 2), "xla_flops": float(cost.get("flops", 0.0)),
-                 "hlo_flops": analysis.dot_flops, "hbm_bytes": analysis.hbm_bytes,
-                 "collectives": analysis.collectives}  # fmt: skip
+        facts = {
+            "compile_s": round(seconds, 2),
+            "xla_flops": float(cost.get("flops", 0.0)),
+            "hlo_flops": analysis.dot_flops,
+            "hbm_bytes": analysis.hbm_bytes,
+            "collectives": analysis.collectives,
+        }
         if name == "step":
             memory = memory_split(lowered, compiled, named)
             row |= facts | {"memory_bytes": {"weights": 0, "trained": 0, "batch": 0} | memory}
@@ -160,7 +208,7 @@ def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
 
 def _cache_key(job, sizes: dict[str, int], target: str, device_kind: str) -> str:
     source = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):  # the package's code shapes the program
+    for path in sorted(Path(__file__).parents[1].rglob("*.py")):  # the package's code shapes the program
         source.update(path.read_bytes())
     fields = dataclasses.asdict(job) | {"model_name": None}
     try:
@@ -168,15 +216,23 @@ def _cache_key(job, sizes: dict[str, int], target: str, device_kind: str) -> str
     except importlib.metadata.PackageNotFoundError:
         libtpu = None
     flags = [os.environ.get(k) for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")]  # they change the compiled program
-    text = json.dumps([fields, sizes, target, device_kind, jax.__version__, libtpu, flags, source.hexdigest()],
-                      sort_keys=True, default=str)  # fmt: skip
+    text = json.dumps(
+        [fields, sizes, target, device_kind, jax.__version__, libtpu, flags, source.hexdigest()],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def layer_bytes(config) -> int:
     """One decoder layer's weights, whole (what FSDP gathers per layer), in the storage dtype."""
-    d, f, n, k, h = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                     config.num_key_value_heads, config.resolved_head_dim)  # fmt: skip
+    d, f, n, k, h = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.resolved_head_dim,
+    )
     count = 2 * d * n * h + 2 * d * k * h + (n + 2 * k) * h + 3 * d * f + 2 * d  # q, o; k, v; biases; MLP; norms
     return count * np.dtype(config.param_dtype).itemsize
 
@@ -203,8 +259,6 @@ def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
 def host_chip(devices: list) -> chips.Chip:
     """This machine's CPU devices as a chip: matmul FLOP/s and copy bandwidth measured on all devices at once
     (fake CPU devices share the cores, so each gets its share), memory = RAM / devices."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     mesh = sharding.make_mesh(data=len(devices), devices=devices)
     split = NamedSharding(mesh, PartitionSpec("data"))
     n = 512
@@ -214,7 +268,7 @@ def host_chip(devices: list) -> chips.Chip:
     copy = jax.jit(lambda a: a * 1.0001, out_shardings=split)
     flops = 2.0 * n**3 * len(devices) / _best_time(matmul, x)
     bandwidth = 2.0 * big.nbytes / _best_time(copy, big)
-    ram = float(np.prod([__import__("os").sysconf(k) for k in ("SC_PAGE_SIZE", "SC_PHYS_PAGES")]))
+    ram = float(np.prod([os.sysconf(k) for k in ("SC_PAGE_SIZE", "SC_PHYS_PAGES")]))
     per = lambda value: value / len(devices)
     return chips.Chip("cpu (measured)", per(flops), per(ram), per(bandwidth), per(bandwidth))
 
@@ -232,11 +286,6 @@ def _best_time(fn, x, repeats: int = 5) -> float:
 def measure(job, mesh, steps: int) -> float:
     """Median seconds of `steps` real train steps on `mesh` (random weights made in their shardings, a random
     batch at full length), after one compiling step."""
-    from flax import nnx
-
-    from jaxpatience import training
-    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
-
     if job.kind != "train":
         raise ValueError("--measure times train steps only; plan --job decode without it.")
     make = lambda: Qwen2ForCausalLM(job.model, rngs=nnx.Rngs(0))

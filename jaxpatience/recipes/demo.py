@@ -29,9 +29,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from flax import nnx
+
 from jaxpatience.config import (
     ConfigError,
     IrpoConfig,
+    ModelConfig,
     RunConfig,
     changed_keys,
     check_output_dir,
@@ -40,8 +43,15 @@ from jaxpatience.config import (
     read_json,
 )
 from jaxpatience.data import toy
+from jaxpatience.durability.metrics import read_metrics
 from jaxpatience.durability.store import read_jsonl, write_jsonl
 from jaxpatience.evaluation import report
+from jaxpatience.evaluation.evaluate import evaluate_checkpoint
+from jaxpatience.model.qwen2 import Qwen2ForCausalLM
+from jaxpatience.model.tokenizer import NUMBERS_SPLIT_REGEX, train_bpe_tokenizer
+from jaxpatience.model.weights import save_pretrained
+from jaxpatience.recipes.irpo import eval_config, run_irpo
+from jaxpatience.training.loop import train
 
 # The compact ChatML the toy model is trained and evaluated with (Qwen's, without the default system prompt).
 TOY_CHAT_TEMPLATE = (
@@ -99,20 +109,32 @@ class DemoConfig:
 # A reduced run of the same pipeline for the test suite and a quick look (about a minute on 2 CPU cores; the barely
 # trained model's accuracy is whatever it is, ~16% for seed 0).
 SMALL = (
-    "eval_problems=32", "hidden_size=64", "intermediate_size=128", "layers=1", "sft_patient_steps=20",
-    "sft_mixed_steps=150", "sft.train.batch_size=16", "sft.train.optimizer.warmup_steps=17", "patience_pairs=32",
-    "irpo_problems=32", "irpo.sampling.num_samples=4", "irpo.training.epochs=1", "irpo.generation_batch_size=32",
-    "irpo.sampling.max_new_tokens=64", "irpo.training.train.batch_size=8",
-)  # fmt: skip
+    "eval_problems=32",
+    "hidden_size=64",
+    "intermediate_size=128",
+    "layers=1",
+    "sft_patient_steps=20",
+    "sft_mixed_steps=150",
+    "sft.train.batch_size=16",
+    "sft.train.optimizer.warmup_steps=17",
+    "patience_pairs=32",
+    "irpo_problems=32",
+    "irpo.sampling.num_samples=4",
+    "irpo.training.epochs=1",
+    "irpo.generation_batch_size=32",
+    "irpo.sampling.max_new_tokens=64",
+    "irpo.training.train.batch_size=8",
+)
 TOY_CONFIG = "configs/toy.yaml"
 
 
-def load_demo_config(overrides: list[str] | tuple[str, ...] = (), *, small: bool = False,
-                     path: str | Path | None = None) -> DemoConfig:  # fmt: skip
+def load_demo_config(
+    overrides: list[str] | tuple[str, ...] = (), *, small: bool = False, path: str | Path | None = None
+) -> DemoConfig:
     """configs/toy.yaml, then `path` (a YAML file stating what differs from it), then SMALL when `small`, then
     `overrides` (key=value)."""
     # The repository's copy: under the working directory, or next to this package (editable installs).
-    candidates = [Path(TOY_CONFIG), Path(__file__).resolve().parents[1] / TOY_CONFIG]
+    candidates = [Path(TOY_CONFIG), Path(__file__).resolve().parents[2] / TOY_CONFIG]
     recipe = next((p for p in candidates if p.is_file()), None)
     if recipe is None and path is None:
         raise ConfigError(f"the demo's recipe {TOY_CONFIG} was not found; run from a clone of the repository.")
@@ -151,6 +173,7 @@ def make_data(config: DemoConfig, out: Path) -> dict[str, Path]:
 
 
 def data_files(out: Path) -> dict[str, Path]:
+    """The stage's JSONL files: SFT pairs, Patience pairs, IRPO problems and the held-out problems."""
     names = {"sft": "sft_pairs", "patience": "patience_pairs", "irpo": "irpo_problems", "heldout": "heldout"}
     return {key: out / f"{name}.jsonl" for key, name in names.items()}
 
@@ -167,23 +190,23 @@ def _pair(problem: toy.ToyProblem, patient_chosen: bool) -> dict:
 
 
 def make_init(config: DemoConfig, data: Path, out: Path) -> Path:
-    from flax import nnx
-
-    from jaxpatience.config import ModelConfig
-    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
-    from jaxpatience.model.tokenizer import NUMBERS_SPLIT_REGEX, train_bpe_tokenizer
-    from jaxpatience.model.weights import save_pretrained
-
+    """The untrained model (init/): a BPE tokenizer trained on the toy corpus, with the toy ChatML template, and
+    a random tiny Qwen2 of the configured shape, saved as an HF checkpoint."""
     # Whole numbers as tokens: with Qwen2's digit-by-digit split the tiny model learnt two-digit arithmetic far
     # more slowly (32% vs 77% of patient solutions right after 400 patient-only steps; docs/RESULTS.md).
     texts = (data / "corpus.txt").read_text().splitlines()
     tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size, split_regex=NUMBERS_SPLIT_REGEX)
     tokenizer.chat_template = TOY_CHAT_TEMPLATE
     model_config = ModelConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
-        tie_word_embeddings=True, max_position_embeddings=512,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.kv_heads,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    )
     model = Qwen2ForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
     return save_pretrained(model, tokenizer, out, overwrite=True)
 
@@ -217,17 +240,19 @@ def irpo_config(config: DemoConfig, base: Path, data: dict[str, Path], out: Path
     """IRPO from the base model on the toy problems; run_irpo sets each iteration's pairs file."""
     irpo = config.irpo
     return dataclasses.replace(
-        irpo, model=str(base), out_dir=str(out), train_problems=str(data["irpo"]), eval_problems=str(data["heldout"]),
-        sampling=dataclasses.replace(irpo.sampling, seed=config.seed), training=_seeded(irpo.training, config.seed),
-    )  # fmt: skip
+        irpo,
+        model=str(base),
+        out_dir=str(out),
+        train_problems=str(data["irpo"]),
+        eval_problems=str(data["heldout"]),
+        sampling=dataclasses.replace(irpo.sampling, seed=config.seed),
+        training=_seeded(irpo.training, config.seed),
+    )
 
 
 def evaluate_model(irpo: IrpoConfig, model_path: Path, out: Path, *, prefix: str = "", progress: bool = True) -> dict:
     """Greedy held-out accuracy (resumable; read back when done), exactly as IRPO evaluates its iterations
     (irpo.eval_config). `prefix` starts every answer for the model (not counted as response)."""
-    from jaxpatience.evaluation.evaluate import evaluate_checkpoint
-    from jaxpatience.recipes.irpo import eval_config
-
     config = eval_config(irpo, model_path, "eval", out, seed=irpo.sampling.seed)
     return evaluate_checkpoint(config, answer_prefix=prefix, reuse=True, progress=progress)
 
@@ -238,9 +263,6 @@ def evaluate_model(irpo: IrpoConfig, model_path: Path, out: Path, *, prefix: str
 
 def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True) -> dict:
     """Run (or resume) every stage; returns the summary (also OUT/summary.json) and writes the plots."""
-    from jaxpatience.recipes.irpo import run_irpo
-    from jaxpatience.training.loop import train
-
     out = Path(out)
     _check_same_config(config, out)
     timings = _Timings(out / "timings.json")
@@ -263,26 +285,32 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True) -> d
     rows = {}
     with timings.stage("base_eval", done=(out / "irpo" / "base_eval" / "summary.json").is_file()) as skip:
         _banner("base model: held-out accuracy", skip)
-        rows["base"] = evaluate_model(irpo_run, base_model, out / "irpo" / "base_eval",
-                                      progress=progress)  # fmt: skip
+        rows["base"] = evaluate_model(irpo_run, base_model, out / "irpo" / "base_eval", progress=progress)
     with timings.stage("forced_eval", done=(out / "forced_eval" / "summary.json").is_file()) as skip:
         _banner(f"base model, answer started with {PATIENT_START!r}: the latent skill", skip)
-        rows["forced"] = evaluate_model(irpo_run, base_model, out / "forced_eval",
-                                        prefix=PATIENT_START, progress=progress)  # fmt: skip
+        rows["forced"] = evaluate_model(
+            irpo_run, base_model, out / "forced_eval", prefix=PATIENT_START, progress=progress
+        )
     for name, nll in (("patience", False), ("patience_nll", True)):
-        rows[name] = _patience_stage(config, base_model, files["patience"], out, irpo_run, timings, name, nll,
-                                     progress)  # fmt: skip
+        rows[name] = _patience_stage(config, base_model, files["patience"], out, irpo_run, timings, name, nll, progress)
     with timings.stage("irpo", done=(out / "irpo" / "summary.json").is_file()) as skip:
         _banner("Iterative RPO from the same base: sample, pair by correctness, DPO + NLL, evaluate", skip)
         irpo = run_irpo(irpo_run, progress=progress)
     return report_demo(config, out, rows, irpo["iterations"][1:], timings.load())
 
 
-def _patience_stage(config: DemoConfig, base: Path, pairs: Path, out: Path, irpo_run: IrpoConfig,
-                    timings: _Timings, name: str, nll: bool, progress: bool) -> dict:  # fmt: skip
+def _patience_stage(
+    config: DemoConfig,
+    base: Path,
+    pairs: Path,
+    out: Path,
+    irpo_run: IrpoConfig,
+    timings: _Timings,
+    name: str,
+    nll: bool,
+    progress: bool,
+) -> dict:
     """Train (OUT/NAME) and evaluate (OUT/NAME_eval) one Patience model: DPO + LoRA, with an NLL term if `nll`."""
-    from jaxpatience.training.loop import train
-
     loss = "DPO + NLL" if nll else "DPO"
     with timings.stage(f"{name}_train", done=(out / name / "summary.json").is_file()) as skip:
         if not skip:
@@ -318,28 +346,37 @@ def _banner(text: str, done: bool = False) -> None:
 
 
 def _check_same_config(config: DemoConfig, out: Path) -> None:
+    """Refuse to resume `out` with other settings (its finished stages would be reused); record them if new."""
     path = out / "demo_config.json"
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as the file holds them
     if path.is_file():
         saved = read_json(path)
         if saved != current:
             changed = changed_keys(saved, current)
-            raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)}); "
-                              f"use another --out or --overwrite.")  # fmt: skip
+            raise ConfigError(
+                f"{out} holds a demo run with other settings ({', '.join(changed)}); use another --out or --overwrite."
+            )
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(current, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------------
-# The report (tables and plots are drawn by report.py).
+# The report (tables and plots are drawn by evaluation/report.py).
 
 
 def _row(summary: dict, generations: Path, seconds: float | None, prefix: str = "") -> dict:
+    """One stage's line of the report: its evaluation's numbers, its wall time, and the share of its answers
+    that are patient (start with PATIENT_START, counting the `prefix` the model was given)."""
     responses = [record["response"] for record in read_jsonl(generations)]
     patient = sum((prefix + r).lstrip().startswith(PATIENT_START) for r in responses) / max(len(responses), 1)
-    return {"accuracy": summary["accuracy"], "accuracy_ci95": summary["accuracy_ci95"],
-            "mean_response_tokens": summary["mean_response_tokens"], "patient_share": patient,
-            "n": summary["n_problems"], "wall_s": seconds}  # fmt: skip
+    return {
+        "accuracy": summary["accuracy"],
+        "accuracy_ci95": summary["accuracy_ci95"],
+        "mean_response_tokens": summary["mean_response_tokens"],
+        "patient_share": patient,
+        "n": summary["n_problems"],
+        "wall_s": seconds,
+    }
 
 
 def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict], times: dict) -> dict:
@@ -347,8 +384,10 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
     irpo_dir = out / "irpo"
     base = _row(rows["base"], irpo_dir / "base_eval" / "generations.jsonl", times.get("base_sft"))
     forced = _row(rows["forced"], out / "forced_eval" / "generations.jsonl", times.get("forced_eval"), PATIENT_START)
-    patience = {name: _row(rows[name], out / f"{name}_eval" / "generations.jsonl", times.get(f"{name}_train"))
-                for name in ("patience", "patience_nll")}  # fmt: skip
+    patience = {
+        name: _row(rows[name], out / f"{name}_eval" / "generations.jsonl", times.get(f"{name}_train"))
+        for name in ("patience", "patience_nll")
+    }
     irpo = []
     for row in irpo_rows:
         it = row["iteration"]
@@ -358,8 +397,16 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
         irpo.append(entry)
     if irpo:  # the IRPO stage's time is reported once, on its first row, for all of its iterations
         irpo[0]["wall_s"] = times.get("irpo")
-    summary = {"seed": config.seed, "base": base, "base_forced_patient_start": forced, **patience, "irpo": irpo,
-               "stage_s": times, "wall_s": sum(times.values()), "config": dataclasses.asdict(config)}  # fmt: skip
+    summary = {
+        "seed": config.seed,
+        "base": base,
+        "base_forced_patient_start": forced,
+        **patience,
+        "irpo": irpo,
+        "stage_s": times,
+        "wall_s": sum(times.values()),
+        "config": dataclasses.asdict(config),
+    }
     summary["plots"] = _plots(summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + report.demo_table(summary))
@@ -369,19 +416,25 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
 def _plots(summary: dict, out: Path) -> dict[str, str]:
     """accuracy.png (per stage), response_length.png (base vs Patience), logps.png (the Patience runs' DPO vs
     DPO + NLL: chosen and rejected log-probs apart, so that the chosen one's scale shows; then IRPO's iterations)."""
-    from jaxpatience.durability.metrics import read_metrics
-
-    stages = [("base", summary["base"]), ("Patience", summary["patience"]),
-              ("Patience + NLL", summary["patience_nll"])]  # fmt: skip
+    stages = [("base", summary["base"]), ("Patience", summary["patience"]), ("Patience + NLL", summary["patience_nll"])]
     stages += [(f"IRPO {r['iteration']}", r) for r in summary["irpo"]]
-    folders = {"base": out / "irpo" / "base_eval", "Patience": out / "patience_eval",
-               "Patience + NLL": out / "patience_nll_eval"}  # fmt: skip
-    lengths = {name: [r["response_tokens"] for r in read_jsonl(folder / "generations.jsonl")]
-               for name, folder in folders.items()}  # fmt: skip
-    ablation = {"Patience, DPO": read_metrics(out / "patience" / "metrics.jsonl"),
-                "Patience, DPO + NLL": read_metrics(out / "patience_nll" / "metrics.jsonl")}  # fmt: skip
-    irpo = {f"IRPO {r['iteration']}": read_metrics(out / "irpo" / f"iter_{r['iteration']}" / "train" / "metrics.jsonl")
-            for r in summary["irpo"]}  # fmt: skip
+    folders = {
+        "base": out / "irpo" / "base_eval",
+        "Patience": out / "patience_eval",
+        "Patience + NLL": out / "patience_nll_eval",
+    }
+    lengths = {
+        name: [r["response_tokens"] for r in read_jsonl(folder / "generations.jsonl")]
+        for name, folder in folders.items()
+    }
+    ablation = {
+        "Patience, DPO": read_metrics(out / "patience" / "metrics.jsonl"),
+        "Patience, DPO + NLL": read_metrics(out / "patience_nll" / "metrics.jsonl"),
+    }
+    irpo = {
+        f"IRPO {r['iteration']}": read_metrics(out / "irpo" / f"iter_{r['iteration']}" / "train" / "metrics.jsonl")
+        for r in summary["irpo"]
+    }
     max_tokens = summary["config"]["irpo"]["sampling"]["max_new_tokens"]
     return {
         "accuracy": report.plot_stage_accuracy(stages, out / "accuracy.png"),

@@ -19,6 +19,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from jaxpatience import sharding
 from jaxpatience.config import (
     ConfigError,
     EvalConfig,
@@ -29,8 +30,15 @@ from jaxpatience.config import (
     load_config,
     read_json,
 )
+from jaxpatience.data.answers import is_numeric
+from jaxpatience.data.problems import build_prompt, load_problems
+from jaxpatience.data.selfplay import pairs_from_generations, write_pairs
 from jaxpatience.durability import identity
+from jaxpatience.durability.store import read_jsonl
 from jaxpatience.evaluation import report
+from jaxpatience.evaluation.evaluate import GENERATION_KEYS, evaluate_checkpoint
+from jaxpatience.model.tokenizer import load_tokenizer
+from jaxpatience.training.loop import train
 
 
 def load_irpo_config(path: str | Path | None, overrides: list[str]) -> IrpoConfig:
@@ -38,8 +46,6 @@ def load_irpo_config(path: str | Path | None, overrides: list[str]) -> IrpoConfi
 
 
 def _problems(source: str, split: str, limit: int | None, seed: int):
-    from jaxpatience.data.problems import load_problems
-
     return load_problems(source, split=split, limit=limit, seed=seed)
 
 
@@ -51,45 +57,46 @@ def eval_config(config: IrpoConfig, model_path: str | Path, which: str, out_dir:
     if which == "eval":
         sampling = dataclasses.replace(sampling, temperature=0.0, num_samples=1)
     return EvalConfig(
-        model=str(model_path), dataset=getattr(config, f"{which}_problems"), split=getattr(config, f"{which}_split"),
-        limit=getattr(config, f"{which}_limit"), out_dir=str(out_dir), prompt_style=config.prompt_style,
-        generation_batch_size=config.generation_batch_size, param_dtype=config.training.param_dtype,
-        compute_dtype=config.training.compute_dtype, sampling=dataclasses.replace(sampling, seed=seed),
-    )  # fmt: skip
+        model=str(model_path),
+        dataset=getattr(config, f"{which}_problems"),
+        split=getattr(config, f"{which}_split"),
+        limit=getattr(config, f"{which}_limit"),
+        out_dir=str(out_dir),
+        prompt_style=config.prompt_style,
+        generation_batch_size=config.generation_batch_size,
+        param_dtype=config.training.param_dtype,
+        compute_dtype=config.training.compute_dtype,
+        sampling=dataclasses.replace(sampling, seed=seed),
+    )
 
 
-def _evaluate(config: IrpoConfig, model_path: str, problems, which: str, out_dir: Path, *, seed: int,
-              progress: bool) -> dict:  # fmt: skip
+def _evaluate(
+    config: IrpoConfig, model_path: str, problems, which: str, out_dir: Path, *, seed: int, progress: bool
+) -> dict:
     """One evaluation of a checkpoint (run, resumed, or read back when finished); see `eval_config`."""
-    from jaxpatience.evaluation.evaluate import evaluate_checkpoint
-
     eval_config_ = eval_config(config, model_path, which, out_dir, seed)
     return evaluate_checkpoint(eval_config_, problems, reuse=True, progress=progress, plots=which == "eval")
 
 
-def _make_pairs(config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict,
-                out: Path) -> dict:  # fmt: skip
+def _make_pairs(
+    config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict, out: Path
+) -> dict:
     """pairs.jsonl from the iteration's samples (skipped if it exists); returns the self-play stats.
 
     Process 0 reads the samples and writes the pairs; every process gets its stats (a broadcast, after the
     pairs file is complete, so that the others' training finds it).
     """
-    from jaxpatience import sharding
-
-    stats = _pairs_on_main(config, model_path, problems, iteration, samples_summary, out) if (
-        sharding.is_main_process()) else None  # fmt: skip
+    stats = None
+    if sharding.is_main_process():
+        stats = _pairs_on_main(config, model_path, problems, iteration, samples_summary, out)
     return sharding.broadcast_json(stats)
 
 
-def _pairs_on_main(config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict,
-                   out: Path) -> dict:  # fmt: skip
-    from jaxpatience.data.answers import is_numeric
-    from jaxpatience.data.problems import build_prompt
-    from jaxpatience.data.selfplay import pairs_from_generations, write_pairs
-    from jaxpatience.durability.store import read_jsonl
-    from jaxpatience.evaluation.evaluate import GENERATION_KEYS
-    from jaxpatience.model.tokenizer import load_tokenizer
-
+def _pairs_on_main(
+    config: IrpoConfig, model_path: str, problems, iteration: int, samples_summary: dict, out: Path
+) -> dict:
+    """Process 0's part of `_make_pairs`: the iteration's prompts rebuilt as the evaluator built them, its samples
+    paired by correctness, pairs.jsonl and its stats written."""
     path = out / "pairs.jsonl"
     if path.is_file():  # written last and atomically (selfplay.write_pairs): the stage is done
         return read_json(Path(str(path) + ".stats.json"))
@@ -98,8 +105,14 @@ def _pairs_on_main(config: IrpoConfig, model_path: str, problems, iteration: int
     prompts = {p.id: build_prompt(p, tokenizer, config.prompt_style, latex) for p in problems}
     records = read_jsonl(out / "samples" / "generations.jsonl", required=GENERATION_KEYS)
     metric = samples_summary.get("metric", "strict")
-    pairs, stats = pairs_from_generations(records, prompts, metric=metric, max_pairs=config.max_pairs_per_problem,
-                                          iteration=iteration, seed=config.sampling.seed)  # fmt: skip
+    pairs, stats = pairs_from_generations(
+        records,
+        prompts,
+        metric=metric,
+        max_pairs=config.max_pairs_per_problem,
+        iteration=iteration,
+        seed=config.sampling.seed,
+    )
     write_pairs(path, pairs, stats)
     print(f"iteration {iteration}: {stats.summary()}")
     return dataclasses.asdict(stats)
@@ -107,22 +120,28 @@ def _pairs_on_main(config: IrpoConfig, model_path: str, problems, iteration: int
 
 def _train(config: IrpoConfig, model_path: str, step_dir: Path, progress: bool) -> None:
     """DPO + NLL on the iteration's pairs with LoRA on M_{t-1}; exports M_t as train/merged (skipped if done)."""
-    from jaxpatience.training.loop import train
-
     if (step_dir / "train" / "summary.json").is_file():
         return
     template = config.training
     run_config = dataclasses.replace(
-        template, model=model_path, out_dir=str(step_dir / "train"), export_merged=True,
+        template,
+        model=model_path,
+        out_dir=str(step_dir / "train"),
+        export_merged=True,
         data=dataclasses.replace(template.data, path=str(step_dir / "pairs.jsonl"), chat_template=False),
-    )  # fmt: skip
+    )
     train(run_config, progress=progress)
 
 
 def _row(iteration: int, model_path: str, result: dict, stats: dict | None = None) -> dict:
-    row = {"iteration": iteration, "model": model_path, "accuracy": result["accuracy"],
-           "accuracy_ci95": result.get("accuracy_ci95"),
-           "mean_response_tokens": result["mean_response_tokens"]}  # fmt: skip
+    """One row of the summary: a model's held-out accuracy and response length, and the pairs that made it."""
+    row = {
+        "iteration": iteration,
+        "model": model_path,
+        "accuracy": result["accuracy"],
+        "accuracy_ci95": result.get("accuracy_ci95"),
+        "mean_response_tokens": result["mean_response_tokens"],
+    }
     if stats is not None:
         row.update(pairs=stats["pairs"], train_sample_accuracy=stats["sample_accuracy"])
     return row
@@ -130,9 +149,20 @@ def _row(iteration: int, model_path: str, result: dict, stats: dict | None = Non
 
 # What a rerun may change: its speed, where it runs, how many iterations (more extend the run), and the paths of
 # its inputs (their content is compared through inputs.json).
-RERUNNABLE = ("iterations", "generation_batch_size", "training.distributed", "training.log_every",
-              "training.checkpoint_every", "training.keep_checkpoints", "training.train.mesh",
-              "training.data.reference_cache", "out_dir", "model", "train_problems", "eval_problems")  # fmt: skip
+RERUNNABLE = (
+    "iterations",
+    "generation_batch_size",
+    "training.distributed",
+    "training.log_every",
+    "training.checkpoint_every",
+    "training.keep_checkpoints",
+    "training.train.mesh",
+    "training.data.reference_cache",
+    "out_dir",
+    "model",
+    "train_problems",
+    "eval_problems",
+)
 
 
 def _check_rerun(out: Path, config: IrpoConfig, inputs: dict) -> None:
@@ -144,32 +174,24 @@ def _check_rerun(out: Path, config: IrpoConfig, inputs: dict) -> None:
     before, now = read_json(saved), json.loads(json.dumps(dataclasses.asdict(config)))
     changed = [key for key in changed_keys(before, now) if not key.startswith(RERUNNABLE)]
     if changed:
-        raise ConfigError(f"{out} holds an IRPO run with another config (differs in: {', '.join(changed)}); rerun "
-                          "with the same config or choose a new out_dir.")  # fmt: skip
+        raise ConfigError(
+            f"{out} holds an IRPO run with another config (differs in: {', '.join(changed)}); rerun "
+            "with the same config or choose a new out_dir."
+        )
     saved_inputs = out / "inputs.json"
-    identity.check_same_inputs(read_json(saved_inputs) if saved_inputs.is_file() else None, inputs, out,
-                               "rerun with the same model and problems, or choose a new out_dir")  # fmt: skip
+    identity.check_same_inputs(
+        read_json(saved_inputs) if saved_inputs.is_file() else None,
+        inputs,
+        out,
+        "rerun with the same model and problems, or choose a new out_dir",
+    )
 
 
-def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
-    """Run (or resume) every iteration; returns the summary (also OUT/summary.json, plot OUT/irpo.png)."""
-    from jaxpatience import sharding
-
-    config.validate()
-    # Several processes (the same variables as train): every process runs this loop alike; process 0 writes the
-    # files. OUT must be a folder every host sees (each reads the pairs and the merged model process 0 wrote).
-    distributed = config.training.distributed
-    sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes,
-                                    distributed.process_id)  # fmt: skip
-    main = sharding.is_main_process()
-    out = Path(config.out_dir)
-    seed = config.sampling.seed
-    train_problems = _problems(config.train_problems, config.train_split, config.train_limit, seed)
-    eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, seed + 1)
-    inputs = {**identity.model_inputs(config.model), "train_problems": identity.problems_fingerprint(train_problems),
-              "eval_problems": identity.problems_fingerprint(eval_problems)}  # fmt: skip
+def _claim_out_dir(out: Path, config: IrpoConfig, inputs: dict, is_main: bool) -> None:
+    """Make `out` this run's: process 0 checks that it holds no other run (`_check_rerun`) and records
+    config.json and inputs.json; every process waits for that."""
     refused = None
-    if main:  # process 0 decides; every process raises the same sentence
+    if is_main:  # process 0 decides; every process raises the same sentence
         try:
             _check_rerun(out, config, inputs)
         except ConfigError as err:
@@ -177,23 +199,46 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     refused = sharding.broadcast_json(refused)
     if refused:
         raise ConfigError(refused)
-    if main:
+    if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
     sharding.barrier("irpo start")
+
+
+def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
+    """Run (or resume) every iteration; returns the summary (also OUT/summary.json, plot OUT/irpo.png)."""
+    config.validate()
+    # Several processes (the same variables as train): every process runs this loop alike; process 0 writes the
+    # files. OUT must be a folder every host sees (each reads the pairs and the merged model process 0 wrote).
+    distributed = config.training.distributed
+    sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes, distributed.process_id)
+    main = sharding.is_main_process()
+    out = Path(config.out_dir)
+    seed = config.sampling.seed
+    train_problems = _problems(config.train_problems, config.train_split, config.train_limit, seed)
+    eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, seed + 1)
+    inputs = {
+        **identity.model_inputs(config.model),
+        "train_problems": identity.problems_fingerprint(train_problems),
+        "eval_problems": identity.problems_fingerprint(eval_problems),
+    }
+    _claim_out_dir(out, config, inputs, main)
     base = _evaluate(config, config.model, eval_problems, "eval", out / "base_eval", seed=seed, progress=progress)
     rows = [_row(0, config.model, base)]
     model_path = config.model
     for iteration in range(1, config.iterations + 1):
         step_dir = out / f"iter_{iteration}"
-        samples = _evaluate(config, model_path, train_problems, "train", step_dir / "samples", seed=seed + iteration,
-                            progress=progress)  # fmt: skip
+        samples = _evaluate(
+            config, model_path, train_problems, "train", step_dir / "samples", seed=seed + iteration, progress=progress
+        )
         stats = _make_pairs(config, model_path, train_problems, iteration, samples, step_dir)
         batch = config.training.train.batch_size
         if stats["pairs"] < batch:  # nothing to learn from, or too little to fill one training batch
-            print(f"iteration {iteration}: {stats['pairs']} pairs, fewer than one batch of {batch} (the other "
-                  "problems' samples were all right or all wrong); stopping.")  # fmt: skip
+            print(
+                f"iteration {iteration}: {stats['pairs']} pairs, fewer than one batch of {batch} (the other "
+                "problems' samples were all right or all wrong); stopping."
+            )
             break
         _train(config, model_path, step_dir, progress and main)
         sharding.barrier(f"irpo train {iteration}")  # merged/ is written by process 0; every process loads it next
