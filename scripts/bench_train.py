@@ -163,7 +163,7 @@ def patience_loader(args: argparse.Namespace, mesh: Mesh, vocab_size: int) -> Pa
         room = args.seq_len - len(prompt)
         pairs.append(EncodedPair(prompt, ids(150, 700)[:room], ids(50, 300)[:room]))
     return PairLoader(pairs, args.batch_size, default_buckets(args.seq_len), pad_id=0, seed=0, packing=args.packing,
-                      micro_batches=args.micro_batches, chosen_only=args.loss == "sft",  # as run.py packs SFT
+                      micro_batches=args.micro_batches, chosen_only=args.loss == "sft",  # as training/loop.py packs SFT
                       row_multiple=training.packed_row_multiple(args.micro_batches, mesh))  # fmt: skip
 
 

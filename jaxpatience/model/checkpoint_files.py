@@ -18,6 +18,8 @@ import math
 import struct
 from pathlib import Path
 
+import gguf
+
 
 class CheckpointError(ValueError):
     """A user-facing problem with a checkpoint; the message is one sentence naming the file and key."""
@@ -83,14 +85,18 @@ def _check_tensor_spans(path: Path, header: dict, data_size: int) -> int:
                 f"{path}: tensor {name!r} spans {end - begin} bytes, but {dtype} {shape} needs {needed:g}."
             )
         if end > data_size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at data byte {end}, but the file "
-                                  f"holds only {data_size} bytes of data.")  # fmt: skip
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at data byte {end}, but the file "
+                f"holds only {data_size} bytes of data."
+            )
         spans.append((begin, end, name))
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
-            raise CheckpointError(f"{path}: tensor {name!r} starts at data byte {begin}, expected {position} "
-                                  "(tensors overlap or leave a gap).")  # fmt: skip
+            raise CheckpointError(
+                f"{path}: tensor {name!r} starts at data byte {begin}, expected {position} "
+                "(tensors overlap or leave a gap)."
+            )
         position = end
     return position
 
@@ -155,8 +161,6 @@ def open_gguf(path: Path):
     magic bytes are checked first and any failure is one sentence. A file longer than its last tensor (plus the
     alignment padding) is refused as damaged.
     """
-    import gguf
-
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file (a .gguf checkpoint is one file).")
     with path.open("rb") as f:

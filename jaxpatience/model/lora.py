@@ -1,6 +1,6 @@
 """Hand-written LoRA: y = W x + scaling * B (A dropout(x)), with A random and B zero, so at init y = W x.
 
-Adapters attach to the `lora` slot of model.Linear, so their parameters live at `.../q_proj/lora/lora_A` and
+Adapters attach to the `lora` slot of qwen2.Linear, so their parameters live at `.../q_proj/lora/lora_A` and
 `.../q_proj/lora/lora_B` while the base weight keeps its HF path (`.../q_proj/weight`); weights.py skips any
 path containing "lora", so base loading and saving are unchanged. Adapter parameters are `LoRAParam`, a
 distinct variable type: `nnx.split(model, LoRAParam, ...)` separates what is trained from the frozen base.
@@ -25,9 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxpatience.config import ConfigError, LoraConfig, read_json
+from jaxpatience.model.checkpoint_files import CheckpointError
 from jaxpatience.model.qwen2 import Linear
+from jaxpatience.model.weights import SafetensorsReader, write_safetensors
 
 Array = jax.Array
 
@@ -144,7 +147,7 @@ def adapters_off(model: nnx.Module) -> Iterator[nnx.Module]:
 
 def set_dropout_key(model: nnx.Module, key: Array | None) -> None:
     """Give every adapter its own dropout key derived from `key` (None turns dropout off); a stacked adapter
-    (model.LayerStack: a leading layer axis) gets one key per layer."""
+    (qwen2.LayerStack: a leading layer axis) gets one key per layer."""
     for index, (_, lora) in enumerate(adapters(model)):
         if key is None:
             lora.dropout_key = None
@@ -164,20 +167,22 @@ def has_adapters(model: nnx.Module) -> bool:
 
 def _host(value: Array) -> np.ndarray:
     if not value.is_fully_addressable:  # multi-host: gather this one tensor
-        from jax.experimental import multihost_utils
-
         value = multihost_utils.process_allgather(value, tiled=True)
     return np.asarray(jax.device_get(value), dtype=np.float32)
 
 
-def save_peft_adapter(model: nnx.Module, config: LoraConfig, out_dir: str | Path, *,
-                      base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+def save_peft_adapter(
+    model: nnx.Module,
+    config: LoraConfig,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the adapters of `model` in PEFT's format (all processes call this; process 0 writes).
 
     Keys are PEFT's: `base_model.model.<HF module name>.lora_A.weight` [R, in] and `....lora_B.weight` [out, R].
     """
-    from jaxpatience.model.weights import CheckpointError, write_safetensors
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it.")
@@ -219,8 +224,6 @@ def load_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
     Adapters go exactly on the modules named in `adapter_model.safetensors`; rank, alpha and rsLoRA come from
     `adapter_config.json`. Merge afterwards (`merge`) for the fastest decoding.
     """
-    from jaxpatience.model.weights import CheckpointError, SafetensorsReader
-
     adapter_dir = Path(adapter_dir)
     config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for file in (config_file, weights_file):
@@ -234,8 +237,12 @@ def load_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
     names = sorted(k[len(prefix) : -len(suffix)] for k in reader.keys() if k.startswith(prefix) and k.endswith(suffix))
     if not names:
         raise CheckpointError(f"{weights_file} holds no '{prefix}<module>{suffix}' tensors.")
-    config = LoraConfig(rank=int(peft["r"]), alpha=float(peft["lora_alpha"]), rslora=bool(peft.get("use_rslora")),
-                        targets="|".join(re.escape(n) for n in names))  # fmt: skip
+    config = LoraConfig(
+        rank=int(peft["r"]),
+        alpha=float(peft["lora_alpha"]),
+        rslora=bool(peft.get("use_rslora")),
+        targets="|".join(re.escape(n) for n in names),
+    )
     apply_lora(model, config)
     for name, lora in adapters(model):
         for kind, variable in (("lora_A", lora.lora_A), ("lora_B", lora.lora_B)):
@@ -244,7 +251,8 @@ def load_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
                 raise CheckpointError(f"{weights_file} lacks {key!r}.")
             value = np.asarray(reader.get(key), dtype=np.float32)
             if value.shape != variable.get_value().shape:
-                raise CheckpointError(f"{weights_file}: {key!r} has shape {value.shape}, the model implies "
-                                      f"{variable.get_value().shape}.")  # fmt: skip
+                raise CheckpointError(
+                    f"{weights_file}: {key!r} has shape {value.shape}, the model implies {variable.get_value().shape}."
+                )
             variable.set_value(jax.device_put(value, variable.get_value().sharding))
     return model

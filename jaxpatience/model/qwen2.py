@@ -19,11 +19,12 @@ goes through `jax.nn.dot_product_attention` ("xla", "cudnn"); `set_attention` pi
 Training stacks the decoder layers into a `LayerStack` (one layer scanned over weights with a leading [L] axis);
 everything else sees the per-layer list with HF names (`stack_layers` / `unstack_layers`).
 
-KV cache (used by decode.py): a `KVCache` of keys and values, each a tuple of L per-layer [B, S, K, H] buffers
-(separate buffers let XLA update each in place; one stacked array was copied several times per step). A call with
-`kv_cache=` writes the new keys/values at slots [cache_index, cache_index + T) and attends over all S slots;
-`attention_mask` is then [B, S] and describes the whole cache (the new tokens included). `cache_index` is one slot
-for every row, or one per row [B] (engine.py's slots hold rows at different points of their answers).
+KV cache (decoding: generation/static.py and slots.py): a `KVCache` of keys and values, each a tuple of L
+per-layer [B, S, K, H] buffers (separate buffers let XLA update each in place; one stacked array was copied
+several times per step). A call with `kv_cache=` writes the new keys/values at slots [cache_index,
+cache_index + T) and attends over all S slots; `attention_mask` is then [B, S] and describes the whole cache (the
+new tokens included). `cache_index` is one slot for every row, or one per row [B] (generation/slots.py holds rows
+at different points of their answers).
 """
 
 from __future__ import annotations
@@ -80,8 +81,16 @@ class Linear(nnx.Module):
     `.../lora/...` so that the base weights keep their HF names.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
-                 config: ModelConfig, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str, str],
+        use_bias: bool,
+        config: ModelConfig,
+        rngs: nnx.Rngs,
+    ):
         param_dtype = jnp.dtype(config.param_dtype)
         init = jax.nn.initializers.normal(stddev=0.02)
         self.weight = nnx.Param(init(rngs.params(), (out_features, in_features), param_dtype), axes=axes)
@@ -91,7 +100,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
-        y = checkpoint_name(y, BASE_OUTPUT)  # what train.py's remat="lora" keeps (not the adapters' outputs)
+        y = checkpoint_name(y, BASE_OUTPUT)  # what training's remat="lora" keeps (not the adapters' outputs)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -127,8 +136,12 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        d, n, k, h = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                      config.resolved_head_dim)  # fmt: skip
+        d, n, k, h = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.resolved_head_dim,
+        )
         bias = config.qkv_bias
         self.q_proj = Linear(d, n * h, axes=("heads", "embed"), use_bias=bias, config=config, rngs=rngs)
         self.k_proj = Linear(d, k * h, axes=("kv_heads", "embed"), use_bias=bias, config=config, rngs=rngs)
@@ -136,7 +149,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(n * h, d, axes=("embed", "heads"), use_bias=False, config=config, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.rope_theta = config.rope_theta
-        self.implementation = "einsum"  # see `attend`; train.py sets its own (set_attention)
+        self.implementation = "einsum"  # see `attend`; training sets its own (set_attention)
 
     def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, cache_index):
         """x [B, T, D]; positions [B, T]; mask [B, T, S] bool; kv: this layer's ([B, S, K, H], [B, S, K, H])."""
@@ -166,8 +179,9 @@ def attend(q: Array, key: Array, value: Array, mask: Array, implementation: str 
     k = key.shape[2]
     if implementation == "cudnn":  # cuDNN skips the masked-out upper triangle; the mask still applies
         try:
-            return jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], is_causal=True,
-                                                implementation="cudnn")  # fmt: skip
+            return jax.nn.dot_product_attention(
+                q, key, value, mask=mask[:, None], is_causal=True, implementation="cudnn"
+            )
         except (ValueError, NotImplementedError, RuntimeError) as err:  # shape, dtype or cuDNN version it refuses
             warnings.warn(f"cuDNN attention refused this call ({err}); using XLA's.", stacklevel=2)
             implementation = "xla"
@@ -231,11 +245,12 @@ class LayerStack(nnx.Module):
 
     `hidden_states` runs it with `lax.scan`: one layer's program, compiled once whatever L is (28 layers of a 7B
     or 80 of a 72B), and under FSDP each iteration gathers only its own layer's weights. Training uses it
-    (train.py); loading, saving, LoRA merging and decoding use the per-layer list with HF names, so
+    (training/step.py); loading, saving, LoRA merging and decoding use the per-layer list with HF names, so
     `stack_layers` / `unstack_layers` convert between the two. Weights' logical axes gain "layers" in front.
-    `remat` is the jax.checkpoint policy of the scanned body (train.apply_remat sets it; False = no remat).
-    `gather`, None by default, is applied to each layer's weights (a State without the leading [L] axis) inside
-    the scanned body before they are used: the hand-written FSDP step (training/shard_map.py) all-gathers them there.
+    `remat` is the jax.checkpoint policy of the scanned body (training/core.py's apply_remat sets it; False = no
+    remat). `gather`, None by default, is applied to each layer's weights (a State without the leading [L] axis)
+    inside the scanned body before they are used: the hand-written FSDP step (training/shard_map.py) all-gathers
+    them there.
     """
 
     def __init__(self, layers: list[DecoderLayer]):
@@ -308,6 +323,46 @@ class Qwen2Model(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config=config)
 
 
+def _positions_and_mask(
+    shape: tuple[int, int],
+    attention_mask: Array | None,
+    kv_cache: KVCache | None,
+    cache_index: int | Array,
+    positions: Array | None,
+    attend_len: int | None,
+    segment_ids: Array | None,
+) -> tuple[Array, Array, Array]:
+    """Where each query sits and which keys it sees, from `hidden_states`' arguments: (RoPE positions [B, T],
+    attention mask [B, T, W] bool, cache_index as an array). W is the cache length S, or `attend_len`."""
+    batch, length = shape
+    key_len = length if kv_cache is None else kv_cache.k[0].shape[1]  # k[0]: layer 0's [B, S, K, H]
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, key_len), jnp.int32)
+    if attention_mask.shape != (batch, key_len):
+        raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(batch, key_len)}.")
+    # Query t sits at slot cache_index + t; it sees real keys at slots <= its own. cache_index is a scalar, or
+    # one slot per row [B] (the slot engine).
+    if segment_ids is not None:
+        if kv_cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
+        attention_mask = attention_mask * (segment_ids > 0)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+    cache_index = jnp.asarray(cache_index)
+    query_slots = cache_index[..., None] + jnp.arange(length)  # [T] or [B, T]
+    if positions is None and cache_index.ndim == 0:
+        positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, axis=1)
+    elif positions is None:
+        positions = jnp.take_along_axis(positions_from_mask(attention_mask), query_slots, axis=1)  # [B, T]
+    # attend_len W < S: attention reads only the first W slots of the cache (the slot engine's filled part).
+    key_len = key_len if attend_len is None else attend_len
+    causal = jnp.arange(key_len) <= query_slots[..., None]  # [T, W] or [B, T, W]
+    mask = causal & (attention_mask[:, None, :key_len] > 0)  # [B, T, W]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, T]: within a segment only
+    return positions, mask, cache_index
+
+
 class Qwen2ForCausalLM(nnx.Module):
     """The whole model. `model(ids, attention_mask=mask)` -> logits [B, T, V] in the compute dtype."""
 
@@ -316,20 +371,34 @@ class Qwen2ForCausalLM(nnx.Module):
         self.model = Qwen2Model(config, rngs=rngs)
         self.lm_head = nnx.data(None)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, axes=("vocab", "embed"), use_bias=False,
-                                  config=config, rngs=rngs)  # fmt: skip
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, axes=("vocab", "embed"), use_bias=False, config=config, rngs=rngs
+            )
 
-    def __call__(self, input_ids: Array, attention_mask: Array | None = None, *, kv_cache: KVCache | None = None,
-                 cache_index: int | Array = 0):  # fmt: skip
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        cache_index: int | Array = 0,
+    ):
         """Logits [B, T, V]; with `kv_cache=`, returns (logits, updated kv_cache)."""
         hidden, kv_cache = self.hidden_states(input_ids, attention_mask, kv_cache=kv_cache, cache_index=cache_index)
         logits = self.logits(hidden)
         return logits if kv_cache is None else (logits, kv_cache)
 
-    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None, *,
-                      kv_cache: KVCache | None = None, cache_index: int | Array = 0,
-                      positions: Array | None = None, attend_len: int | None = None,
-                      segment_ids: Array | None = None):  # fmt: skip
+    def hidden_states(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        cache_index: int | Array = 0,
+        positions: Array | None = None,
+        attend_len: int | None = None,
+        segment_ids: Array | None = None,
+    ):
         """Final normed hidden states [B, T, D] and the updated cache (None without one).
 
         cache_index: the cache slot of the first input token, the same for every row or one per row [B].
@@ -340,33 +409,9 @@ class Qwen2ForCausalLM(nnx.Module):
 
         Losses call this and project chunks with `logits()` so a [B, T, V] float32 tensor never exists.
         """
-        batch, length = input_ids.shape
-        key_len = length if kv_cache is None else kv_cache.k[0].shape[1]  # k[0]: layer 0's [B, S, K, H]
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, key_len), jnp.int32)
-        if attention_mask.shape != (batch, key_len):
-            raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(batch, key_len)}.")
-        # Query t sits at slot cache_index + t; it sees real keys at slots <= its own. cache_index is a scalar, or
-        # one slot per row [B] (the slot engine).
-        if segment_ids is not None:
-            if kv_cache is not None:
-                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache.")
-            attention_mask = attention_mask * (segment_ids > 0)
-            if positions is None:
-                positions = segment_positions(segment_ids)
-        cache_index = jnp.asarray(cache_index)
-        query_slots = cache_index[..., None] + jnp.arange(length)  # [T] or [B, T]
-        if positions is None and cache_index.ndim == 0:
-            positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, length, axis=1)
-        elif positions is None:
-            positions = jnp.take_along_axis(positions_from_mask(attention_mask), query_slots, axis=1)  # [B, T]
-        # attend_len W < S: attention reads only the first W slots of the cache (the slot engine's filled part).
-        key_len = key_len if attend_len is None else attend_len
-        causal = jnp.arange(key_len) <= query_slots[..., None]  # [T, W] or [B, T, W]
-        mask = causal & (attention_mask[:, None, :key_len] > 0)  # [B, T, W]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, T]: within a segment only
-
+        positions, mask, cache_index = _positions_and_mask(
+            input_ids.shape, attention_mask, kv_cache, cache_index, positions, attend_len, segment_ids
+        )
         x = sharding.constrain(self.model.embed_tokens(input_ids), ("batch", "length", "embed"))
         if isinstance(self.model.layers, LayerStack):  # training: one layer's program, scanned over the stack
             if kv_cache is not None:
@@ -376,8 +421,9 @@ class Qwen2ForCausalLM(nnx.Module):
             kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
             x, kv = layer(x, positions, mask, kv, cache_index)
             if kv is not None:  # replace layer i's buffers (updated in place when the caller donates the cache)
-                kv_cache = KVCache(kv_cache.k[:i] + (kv[0],) + kv_cache.k[i + 1 :],
-                                   kv_cache.v[:i] + (kv[1],) + kv_cache.v[i + 1 :])  # fmt: skip
+                kv_cache = KVCache(
+                    kv_cache.k[:i] + (kv[0],) + kv_cache.k[i + 1 :], kv_cache.v[:i] + (kv[1],) + kv_cache.v[i + 1 :]
+                )
         return self.model.norm(x), kv_cache
 
     def logits(self, hidden: Array) -> Array:

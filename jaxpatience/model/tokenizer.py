@@ -20,6 +20,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from jaxpatience.config import ModelConfig
 from jaxpatience.model.checkpoint_files import CheckpointError
 
 # Qwen2-Instruct's chat template (ChatML with a default system prompt).
@@ -60,8 +61,10 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> PreTraine
     is what the tokenizer was trained with, so it is loaded as it is."""
     path = Path(path)
     if path.is_dir() and not any((path / name).is_file() for name in VOCABULARY_FILES):
-        raise CheckpointError(f"{path} has no tokenizer.json (nor vocab.json or tokenizer.model), so its tokenizer "
-                              "would encode every text to nothing.")  # fmt: skip
+        raise CheckpointError(
+            f"{path} has no tokenizer.json (nor vocab.json or tokenizer.model), so its tokenizer "
+            "would encode every text to nothing."
+        )
     file = path / "tokenizer.json"
     saved, defined = _read_tokenizer_json(file) if file.is_file() else (None, None)
     try:
@@ -99,8 +102,6 @@ def _read_tokenizer_json(file: Path) -> tuple[dict, set[str]]:
 
 def _config_vocab_size(path: Path) -> int | None:
     """The vocab_size of the config.json beside a tokenizer, or None (none there, or one the loader will refuse)."""
-    from jaxpatience.config import ModelConfig
-
     if not (path / "config.json").is_file():
         return None
     try:
@@ -109,8 +110,9 @@ def _config_vocab_size(path: Path) -> int | None:
         return None
 
 
-def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int | None, source: str,
-                    defined: Collection[str] | None = None) -> None:  # fmt: skip
+def check_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, vocab_size: int | None, source: str, defined: Collection[str] | None = None
+) -> None:
     """Refuse, in one sentence naming `source`, a tokenizer that would make training or decoding quietly wrong.
 
     `defined` is the set of tokens its files define (default: its vocabulary now). A vocabulary smaller than
@@ -125,14 +127,17 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int | None, 
     defined = vocabulary if defined is None else defined
     for role, token in (("eos", tokenizer.eos_token), ("pad", tokenizer.pad_token)):
         if token is None:
-            raise CheckpointError(f"{source}: its tokenizer names no {role} token (set {role}_token in "
-                                  "tokenizer_config.json).")  # fmt: skip
+            raise CheckpointError(
+                f"{source}: its tokenizer names no {role} token (set {role}_token in tokenizer_config.json)."
+            )
         if token not in defined:
             raise CheckpointError(f"{source}: its tokenizer's {role} token {token!r} is not in its vocabulary.")
     largest = max(vocabulary.values())
     if vocab_size is not None and largest >= vocab_size:
-        raise CheckpointError(f"{source}: its tokenizer has token ids up to {largest}, past the model's vocab_size "
-                              f"{vocab_size} (ids past the embedding would be garbage).")  # fmt: skip
+        raise CheckpointError(
+            f"{source}: its tokenizer has token ids up to {largest}, past the model's vocab_size "
+            f"{vocab_size} (ids past the embedding would be garbage)."
+        )
 
 
 def with_defaults(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -143,8 +148,11 @@ def with_defaults(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase
     return tokenizer
 
 
-def _byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None,
-                    split_regex: str = QWEN2_SPLIT_REGEX) -> Tokenizer:  # fmt: skip
+def _byte_level_bpe(
+    vocab: dict[str, int] | None = None,
+    merges: list[tuple[str, str]] | None = None,
+    split_regex: str = QWEN2_SPLIT_REGEX,
+) -> Tokenizer:
     """A byte-level BPE with Qwen2's pre-tokeniser (empty when vocab/merges are None, for training)."""
     tokenizer = Tokenizer(models.BPE(vocab, merges) if vocab is not None else models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -158,8 +166,9 @@ def _byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str,
     return tokenizer
 
 
-def _wrap(tokenizer: Tokenizer, eos_token: str, pad_token: str, chat_template: str | None,
-          bos_token: str | None = None) -> PreTrainedTokenizerFast:  # fmt: skip
+def _wrap(
+    tokenizer: Tokenizer, eos_token: str, pad_token: str, chat_template: str | None, bos_token: str | None = None
+) -> PreTrainedTokenizerFast:
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token, bos_token=bos_token
     )
@@ -167,9 +176,12 @@ def _wrap(tokenizer: Tokenizer, eos_token: str, pad_token: str, chat_template: s
     return wrapped
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512,
-                        special_tokens: Sequence[str] = CHATML_SPECIAL_TOKENS,
-                        split_regex: str = QWEN2_SPLIT_REGEX) -> PreTrainedTokenizerFast:  # fmt: skip
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 512,
+    special_tokens: Sequence[str] = CHATML_SPECIAL_TOKENS,
+    split_regex: str = QWEN2_SPLIT_REGEX,
+) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE with ChatML special tokens (eos = <|im_end|>, pad = <|endoftext|>).
 
     `split_regex` is the pre-tokeniser's pattern: Qwen2's by default (digits one by one); NUMBERS_SPLIT_REGEX keeps
@@ -212,5 +224,10 @@ def tokenizer_from_gguf(metadata: dict) -> PreTrainedTokenizerFast:
         return tokens[index] if index is not None else None
 
     eos = token("eos") or "<|endoftext|>"
-    return _wrap(tokenizer, eos_token=eos, pad_token=token("padding") or eos,
-                 chat_template=metadata.get("tokenizer.chat_template"), bos_token=token("bos"))  # fmt: skip
+    return _wrap(
+        tokenizer,
+        eos_token=eos,
+        pad_token=token("padding") or eos,
+        chat_template=metadata.get("tokenizer.chat_template"),
+        bos_token=token("bos"),
+    )

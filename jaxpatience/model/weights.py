@@ -1,6 +1,6 @@
 """Checkpoints in and out: HF safetensors (one file or a sharded index), GGUF import, HF export.
 
-Our parameter paths are HF's names (model.py), so the "name table" is the identity for safetensors and one short
+Our parameter paths are HF's names (qwen2.py), so the "name table" is the identity for safetensors and one short
 table for GGUF. Loading builds the model abstractly (`nnx.eval_shape`, no memory), then streams tensor by
 tensor from memory-mapped files: each tensor is cast on the way and placed straight into its sharding, so a 7B
 checkpoint loads in bf16 on a 24 GiB host without ever holding the model in float32. Checks are strict: every
@@ -20,16 +20,20 @@ import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import gguf
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpatience import sharding
 from jaxpatience.config import ConfigError, ModelConfig, check_output_dir, preset
 from jaxpatience.model.checkpoint_files import CheckpointError, open_gguf, safetensors_headers
 from jaxpatience.model.qwen2 import Qwen2ForCausalLM
+from jaxpatience.model.tokenizer import check_tokenizer, load_tokenizer, tokenizer_from_gguf, train_bpe_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
 # safetensors, read and written directly: an 8-byte little-endian header size, a JSON header, raw data.
@@ -69,8 +73,11 @@ class SafetensorsReader:
         begin, end = entry["data_offsets"]
         dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
         count = (end - begin) // dtype.itemsize
-        flat = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,)) if count else (
-            np.zeros((0,), dtype))  # fmt: skip
+        flat = (
+            np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,))
+            if count
+            else (np.zeros((0,), dtype))
+        )
         return flat.reshape(entry["shape"])
 
 
@@ -121,14 +128,21 @@ def base_param_paths(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
             yield path, variable
 
 
-def build_model(config: ModelConfig, names: list[str], shape_of: Callable[[str], tuple[int, ...]],
-                get: Callable[[str], np.ndarray], source: str, mesh=None) -> Qwen2ForCausalLM:  # fmt: skip
+def build_model(
+    config: ModelConfig,
+    names: list[str],
+    shape_of: Callable[[str], tuple[int, ...]],
+    get: Callable[[str], np.ndarray],
+    source: str,
+    mesh=None,
+) -> Qwen2ForCausalLM:
     """Fill an abstract model from a source of named arrays, with strict key and shape checks."""
     return fill_model(config, plan_model(config, names, shape_of, source), get, mesh)
 
 
-def plan_model(config: ModelConfig, names: list[str], shape_of: Callable[[str], tuple[int, ...]],
-               source: str) -> tuple[nnx.GraphDef, nnx.State]:  # fmt: skip
+def plan_model(
+    config: ModelConfig, names: list[str], shape_of: Callable[[str], tuple[int, ...]], source: str
+) -> tuple[nnx.GraphDef, nnx.State]:
     """The abstract model, after checking the source's names and shapes against it: no weight is read yet."""
     graphdef, state = abstract_model(config)
     expected = {hf_name(p) for p, _ in base_param_paths(state)}
@@ -156,8 +170,9 @@ def plan_model(config: ModelConfig, names: list[str], shape_of: Callable[[str], 
     return graphdef, state
 
 
-def fill_model(config: ModelConfig, plan: tuple[nnx.GraphDef, nnx.State], get: Callable[[str], np.ndarray],
-               mesh=None) -> Qwen2ForCausalLM:  # fmt: skip
+def fill_model(
+    config: ModelConfig, plan: tuple[nnx.GraphDef, nnx.State], get: Callable[[str], np.ndarray], mesh=None
+) -> Qwen2ForCausalLM:
     """Read every weight of a planned model (plan_model) from `get`, cast to param_dtype and placed in its sharding."""
     graphdef, state = plan
     param_dtype = jnp.dtype(config.param_dtype)
@@ -173,8 +188,7 @@ def _place(array: np.ndarray, shape, dtype, axes, mesh) -> jax.Array:
     """Cast one host array (possibly a memory map) and put it on device(s), slice by slice when sharded."""
     if mesh is None:
         return jax.device_put(np.asarray(array).astype(dtype, copy=False))
-    target = sharding.named_sharding(mesh, axes, shape) if axes else jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec())  # fmt: skip
+    target = sharding.named_sharding(mesh, axes, shape) if axes else NamedSharding(mesh, PartitionSpec())
     # Each process materialises only the slices its own devices hold.
     return jax.make_array_from_callback(shape, target, lambda index: np.asarray(array[index]).astype(dtype))
 
@@ -183,15 +197,29 @@ def _place(array: np.ndarray, shape, dtype, axes, mesh) -> jax.Array:
 # Public entry points.
 
 
-def load_model(path: str | Path, param_dtype: str | None = None, compute_dtype: str | None = None, mesh=None, *,
-               dtype: str | None = None) -> Qwen2ForCausalLM:  # fmt: skip
+def load_model(
+    path: str | Path,
+    param_dtype: str | None = None,
+    compute_dtype: str | None = None,
+    mesh=None,
+    *,
+    dtype: str | None = None,
+) -> Qwen2ForCausalLM:
     """Load the weights of an HF directory or a .gguf file into a (possibly sharded) model (no tokenizer)."""
-    return load_pretrained(path, param_dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=False,
-                           dtype=dtype)[0]  # fmt: skip
+    return load_pretrained(
+        path, param_dtype, compute_dtype=compute_dtype, mesh=mesh, with_tokenizer=False, dtype=dtype
+    )[0]
 
 
-def load_pretrained(path: str | Path, param_dtype: str | None = None, *, compute_dtype: str | None = None, mesh=None,
-                    with_tokenizer: bool = True, dtype: str | None = None):  # fmt: skip
+def load_pretrained(
+    path: str | Path,
+    param_dtype: str | None = None,
+    *,
+    compute_dtype: str | None = None,
+    mesh=None,
+    with_tokenizer: bool = True,
+    dtype: str | None = None,
+):
     """(model, tokenizer) from an HF checkpoint directory (safetensors) or a qwen2 `.gguf` file.
 
     `param_dtype` (default float32) is the storage dtype of the weights; `dtype=` is its older spelling, kept as
@@ -207,8 +235,6 @@ def load_pretrained(path: str | Path, param_dtype: str | None = None, *, compute
     plan = plan_model(config, reader.keys(), reader.shape, str(path))  # names and shapes, from the headers
     tokenizer = None
     if with_tokenizer:  # checked before the weights are read: a bad tokenizer fails in a second, not minutes
-        from jaxpatience.model.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(path, config.vocab_size)
     return fill_model(config, plan, reader.get, mesh), tokenizer
 
@@ -234,8 +260,15 @@ def _checkpoint_kind(path: Path) -> str:
     return "hf"
 
 
-def save_pretrained(model: Qwen2ForCausalLM, tokenizer, out_dir: str | Path, *, dtype: str | None = None,
-                    max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:  # fmt: skip
+def save_pretrained(
+    model: Qwen2ForCausalLM,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
     """Write an HF checkpoint directory (config.json, safetensors, tokenizer) that transformers loads.
 
     `dtype` is the dtype of the saved tensors (default: the model's param_dtype). Weights are fetched and written
@@ -245,8 +278,10 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer, out_dir: str | Path, *, 
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "the output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} exists and is not empty; choose another folder or overwrite it "
-                              "(`jaxpatience tiny --overwrite`, overwrite=True).")  # fmt: skip
+        raise CheckpointError(
+            f"{out_dir} exists and is not empty; choose another folder or overwrite it "
+            "(`jaxpatience tiny --overwrite`, overwrite=True)."
+        )
     save_dtype = jnp.dtype(dtype or model.config.param_dtype)
     params = {hf_name(p): v for p, v in base_param_paths(nnx.state(model, nnx.Param))}
     if not params:
@@ -256,16 +291,17 @@ def save_pretrained(model: Qwen2ForCausalLM, tokenizer, out_dir: str | Path, *, 
     def fetch(name: str) -> np.ndarray:
         value = params[name][...]
         if not value.is_fully_addressable:  # multi-host: gather this one tensor
-            from jax.experimental import multihost_utils
-
             value = multihost_utils.process_allgather(value, tiled=True)
         return np.asarray(jax.device_get(value)).astype(save_dtype)
 
     is_writer = jax.process_index() == 0
     if is_writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]  # fmt: skip
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for file, shard in zip(names, shards, strict=True):
         if is_writer:
             write_safetensors(out_dir / file, shard, fetch)
@@ -291,8 +327,9 @@ def _plan_shards(params: dict[str, nnx.Variable], save_dtype: np.dtype, max_shar
     return shards
 
 
-def _write_checkpoint_metadata(out_dir: Path, config: ModelConfig, tokenizer, save_dtype: np.dtype,
-                               files: dict[str, TensorSpecs]) -> None:  # fmt: skip
+def _write_checkpoint_metadata(
+    out_dir: Path, config: ModelConfig, tokenizer, save_dtype: np.dtype, files: dict[str, TensorSpecs]
+) -> None:
     """Everything but the tensors: the shard index (several files only), config.json, tokenizer, generation ids."""
     if len(files) > 1:
         weight_map = {n: file for file, shard in files.items() for n in shard}
@@ -368,14 +405,19 @@ def gguf_config(metadata: dict, path: Path, tied: bool, vocab_size: int, **dtype
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def load_gguf(path: str | Path, param_dtype: str | None = None, *, compute_dtype: str | None = None, mesh=None,
-              with_tokenizer: bool = True, dtype: str | None = None):  # fmt: skip
+def load_gguf(
+    path: str | Path,
+    param_dtype: str | None = None,
+    *,
+    compute_dtype: str | None = None,
+    mesh=None,
+    with_tokenizer: bool = True,
+    dtype: str | None = None,
+):
     """(model, tokenizer) from a qwen2 GGUF file: tensors dequantised one at a time, tokenizer from metadata.
 
     The dtype arguments are those of `load_pretrained` (`dtype=` is the alias of `param_dtype=`).
     """
-    import gguf
-
     path = Path(path)
     param_dtype = _param_dtype_from(param_dtype, dtype)
     reader = open_gguf(path)
@@ -391,8 +433,14 @@ def load_gguf(path: str | Path, param_dtype: str | None = None, *, compute_dtype
     if "model.embed_tokens.weight" not in tensors:
         raise CheckpointError(f"{path} lacks the tensor 'token_embd.weight'.")
     vocab_size = int(tensors["model.embed_tokens.weight"].shape[-1])  # GGUF shapes are [in, out]-reversed
-    config = gguf_config(metadata, path, tied="lm_head.weight" not in tensors, vocab_size=vocab_size,
-                         param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)  # fmt: skip
+    config = gguf_config(
+        metadata,
+        path,
+        tied="lm_head.weight" not in tensors,
+        vocab_size=vocab_size,
+        param_dtype=param_dtype,
+        compute_dtype=compute_dtype or param_dtype,
+    )
 
     def shape_of(name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(tensors[name].shape))  # ggml lists the fastest dim first
@@ -409,8 +457,6 @@ def load_gguf(path: str | Path, param_dtype: str | None = None, *, compute_dtype
 
 def gguf_tokenizer(metadata: dict, path: Path, vocab_size: int):
     """The tokenizer of a GGUF file's metadata, checked (tokenizer.check_tokenizer) against the model's vocab."""
-    from jaxpatience.model.tokenizer import check_tokenizer, tokenizer_from_gguf
-
     try:
         tokenizer = tokenizer_from_gguf(metadata)
     except Exception as err:  # missing keys, bad ids, and the tokenizers library's own errors
@@ -432,8 +478,6 @@ def describe_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if _checkpoint_kind(path) == "gguf":
         return _describe_gguf(path)
-    from jaxpatience.model.tokenizer import load_tokenizer
-
     config = ModelConfig.from_hf(path)
     reader = SafetensorsReader(path)  # the checks of a load: every file's header against its size,
     plan_model(config, reader.keys(), reader.shape, str(path))  # names and shapes against the config,
@@ -505,8 +549,6 @@ TINY_CORPUS = [
 
 def make_tiny_checkpoint(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """A random Qwen2 of the `tiny` preset with a small BPE tokenizer (ChatML), saved as an HF checkpoint to `out`."""
-    from jaxpatience.model.tokenizer import train_bpe_tokenizer
-
     tokenizer = train_bpe_tokenizer(TINY_CORPUS, vocab_size=320)
     config = preset("tiny").replace(vocab_size=len(tokenizer), tie_word_embeddings=True)
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(seed))

@@ -72,7 +72,7 @@ def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
 def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
     """Validate a batch and place it on the mesh as global arrays split along pairs (`batch_sharding`).
 
-    The one way a batch reaches the devices (Trainer.step, make_logps_fn, run.py). Each process passes its own
+    The one way a batch reaches the devices (Trainer.step, make_logps_fn, training/loop.py). Each process passes its own
     rows, as PairLoader.make_batch gives them: [B / P, ...] on process i are global rows [i·B/P, (i+1)·B/P) of
     the [B, ...] batch (P = 1: the whole batch; `make_array_from_process_local_data` is then a `device_put`).
     Arrays already placed with the batch sharding (global [B, ...]) pass through.
@@ -81,14 +81,16 @@ def place_batch(batch: Batch, mesh: Mesh, config: TrainConfig) -> Batch:
     placed = {k: v for k, v in batch.items() if isinstance(v, jax.Array) and v.sharding == target}
     local = {k: np.asarray(v) for k, v in batch.items() if k not in placed}
     # The global arrays: the P processes' rows one after the other.
-    shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * processes, *v.shape[1:]) if v.ndim else v.shape, v.dtype)
-              for k, v in local.items()}  # fmt: skip
+    shapes = {
+        k: jax.ShapeDtypeStruct((v.shape[0] * processes, *v.shape[1:]) if v.ndim else v.shape, v.dtype)
+        for k, v in local.items()
+    }
     validate_batch(shapes | placed, config, mesh)
     if "segment_pairs" in local:
         _check_packed_layout(local["segment_pairs"], config.micro_batches)
     if processes > 1 and local:
         global_rows = (shapes | placed)["input_ids"].shape[0]
-        # e.g. every process passing the whole batch (train.py before 0.2); packed rows are not pairs
+        # e.g. every process passing the whole batch (the train step before 0.2); packed rows are not pairs
         if global_rows != config.batch_size and "segment_ids" not in batch:
             raise ValueError(
                 f"{processes} processes' rows make a batch of {global_rows} pairs, not batch_size={config.batch_size}: "

@@ -10,8 +10,8 @@ State, optax states) round-trips without registering types with orbax.
 
 A save is atomic: orbax writes `step_N.orbax-checkpoint-tmp-*` and renames it when whole. A save killed or failed
 midway leaves that directory behind; the next run's Checkpointer removes it (`cleanup_tmp_directories`) and
-resumes from the last whole step. A full disk is `store.DiskFull`, naming the step that is intact. With a fault
-armed (faults.py), every orbax commit passes the point `checkpoint.finalize` first.
+resumes from the last whole step. A full disk is `DiskFull` (durability/store.py), naming the step that is
+intact. With a fault armed (durability/faults.py), every orbax commit passes the point `checkpoint.finalize` first.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         # An armed fault (a test) swaps in orbax's local-disk commit with a fault point in front of it.
         commit = {"temporary_path_class": _FaultPointRename} if faults.armed() else {}
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True, **commit)  # fmt: skip
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True, **commit
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -67,9 +68,10 @@ class Checkpointer:
         flat_target, treedef = _flatten(target)
         abstract = {
             key: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-            if isinstance(leaf, jax.Array) else leaf
+            if isinstance(leaf, jax.Array)
+            else leaf
             for key, leaf in flat_target.items()
-        }  # fmt: skip
+        }
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         flat = restored["state"]

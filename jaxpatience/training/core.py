@@ -10,8 +10,8 @@ Reference log-probs, in order of preference: `ref_logps` [B, 2] carried in the b
 step.make_logps_fn); else, with LoRA, the same base weights with adapters off (lora.adapters_off) inside the same
 step under stop_gradient, no second copy of the weights; a DPO loss in full-parameter mode must carry them.
 
-`remat` rematerialises each layer (or the scanned body of a model.LayerStack): "full" saves each layer's input,
-"dots" every matmul output, "lora" only the base projections' outputs (named model.BASE_OUTPUT) and recomputes
+`remat` rematerialises each layer (or the scanned body of a qwen2.LayerStack): "full" saves each layer's input,
+"dots" every matmul output, "lora" only the base projections' outputs (named qwen2.BASE_OUTPUT) and recomputes
 the rest, the adapters' outputs included.
 
 Packed rows: `pair_logps` sums segments into pairs, so every loss, metric and denominator is the padded batch's;
@@ -91,8 +91,13 @@ def apply_remat(model: nnx.Module, remat: str) -> None:
         layers[i] = _RematLayer(layers[i], REMAT_POLICIES[remat])
 
 
-def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int, micro_batches: int = 1,
-               axis_name: str | tuple[str, ...] | None = None) -> tuple[Array, Array]:  # fmt: skip
+def pair_logps(
+    model: nnx.Module,
+    batch: Batch,
+    chunk_size: int,
+    micro_batches: int = 1,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> tuple[Array, Array]:
     """Summed response log-probs [B, R] and counted tokens [B, R] of each pair's R = 2 (chosen, rejected)
     sequences in one forward; R = 1 when only the chosen rows are given (SFT). A packed batch (data/packing.py)
     gives [B, 2] in the order of its pair_mask, 0 for positions without a pair; when it is micro-batch m of M
@@ -105,8 +110,9 @@ def pair_logps(model: nnx.Module, batch: Batch, chunk_size: int, micro_batches: 
         ids, attention, response, segments = (batch[k] for k in (*BATCH_KEYS, "segment_ids"))
         hidden, _ = model.hidden_states(ids, attention, positions=batch["positions"], segment_ids=segments)
         count = batch["segment_pairs"].shape[1]  # S segments per row
-        sums, counts = losses.sequence_logps(hidden, model.logits, ids, response, attention, chunk_size,
-                                             segment_ids=segments, num_segments=count)  # fmt: skip
+        sums, counts = losses.sequence_logps(
+            hidden, model.logits, ids, response, attention, chunk_size, segment_ids=segments, num_segments=count
+        )
         # Segments -> pairs: 2·b + side (-1: none) -> 2·j + side; a sum over rows, which may be on any device.
         named = batch["segment_pairs"]
         slot = jnp.where(named >= 0, named // 2 // micro_batches * 2 + named % 2, -1)
@@ -144,8 +150,14 @@ def step_model(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, con
     return model
 
 
-def model_loss(model: nnx.Module, batch: Batch, norm: losses.Denominators, key: Array, config: TrainConfig,
-               axis_name: str | tuple[str, ...] | None = None) -> tuple[Array, dict[str, Array]]:  # fmt: skip
+def model_loss(
+    model: nnx.Module,
+    batch: Batch,
+    norm: losses.Denominators,
+    key: Array,
+    config: TrainConfig,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> tuple[Array, dict[str, Array]]:
     """(loss, metrics) of one micro-batch, normalised by the whole batch's `norm`; `key` drives LoRA dropout.
 
     `axis_name`: inside `jax.shard_map` (shard_map.py), the mesh axes the batch is split over; `batch` is then
@@ -160,7 +172,7 @@ def model_loss(model: nnx.Module, batch: Batch, norm: losses.Denominators, key: 
             ref_logps, _ = jax.lax.stop_gradient(pair_logps(model, batch, chunk, micro, axis_name))
     lora.set_dropout_key(model, key)
     if ref_logps is None and not loss_config.dpo_weight:  # SFT: no term reads the rejected row
-        if "segment_ids" in batch:  # packed rows: their segments (run.py packs only the chosen ones), read the chosen
+        if "segment_ids" in batch:  # packed rows (loop.py packs only the chosen sequences): read the chosen
             both = pair_logps(model, batch, chunk, micro, axis_name)
             chosen_logps, chosen_counts = (x[:, :1] for x in both)
         else:  # skip the rejected row's forward
@@ -178,8 +190,15 @@ def step_keys(config: TrainConfig, step: Array) -> Array:
     return jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step), config.micro_batches)
 
 
-def accumulate_gradients(loss_fn: Callable, params: nnx.State, frozen: nnx.State, batch: Batch,
-                         norm: losses.Denominators, keys: Array, micro_batches: int):  # fmt: skip
+def accumulate_gradients(
+    loss_fn: Callable,
+    params: nnx.State,
+    frozen: nnx.State,
+    batch: Batch,
+    norm: losses.Denominators,
+    keys: Array,
+    micro_batches: int,
+):
     """(gradients, metrics) of loss_fn(params, frozen, micro_batch, norm, key) summed over the M micro-batches
     with `lax.scan`, in float32, then cast to the parameters' dtypes. Every loss and metric term is normalised
     by whole-batch denominators, so the sums are the whole batch's."""
@@ -195,8 +214,13 @@ def accumulate_gradients(loss_fn: Callable, params: nnx.State, frozen: nnx.State
     return grads, {name: jnp.sum(values) for name, values in metrics.items()}  # terms add up (see losses.py)
 
 
-def apply_update(optimizer: optax.GradientTransformation, schedule: optax.Schedule, state: TrainState,
-                 grads: nnx.State, metrics: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:  # fmt: skip
+def apply_update(
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state: TrainState,
+    grads: nnx.State,
+    metrics: dict[str, Array],
+) -> tuple[TrainState, dict[str, Array]]:
     """Clip and AdamW on the whole batch's gradients (sharded like the params; XLA reduces the global norm)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -207,5 +231,9 @@ def apply_update(optimizer: optax.GradientTransformation, schedule: optax.Schedu
 def jit_step(step: Callable, mesh: Mesh, state_shardings: TrainState, frozen_shardings: nnx.State):
     """jax.jit of step(state, frozen, batch) with the trainer's shardings; the state is donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))  # fmt: skip
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, frozen_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )

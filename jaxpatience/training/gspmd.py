@@ -29,8 +29,14 @@ from jaxpatience.training.core import (
 from jaxpatience.training.optimizer import make_schedule
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: TrainConfig,
-                    mesh: Mesh, state_shardings: TrainState, frozen_shardings: nnx.State):  # fmt: skip
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    config: TrainConfig,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    frozen_shardings: nnx.State,
+):
     """jit((state, frozen, batch) -> (state, metrics)), state donated; metrics are replicated scalars."""
     schedule = make_schedule(config.optimizer, config.max_steps)
 
@@ -41,8 +47,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         with sharding.activate(mesh):  # constraints inside the model take effect while tracing
             norm = batch_denominators(batch)  # whole-batch normalisers
             keys = step_keys(config, state.step)
-            grads, metrics = accumulate_gradients(micro_loss, state.params, frozen, batch, norm, keys,
-                                                  config.micro_batches)  # fmt: skip
+            grads, metrics = accumulate_gradients(
+                micro_loss, state.params, frozen, batch, norm, keys, config.micro_batches
+            )
         return apply_update(optimizer, schedule, state, grads, metrics)
 
     return jit_step(step, mesh, state_shardings, frozen_shardings)

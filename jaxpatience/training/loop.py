@@ -1,13 +1,13 @@
 """A training run: `jaxpatience train --config configs/X.yaml key=value ...`.
 
-config -> (multi-host start) -> mesh -> model -> PairLoader -> Trainer (train.py) -> loop -> checkpoints -> export.
+config -> (multi-host start) -> mesh -> model -> PairLoader -> Trainer (step.py) -> loop -> checkpoints -> export.
 
 * The loop resumes exactly: the latest orbax checkpoint in OUT/checkpoints holds the train state (adapters or
   all weights, optimizer state, step) and, as JSON, the loader state and the config; a resumed run sees the
   batches it would have seen. Restoring reads each array straight into this run's shardings, so the mesh may
   differ from the one that wrote the checkpoint.
 * Multi-host: every process runs this same program. Each reads only its rows of every global batch, and
-  `train.place_batch` (the one way a batch reaches the devices) makes them one global array. Checkpoints are
+  `batch.place_batch` (the one way a batch reaches the devices) makes them one global array. Checkpoints are
   written collectively.
 * Reference log-probs, when precomputed (`precompute_reference`, or full-parameter DPO), are stored under a
   content hash of the tokenised pairs, the weight files and the dtypes (reference_cache.py; beside the data by
@@ -25,16 +25,27 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxpatience import sharding
 from jaxpatience.config import ConfigError, RunConfig, changed_keys, command_parser, config_from_args, load_config
-
-if TYPE_CHECKING:  # the heavy modules are imported inside the functions, after jax.distributed starts
-    import numpy as np
-
-    from jaxpatience.data.pairs import PairLoader
-    from jaxpatience.training import Trainer
-    from jaxpatience.training.checkpoint import Checkpointer
+from jaxpatience.data.pairs import PairLoader
+from jaxpatience.durability import identity
+from jaxpatience.durability import progress as progress_bars
+from jaxpatience.durability.metrics import MetricsWriter, read_metrics
+from jaxpatience.evaluation.report import plot_training
+from jaxpatience.model import lora
+from jaxpatience.model.tokenizer import load_tokenizer
+from jaxpatience.model.weights import load_pretrained, save_pretrained
+from jaxpatience.training import reference_cache
+from jaxpatience.training.batch import device_batch, packed_row_multiple
+from jaxpatience.training.checkpoint import Checkpointer
+from jaxpatience.training.preemption import Preempted, Watch
+from jaxpatience.training.step import Trainer, create_trainer, make_logps_fn, make_mesh
 
 
 def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
@@ -48,11 +59,6 @@ def precompute_reference(trainer: Trainer, loader: PairLoader) -> np.ndarray:
     Needed for full-parameter DPO (no adapters to switch off); with LoRA it saves the reference forward in
     every step. The loader's `reference_batches` visit every pair once in its fixed shapes.
     """
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    from jaxpatience.training import device_batch, make_logps_fn
-
     logps_fn = make_logps_fn(trainer, adapters=False)
     table = np.zeros((len(loader.pairs), 2), np.float32)
     for pair_index, batch in loader.reference_batches():
@@ -67,12 +73,6 @@ def precompute_reference(trainer: Trainer, loader: PairLoader) -> np.ndarray:
 def cached_reference(config: RunConfig, trainer: Trainer, loader: PairLoader, is_main: bool) -> np.ndarray:
     """`precompute_reference`, or the table a run with the same pairs, weights and dtypes stored before
     (reference_cache.py). Every process must find it, or all of them compute it (the pass is collective)."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    from jaxpatience.training import reference_cache
-
     data = config.data
     directory = Path(data.reference_cache) if data.reference_cache else reference_cache.default_directory(data.path)
     settings = {"param_dtype": config.param_dtype, "compute_dtype": config.compute_dtype or config.param_dtype}
@@ -97,8 +97,10 @@ def cached_reference(config: RunConfig, trainer: Trainer, loader: PairLoader, is
 # What may change between a run and its resumption: where it runs and how often it logs and saves.
 RESUMABLE_CHANGES = ("distributed", "log_every", "checkpoint_every", "keep_checkpoints")
 # Keys added in 0.3, with the values runs written before them had: such a run resumes with these overrides.
-LEGACY_VALUES = {"train": {"scan_layers": False, "attention": "einsum"},
-                 "data": {"packing": False, "pack_length": None, "pack_row_multiple": 1}}  # fmt: skip
+LEGACY_VALUES = {
+    "train": {"scan_layers": False, "attention": "einsum"},
+    "data": {"packing": False, "pack_length": None, "pack_row_multiple": 1},
+}
 
 
 def _check_same_run(saved: dict, current: dict, out: Path) -> None:
@@ -132,7 +134,7 @@ class _Run:
     trainer: Trainer  # its config holds the resolved max_steps (from `epochs` if set)
     reference: np.ndarray | None  # [N, 2] reference log-probs of every pair; None: computed inside the step
     checkpoints: Checkpointer
-    inputs: dict  # fingerprints of the model's files and the data's records (identity.py), checked on resume
+    inputs: dict  # fingerprints of the model's files and data's records (durability/identity.py), checked on resume
     shapes: set = dataclasses.field(default_factory=set)  # the batch shapes the loop has stepped on (compilations)
     # Real tokens and all token slots (padding included) since step 0, kept in checkpoints: a resumed run logs
     # the padding share an uninterrupted one would.
@@ -144,33 +146,32 @@ class _Run:
 
     def save(self, step: int) -> None:
         """A checkpoint after `step` steps: train state, loader position and config (collective)."""
-        meta = {"step": step, "loader": self.loader.state_dict(), "config": dataclasses.asdict(self.config),
-                "inputs": self.inputs, "tokens": self.tokens}  # fmt: skip
+        meta = {
+            "step": step,
+            "loader": self.loader.state_dict(),
+            "config": dataclasses.asdict(self.config),
+            "inputs": self.inputs,
+            "tokens": self.tokens,
+        }
         self.checkpoints.save(step, self.trainer.state, meta)
 
 
 def _set_up(config: RunConfig) -> _Run:
     """Start jax.distributed (before anything touches a device), then mesh, model, loader, trainer, reference."""
-    from jaxpatience import sharding
-    from jaxpatience.durability import identity
-
     distributed = config.distributed
-    sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes,
-                                    distributed.process_id)  # fmt: skip
-    import jax
-
-    from jaxpatience.model.tokenizer import load_tokenizer
-    from jaxpatience.model.weights import load_pretrained
-    from jaxpatience.training import create_trainer, make_mesh
-    from jaxpatience.training.checkpoint import Checkpointer
-
+    sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes, distributed.process_id)
     mesh = make_mesh(config.train.mesh)
     # The data is read and checked before the weights (minutes for a large model): a checkpoint directory's
     # tokenizer loads on its own; a .gguf file's comes with its weights.
     tokenizer = load_tokenizer(config.model) if Path(config.model).is_dir() else None
     loader = _make_loader(config, tokenizer, mesh) if tokenizer is not None else None
-    model, loaded = load_pretrained(config.model, config.param_dtype, compute_dtype=config.compute_dtype, mesh=mesh,
-                                    with_tokenizer=tokenizer is None)  # fmt: skip
+    model, loaded = load_pretrained(
+        config.model,
+        config.param_dtype,
+        compute_dtype=config.compute_dtype,
+        mesh=mesh,
+        with_tokenizer=tokenizer is None,
+    )
     tokenizer = tokenizer or loaded
     loader = loader or _make_loader(config, tokenizer, mesh)
     max_steps = config.train.max_steps if config.epochs is None else config.epochs * loader.steps_per_epoch
@@ -184,16 +185,27 @@ def _set_up(config: RunConfig) -> _Run:
         _warn_about_settings(config, model.config.max_position_embeddings)
     checkpoints = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
     inputs = {**identity.model_inputs(config.model), "data": loader.fingerprint}
-    return _Run(config=config, out=out, is_main=is_main, tokenizer=tokenizer, loader=loader, trainer=trainer,
-                reference=reference, checkpoints=checkpoints, inputs=inputs)  # fmt: skip
+    return _Run(
+        config=config,
+        out=out,
+        is_main=is_main,
+        tokenizer=tokenizer,
+        loader=loader,
+        trainer=trainer,
+        reference=reference,
+        checkpoints=checkpoints,
+        inputs=inputs,
+    )
 
 
 def _warn_about_settings(config: RunConfig, context: int) -> None:
     """Settings that are allowed but do not do what they seem to: said once, on stderr."""
     warnings = []
     if config.data.max_length > context:
-        warnings.append(f"data.max_length={config.data.max_length} is past the model's context ({context} "
-                        "positions): the model never saw positions beyond it")  # fmt: skip
+        warnings.append(
+            f"data.max_length={config.data.max_length} is past the model's context ({context} "
+            "positions): the model never saw positions beyond it"
+        )
     if config.keep_checkpoints == 0:
         warnings.append("keep_checkpoints=0 keeps no checkpoint: a stopped or killed run starts again from step 0")
     for warning in warnings:
@@ -202,25 +214,30 @@ def _warn_about_settings(config: RunConfig, context: int) -> None:
 
 def _make_loader(config: RunConfig, tokenizer, mesh) -> PairLoader:
     """The run's PairLoader: this process's rows of every global batch, in shapes the mesh divides."""
-    import jax
-
-    from jaxpatience.data.pairs import PairLoader
-    from jaxpatience.training import packed_row_multiple
-
     data = config.data
     return PairLoader.from_source(
-        data.path, tokenizer, batch_size=config.train.batch_size, max_length=data.max_length,
-        max_prompt_length=data.max_prompt_length, buckets=data.buckets, seed=data.seed, shuffle=data.shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count(), chat_template=data.chat_template,
-        packing=data.packing, pack_length=data.pack_length, micro_batches=config.train.micro_batches,
+        data.path,
+        tokenizer,
+        batch_size=config.train.batch_size,
+        max_length=data.max_length,
+        max_prompt_length=data.max_prompt_length,
+        buckets=data.buckets,
+        seed=data.seed,
+        shuffle=data.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        chat_template=data.chat_template,
+        packing=data.packing,
+        pack_length=data.pack_length,
+        micro_batches=config.train.micro_batches,
         row_multiple=math.lcm(packed_row_multiple(config.train.micro_batches, mesh), data.pack_row_multiple),
         chosen_only=reads_chosen_only(config),
-    )  # fmt: skip
+    )
 
 
 def reads_chosen_only(config: RunConfig) -> bool:
     """SFT (no DPO term, no precomputed reference): the loss reads only the chosen sequences, so packed batches
-    hold only those (train.model_loss)."""
+    hold only those (core.model_loss)."""
     return config.train.loss.dpo_weight == 0 and not config.precompute_reference
 
 
@@ -230,10 +247,9 @@ def _resume(run: _Run) -> int:
     if run.checkpoints.latest_step() is not None:
         run.trainer.state, meta = run.checkpoints.restore(run.trainer.state)
         _check_same_run(meta["config"], dataclasses.asdict(run.config), run.out)
-        from jaxpatience.durability import identity
-
-        identity.check_same_inputs(meta.get("inputs"), run.inputs, run.out,
-                                   "resume with the same model and data, or choose a new out_dir")  # fmt: skip
+        identity.check_same_inputs(
+            meta.get("inputs"), run.inputs, run.out, "resume with the same model and data, or choose a new out_dir"
+        )
         run.loader.load_state_dict(meta["loader"])
         run.tokens = dict(meta.get("tokens", run.tokens))
         start = int(meta["step"])
@@ -242,8 +258,10 @@ def _resume(run: _Run) -> int:
     if run.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(run.config), indent=2))
-        print(f"data: {run.loader.stats.summary()}; {run.loader.steps_per_epoch} steps per epoch, "
-              f"{run.loader.dropped_per_epoch} pairs left out per epoch")  # fmt: skip
+        print(
+            f"data: {run.loader.stats.summary()}; {run.loader.steps_per_epoch} steps per epoch, "
+            f"{run.loader.dropped_per_epoch} pairs left out per epoch"
+        )
     return start
 
 
@@ -253,11 +271,6 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
 
     SIGTERM (`scancel --signal=TERM`, a VM's shutdown, `kill`) ends the loop after the current step, with a
     checkpoint of that step on every process, by raising `Preempted`."""
-    from jaxpatience.durability import progress as progress_bars
-    from jaxpatience.durability.metrics import MetricsWriter
-    from jaxpatience.training import device_batch
-    from jaxpatience.training.preemption import Preempted, Watch
-
     config, trainer = run.config, run.trainer
     writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
     bar = progress_bars.bar(run.max_steps, initial=start, enabled=progress and run.is_main, desc="train", unit="step")
@@ -300,13 +313,11 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
 
 def _export(run: _Run) -> dict[str, str]:
     """OUT/adapter (PEFT) with LoRA; OUT/merged (HF checkpoint) when export_merged or for full-parameter runs."""
-    from jaxpatience.model import lora
-    from jaxpatience.model.weights import save_pretrained
-
     trained, exports, lora_config = run.trainer.model(), {}, run.trainer.config.lora
     if lora_config is not None:
-        adapter = lora.save_peft_adapter(trained, lora_config, run.out / "adapter", overwrite=True,
-                                         base_model_name_or_path=run.config.model)  # fmt: skip
+        adapter = lora.save_peft_adapter(
+            trained, lora_config, run.out / "adapter", overwrite=True, base_model_name_or_path=run.config.model
+        )
         exports["adapter"] = str(adapter)
     if run.config.export_merged or lora_config is None:  # full-parameter runs always export their weights
         if lora_config is not None:
@@ -320,8 +331,6 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
 
     `stop_after=k` ends the run after step k with a checkpoint (as a preemption would); a later call resumes.
     """
-    from jaxpatience.evaluation.report import plot_training
-
     run = _set_up(config.validate())
     try:
         start = _resume(run)
@@ -334,12 +343,21 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
             run.save(end)
         step_fn = run.trainer.step_fn
         compilations = step_fn._cache_size() if hasattr(step_fn, "_cache_size") else None
-        summary = {"steps": end, "resumed_from": start, "final": last, "exports": {}, "compilations": compilations,
-                   "batch_shapes": sorted(run.shapes)}  # fmt: skip
+        summary = {
+            "steps": end,
+            "resumed_from": start,
+            "final": last,
+            "exports": {},
+            "compilations": compilations,
+            "batch_shapes": sorted(run.shapes),
+        }
         if end < run.max_steps:  # stopped early: resume later
             return summary
-        summary |= {"exports": _export(run), "truncation": dataclasses.asdict(run.loader.stats),
-                    "wall_s": time.perf_counter() - t_start}  # fmt: skip
+        summary |= {
+            "exports": _export(run),
+            "truncation": dataclasses.asdict(run.loader.stats),
+            "wall_s": time.perf_counter() - t_start,
+        }
         if run.is_main:
             plot = plot_training(run.out / "metrics.jsonl", run.out / "training.png", title=str(config.model))
             summary["plot"] = str(plot) if plot else None
@@ -351,15 +369,16 @@ def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = 
 
 def _last_logged(out: Path) -> dict[str, float]:
     """The last metrics line of a run (without its step), or {}."""
-    from jaxpatience.durability.metrics import read_metrics
-
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
     return {key: value for key, value in records[-1].items() if key != "step"} if records else {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = command_parser("jaxpatience train", "DPO / DPO+NLL / SFT training run.",
-                            config_help="YAML config (configs/*.yaml); keys not given keep their defaults")  # fmt: skip
+    parser = command_parser(
+        "jaxpatience train",
+        "DPO / DPO+NLL / SFT training run.",
+        config_help="YAML config (configs/*.yaml); keys not given keep their defaults",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; rerun to resume")
     args = parser.parse_intermixed_args(argv)

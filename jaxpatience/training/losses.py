@@ -51,8 +51,9 @@ def token_logps(logits: Array, targets: Array) -> Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def sequence_logps_from_logits(logits: Array, input_ids: Array, loss_mask: Array,
-                               attention_mask: Array) -> tuple[Array, Array]:  # fmt: skip
+def sequence_logps_from_logits(
+    logits: Array, input_ids: Array, loss_mask: Array, attention_mask: Array
+) -> tuple[Array, Array]:
     """(sum of response-token log-probs [...], counted tokens [...]) from full logits [..., T, V]."""
     targets, weights = shift_targets(input_ids, loss_mask, attention_mask)
     return jnp.sum(token_logps(logits, targets) * weights, axis=-1), jnp.sum(weights, axis=-1)
@@ -65,9 +66,16 @@ def segment_weights(weights: Array, segment_ids: Array, num_segments: int) -> Ar
     return (weights * same)[..., None] * jax.nn.one_hot(segment_ids - 1, num_segments, dtype=weights.dtype)
 
 
-def sequence_logps(hidden: Array, project: Callable[[Array], Array], input_ids: Array, loss_mask: Array,
-                   attention_mask: Array, chunk_size: int = 256, segment_ids: Array | None = None,
-                   num_segments: int = 1) -> tuple[Array, Array]:  # fmt: skip
+def sequence_logps(
+    hidden: Array,
+    project: Callable[[Array], Array],
+    input_ids: Array,
+    loss_mask: Array,
+    attention_mask: Array,
+    chunk_size: int = 256,
+    segment_ids: Array | None = None,
+    num_segments: int = 1,
+) -> tuple[Array, Array]:
     """Like `sequence_logps_from_logits`, from hidden states [N, T, D] and `project` ([..., D] -> [..., V]).
 
     Packed rows (`segment_ids` [N, T], 0 = padding, 1..S one per sequence) give sums and counts per segment,
@@ -106,14 +114,21 @@ def sequence_logps(hidden: Array, project: Callable[[Array], Array], input_ids: 
 # Preference losses over [B, 2] (chosen, rejected) sequence log-probs.
 
 
-def dpo_losses(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
-               beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Array:  # fmt: skip
+def dpo_losses(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array,
+    ref_rejected_logps: Array,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Array:
     """Per-pair preference loss [B] (see the module docstring for the formulas)."""
     logits = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)  # [B]
     if loss_type == "sigmoid":
-        return -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * logits) - label_smoothing * jax.nn.log_sigmoid(
-            -beta * logits
-        )
+        chosen_wins = jax.nn.log_sigmoid(beta * logits)
+        return -(1 - label_smoothing) * chosen_wins - label_smoothing * jax.nn.log_sigmoid(-beta * logits)
     if loss_type == "hinge":
         return jax.nn.relu(1 - beta * logits)
     if loss_type == "ipo":
@@ -141,8 +156,13 @@ def denominators(token_counts: Array, axis_name: str | tuple[str, ...] | None = 
     return Denominators(jnp.maximum(totals[0], 1.0), jnp.maximum(totals[1], 1.0))
 
 
-def preference_loss(policy_logps: Array, token_counts: Array, ref_logps: Array | None, config: LossConfig,
-                    norm: Denominators | None = None) -> tuple[Array, dict[str, Array]]:  # fmt: skip
+def preference_loss(
+    policy_logps: Array,
+    token_counts: Array,
+    ref_logps: Array | None,
+    config: LossConfig,
+    norm: Denominators | None = None,
+) -> tuple[Array, dict[str, Array]]:
     """(loss, metrics) from summed log-probs [B, 2] (chosen, rejected), counts [B, 2] and reference [B, 2].
 
     `ref_logps` may be None only when config.dpo_weight == 0 (SFT): then no rewards/* metrics are reported.
@@ -155,12 +175,7 @@ def preference_loss(policy_logps: Array, token_counts: Array, ref_logps: Array |
     def pair_mean(values: Array) -> Array:  # [B] -> scalar: sum over valid pairs / batch-wide pair count
         return jnp.sum(valid * values) / norm.pairs
 
-    # NLL of the chosen response, from summed (never averaged) log-probs.
-    chosen_sum, chosen_count = policy_logps[:, 0], token_counts[:, 0]
-    if config.nll_normalization == "sequence":
-        nll = pair_mean(-chosen_sum / jnp.maximum(chosen_count, 1.0))
-    else:
-        nll = -jnp.sum(valid * chosen_sum) / norm.chosen_tokens
+    nll = _chosen_nll(policy_logps[:, 0], token_counts[:, 0], valid, norm, config.nll_normalization, pair_mean)
     loss = config.nll_weight * nll if config.nll_weight else jnp.zeros((), jnp.float32)
 
     # IPO (TRL's convention) compares length-averaged log-probs; sigmoid and hinge compare sums.
@@ -174,19 +189,44 @@ def preference_loss(policy_logps: Array, token_counts: Array, ref_logps: Array |
 
     ref = ref_logps.astype(jnp.float32)
     ref = ref / jnp.maximum(token_counts, 1.0) if per_token else ref
-    pair_losses = dpo_losses(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=config.beta,
-                             loss_type=config.loss_type, label_smoothing=config.label_smoothing)  # fmt: skip
+    pair_losses = dpo_losses(
+        logps[:, 0],
+        logps[:, 1],
+        ref[:, 0],
+        ref[:, 1],
+        beta=config.beta,
+        loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing,
+    )
     dpo = pair_mean(pair_losses)
     if config.dpo_weight:
         loss = loss + config.dpo_weight * dpo
-    chosen_rewards = config.beta * jax.lax.stop_gradient(logps[:, 0] - ref[:, 0])  # [B]
-    rejected_rewards = config.beta * jax.lax.stop_gradient(logps[:, 1] - ref[:, 1])
-    metrics |= {
-        "loss": loss,
-        "dpo_loss": dpo,
+    return loss, metrics | {"loss": loss, "dpo_loss": dpo} | _reward_metrics(logps, ref, config.beta, pair_mean)
+
+
+def _chosen_nll(
+    chosen_sum: Array,
+    chosen_count: Array,
+    valid: Array,
+    norm: Denominators,
+    normalization: str,
+    pair_mean: Callable[[Array], Array],
+) -> Array:
+    """The NLL of the chosen responses, from summed (never averaged) log-probs [B] and counts [B]:
+    "sequence" averages each response over its tokens, then over pairs; "token" divides by all chosen tokens."""
+    if normalization == "sequence":
+        return pair_mean(-chosen_sum / jnp.maximum(chosen_count, 1.0))
+    return -jnp.sum(valid * chosen_sum) / norm.chosen_tokens
+
+
+def _reward_metrics(logps: Array, ref: Array, beta: float, pair_mean: Callable[[Array], Array]) -> dict[str, Array]:
+    """The rewards/* metrics: β·(policy − reference) log-probs [B, 2] of each side, without gradient, as means
+    over the pairs (margins and accuracies compare the two sides)."""
+    chosen_rewards = beta * jax.lax.stop_gradient(logps[:, 0] - ref[:, 0])  # [B]
+    rejected_rewards = beta * jax.lax.stop_gradient(logps[:, 1] - ref[:, 1])
+    return {
         "rewards/chosen": pair_mean(chosen_rewards),
         "rewards/rejected": pair_mean(rejected_rewards),
         "rewards/margins": pair_mean(chosen_rewards - rejected_rewards),
         "rewards/accuracies": pair_mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
     }
-    return loss, metrics

@@ -27,7 +27,7 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def _is_matrix(path: tuple, leaf: Array) -> bool:
-    """Weight decay goes to matrices only; a stacked layer's leading axis (model.LayerStack) does not count."""
+    """Weight decay goes to matrices only; a stacked layer's leading axis (qwen2.LayerStack) does not count."""
     keys = [getattr(k, "key", None) for k in path]
     stacked = any(a == "layers" and b == "layer" for a, b in zip(keys, keys[1:], strict=False))
     return leaf.ndim - stacked >= 2
@@ -36,8 +36,14 @@ def _is_matrix(path: tuple, leaf: Array) -> bool:
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW on the schedule, after global-norm clipping; weight decay only on matrices (ndim >= 2)."""
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(_is_matrix, params)
-    adamw = optax.adamw(make_schedule(config, total_steps), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay, mask=decay_mask)  # fmt: skip
+    adamw = optax.adamw(
+        make_schedule(config, total_steps),
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        mask=decay_mask,
+    )
     if config.max_grad_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)

@@ -16,8 +16,8 @@ all of them must agree on the step.
   step boundary sees it.
 
 The loop calls `watch.reached(step)` once per step, on every process, with the step number it has just finished
-(orbax's own save reports the same step numbers). JAX is imported only by `Watch`, so the command-line
-dispatcher can catch `Preempted` without starting it.
+(orbax's own save reports the same step numbers). Importing this module starts no JAX backend (nothing does
+before `Watch` runs inside the loop), so the command-line dispatcher can catch `Preempted` at any time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ from __future__ import annotations
 import signal
 import threading
 import warnings
+
+import jax
+from jax.experimental import multihost_utils
+
+from jaxpatience import sharding
 
 TERMINATED_EXIT_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # the coordination service's key for "a process got SIGTERM"
@@ -44,8 +49,6 @@ class Watch:
     """`pending`: SIGTERM came before the loop; `reached(step)`: stop after this step (the same on every process)."""
 
     def __init__(self, start: int):
-        import jax
-
         # Under jax.distributed (even one process, as in a one-node SLURM job) JAX's handler has SIGTERM.
         self._distributed = jax.distributed.is_initialized()
         self._signalled = threading.Event()
@@ -70,8 +73,6 @@ class Watch:
 
 def _sync_point(step: int) -> bool | None:
     """jax's `reached_preemption_sync_point(step)`; None where JAX runs without its preemption service."""
-    from jax.experimental import multihost_utils
-
     try:
         return multihost_utils.reached_preemption_sync_point(step)
     except RuntimeError:  # jax_enable_preemption_service=False: SIGTERM is then not caught either
@@ -81,8 +82,6 @@ def _sync_point(step: int) -> bool | None:
 def _agree_on_earlier_notice(start: int) -> bool:
     """Under jax.distributed, before the first step: report `start` (a notice from now on stops after step
     start + 1), then agree on whether a notice came before. Every process calls this."""
-    from jaxpatience import sharding
-
     if _sync_point(start) is None:
         return False
     sharding.barrier("preemption watch")  # every process has reported `start` before process 0 looks
@@ -92,11 +91,16 @@ def _agree_on_earlier_notice(start: int) -> bool:
 def _notice_received() -> bool:
     """Has any process of this jax.distributed program got SIGTERM? Read from the coordination service."""
     try:
-        from jax._src.distributed import global_state  # the client holds the coordination service's key-values
+        # The client holds the coordination service's key-values. Imported here, inside the `try`: a private
+        # module of JAX that another version may move, and then this answers "cannot tell" instead of failing.
+        from jax._src.distributed import global_state
 
         return global_state.client.key_value_try_get(NOTICE_KEY) is not None
     except Exception as err:  # the key is absent: no notice; anything else: this JAX cannot tell us
         if "NOT_FOUND" not in str(err):
-            warnings.warn(f"cannot tell whether a SIGTERM came before training started ({err}); one that did is "
-                          "only seen at the next SIGTERM", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"cannot tell whether a SIGTERM came before training started ({err}); one that did is "
+                "only seen at the next SIGTERM",
+                stacklevel=2,
+            )
         return False

@@ -57,8 +57,12 @@ def pairs_digest(pairs: Sequence) -> str:
 def cache_key(model: str | Path, pairs: Sequence, settings: dict) -> tuple[str, dict]:
     """(key, what went into it) for a reference table. The model's path is recorded, not hashed: the same
     weights in another folder find the table."""
-    parts = {"model_digest": model_digest(model), "pairs": len(pairs), "pairs_digest": pairs_digest(pairs),
-             "settings": settings}  # fmt: skip
+    parts = {
+        "model_digest": model_digest(model),
+        "pairs": len(pairs),
+        "pairs_digest": pairs_digest(pairs),
+        "settings": settings,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], {"model": str(model), **parts}
 
 
@@ -83,8 +87,10 @@ def save(directory: Path, key: str, table: np.ndarray, parts: dict) -> Path:
     """Write `KEY.npy` and `KEY.json` atomically (a temporary file, then a rename)."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{key}.npy"
-    for path, write in ((directory / f"{key}.json", lambda f: f.write(json.dumps(parts, indent=2).encode())),
-                        (target, lambda f: np.save(f, table.astype(np.float32), allow_pickle=False))):  # fmt: skip
+    for path, write in (
+        (directory / f"{key}.json", lambda f: f.write(json.dumps(parts, indent=2).encode())),
+        (target, lambda f: np.save(f, table.astype(np.float32), allow_pickle=False)),
+    ):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with tmp.open("wb") as f:
             write(f)

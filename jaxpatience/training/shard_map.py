@@ -64,7 +64,7 @@ from jaxpatience.training.optimizer import make_schedule
 
 Array = jax.Array
 SpecTable = dict[tuple, PartitionSpec]  # a State's key path ('model', 'norm', 'weight') -> its PartitionSpec
-STACK = ("model", "layers", "layer")  # where a LayerStack keeps its stacked weights (model.stack_layers)
+STACK = ("model", "layers", "layer")  # where a LayerStack keeps its stacked weights (qwen2.stack_layers)
 GATHERED = "fsdp_gathered"  # checkpoint name of gathered layer weights: recomputed in the backward, never saved
 
 
@@ -175,15 +175,20 @@ def make_local_gradients(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh
         norm = batch_denominators(batch, axis_name=axes)  # 1. psum'ed counts
         frozen = gather_unstacked(frozen, table, mesh)  # 2. not differentiated: gathered once for all micro-batches
         # 3. local micro-batch m = this device's pairs of global micro-batch m (validate_batch: B/N = k·M)
-        grads, metrics = accumulate_gradients(micro_loss, params, frozen, batch, norm, keys,
-                                                    config.micro_batches)  # fmt: skip
+        grads, metrics = accumulate_gradients(micro_loss, params, frozen, batch, norm, keys, config.micro_batches)
         return reduce_gradients(grads, table, mesh), jax.lax.psum(metrics, axes)  # 4., 5.
 
     return local_gradients
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: TrainConfig,
-                    mesh: Mesh, state_shardings: TrainState, frozen_shardings: nnx.State):  # fmt: skip
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    config: TrainConfig,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    frozen_shardings: nnx.State,
+):
     """jit((state, frozen, batch) -> (state, metrics)) like gspmd.make_train_step's, the gradients computed by
     the hand-written per-device program (`make_local_gradients`) under `jax.shard_map`."""
     check_mesh(mesh)

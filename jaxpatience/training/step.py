@@ -10,7 +10,7 @@ The model is split once (`nnx.split`) into a graphdef, the trained parameters an
 Only the trained parameters are differentiated and live in the optimizer. Inside the jitted function the
 graphdef is merged with the state at trace time only; each step runs the compiled program, no graph work.
 
-Training scans one decoder layer over stacked weights (model.LayerStack, `scan_layers`, the default): compile
+Training scans one decoder layer over stacked weights (qwen2.LayerStack, `scan_layers`, the default): compile
 time does not grow with the layer count and FSDP gathers one layer's weights at a time.
 
 `strategy` (TrainConfig): "gspmd", the default, jits one program over global arrays and lets XLA's partitioner
@@ -140,9 +140,8 @@ def create_trainer(model: nnx.Module, config: TrainConfig, mesh: Mesh | None = N
     optimizer = make_optimizer(config.optimizer, config.max_steps)
     state_sh, frozen_sh = _state_shardings(mesh, params, optimizer), tree_shardings(mesh, frozen)
     params, frozen = jax.device_put(params, state_sh.params), jax.device_put(frozen, frozen_sh)
-    state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), out_shardings=state_sh)(
-        params
-    )
+    initial_state = lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
+    state = jax.jit(initial_state, out_shardings=state_sh)(params)
     step_fn = make_train_step(graphdef, optimizer, config, mesh, state_sh, frozen_sh)
     schedule = make_schedule(config.optimizer, config.max_steps)
     return Trainer(graphdef, state, frozen, step_fn, mesh, config, schedule, state_sh, frozen_sh)
@@ -152,7 +151,7 @@ def lower_abstract_step(model_config, config: TrainConfig, mesh: Mesh, batch: Ba
     """The train step lowered from shapes alone: no weight is ever materialised (a 72B plans on a laptop).
 
     `batch` maps names to arrays or `jax.ShapeDtypeStruct`s of the global batch. `.compile()` the result for
-    compile time, `memory_analysis()` and `cost_analysis()` (the sharding lab; bench_train.py --aot).
+    compile time, `memory_analysis()` and `cost_analysis()` (the sharding lab; scripts/bench_train.py --aot).
     """
 
     def build() -> nnx.Module:
@@ -171,8 +170,14 @@ def lower_abstract_step(model_config, config: TrainConfig, mesh: Mesh, batch: Ba
     return step_fn.lower(state, frozen, shapes)
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: TrainConfig,
-                    mesh: Mesh, state_shardings: TrainState, frozen_shardings: nnx.State):  # fmt: skip
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    config: TrainConfig,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    frozen_shardings: nnx.State,
+):
     """jit((state, frozen, batch) -> (state, metrics)) by `config.strategy`: "gspmd", one program over global
     arrays whose collectives XLA's partitioner derives (gspmd.py); "shard_map", a per-device program with the
     collectives written out (shard_map.py). Both share core.py's loss, accumulation and optimizer update."""
