@@ -1,4 +1,4 @@
-"""The slot engine (engine.py): continuous batching gives the same tokens as one prompt at a time, with a fixed
+"""The slot engine (slots.py): continuous batching gives the same tokens as one prompt at a time, with a fixed
 set of compiled shapes, one prefill per prompt for n samples, per-request budgets and stops, and streaming.
 
 Greedy comparisons check the top-2 logit gap along the reference rollout first (see test_decode.py), so a

@@ -1,4 +1,4 @@
-"""The reference cache (reference_cache.py): a rerun reads the stored table; other data, weights, template or
+"""The reference cache (training/reference_cache.py): a rerun reads the stored table; other data, weights, template or
 dtypes give another key; packed and padded runs of the same pairs train alike."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training runs (run.py): exact resume, resume onto another mesh, fixed compilations, and `jaxpatience train`
+"""Training runs (training/loop.py): exact resume, resume onto another mesh, fixed compilations, and `jaxpatience train`
 end to end (train, checkpoint, resume, export, plot). Two processes x 2 devices against one x 4 (through the
 SLURM template, with a requeue) are in test_pods.py."""
 

@@ -1,4 +1,4 @@
-"""`jaxpatience serve` (serve.py, serve_api.py, serve_engine.py) against the `openai` client, on loopback only.
+"""`jaxpatience serve` (serving/: app.py, wire.py, live.py) against the `openai` client, on loopback only.
 
 One server process (a tiny random checkpoint, 8 slots, an API key) serves most tests; a second one with a single
 slot and a queue of one shows the 429. Greedy answers are compared with `generate` in this process on the same

@@ -1,4 +1,4 @@
-"""The live engine (serve_engine.py) in-process: a failure reaches every job, none is left waiting."""
+"""The live engine (serving/live.py) in-process: a failure reaches every job, none is left waiting."""
 
 from __future__ import annotations
 
