@@ -3,4 +3,4 @@ the plan and shape buckets they share (shapes.py); sampling and per-row keys (sa
 
 from jaxpatience.generation.api import Request, generate
 from jaxpatience.generation.sampling import Generation, Sampler
-from jaxpatience.generation.slots import EngineStats
+from jaxpatience.generation.scheduler import EngineStats

@@ -8,9 +8,10 @@ This file checks the input (one sentence per bad prompt, setting or request) and
 (graphdef + state, placed by sharding.RULES on a mesh), the static sampler, the traced settings. Two decoders run
 the plan:
 
-* slots.py (default, `engine="slots"`): continuous batching over a fixed set of slots; a finished row frees its
-  slot for the next prompt; one prefill per prompt for its n samples; per-request budgets and stop tokens; runs
-  on several processes (every process calls generate alike; weights and slots are split over the global mesh).
+* scheduler.py over slots.py (default, `engine="slots"`): continuous batching over a fixed set of slots; a
+  finished row frees its slot for the next prompt; one prefill per prompt for its n samples; per-request budgets
+  and stop tokens; runs on several processes (every process calls generate alike; weights and slots are split
+  over the global mesh).
 * static.py (`engine="static"`): the earlier static batches, kept as the benchmark's baseline.
 
 Both give the same tokens: greedy is token-exact against transformers and an uncached rollout, and each row draws
@@ -27,8 +28,8 @@ import numpy as np
 
 from jaxpatience.config import SamplingConfig
 from jaxpatience.generation.sampling import Generation, Sampler, sample_tokens
+from jaxpatience.generation.scheduler import EngineStats, run_slots
 from jaxpatience.generation.shapes import Plan, make_plan
-from jaxpatience.generation.slots import EngineStats, run_slots
 from jaxpatience.generation.static import run_batches
 from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 

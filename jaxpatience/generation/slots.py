@@ -1,23 +1,16 @@
-"""The slot engine: continuous batching over a fixed set of cache rows ("slots").
+"""The slot engine: continuous batching over a fixed set of cache rows ("slots"), the device side.
 
-    results = run_slots(plan, prompt_ids, budgets, stop_ids, tokenizer, on_result=..., stats=...)  # api.generate
+Each of B slots holds one (prompt, sample) row with its own cache fill, position and budget; a row that finishes
+frees its slot for the next waiting prompt while the others go on. Two host loops drive these functions:
+`generate`'s (scheduler.py: insert, decode a chunk, hand out finished rows, shrink the tail) and the server's
+(serving/live.py: requests join and leave between chunks). The jitted steps:
 
-Why: a static batch (static.py) decodes until its longest row is done, and its finished rows keep
-computing. Here each of B slots holds one (prompt, sample) row with its own cache fill, position and budget, so a
-row that finishes frees its slot for the next waiting prompt while the others go on.
-
-The host loop, until the queue is empty and every slot is done:
-
-1. **insert** (jitted): prefill a bucket of waiting prompts once each ([Bp, P], left-padded), sample each row's
-   first token, and scatter the prompt's keys/values into its `num_samples` free slots (one prefill per prompt,
-   however many samples), at cache slots [0, len): no padding inside a slot, so a row's cache slot is its
-   RoPE position;
-2. **decode a chunk** (jitted, one `lax.while_loop`): one token per slot per step, until enough slots are free to
-   refill (or every slot is done, or `chunk_steps` steps have passed);
-3. read back each slot's done flag and token count (a few bytes per slot), hand finished rows to `on_result`, and
-   free their slots;
-4. **the tail**: once the queue is empty, the remaining rows are gathered into the smallest power-of-two slot
-   bucket that holds them (on a CPU an idle slot costs as much as a busy one).
+* **insert**: prefill a bucket of waiting prompts once each ([Bp, P], left-padded), sample each row's first token,
+  and scatter the prompt's keys/values into its `num_samples` free slots (one prefill per prompt, however many
+  samples), at cache slots [0, len): no padding inside a slot, so a row's cache slot is its RoPE position;
+* **decode a chunk** (one `lax.while_loop`): one token per slot per step, until enough slots are free to refill
+  (or every slot is done, or `chunk_steps` steps have passed);
+* **resize** / **release**: gather the busy slots into a smaller bucket (the tail), or free slots.
 
 Shapes stay static: the slot count B (`batch_size` rounded up to the mesh's batch shards, or the call's row count
 bucketed when smaller) and the tail's buckets (powers of two rounded up to the batch shards), the cache length S
@@ -28,7 +21,7 @@ call with the same buckets compiles nothing.
 Per row: its own max_new_tokens (`budget`), stop tokens, seed, temperature, top_p and top_k (serving/live.py
 mixes requests; `generate` gives every row the call's); keys from sampling.py (a sample is the same whatever
 slot or batch it lands in). With a mesh, slots are split over the logical `batch` axis and every host-side
-decision is made from arrays all processes read alike (sharding.fetch), so the same loop runs on a pod.
+decision is made from arrays all processes read alike (sharding.fetch), so the same loops run on a pod.
 
 Shape letters: B slots, S cache slots per row, N token buffer per row (largest budget bucket), E stop tokens per
 row, Bp prompts per insert, P prompt bucket, R rows per insert (Bp x num_samples, rounded up to the batch
@@ -39,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -50,9 +41,8 @@ import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
-from jaxpatience.durability import progress as progress_bars
-from jaxpatience.generation.sampling import Generation, chosen_logprobs, row_keys, sample_tokens, step_keys
-from jaxpatience.generation.shapes import CACHE_AXES, MIN_LENGTH_BUCKET, Plan, bucket, round_up
+from jaxpatience.generation.sampling import chosen_logprobs, row_keys, sample_tokens, step_keys
+from jaxpatience.generation.shapes import CACHE_AXES, MIN_LENGTH_BUCKET, bucket, round_up
 from jaxpatience.model.qwen2 import KVCache, Qwen2ForCausalLM, init_kv_cache
 
 Array = jax.Array
@@ -77,21 +67,6 @@ class Slots(NamedTuple):
     temperature: Array  # [B] float32 (0: greedy)
     top_p: Array  # [B] float32
     top_k: Array  # [B] int32 (0: off); read by Sampler.per_row only (else the sampler's static top_k)
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """What one call did; pass one to generate(stats=...) to read it (benchmarks and tests do)."""
-
-    prompts: int = 0
-    rows: int = 0  # prompts x samples
-    prefill_rows: int = 0  # prompts run through the model at insert (one per prompt, not per sample)
-    inserts: int = 0
-    chunks: int = 0
-    decode_steps: int = 0
-    slot_steps: int = 0  # sum over decode steps of the slot count (what the device computed)
-    tokens: int = 0  # tokens returned (before stop tokens): the useful work
-    slot_buckets: list[int] = dataclasses.field(default_factory=list)  # the slot counts the tail moved through
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,7 +268,7 @@ def _release_slots(slots: Slots, release: Array, *, mesh) -> Slots:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Host side: one call per jitted function (shared with serving/live.py), then the batch loop `run_slots`.
+# Host side: one call per jitted function, shared by generate's loop (scheduler.py) and serving/live.py.
 
 
 class Placed(Protocol):
@@ -327,7 +302,7 @@ def prompt_bucket(n: int) -> int:
     return power * 3 // 4 if power * 3 // 4 >= n and power > MIN_LENGTH_BUCKET else power
 
 
-def _power_of_two_below(n: int) -> int:
+def power_of_two_below(n: int) -> int:
     """The largest power of two <= n (n >= 1)."""
     return 1 << (n.bit_length() - 1)
 
@@ -424,176 +399,3 @@ def release(placed: Placed, slots: Slots, free: list[int]) -> Slots:
     release_mask[free] = True
     (release_array,) = _replicated(placed, release_mask)
     return _release_slots(slots, release_array, mesh=placed.mesh)
-
-
-@dataclasses.dataclass
-class _Queue:
-    """The call's rows: waiting prompts (shortest first), and which (prompt, sample) each slot holds."""
-
-    prompt_ids: list[list[int]]
-    budgets: list[int]
-    stop_ids: list[list[int]]
-    seed_indices: list[int]
-    samples: int
-    waiting: deque[int]
-    owner: list[tuple[int, int] | None]  # slot -> (prompt, sample); None = free
-
-    def free(self) -> list[int]:
-        return [slot for slot, owner in enumerate(self.owner) if owner is None]
-
-
-def _insert_batch(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slots:
-    """Take as many waiting prompts as the free slots hold (at most `plan.max_insert`) and insert them."""
-    free = queue.free()
-    # A power of two, so that no padding row is prefilled (on a CPU each one costs as much as a real prompt); the
-    # caller inserts again while slots are free, e.g. 3 free slots take 2 prompts, then 1.
-    take = _power_of_two_below(min(len(queue.waiting), len(free) // queue.samples, plan.max_insert))
-    batch = [queue.waiting.popleft() for _ in range(take)]
-    settings = dict(seed=plan.seed, temperature=float(plan.scalars["temperature"]), top_p=float(plan.scalars["top_p"]))
-    rows = []
-    for i, p in enumerate(batch):
-        for sample in range(queue.samples):
-            slot = free[len(rows)]
-            rows.append(
-                Row(
-                    slot=slot,
-                    prompt=i,
-                    row_id=queue.seed_indices[p] * queue.samples + sample,
-                    budget=queue.budgets[p],
-                    stop_ids=queue.stop_ids[p],
-                    **settings,
-                )
-            )
-            queue.owner[slot] = (p, sample)
-    stats.inserts += 1
-    stats.prefill_rows += take
-    return insert(plan, slots, plan.sampler, [queue.prompt_ids[p] for p in batch], rows)
-
-
-def _finish_rows(
-    queue: _Queue,
-    done: np.ndarray,
-    count: np.ndarray,
-    stopped: np.ndarray,
-    tokens_of,
-    tokenizer,
-    results: list,
-    on_result,
-) -> int:
-    """Hand every newly done row to `results` / `on_result` and free its slot; returns the tokens returned."""
-    finished = [slot for slot, owner in enumerate(queue.owner) if owner is not None and done[slot]]
-    if not finished:
-        return 0
-    tokens = tokens_of()  # [B, N], copied only when some row finished
-    returned = 0
-    for slot in finished:
-        (p, sample), length = queue.owner[slot], int(count[slot] - stopped[slot])  # the stop token is not returned
-        new_ids = tokens[slot, :length].tolist()
-        text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else ""
-        results[p][sample] = Generation(
-            text=text, token_ids=new_ids, finish_reason="stop" if stopped[slot] else "length"
-        )
-        queue.owner[slot] = None
-        returned += length
-        if on_result is not None:
-            on_result(p, sample, results[p][sample])
-    return returned
-
-
-def _shrink(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slots:
-    """The tail: with nothing waiting, move the busy slots into the smallest power-of-two bucket that holds them."""
-    size = slots.done.shape[0]
-    busy = [slot for slot, owner in enumerate(queue.owner) if owner is not None]
-    target = round_up(bucket(max(len(busy), 1)), plan.batch_shards)
-    if queue.waiting or not busy or target >= size:
-        return slots
-    keep = busy + [slot for slot in range(size) if queue.owner[slot] is None][: target - len(busy)]
-    queue.owner = [queue.owner[slot] for slot in keep]
-    stats.slot_buckets.append(target)
-    return resize(plan, slots, keep)
-
-
-def _refill_at(plan: Plan, queue: _Queue, size: int) -> int:
-    """How many done slots end a chunk: enough for a refill while prompts wait (a batch of slots, or what the
-    queue still needs); with nothing waiting, half the slots (the tail then moves to a bucket half the size)."""
-    free = len(queue.free())
-    if queue.waiting:
-        wanted = round_up(min(len(queue.waiting) * queue.samples, max(queue.samples, plan.refill_rows)), queue.samples)
-        return min(free + wanted, size)
-    # The next smaller bucket _shrink can move to: the largest 2^k busy rows whose bucket, rounded up to the
-    # batch shards, is below `size` (with 3 shards and 6 slots there is none: run to the end).
-    busy_at_most = 1 << max(size - 1, 1).bit_length()
-    while busy_at_most > 1 and round_up(busy_at_most, plan.batch_shards) >= size:
-        busy_at_most //= 2
-    if round_up(busy_at_most, plan.batch_shards) >= size:
-        return size + 1  # never: the chunk ends when every slot is done (or after chunk_steps)
-    return size - busy_at_most
-
-
-def _free_slots_for(plan: Plan, prompt_ids: list[list[int]], budgets: list[int], slot_count: int) -> Slots:
-    """The call's device state, every slot free: S cache slots per row hold the longest prompt + its budget (a
-    prompt sits at slots [0, len) and its new tokens follow), N tokens the largest budget (bucketed)."""
-    config = plan.model_config
-    lengths = (len(ids) + budget for ids, budget in zip(prompt_ids, budgets, strict=True))
-    shape = (
-        config.num_hidden_layers,
-        slot_count,
-        bucket(max(lengths), MIN_LENGTH_BUCKET),  # S
-        config.num_key_value_heads,
-        config.resolved_head_dim,
-        bucket(max(budgets), MIN_LENGTH_BUCKET),  # N
-        plan.stop_width,
-        jnp.dtype(config.compute_dtype).name,
-    )
-    return _empty_slots(shape=shape, mesh=plan.mesh)
-
-
-def run_slots(
-    plan: Plan,
-    prompt_ids: list[list[int]],
-    budgets: list[int],
-    stop_ids: list[list[int]],
-    tokenizer,
-    *,
-    progress: bool | None = None,
-    on_result=None,
-    stats: EngineStats | None = None,
-) -> list[list[Generation]]:
-    """Generate every (prompt, sample) row; returns results[prompt][sample] in prompt order.
-
-    budgets, stop_ids: per prompt. on_result(prompt, sample, generation) is called as each row finishes.
-    """
-    stats = stats if stats is not None else EngineStats()
-    samples = plan.samples
-    stats.prompts, stats.rows = len(prompt_ids), len(prompt_ids) * samples
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths share an insert
-    slot_count = min(plan.slots, round_up(bucket(len(prompt_ids) * samples), plan.batch_shards))  # B
-    queue = _Queue(prompt_ids, budgets, stop_ids, plan.seed_indices, samples, deque(order), [None] * slot_count)
-    slots = _free_slots_for(plan, prompt_ids, budgets, slot_count)
-    stats.slot_buckets.append(slot_count)
-    results: list[list[Generation | None]] = [[None] * samples for _ in prompt_ids]
-    show = progress if progress is not None else len(prompt_ids) * samples > slot_count
-    bar = progress_bars.bar(len(prompt_ids) * samples, unit="row", enabled=show, desc="generate")
-    start = time.perf_counter()
-    while queue.waiting or any(owner is not None for owner in queue.owner):
-        while queue.waiting and len(queue.free()) >= samples:
-            slots = _insert_batch(plan, slots, queue, stats)
-        slots = _shrink(plan, slots, queue, stats)  # nothing waiting: into the smallest bucket that holds the rows
-        size = slots.done.shape[0]
-        refill_at = _refill_at(plan, queue, size)
-        busy = [slot for slot, owner in enumerate(queue.owner) if owner is not None]
-        slots, steps = decode_chunk(plan, slots, plan.sampler, steps=plan.chunk_steps, refill_at=refill_at, busy=busy)
-        done, count, stopped = (sharding.fetch(a) for a in (slots.done, slots.count, slots.stopped))
-        if steps == 0 and not any(owner is not None and done[slot] for slot, owner in enumerate(queue.owner)):
-            raise RuntimeError(f"the slot engine made no progress (slots {size}, refill at {refill_at}); a bug.")
-        stats.chunks += 1
-        stats.decode_steps += steps
-        stats.slot_steps += steps * size
-        before = sum(owner is None for owner in queue.owner)
-        stats.tokens += _finish_rows(
-            queue, done, count, stopped, functools.partial(sharding.fetch, slots.tokens), tokenizer, results, on_result
-        )
-        bar.update(sum(owner is None for owner in queue.owner) - before)
-        bar.set_postfix({"tokens/s": f"{stats.tokens / (time.perf_counter() - start):.1f}"})
-    bar.close()
-    return results

@@ -6,7 +6,7 @@
     engine.submit(job)   # QueueFull when too many wait; engine.cancel(job) frees its slots
     engine.stop()
 
-slots.py's `run_slots` decodes one known list of prompts; here a thread owns the slots for the server's life and
+scheduler.py's `run_slots` decodes one known list of prompts; here a thread owns the slots for the server's life and
 loops: admit waiting jobs into free slots (one prefill per prompt, its n samples copied), decode a chunk of at
 most `chunk_steps` tokens, then hand each busy row its new tokens (`Delta`s: text, ids, log-probs) and free the
 rows that finished or whose job was cancelled. A new request therefore waits at most one chunk for its first
