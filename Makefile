@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv if needed (the package only), then run the main job: the toy pipeline (jaxpatience demo)
-#   make test   create .venv if needed, add the test tools (PyTorch CPU, pytest, ruff, libtpu), run lint and the tests
+#   make test   create .venv if needed, add the test tools (PyTorch CPU, pytest, ruff, libtpu, the CUDA plugin), run
+#               lint and the tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +22,9 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet torch==2.13.0
 	# libtpu (the [tpu] extra) lets the sharding lab's tests compile for abstract TPU devices; no TPU is needed.
 	$(BIN)/pip install --quiet -e '.[test,tpu]'
+	# JAX's CUDA plugin, pinned to the jax just installed: the GPU-compile tests build programs for abstract H100s
+	# with XLA's real GPU compiler (planning/gpus.py); no GPU is needed, none is used.
+	$(BIN)/pip install --quiet "jax[cuda12]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
 	# The tests start many processes: byte-compile the environment once (the package's own install skipped it).
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true  # a file that does not compile is never imported
 	touch $(TEST_STAMP)

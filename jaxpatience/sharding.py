@@ -60,7 +60,9 @@ RULES: Rules = (
 # is installed (the `[tpu]` extra) and there is no TPU, libtpu starts, fails (quietly for JAX), and prints its own
 # lines on stderr ("could not determine TPU worker hostnames", "=== Source Location Trace: ===", ...). Where JAX
 # would end with its CPU backend anyway, this module tells it so before it starts, and libtpu is never loaded.
-# (The sharding lab's abstract TPU topologies load libtpu by themselves: they do not need the TPU backend.)
+# JAX's CUDA plugin (the `[cuda]` extra, which the sharding lab also uses for abstract GPUs) on a machine without
+# an NVIDIA GPU likewise fails its start with a traceback. (The lab's abstract TPU and GPU topologies load libtpu
+# and the plugin's compiler by themselves: they need neither backend started.)
 
 _TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")  # libtpu's chips: TPU v2-v4, and v5e and later
 
@@ -76,24 +78,34 @@ def _tpu_may_be_present() -> bool:
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
+def _plugin_names() -> list[str]:
+    """The PJRT plugins JAX would try: modules of the `jax_plugins` namespace and `jax_plugins` entry points."""
+    namespace = importlib.util.find_spec("jax_plugins")  # the plugins' namespace package, not imported here
+    names = [m.name for m in pkgutil.iter_modules(namespace.submodule_search_locations)] if namespace else []
+    return names + [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+
+
+def _cuda_plugin_installed() -> bool:
+    return any("cuda" in name for name in _plugin_names())
+
+
 def _other_backend_possible() -> bool:
-    """An NVIDIA GPU (JAX says when its CUDA plugin is missing) or any PJRT plugin JAX would try (CUDA, ROCm, ...):
-    there `cpu` might not be JAX's own choice."""
+    """An NVIDIA GPU (JAX says when its CUDA plugin is missing), or a PJRT plugin JAX would try other than a CUDA
+    one on a machine without an NVIDIA GPU (ROCm, ...): there `cpu` might not be JAX's own choice. A CUDA plugin
+    without a GPU (the sharding lab compiles for abstract GPUs with it) fails its start and leaves the CPU."""
     if hardware_utils.has_visible_nvidia_gpu() or os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
         return True
-    namespace = importlib.util.find_spec("jax_plugins")  # the plugins' namespace package, not imported here
-    if namespace is not None and any(pkgutil.iter_modules(namespace.submodule_search_locations)):
-        return True
-    return bool(importlib.metadata.entry_points(group="jax_plugins"))
+    return any("cuda" not in name for name in _plugin_names())
 
 
 def _skip_libtpu_without_tpu() -> None:
-    """Set JAX's platforms to `cpu` where that is what JAX would choose anyway, after a failed start of libtpu:
-    libtpu is installed, there is no TPU, no GPU and no other PJRT plugin, and nobody chose (neither JAX_PLATFORMS,
-    even empty, nor jax.config's jax_platforms is set). Starts no backend; does nothing once they run."""
+    """Set JAX's platforms to `cpu` where that is what JAX would choose anyway, after a failed start of libtpu or of
+    the CUDA plugin: one of them is installed, there is no TPU, no NVIDIA GPU and no other PJRT plugin, and nobody
+    chose (neither JAX_PLATFORMS, even empty, nor jax.config's jax_platforms is set). Starts no backend; does
+    nothing once they run."""
     if "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms is not None:
         return
-    if xla_bridge.backends_are_initialized() or not _libtpu_installed():
+    if xla_bridge.backends_are_initialized() or not (_libtpu_installed() or _cuda_plugin_installed()):
         return
     if _tpu_may_be_present() or _other_backend_possible():
         return

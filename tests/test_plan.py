@@ -200,7 +200,8 @@ def _cli(capsys, *args) -> tuple[int, str]:
     [
         (["--model", "qwen9-1b"], "unknown model 'qwen9-1b'"),
         (["--chip", "h900"], "unknown chip 'h900'"),
-        (["--target", "gpu:8"], "unknown target 'gpu:8'"),
+        (["--target", "gpu:8"], "target 'gpu:8': expected gpu:CHIP:N"),
+        (["--target", "npu:8"], "unknown target 'npu:8'"),
         (["--meshes", "data=3"], "not the target's 8 devices"),
         (["--meshes", "data=8", "--batch-size", "4"], "does not split"),
         (["--meshes", "tensor=8"], "tensor=8 does not divide num_attention_heads"),

@@ -5,9 +5,11 @@
 
 For every mesh the job's own program is built (training/step.py's lower_abstract_step: the step `jaxpatience train`
 runs, from shapes alone, nothing materialised; rows.py) and compiled ahead of time for the target: `local` (the
-devices present), `cpu:N` (N CPU devices) or `tpu:TOPOLOGY` (abstract TPU devices through libtpu, the `[tpu]`
-extra). A row then holds the compile time; memory per device from the compiled program (frozen weights, trained
-parameters + optimizer state, batch, temporaries, outputs) against the chip's; XLA's FLOPs and the HLO's matmul
+devices present), `cpu:N` (N CPU devices), `gpu:CHIP:N` / `gpu:CHIP:HOSTSxN` (abstract NVIDIA GPUs through XLA's
+real GPU compiler, the `[cuda]` extra, no GPU needed: gpus.py) or `tpu:TOPOLOGY` (abstract TPU devices through
+libtpu, the `[tpu]` extra). A row then holds its `compiler` (xla-cpu, xla-gpu or libtpu); the compile time;
+memory per device from the compiled program (frozen weights, trained parameters + optimizer state, batch,
+temporaries, outputs) against the chip's; XLA's FLOPs and the HLO's matmul
 FLOPs with loops counted (hlo.py) beside the model's FLOPs; every collective with its mesh axes; the roofline step
 time and MFU (roofline.py, chips.py). `--measure` runs real steps on local / CPU devices beside the prediction.
 Rows are ranked: meshes that fit first, fastest predicted step first.
@@ -32,7 +34,7 @@ from jax.experimental import topologies
 
 from jaxpatience import sharding
 from jaxpatience.config import PRESETS, ConfigError, ModelConfig, preset
-from jaxpatience.planning import chips, report
+from jaxpatience.planning import chips, gpus, report
 from jaxpatience.planning.rows import CompileError, compile_row, host_chip, measure, predict
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -78,7 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["bfloat16", "float32"],
         help="weights and matmuls (default: bfloat16 on TPU and GPU chips, float32 on the CPU)",
     )
-    p.add_argument("--target", default="local", help="local, cpu:N or tpu:TOPOLOGY (e.g. tpu:v5p:4x4x4)")
+    p.add_argument(
+        "--target",
+        default="local",
+        help="local, cpu:N, gpu:CHIP:N, gpu:CHIP:HOSTSxN or tpu:TOPOLOGY (e.g. gpu:h100:8, tpu:v5p:4x4x4)",
+    )
     p.add_argument(
         "--meshes", default="auto", help='"data=8;fsdp=8;data=2,fsdp=2,tensor=2" or auto (all factorisations)'
     )
@@ -152,6 +158,11 @@ def target_devices(target: str) -> list:
                 f"a fresh process (it sets them up) or with XLA_FLAGS=--xla_force_host_platform_device_count={count}."
             )
         return list(devices[:count])
+    if target.startswith("gpu:"):
+        try:
+            return gpus.topology_devices(target)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if target.startswith("tpu:"):
         try:
             return list(topologies.get_topology_desc(topology_name=target[4:], platform="tpu").devices)
@@ -159,7 +170,10 @@ def target_devices(target: str) -> list:
             if "not installed" in str(err):
                 raise ConfigError(TPU_HINT) from None
             raise ConfigError(f"TPU topology {target[4:]!r} was refused: {str(err).splitlines()[0]}") from None
-    raise ConfigError(f"unknown target {target!r}; expected local, cpu:N or tpu:TOPOLOGY (e.g. tpu:v5p:4x4x4).")
+    raise ConfigError(
+        f"unknown target {target!r}; expected local, cpu:N, gpu:CHIP:N, gpu:CHIP:HOSTSxN or tpu:TOPOLOGY "
+        "(e.g. gpu:h100:8, tpu:v5p:4x4x4)."
+    )
 
 
 def prepare_backends(target: str) -> None:
@@ -172,6 +186,8 @@ def prepare_backends(target: str) -> None:
     calls this first, before `_chip_and_dtype` and `target_devices` ask for devices."""
     if target.startswith("tpu:"):
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        jax.config.update("jax_platforms", "cpu")
+    if target.startswith("gpu:"):  # abstract GPUs: the CUDA plugin compiles, JAX itself runs on the CPU
         jax.config.update("jax_platforms", "cpu")
     if target.startswith("cpu:"):
         count = _positive(target[4:], "cpu:N")
@@ -253,6 +269,8 @@ def _chip_and_dtype(args: argparse.Namespace) -> tuple[chips.Chip | None, str]:
         chip = chips.chip(args.chip)
     elif args.target.startswith("tpu:"):
         chip = chips.chip_of_topology(args.target[4:])
+    elif args.target.startswith("gpu:"):
+        chip = chips.chip(gpus.parse_target(args.target)[0])
     elif args.target == "local" and _local_platform() != "cpu":  # the accelerators present: name their chip
         chip = chips.chip_of_device(_local_device_kind())
     else:
@@ -272,12 +290,15 @@ def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Nam
     """One row: compiled (or an error row), predicted on `chip`, measured with --measure."""
     mesh = sharding.make_mesh(**sizes, devices=devices)
     cache = None if args.no_cache else Path(args.cache_dir or Path.home() / ".cache" / "jaxpatience" / "plan")
+    compiler = {"cpu": "xla-cpu", "gpu": "xla-gpu", "tpu": "libtpu"}.get(devices[0].platform, devices[0].platform)
     try:
         row = compile_row(job, mesh, args.target, cache)
     except CompileError as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
-        return error_row(sizes, err)
+        return error_row(sizes, err) | {"compiler": compiler}
     # flops: the compiled program's matmul FLOPs with loops counted (XLA's cost_analysis counts a loop once)
-    row = {"mesh": sizes, **row, "flops": row["hlo_flops"]} | predict(row, job, chip, len(devices))
+    row = {"mesh": sizes, "compiler": compiler, **row, "flops": row["hlo_flops"]} | predict(
+        row, job, chip, len(devices)
+    )
     row |= {"measured_step_s": None, "measured_mfu": None}
     if args.measure and row["fits"]:
         try:
@@ -322,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare_backends(args.target)
     chip, dtype = _chip_and_dtype(args)
     job = make_job(args, dtype)
-    if args.measure and (args.target.startswith("tpu:") or job.kind != "train"):
-        raise ConfigError("--measure runs train steps on local or cpu:N devices; drop it for TPU targets and decode.")
+    if args.measure and (args.target.startswith(("tpu:", "gpu:")) or job.kind != "train"):
+        raise ConfigError(
+            "--measure runs train steps on local or cpu:N devices; drop it for TPU and GPU targets and decode."
+        )
     if args.measure and args.chip and args.target.startswith("cpu:"):
         raise ConfigError("--measure on CPU devices compares with this CPU's own measured figures; drop --chip.")
     devices = target_devices(args.target)

@@ -70,11 +70,12 @@ REMAT_POLICIES = {
 }
 
 
-def resolve_attention(choice: str, compute_dtype: str) -> str:
-    """ "auto" -> cuDNN flash attention on an NVIDIA GPU in bf16/fp16, else XLA's; other choices as they are."""
+def resolve_attention(choice: str, compute_dtype: str, platform: str | None = None) -> str:
+    """ "auto" -> cuDNN flash attention on an NVIDIA GPU in bf16/fp16, else XLA's; other choices as they are.
+    `platform`: where the step will run (an abstract mesh's devices: the sharding lab); default JAX's backend."""
     if choice != "auto":
         return choice
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = (platform or jax.default_backend()) == "gpu"
     return "cudnn" if on_gpu and jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 

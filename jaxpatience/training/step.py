@@ -159,7 +159,9 @@ def lower_abstract_step(model_config, config: TrainConfig, mesh: Mesh, batch: Ba
         prepare_model(model, config)
         return model
 
-    config = dataclasses.replace(config, attention=resolve_attention(config.attention, model_config.compute_dtype))
+    platform = mesh.devices.flat[0].platform  # abstract GPUs or TPUs: the step is the one they would run
+    attention = resolve_attention(config.attention, model_config.compute_dtype, platform)
+    config = dataclasses.replace(config, attention=attention)
     graphdef, params, frozen = split_model(nnx.eval_shape(build))
     params = jax.eval_shape(_master, params)
     optimizer = make_optimizer(config.optimizer, config.max_steps)

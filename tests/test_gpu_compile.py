@@ -1,0 +1,137 @@
+"""The GPU path compiled without a GPU: XLA's real GPU compiler (JAX's CUDA plugin, the `[cuda]` extra that `make
+test` installs) builds the project's own programs for abstract H100s (planning/gpus.py), on this CPU machine.
+
+What the CPU compiler hides and these check: FSDP's gradient reduction is a reduce-scatter, `attention=auto` in
+bf16 reaches cuDNN's fused attention, and the shard_map step, packed rows, full-parameter training and the slot
+engine's decode all compile for the GPU. Small shapes, a few seconds each.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxpatience import sharding, training
+from jaxpatience.config import ConfigError, LoraConfig, LossConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxpatience.planning import gpus
+from jaxpatience.planning import lab as plan
+
+CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+needs_plugin = pytest.mark.skipif(
+    not CUDA_PLUGIN, reason='JAX\'s CUDA plugin is not installed (pip install -e ".[cuda]"; make test installs it)'
+)
+
+# A small Qwen2 in bf16 whose attention cuDNN takes (head dim 64).
+SMALL = ModelConfig(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    param_dtype="bfloat16",
+    compute_dtype="bfloat16",
+)
+PAIRS, LENGTH = 16, 256
+
+
+def _h100s(count: int = 8) -> list:
+    return gpus.topology_devices(f"gpu:h100:{count}")
+
+
+def _config(lora: bool = True, strategy: str = "gspmd") -> TrainConfig:
+    return TrainConfig(
+        mesh=MeshConfig(fsdp=8),
+        lora=LoraConfig(rank=8) if lora else None,
+        loss=LossConfig(dpo_weight=1.0, nll_weight=1.0),
+        batch_size=PAIRS,
+        remat="full",
+        strategy=strategy,
+        attention="auto",
+    )
+
+
+def _padded(with_reference: bool = False) -> dict:
+    batch = {k: jax.ShapeDtypeStruct((PAIRS, 2, LENGTH), jnp.int32) for k in training.BATCH_KEYS}
+    if with_reference:
+        batch["ref_logps"] = jax.ShapeDtypeStruct((PAIRS, 2), jnp.float32)
+    return batch
+
+
+def _packed(rows: int = 16, segments: int = 4) -> dict:
+    batch = {k: jax.ShapeDtypeStruct((rows, 2 * LENGTH), jnp.int32) for k in (*training.BATCH_KEYS, "positions")}
+    batch["segment_ids"] = jax.ShapeDtypeStruct((rows, 2 * LENGTH), jnp.int32)
+    batch["segment_pairs"] = jax.ShapeDtypeStruct((rows, segments), jnp.int32)
+    batch["pair_mask"] = jax.ShapeDtypeStruct((PAIRS,), jnp.int32)
+    return batch
+
+
+def _compile(config: TrainConfig, batch: dict):
+    mesh = sharding.make_mesh(fsdp=8, devices=_h100s())
+    return training.lower_abstract_step(SMALL, config, mesh, batch).compile()
+
+
+@needs_plugin
+@pytest.mark.parametrize("strategy", ["gspmd", "shard_map"])
+def test_lora_step_on_eight_h100s_reduce_scatters_and_reaches_cudnn(strategy):
+    compiled = _compile(_config(strategy=strategy), _padded())
+    text = compiled.as_text()
+    assert "reduce-scatter" in text  # FSDP's gradient reduction (the CPU compiler writes an all-reduce)
+    assert "__cudnn$fmha" in text  # attention=auto in bf16 on a GPU: cuDNN's fused attention, forward and backward
+    memory = compiled.memory_analysis()
+    assert memory.temp_size_in_bytes + memory.argument_size_in_bytes < 80e9
+
+
+@needs_plugin
+def test_packed_and_full_parameter_steps_compile_for_the_gpu():
+    packed = _compile(_config(), _packed()).as_text()
+    assert "__cudnn$fmha" in packed and "reduce-scatter" in packed
+    full = _compile(_config(lora=False), _padded(with_reference=True)).as_text()
+    assert "reduce-scatter" in full
+
+
+@needs_plugin
+def test_plan_rows_come_from_the_gpu_compiler(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = ["--model", "tiny", "--batch-size", "16", "--seq-len", "128", "--target", "gpu:h100:8", "--no-cache"]
+    assert plan.main([*args, "--meshes", "fsdp=8;data=8", "--json", str(out)]) == 0
+    rows = {json.dumps(row["mesh"], sort_keys=True): row for row in json.loads(out.read_text())}
+    assert {row["compiler"] for row in rows.values()} == {"xla-gpu"}
+    fsdp = rows[json.dumps({"data": 1, "fsdp": 8, "tensor": 1}, sort_keys=True)]
+    assert "reduce-scatter" in {c["kind"] for c in fsdp["collectives"]} and fsdp["fits"]
+    assert "8× NVIDIA H100 (abstract)" in capsys.readouterr().err
+
+
+@needs_plugin
+def test_the_slot_engine_compiles_for_a_gpu_at_256_slots(tmp_path):
+    out = tmp_path / "decode.json"
+    args = ["--model", "tiny", "--job", "decode", "--batch-size", "256", "--seq-len", "512", "--target", "gpu:h100:1"]
+    assert plan.main([*args, "--meshes", "data=1", "--no-cache", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["compiler"] == "xla-gpu" and "error" not in row and row["fits"]
+
+
+def test_gpu_targets_are_checked_in_one_sentence(monkeypatch):
+    assert gpus.parse_target("gpu:h100:8") == ("h100", 1, 8)
+    assert gpus.parse_target("gpu:A100:2x8") == ("a100", 2, 8)
+    for bad, said in [("gpu:h100", "expected gpu:CHIP:N"), ("gpu:v100:8", "no GPU 'v100'"), ("gpu:h100:0", "positive")]:
+        with pytest.raises(ValueError, match=said):
+            gpus.parse_target(bad)
+    assert "major: 9 minor: 0" in gpus.target_config("h100") and "core_count: 132" in gpus.target_config("h100")
+
+    def no_plugin(**kwargs):
+        raise NotImplementedError("topology not implemented for cuda")  # what JAX says without the plugin
+
+    monkeypatch.setattr(gpus.topologies, "get_topology_desc", no_plugin)
+    with pytest.raises(ConfigError, match=r'need JAX\'s CUDA plugin .*pip install -e "\.\[cuda\]"'):
+        plan.target_devices("gpu:h100:8")
+
+
+def test_attention_auto_follows_the_target_platform():
+    assert training.resolve_attention("auto", "bfloat16", "gpu") == "cudnn"
+    assert training.resolve_attention("auto", "float32", "gpu") == "xla"
+    assert training.resolve_attention("auto", "bfloat16", "tpu") == "xla"
