@@ -8,6 +8,7 @@ engine's decode all compile for the GPU. Small shapes, a few seconds each.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -17,7 +18,7 @@ import pytest
 
 from jaxpatience import sharding, training
 from jaxpatience.config import ConfigError, LoraConfig, LossConfig, MeshConfig, ModelConfig, TrainConfig
-from jaxpatience.planning import gpus
+from jaxpatience.planning import gpus, rows
 from jaxpatience.planning import lab as plan
 
 CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
@@ -107,7 +108,21 @@ def test_plan_rows_come_from_the_gpu_compiler(tmp_path, capsys):
 
 
 @needs_plugin
-def test_the_slot_engine_compiles_for_a_gpu_at_256_slots(tmp_path):
+def test_the_slot_engine_decodes_in_place_on_a_gpu_at_256_slots():
+    """The decode loop updates the KV cache where it lies: its temporaries are a small fraction of the cache (a
+    [B, S, K, H] cache was transposed into the GPU's attention layout and back, a whole second copy)."""
+    args = plan.parse_args(["--model", "tiny", "--job", "decode", "--batch-size", "256", "--seq-len", "1024"])
+    job = dataclasses.replace(plan.make_job(args, "bfloat16"), model=SMALL)
+    mesh = sharding.make_mesh(data=1, devices=_h100s(1))
+    (_, decode, _), _ = rows.lower_decode(job, mesh)
+    compiled = decode.compile()
+    cache_bytes = 2 * SMALL.num_hidden_layers * 256 * SMALL.num_key_value_heads * 1024 * SMALL.resolved_head_dim * 2
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * cache_bytes
+    assert "transpose" not in compiled.as_text().split("ENTRY")[1]  # no layout change around the loop
+
+
+@needs_plugin
+def test_a_decode_plan_row_comes_from_the_gpu_compiler(tmp_path):
     out = tmp_path / "decode.json"
     args = ["--model", "tiny", "--job", "decode", "--batch-size", "256", "--seq-len", "512", "--target", "gpu:h100:1"]
     assert plan.main([*args, "--meshes", "data=1", "--no-cache", "--json", str(out)]) == 0

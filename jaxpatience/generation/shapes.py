@@ -21,7 +21,7 @@ from jaxpatience.generation.sampling import Sampler
 from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 
 MIN_LENGTH_BUCKET = 16  # smallest prompt / new-token bucket
-CACHE_AXES = ("batch", "length", "kv_heads", None)  # logical names of one layer's [B, S, K, H] cache buffer
+CACHE_AXES = ("batch", "kv_heads", "length", None)  # logical names of one layer's [B, K, S, H] cache buffer
 
 
 def bucket(n: int, minimum: int = 1) -> int:

@@ -52,7 +52,7 @@ ROW = ("batch",)  # logical axes of a per-slot vector
 class Slots(NamedTuple):
     """The device state of every slot; one row per slot. Free slots are `done`."""
 
-    kv_cache: KVCache  # L x [B, S, K, H]: a row's prompt at slots [0, len), its new tokens after it
+    kv_cache: KVCache  # L x [B, K, S, H]: a row's prompt at slots [0, len), its new tokens after it
     index: Array  # [B] the cache slot the next fed token is written to (= its RoPE position: no padding inside)
     last: Array  # [B] the last sampled token, fed at the next step
     tokens: Array  # [B, N] the row's sampled tokens so far (its stop token included)
@@ -93,7 +93,7 @@ def _empty_slots(*, shape: tuple[int, ...], mesh) -> Slots:
     """Every slot free. shape = (L, B, S, K, H, N, E, dtype name)."""
     layers, rows, cache_len, kv_heads, head_dim, new_len, stop_len, dtype = shape
     with sharding.activate_if(mesh):
-        buffer = lambda: jnp.zeros((rows, cache_len, kv_heads, head_dim), dtype)
+        buffer = lambda: jnp.zeros((rows, kv_heads, cache_len, head_dim), dtype)
         zeros = lambda dtype=jnp.int32: jnp.zeros((rows,), dtype)
         zeroed = Slots(
             kv_cache=KVCache(tuple(buffer() for _ in range(layers)), tuple(buffer() for _ in range(layers))),
@@ -120,17 +120,17 @@ def _is_stop(token: Array, stop_ids: Array) -> Array:
 
 
 def _left_to_front(rows: Array, lengths: Array) -> Array:
-    """Left-padded prompt rows [Bp, P, ...] rolled so that each row's `lengths` real entries come first."""
-    prompt_len = rows.shape[1]
+    """Left-padded prompt caches [Bp, K, P, H] rolled so that each row's `lengths` real entries come first."""
+    prompt_len = rows.shape[2]
     source = (jnp.arange(prompt_len)[None, :] + (prompt_len - lengths)[:, None]) % prompt_len  # [Bp, P]
-    return jnp.take_along_axis(rows, source.reshape(source.shape + (1,) * (rows.ndim - 2)), axis=1)
+    return jnp.take_along_axis(rows, source[:, None, :, None], axis=2)
 
 
 def _write_prompts(cache: KVCache, prompt_cache: KVCache, targets: Array, sources: Array, lengths: Array) -> KVCache:
-    """The slots' cache with row r's prompt (prompt_cache: L x [Bp, P, K, H], left-padded) written to slot
+    """The slots' cache with row r's prompt (prompt_cache: L x [Bp, K, P, H], left-padded) written to slot
     `targets[r]`, cache slots [0, P): prompt `sources[r]`, its `lengths` real entries first."""
-    prompt_len = prompt_cache.k[0].shape[1]  # P
-    write = lambda buffer, rows: buffer.at[targets, :prompt_len].set(
+    prompt_len = prompt_cache.k[0].shape[2]  # P
+    write = lambda buffer, rows: buffer.at[targets, :, :prompt_len].set(
         _left_to_front(rows, lengths)[sources], mode="drop"
     )
     return KVCache(
@@ -323,7 +323,7 @@ def insert(placed: Placed, slots: Slots, sampler, prompts: list[list[int]], rows
 
     Each row's prompt length + budget must fit the cache (the callers check it).
     """
-    slot_count, cache_len = slots.done.shape[0], slots.kv_cache.k[0].shape[1]
+    slot_count, cache_len = slots.done.shape[0], slots.kv_cache.k[0].shape[2]
     prompt_len = min(prompt_bucket(max(map(len, prompts))), cache_len)  # P
     ids = np.zeros((len(prompts), prompt_len), np.int32)
     mask = np.zeros((len(prompts), prompt_len), np.int32)
@@ -372,7 +372,7 @@ def decode_chunk(
     """
     index = sharding.fetch(slots.index)
     reach = max((int(index[slot]) for slot in busy), default=0) + steps
-    window = min(slots.kv_cache.k[0].shape[1], bucket(reach, MIN_LENGTH_BUCKET))  # a power of two above it
+    window = min(slots.kv_cache.k[0].shape[2], bucket(reach, MIN_LENGTH_BUCKET))  # a power of two above it
     max_steps, refill = _replicated(placed, np.int32(steps), np.int32(refill_at))
     slots, taken = _decode_chunk(
         placed.model_state,

@@ -45,7 +45,7 @@ class DecodeState(NamedTuple):
     done: Array  # [B] bool: the row produced a stop token (dummy rows start done)
     row_keys: Array  # [B] PRNG keys, one per row
     cache_mask: Array  # [B, S] 1 at real prompt slots and at every generation slot
-    kv_cache: KVCache  # keys and values: tuples of L buffers [B, S, K, H]
+    kv_cache: KVCache  # keys and values: tuples of L buffers [B, K, S, H]
 
 
 def _record(carry: DecodeState, token: Array, stop_ids: Array) -> DecodeState:
@@ -82,7 +82,7 @@ def _prefill(
         # each decode step's keys and values in place.
         empty = init_kv_cache(model.config, batch, prompt_len)  # zeros, folded away by XLA
         hidden, prompt_cache = model.hidden_states(prompt_ids, prompt_mask, kv_cache=empty, cache_index=0)
-        widen = lambda layer: sharding.constrain(jnp.pad(layer, ((0, 0), (0, new_bucket), (0, 0), (0, 0))), CACHE_AXES)
+        widen = lambda layer: sharding.constrain(jnp.pad(layer, ((0, 0), (0, 0), (0, new_bucket), (0, 0))), CACHE_AXES)
         kv_cache = KVCache(*(tuple(widen(layer) for layer in c) for c in prompt_cache))
         # Generation slots are marked real from the start: the causal mask hides each one until it is written.
         cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, new_bucket), prompt_mask.dtype)], axis=1)

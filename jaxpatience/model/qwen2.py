@@ -20,11 +20,12 @@ Training stacks the decoder layers into a `LayerStack` (one layer scanned over w
 everything else sees the per-layer list with HF names (`stack_layers` / `unstack_layers`).
 
 KV cache (decoding: generation/static.py and slots.py): a `KVCache` of keys and values, each a tuple of L
-per-layer [B, S, K, H] buffers (separate buffers let XLA update each in place; one stacked array was copied
-several times per step). A call with `kv_cache=` writes the new keys/values at slots [cache_index,
-cache_index + T) and attends over all S slots; `attention_mask` is then [B, S] and describes the whole cache (the
-new tokens included). `cache_index` is one slot for every row, or one per row [B] (generation/slots.py holds rows
-at different points of their answers).
+per-layer [B, K, S, H] buffers. Separate buffers let XLA update each in place (one stacked array was copied
+several times per step); kv heads before slots is the layout the GPU compiler gives attention's matmuls (a
+[B, S, K, H] cache was transposed into it and back around every decode loop: docs/SHARDING.md). A call with
+`kv_cache=` writes the new keys/values at slots [cache_index, cache_index + T) and attends over all S slots;
+`attention_mask` is then [B, S] and describes the whole cache (the new tokens included). `cache_index` is one
+slot for every row, or one per row [B] (generation/slots.py holds rows at different points of their answers).
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ Array = jax.Array
 
 
 class KVCache(NamedTuple):
-    k: tuple[Array, ...]  # L x [B, S, K, H]
-    v: tuple[Array, ...]  # L x [B, S, K, H]
+    k: tuple[Array, ...]  # L x [B, K, S, H]
+    v: tuple[Array, ...]  # L x [B, K, S, H]
 
 
 def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
-    shape = (batch_size, max_len, config.num_key_value_heads, config.resolved_head_dim)
+    shape = (batch_size, config.num_key_value_heads, max_len, config.resolved_head_dim)  # [B, K, S, H]
     dtype = dtype or jnp.dtype(config.compute_dtype)
     layers = range(config.num_hidden_layers)
     return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
@@ -159,9 +160,9 @@ class Attention(nnx.Module):
         key = apply_rope(self.k_proj(x).reshape(batch, length, k, h), positions, self.rope_theta)  # [B, T, K, H]
         value = self.v_proj(x).reshape(batch, length, k, h)  # [B, T, K, H]
         if kv is not None:  # write this call's keys/values into the cache, then attend over the whole cache
-            key, value = _write_cache(kv[0], key, cache_index), _write_cache(kv[1], value, cache_index)  # [B, S, K, H]
-            kv = (key, value)
-            key, value = key[:, : mask.shape[-1]], value[:, : mask.shape[-1]]  # attend over the mask's slots only
+            kv = (_write_cache(kv[0], key, cache_index), _write_cache(kv[1], value, cache_index))  # [B, K, S, H]
+            window = lambda buffer: jnp.swapaxes(buffer[:, :, : mask.shape[-1]], 1, 2)  # the mask's slots: [B, W, K, H]
+            key, value = window(kv[0]), window(kv[1])
         out = attend(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation)  # [B, T, N, H]
         out = out.reshape(batch, length, n * h)
         return self.o_proj(out), kv
@@ -204,12 +205,12 @@ def set_attention(model: nnx.Module, implementation: str) -> None:
 
 
 def _write_cache(buffer: Array, new: Array, cache_index) -> Array:
-    """Write new [B, T, K, H] into buffer [B, S, K, H] at slots [cache_index, cache_index + T): one index for every
+    """Write new [B, T, K, H] into buffer [B, K, S, H] at slots [cache_index, cache_index + T): one index for every
     row (a scalar), or one per row ([B]: the slot engine's rows are at different points of their answers)."""
-    new = new.astype(buffer.dtype)
+    new = jnp.swapaxes(new.astype(buffer.dtype), 1, 2)  # [B, K, T, H]
     if jnp.ndim(cache_index) == 0:
-        return jax.lax.dynamic_update_slice(buffer, new, (0, cache_index, 0, 0))
-    write_row = lambda row, values, start: jax.lax.dynamic_update_slice(row, values, (start, 0, 0))
+        return jax.lax.dynamic_update_slice(buffer, new, (0, 0, cache_index, 0))
+    write_row = lambda row, values, start: jax.lax.dynamic_update_slice(row, values, (0, start, 0))
     return jax.vmap(write_row)(buffer, new, cache_index)  # a scatter, in place when the cache is donated
 
 
@@ -335,7 +336,7 @@ def _positions_and_mask(
     """Where each query sits and which keys it sees, from `hidden_states`' arguments: (RoPE positions [B, T],
     attention mask [B, T, W] bool, cache_index as an array). W is the cache length S, or `attend_len`."""
     batch, length = shape
-    key_len = length if kv_cache is None else kv_cache.k[0].shape[1]  # k[0]: layer 0's [B, S, K, H]
+    key_len = length if kv_cache is None else kv_cache.k[0].shape[2]  # k[0]: layer 0's [B, K, S, H]
     if attention_mask is None:
         attention_mask = jnp.ones((batch, key_len), jnp.int32)
     if attention_mask.shape != (batch, key_len):
