@@ -153,7 +153,7 @@ class Attention(nnx.Module):
         self.implementation = "einsum"  # see `attend`; training sets its own (set_attention)
 
     def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, cache_index):
-        """x [B, T, D]; positions [B, T]; mask [B, T, S] bool; kv: this layer's ([B, S, K, H], [B, S, K, H])."""
+        """x [B, T, D]; positions [B, T]; mask [B, T, S] bool; kv: this layer's ([B, K, S, H], [B, K, S, H])."""
         batch, length, _ = x.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(batch, length, n, h), positions, self.rope_theta)  # [B, T, N, H]
