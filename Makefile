@@ -21,7 +21,8 @@ $(TEST_STAMP): $(STAMP)
 	# torch==2.13.0 first: the CPU wheel, used only as the test reference (a plain `torch` pulls CUDA).
 	$(BIN)/pip install --quiet torch==2.13.0
 	# libtpu (the [tpu] extra) lets the sharding lab's tests compile for abstract TPU devices; no TPU is needed.
-	$(BIN)/pip install --quiet -e '.[test,tpu]'
+	# lm-eval (the [lmeval] extra) is the reference and the client of the lm-eval tests.
+	$(BIN)/pip install --quiet -e '.[test,tpu,lmeval]'
 	# JAX's CUDA plugin, pinned to the jax just installed: the GPU-compile tests build programs for abstract H100s
 	# with XLA's real GPU compiler (planning/gpus.py); no GPU is needed, none is used.
 	$(BIN)/pip install --quiet "jax[cuda12]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"

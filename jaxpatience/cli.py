@@ -4,6 +4,7 @@
     eval   evaluation/evaluate.py     pairs  teacher/run.py            serve  serving/app.py
     plan   planning/lab.py            info   model/weights.py's describe_checkpoint
     tiny   model/weights.py's make_tiny_checkpoint
+    lm-eval evaluation/harness.py (the [lmeval] extra: lm-evaluation-harness)
 
 Every command's module is imported only when that command runs, so `jaxpatience --help` does not start JAX.
 The delegated commands parse their own arguments (`jaxpatience eval --help`). User errors (ValueError, OSError:
@@ -63,6 +64,12 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def _lm_eval(argv: list[str]) -> int:
+    from jaxpatience.evaluation.harness import main
+
+    return main(argv)
+
+
 def _serve(argv: list[str]) -> int:
     from jaxpatience.serving.app import main
 
@@ -87,6 +94,7 @@ DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train DPO / DPO+NLL / SFT on preference pairs (YAML + key=value)"),
     "irpo": (_irpo, "Iterative RPO: sample, pair, train DPO+NLL, evaluate, repeat"),
     "eval": (_eval, "evaluate a checkpoint on GSM8K / MATH / gsm_symbolic / a file"),
+    "lm-eval": (_lm_eval, "run lm-evaluation-harness tasks on a checkpoint, in-process"),
     "pairs": (_pairs, "build Patience pairs with a teacher model (OpenAI-compatible)"),
     "serve": (_serve, "serve a checkpoint over an OpenAI-compatible HTTP API"),
     "plan": (_plan, "compare meshes for a job without the hardware: memory, collectives, roofline"),

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -237,6 +238,63 @@ def test_repeated_prompts_in_one_request_are_sampled_apart_and_big_top_k_is_fine
     assert single.choices[0].text == first  # prompt 0 of a list draws what it draws alone
 
 
+def test_echo_returns_the_prompt_with_its_log_probs_and_top_alternatives(client, loaded):
+    """echo + logprobs + max_tokens 0 or 1, as lm-evaluation-harness's loglikelihood requests ask: the prompt's
+    tokens come back with the log-probs of a forward pass in this process, and the N alternatives per position
+    hold the argmax's log-prob."""
+    import jax
+    import numpy as np
+
+    model, tokenizer = loaded
+    prompt = PROMPTS[0] + " the mat"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    logprobs = np.asarray(jax.nn.log_softmax(model(np.asarray([ids]))[0].astype("float32"), axis=-1))
+    expected = [float(logprobs[t, ids[t + 1]]) for t in range(len(ids) - 1)]
+    for max_tokens in (0, 1):
+        reply = client.completions.create(model=NAME, prompt=ids, max_tokens=max_tokens, temperature=0, echo=True,
+                                          logprobs=3)  # fmt: skip
+        choice = reply.choices[0]
+        assert choice.text.startswith(prompt) and len(choice.text) > len(prompt) * max_tokens - 1
+        lps = choice.logprobs
+        assert len(lps.tokens) == len(ids) + max_tokens and lps.token_logprobs[0] is None
+        np.testing.assert_allclose(lps.token_logprobs[1 : len(ids)], expected, rtol=1e-4, atol=1e-5)
+        # Three alternatives, fewer where two ids decode to the same text (a byte of a split character).
+        assert lps.top_logprobs[0] is None and all(1 <= len(top) <= 3 for top in lps.top_logprobs[1:])
+        for t, top in enumerate(lps.top_logprobs[1 : len(ids)]):
+            assert max(top.values()) == pytest.approx(float(logprobs[t].max()), rel=1e-4, abs=1e-5)
+        if max_tokens:  # the greedy token is the likeliest alternative at its position
+            assert lps.token_logprobs[-1] == max(lps.top_logprobs[-1].values())
+    plain = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=2)
+    assert len(plain.choices[0].logprobs.top_logprobs) == len(plain.choices[0].logprobs.tokens) <= 4
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    assert all(len(entry.top_logprobs) == 2 for entry in chat.choices[0].logprobs.content)
+
+
+def test_lm_eval_local_completions_against_serve_equals_in_process(server, checkpoint, monkeypatch):
+    """lm-evaluation-harness's `local-completions` model against this server on a multiple-choice task gives the
+    in-process backend's log-likelihoods and metric."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the [lmeval] extra (make test installs it)")
+    from lm_eval.tasks import TaskManager
+
+    from jaxpatience.evaluation.harness import HarnessLM
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the task's data_files are relative to the repository root
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    tasks = TaskManager(include_path=str(root / "tests/data/lm_eval"))
+    common = dict(tasks=["tiny_mc"], limit=8, log_samples=True, task_manager=tasks)
+    args = (f"model={NAME},base_url={server}/v1/completions,tokenizer={checkpoint},tokenizer_backend=huggingface,"
+            "num_concurrent=4,max_retries=1,max_length=1024")  # fmt: skip
+    remote = lm_eval.simple_evaluate(model="local-completions", model_args=args, **common)
+    local = lm_eval.simple_evaluate(model=HarnessLM.from_checkpoint(str(checkpoint), progress=False), **common)
+    answers = lambda results: [s["resps"] for s in sorted(results["samples"]["tiny_mc"], key=lambda s: s["doc_id"])]
+    for doc_remote, doc_local in zip(answers(remote), answers(local), strict=True):
+        for ((lp_remote, greedy_remote),), ((lp_local, greedy_local),) in zip(doc_remote, doc_local, strict=True):
+            assert lp_remote == pytest.approx(lp_local, rel=1e-4) and greedy_remote == greedy_local
+    assert remote["results"]["tiny_mc"]["acc,none"] == local["results"]["tiny_mc"]["acc,none"]
+
+
 @pytest.mark.parametrize(
     "payload, status, words",
     [
@@ -251,7 +309,10 @@ def test_repeated_prompts_in_one_request_are_sampled_apart_and_big_top_k_is_fine
         ({"prompt": "a", "max_tokens": 5000}, 400, "more than the context of 1024"),
         ({"prompt": [1, 99999]}, 400, "outside the vocabulary"),
         ({"prompt": ""}, 400, "prompt 0 is empty"),
-        ({"prompt": "a", "echo": True}, 400, "'echo' = True is not supported"),
+        ({"messages": [{"role": "user", "content": "a"}], "echo": True}, 400, "'echo' is for /v1/completions"),
+        ({"prompt": "a", "echo": True, "logprobs": 1, "stream": True}, 400, "not streamed"),
+        ({"prompt": "a", "logprobs": 6}, 400, "'logprobs' must be in [0, 5]"),
+        ({"prompt": "a", "max_tokens": -1}, 400, "'max_tokens' must be >= 0"),
         ({"prompt": "a", "stop": ["a"] * 17}, 400, "at most 16 strings"),
         ({"messages": "hi"}, 400, "'messages' must be a non-empty list"),
         ("[" * 100000, 400, "not valid JSON"),

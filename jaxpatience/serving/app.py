@@ -6,7 +6,9 @@
 Each request becomes one engine Job per prompt (live.py); the engine thread calls back with Deltas, which
 reach the request's asyncio queue through `call_soon_threadsafe`. A streamed request sends them on as OpenAI
 chunks; a plain one gathers them. A client that goes away cancels its jobs, and the engine frees their slots at its
-next look. wire.py checks the fields and shapes the bodies; this file only moves them.
+next look. With `echo` or top log-probs (lm-evaluation-harness's loglikelihood requests: `echo`, `logprobs: 1`,
+`max_tokens` 1 or 0) every choice's prompt + completion is then scored in one forward pass (LiveEngine.score);
+`max_tokens: 0` generates nothing. wire.py checks the fields and shapes the bodies; this file only moves them.
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ class _Request:
             )
             for i, ids in enumerate(settings.prompt_ids)
         ]
-        self.unfinished = len(self.jobs) * settings.n
+        self.unfinished = len(self.jobs) * settings.n if settings.max_tokens else 0
 
     def submit(self) -> None:
+        if not self.settings.max_tokens:  # max_tokens 0: nothing to generate (echo scores the prompt alone)
+            return
         try:
             for job in self.jobs:
                 self.engine.submit(job)
@@ -112,17 +116,12 @@ async def _collect(http_request, request: _Request, tokenizer, *, chat: bool, mo
         watch.cancel()
         if request.unfinished:
             request.cancel()
-    choices = [
-        wire.choice_body(
-            i,
-            texts[i],
-            reasons[i],
-            wire.logprobs_body(tokenizer, ids[i], logprobs[i], chat=chat) if request.settings.logprobs else None,
-            chat=chat,
-            stream=False,
-        )
-        for i in range(count)
-    ]
+    reasons = [reason or "length" for reason in reasons]  # max_tokens 0: nothing was generated
+    bodies = await _logprobs_bodies(request, tokenizer, ids, logprobs, chat=chat)
+    if request.settings.echo:
+        prompts = [tokenizer.decode(prompt) for prompt in request.settings.prompt_ids]
+        texts = [prompts[i // request.settings.n] + text for i, text in enumerate(texts)]
+    choices = [wire.choice_body(i, texts[i], reasons[i], bodies[i], chat=chat, stream=False) for i in range(count)]
     prompt_tokens = sum(map(len, request.settings.prompt_ids))
     return wire.response_body(
         wire.new_id(chat),
@@ -132,6 +131,31 @@ async def _collect(http_request, request: _Request, tokenizer, *, chat: bool, mo
         stream=False,
         usage_body=wire.usage(prompt_tokens, sum(map(len, ids))),
     )
+
+
+async def _logprobs_bodies(request: _Request, tokenizer, ids: list[list[int]], logprobs: list[list[float]], *,
+                           chat: bool) -> list[dict | None]:  # fmt: skip
+    """Each choice's logprobs body: the engine's chosen-token log-probs, or with echo / top alternatives, those of
+    one forward pass over prompt + completion (the prompt's tokens included with echo, its first one as None)."""
+    settings = request.settings
+    if not settings.logprobs:
+        return [None] * len(ids)
+    if not (settings.echo or settings.top_logprobs):
+        return [
+            wire.logprobs_body(tokenizer, choice, lps, chat=chat) for choice, lps in zip(ids, logprobs, strict=True)
+        ]
+    prompts = [settings.prompt_ids[i // settings.n] for i in range(len(ids))]
+    sequences = [prompt + choice for prompt, choice in zip(prompts, ids, strict=True)]
+    scored = await asyncio.to_thread(request.engine.score, sequences, settings.top_logprobs)
+    bodies = []
+    for prompt, sequence, (chosen, alternatives) in zip(prompts, sequences, scored, strict=True):
+        top = [None, *alternatives] if settings.top_logprobs else None
+        lps: list[float | None] = [None, *chosen]
+        skip = 0 if settings.echo else len(prompt)  # without echo: the completion's tokens only
+        bodies.append(
+            wire.logprobs_body(tokenizer, sequence[skip:], lps[skip:], chat=chat, top=top[skip:] if top else None)
+        )
+    return bodies
 
 
 async def _stream(request: _Request, tokenizer, *, chat: bool, model: str) -> AsyncIterator[str]:

@@ -21,6 +21,8 @@ token when a slot is free.
 * **Slot buckets.** The state holds a power of two of slots (rounded up to the mesh's batch shards), grown when
   waiting rows need more and shrunk when the busy ones fit in half, up to `slots`: on a CPU an idle slot costs
   as much as a busy one. The cache holds `max_model_len` tokens per slot.
+* **Prompt log-probs** (`score`: OpenAI's `echo` and `top_logprobs`): one forward pass without cache over whole
+  token sequences, from the caller's thread beside the engine's (the weights are only read), in power-of-two shapes.
 * **Failure.** If a device call raises, every job gets a Delta with `error` set and later submits raise
   EngineFailed: no request waits forever.
 """
@@ -28,19 +30,22 @@ token when a slot is free.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpatience import sharding
 from jaxpatience.generation import slots as slot_engine  # `slots` is also LiveEngine(slots=...), the slot count
 from jaxpatience.generation.api import default_stop_ids
 from jaxpatience.generation.sampling import ROW_FILTERED, ROW_PLAIN, Sampler
-from jaxpatience.generation.shapes import bucket, round_up
+from jaxpatience.generation.shapes import MIN_LENGTH_BUCKET, bucket, round_up
+from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 
 GREEDY = Sampler(greedy=True, top_k=0, use_top_p=False)
 STOP_WIDTH = 32  # E: stop ids per row (the tokenizer's end tokens + up to 16 single-token stop strings)
@@ -176,6 +181,29 @@ class LiveEngine:
             if job in self._waiting:  # a waiting job no longer counts against max_queue
                 self._waiting.remove(job)
             self._lock.notify_all()
+
+    def score(self, sequences: list[list[int]], top: int) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
+        """Per sequence of T tokens: the log-prob of each token after those before it (T - 1 values, from the
+        second token on) and, for each of those positions, the `top` likeliest tokens as (id, log-prob)."""
+        rows = round_up(bucket(len(sequences)), self.batch_shards)
+        length = bucket(max(map(len, sequences)), MIN_LENGTH_BUCKET)
+        ids, mask = np.zeros((rows, length), np.int32), np.zeros((rows, length), np.int32)
+        for row, tokens in enumerate(sequences):
+            ids[row, : len(tokens)], mask[row, : len(tokens)] = tokens, 1
+        put = lambda array: sharding.put_global(array, self.mesh, ("batch", None))
+        chosen, top_lps, top_ids = (
+            sharding.fetch(a)
+            for a in _token_logprobs(
+                self.model_state, put(ids), put(mask), graphdef=self.graphdef, top=max(top, 1), mesh=self.mesh
+            )
+        )
+        results = []
+        for row, tokens in enumerate(sequences):
+            ids_row, lps_row = top_ids[row, : len(tokens) - 1, :top].tolist(), top_lps[row, : len(tokens) - 1, :top]
+            # position t predicts token t + 1: its alternatives as (id, log-prob), likeliest first
+            alternatives = [list(zip(i, lp.tolist(), strict=True)) for i, lp in zip(ids_row, lps_row, strict=True)]
+            results.append((chosen[row, : len(tokens) - 1].tolist(), alternatives))
+        return results
 
     @property
     def waiting(self) -> int:
@@ -346,6 +374,18 @@ class LiveEngine:
         for job in {id(job): job for job in jobs}.values():
             for sample in range(job.n):
                 job.emit(Delta(sample, "", [], [], finish_reason=None, error=message))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top", "mesh"))
+def _token_logprobs(model_state, ids: jax.Array, mask: jax.Array, *, graphdef, top: int, mesh):
+    """ids, mask [B, T] (right-padded) -> log-prob of each next token [B, T - 1], and the `top` likeliest next
+    tokens' log-probs and ids [B, T - 1, top], in float32."""
+    with sharding.activate_if(mesh):
+        model: Qwen2ForCausalLM = nnx.merge(graphdef, model_state)
+        logprobs = jax.nn.log_softmax(model(ids, attention_mask=mask)[:, :-1].astype(jnp.float32), axis=-1)
+        chosen = jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]  # [B, T - 1]
+        top_lps, top_ids = jax.lax.top_k(logprobs, top)  # [B, T - 1, top]
+        return chosen, top_lps, top_ids
 
 
 def _sampler(jobs: list[Job]) -> Sampler:

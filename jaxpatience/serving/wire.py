@@ -5,13 +5,16 @@ directly. A bad field is an `ApiError` (HTTP status + one sentence naming the fi
 shape `{"error": {"message", "type", "param", "code"}}`.
 
 Accepted fields (others that clients routinely send, such as `user` or `presence_penalty: 0`, are ignored; ones
-that would change the answer and are not implemented, such as `echo` or a non-zero penalty, are refused):
+that would change the answer and are not implemented, such as a non-zero penalty, are refused):
 
     model, prompt (string, list of strings, token ids, list of token-id lists) / messages, max_tokens
-    (chat: also max_completion_tokens), temperature [0, 2], top_p (0, 1], top_k (>= 0; -1 = off), n, seed,
-    stop (string or list of strings), stream, stream_options.include_usage, logprobs (completions: an integer;
-    chat: true/false): the log-probabilities of the chosen tokens (top alternatives are not computed),
-    ignore_eos (vLLM's extension: only max_tokens and stop strings end a row; benchmarks use it)
+    (chat: also max_completion_tokens; completions: 0 generates nothing, with `echo` the prompt is scored only),
+    temperature [0, 2], top_p (0, 1], top_k (>= 0; -1 = off), n, seed, stop (string or list of strings), stream,
+    stream_options.include_usage, logprobs (completions: an integer N in [0, 5], the chosen tokens' log-probs and
+    the N likeliest alternatives at each position; chat: true/false, with top_logprobs N in [0, 20]), echo
+    (completions: the prompt comes back before the completion, with its tokens' log-probs when logprobs is set;
+    what lm-evaluation-harness's loglikelihood requests send), ignore_eos (vLLM's extension: only max_tokens and
+    stop strings end a row; benchmarks use it). Alternatives and echo are not streamed.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import uuid
 from typing import Any
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; lm-evaluation-harness's local-completions may send more
+MAX_TOP_LOGPROBS = {False: 5, True: 20}  # completions' logprobs, chat's top_logprobs (OpenAI's limits)
 ACCEPTED_ONLY = {  # fields not implemented -> the values that ask for nothing (besides null)
-    "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
     "logit_bias": ({},),
@@ -63,6 +66,8 @@ class Settings:
     stream: bool
     include_usage: bool
     logprobs: bool
+    top_logprobs: int = 0  # alternatives per position (0: none)
+    echo: bool = False  # completions: the prompt and its log-probs come back too
 
 
 def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
@@ -194,18 +199,25 @@ def _stop_fields(body: dict, tokenizer, end_ids: list[int]) -> tuple[list[str], 
     return [s for s in stop if s], sorted(set(stop_ids))
 
 
-def _output_fields(body: dict, chat: bool) -> tuple[bool, bool, bool]:
-    """What the answer carries: stream, stream_options.include_usage, and logprobs (completions: an integer in
-    [0, 5], where 0 too asks for the chosen tokens' log-probabilities; chat: true or false)."""
+def _output_fields(body: dict, chat: bool) -> tuple[bool, bool, bool, int, bool]:
+    """What the answer carries: stream, stream_options.include_usage, logprobs (completions: an integer N in [0, 5],
+    where 0 too asks for the chosen tokens' log-probabilities; chat: true or false), N alternatives per position
+    (completions: logprobs's N; chat: top_logprobs) and echo (completions only)."""
     stream = _field(body, "stream", (bool,), False, "true or false")
     options = _field(body, "stream_options", (dict,), {}, "an object")
     include_usage = _field(options, "include_usage", (bool,), False, "true or false")
-    if chat and _field(body, "top_logprobs", (int,), 0, "an integer"):
-        raise ApiError(400, "'top_logprobs' is not supported: logprobs gives the chosen tokens' only.", "top_logprobs")
     logprobs = _field(body, "logprobs", (bool,) if chat else (int,), None, "true or false" if chat else "an integer")
-    if not chat and logprobs is not None:
-        _in_range("logprobs", logprobs, 0 <= logprobs <= 5, "in [0, 5]")
-    return stream, include_usage, bool(logprobs) or (logprobs == 0 and not chat)
+    top = _field(body, "top_logprobs", (int,), 0, "an integer") if chat else (logprobs or 0)
+    _in_range("top_logprobs" if chat else "logprobs", top, 0 <= top <= MAX_TOP_LOGPROBS[chat],
+              f"in [0, {MAX_TOP_LOGPROBS[chat]}]")  # fmt: skip
+    if chat and top and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+    echo = _field(body, "echo", (bool,), False, "true or false")
+    if chat and echo:
+        raise ApiError(400, "'echo' is for /v1/completions; chat answers do not repeat the messages.", "echo")
+    if stream and (echo or top):
+        raise ApiError(400, "'echo' and top log-probs are not streamed; send the request with stream false.", "stream")
+    return stream, include_usage, bool(logprobs) or (logprobs == 0 and not chat), top, echo
 
 
 def _max_tokens(body: dict, prompt_ids: list[list[int]], *, chat: bool, max_model_len: int) -> int:
@@ -224,7 +236,7 @@ def _max_tokens(body: dict, prompt_ids: list[list[int]], *, chat: bool, max_mode
     max_tokens = next(given, None)
     if max_tokens is None:
         max_tokens = room if chat else min(16, room)
-    _in_range("max_tokens", max_tokens, max_tokens >= 1, ">= 1")
+    _in_range("max_tokens", max_tokens, max_tokens >= (1 if chat else 0), ">= 1" if chat else ">= 0")
     if longest + max_tokens > max_model_len:
         raise ApiError(
             400,
@@ -251,7 +263,7 @@ def sampling_settings(
     _check_prompt_ids(prompt_ids, vocab, max_prompts)
     temperature, top_p, top_k, n, seed = _sampler_fields(body, vocab, max_n)
     stop_strings, stop_ids = _stop_fields(body, tokenizer, end_ids)
-    stream, include_usage, logprobs = _output_fields(body, chat)
+    stream, include_usage, logprobs, top_logprobs, echo = _output_fields(body, chat)
     max_tokens = _max_tokens(body, prompt_ids, chat=chat, max_model_len=max_model_len)
     return Settings(
         prompt_ids=prompt_ids,
@@ -266,6 +278,8 @@ def sampling_settings(
         stream=stream,
         include_usage=include_usage,
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        echo=echo,
     )
 
 
@@ -289,23 +303,50 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def logprobs_body(tokenizer, token_ids: list[int], logprobs: list[float], *, chat: bool, offset: int = 0) -> dict:
-    """The chosen tokens' log-probabilities in OpenAI's shape (top alternatives: none computed).
+def logprobs_body(
+    tokenizer,
+    token_ids: list[int],
+    logprobs: list[float | None],
+    *,
+    chat: bool,
+    offset: int = 0,
+    top: list[list[tuple[int, float]] | None] | None = None,
+) -> dict:
+    """The tokens' log-probabilities in OpenAI's shape; `top`: each position's alternatives as (id, log-prob),
+    likeliest first (None: not computed). An echoed prompt's first token has no log-prob (None), as in OpenAI's.
 
     A token's `text_offset` is where its text starts in the completion (`offset`: the text already sent), found by
     decoding each prefix, so that a character split over several tokens does not shift the rest.
     """
     pieces = [tokenizer.decode([t]) for t in token_ids]
+    top = top or [None] * len(token_ids)
     if chat:
-        rows = zip(token_ids, pieces, logprobs, strict=True)
+        rows = zip(token_ids, pieces, logprobs, top, strict=True)
         return {
             "content": [
-                {"token": piece, "logprob": lp, "bytes": list(_token_bytes(tokenizer, t, piece)), "top_logprobs": []}
-                for t, piece, lp in rows
+                {
+                    "token": piece,
+                    "logprob": lp,
+                    "bytes": list(_token_bytes(tokenizer, t, piece)),
+                    "top_logprobs": [_alternative(tokenizer, a, alp) for a, alp in alternatives or []],
+                }
+                for t, piece, lp, alternatives in rows
             ]
         }
     offsets = [offset + len(tokenizer.decode(token_ids[:i], skip_special_tokens=True)) for i in range(len(token_ids))]
-    return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+    # Alternatives as {text: log-prob}, the least likely first: two ids with the same text keep the likelier value.
+    tops = [None if a is None else {tokenizer.decode([t]): lp for t, lp in reversed(a)} for a in top]
+    return {
+        "tokens": pieces,
+        "token_logprobs": logprobs,
+        "top_logprobs": tops if any(a is not None for a in top) else None,
+        "text_offset": offsets,
+    }
+
+
+def _alternative(tokenizer, token_id: int, logprob: float) -> dict:
+    piece = tokenizer.decode([token_id])
+    return {"token": piece, "logprob": logprob, "bytes": list(_token_bytes(tokenizer, token_id, piece))}
 
 
 def _token_bytes(tokenizer, token_id: int, piece: str) -> bytes:

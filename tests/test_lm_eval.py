@@ -1,0 +1,120 @@
+"""`jaxpatience lm-eval` (evaluation/harness.py) against lm-evaluation-harness's own `hf` backend (transformers).
+
+The same tiny checkpoint and the same three local tasks (tests/data/lm_eval: multiple choice, generation, rolling
+loglikelihood) run through both backends: every request's log-likelihood agrees within 1e-4 relative, the
+is-greedy flags and greedy generations are equal, and so are the metrics. The checkpoint's weights are drawn
+wide (initializer_range 0.1), so greedy decoding meets no near-ties.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_hf_checkpoint
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the [lmeval] extra (make test installs it)")
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from jaxpatience import cli, sharding  # noqa: E402
+from jaxpatience.evaluation.harness import HarnessLM, plan_batches, score_pairs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ["tiny_mc", "tiny_gen", "tiny_ppl"]  # loglikelihood, generate_until, loglikelihood_rolling
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # A context of 128 tokens: the longest tiny_ppl texts need several rolling windows.
+    return make_hf_checkpoint(tmp_path_factory.mktemp("lm_eval") / "ckpt", initializer_range=0.1,
+                              max_position_embeddings=128)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def harness_lm(checkpoint):
+    return HarnessLM.from_checkpoint(str(checkpoint), progress=False)
+
+
+def run_tasks(model, **kwargs) -> dict:
+    """lm-eval on the local tasks; their data_files are relative to the repository root."""
+    cwd = Path.cwd()
+    try:
+        os.chdir(ROOT)
+        return lm_eval.simple_evaluate(model=model, tasks=TASKS, limit=12, log_samples=True,
+                                       task_manager=TaskManager(include_path=str(ROOT / "tests/data/lm_eval")),
+                                       **kwargs)  # fmt: skip
+    finally:
+        os.chdir(cwd)
+
+
+def responses(results: dict, task: str) -> list:
+    return [sample["resps"] for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_every_request_and_metric_equals_the_hf_backend(checkpoint, harness_lm):
+    ours = run_tasks(harness_lm)
+    reference = run_tasks("hf", model_args=f"pretrained={checkpoint},dtype=float32", device="cpu", batch_size=8)
+    for task in TASKS:
+        mine, theirs = responses(ours, task), responses(reference, task)
+        assert len(mine) == len(theirs) > 0, task
+        for doc_mine, doc_theirs in zip(mine, theirs, strict=True):
+            for (a,), (b,) in zip(doc_mine, doc_theirs, strict=True):
+                if task == "tiny_gen":
+                    assert a == b  # identical greedy text, cut at the same stop string
+                elif task == "tiny_mc":
+                    assert a[1] == b[1] and a[0] == pytest.approx(b[0], rel=1e-4)
+                else:
+                    assert a == pytest.approx(b, rel=1e-4)
+        metrics = {k: v for k, v in ours["results"][task].items() if "stderr" not in k}
+        expected = {k: v for k, v in reference["results"][task].items() if "stderr" not in k}
+        assert metrics.keys() == expected.keys()
+        for key, value in metrics.items():
+            assert value == (pytest.approx(expected[key], rel=1e-4) if isinstance(value, float) else expected[key])
+    # The generations are not all empty: the stop strings cut real text.
+    assert sum(len(doc[0][0]) for doc in responses(ours, "tiny_gen")) > 0
+
+
+def test_a_shared_context_is_scored_once_and_long_pairs_are_cut_on_the_left():
+    pairs = [([1, 2, 3], [4]), ([1, 2, 3], [5, 6]), ([7], [8]), ([1, 2, 3], [9])]
+    (batch,) = plan_batches(pairs, max_length=64, batch_tokens=4096)
+    assert sorted(batch.contexts) == [(1, 2, 3), (7,)]  # three choices, one context row
+    assert batch.rows == 4
+    # 6 + 3 tokens with a context of 6: the hf backend keeps the last 7 tokens, its input the first 6 of them.
+    (cut,) = plan_batches([([1, 2, 3, 4, 5, 6], [7, 8, 9])], max_length=6, batch_tokens=4096)
+    assert cut.contexts == [(3, 4, 5, 6)] and cut.continuations == [[(0, [7, 8, 9])]]
+    small = plan_batches([([i, i + 1], [i]) for i in range(40)], max_length=64, batch_tokens=64)
+    assert len(small) > 1 and sum(b.rows for b in small) == 40
+    with pytest.raises(ValueError, match="request 0: a context and a continuation"):
+        plan_batches([([1], [])], max_length=8, batch_tokens=64)
+
+
+def test_scores_on_a_mesh_equal_one_device(harness_lm):
+    rng = np.random.default_rng(0)
+    vocab = harness_lm.model.config.vocab_size
+    context = rng.integers(0, vocab, 20).tolist()
+    pairs = [(context, rng.integers(0, vocab, n).tolist()) for n in (1, 3, 5)]
+    pairs += [(rng.integers(0, vocab, 9).tolist(), rng.integers(0, vocab, 4).tolist())]
+    alone = score_pairs(harness_lm.model, pairs, progress=False)
+    mesh = sharding.make_mesh(data=2, tensor=2)
+    sharded = score_pairs(harness_lm.model, pairs, mesh=mesh, progress=False, batch_tokens=128)
+    assert [g for _, g in alone] == [g for _, g in sharded]
+    np.testing.assert_allclose([s for s, _ in sharded], [s for s, _ in alone], rtol=1e-5)
+
+
+def test_the_command_writes_results_and_refuses_bad_input(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    argv = ["lm-eval", "--model", str(checkpoint), "--tasks", "tiny_mc", "--include-path", "tests/data/lm_eval",
+            "--limit", "4", "--out", str(out), "--no-progress", "--log-samples"]  # fmt: skip
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["results"]["tiny_mc"]["sample_len"] == 4
+    assert len((out / "samples_tiny_mc.jsonl").read_text().splitlines()) == 4
+    assert "tiny_mc" in capsys.readouterr().out
+    assert cli.main(argv) == 2  # results.json is never overwritten
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["lm-eval", "--model", str(checkpoint), "--tasks", "tiny_mc", "--batch-tokens", "0"]) == 2
+    assert "--batch-tokens must be >= 1" in capsys.readouterr().err
