@@ -9,7 +9,7 @@ call as often as its caller), and then
   1-D convolutions), times the multiplier. Elementwise work is left out: matmuls are > 95% of a transformer.
 * `hbm_bytes`: for every instruction outside fusions, the bytes of its result and of its operands. A fused
   parameter that is only sliced (a scanned layer's weights out of the stacked [L, ...] array) counts as the
-  slices it feeds; a dynamic-update-slice writes its update. An estimate, in the way XLA's own one is.
+  slices it feeds; a dynamic-update-slice or scatter writes its update. An estimate, in the way XLA's own one is.
 * `collectives`: every all-gather, all-reduce, reduce-scatter, all-to-all and collective-permute, grouped by
   (kind, mesh axes its replica groups span): count and bytes per device per step. Bytes are the full buffer
   the collective works on: an all-gather's output, a reduce-scatter's input, an all-reduce's operand.
@@ -57,6 +57,9 @@ _NO_TRAFFIC = {
     "async-done",
     "async-update",
 }
+# Ops that update their first operand in place (XLA aliases the buffer): opcode -> operand index of the update.
+# Their traffic is the update, read and written, not the whole buffer.
+_IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
@@ -124,7 +127,9 @@ def trip_count(
 ) -> float:
     """A while loop's iterations: XLA's `known_trip_count` (CPU, GPU), else a scan's `counter < N` in its
     condition (TPU modules leave the count out): the compare's left side a tuple element of the loop state that
-    starts at constant 0, its right side a constant. Anything else (a loop that runs until its rows are done) 1."""
+    starts at constant 0, its right side a constant, and the body adds a constant step to it (1 for a scan; 2
+    where libtpu unrolled a windowed einsum's loop, two chunks per iteration). Anything else (a loop that runs
+    until its rows are done) 1."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
     if known:
         return float(known.group(1))
@@ -146,8 +151,28 @@ def trip_count(
             int(index.group(1)) < len(init.operands)
             and _constant(_source(caller, init.operands[int(index.group(1))])) == 0
         ):
-            return float(limit + (direction.group(1) == "LE"))
+            step = _counter_step(loop, computations, int(index.group(1)))
+            return float(math.ceil((limit + (direction.group(1) == "LE")) / step))
     return 1.0
+
+
+def _counter_step(loop: Instruction, computations: dict[str, dict[str, Instruction]], index: int) -> int:
+    """What a loop's body adds to element `index` of its state each iteration: `add(gte(param, index), constant)`
+    at that position of the body's result tuple; 1 when the body does something else."""
+    body = re.search(r"body=%?([\w.\-]+)", loop.attributes)
+    table = computations.get(body.group(1), {}) if body else {}
+    root = next((i for i in table.values() if i.root), None)
+    if root is None or root.opcode != "tuple" or index >= len(root.operands):
+        return 1
+    update = _source(table, root.operands[index])
+    if update is None or update.opcode != "add" or len(update.operands) != 2:
+        return 1
+    for counter, step in (update.operands, update.operands[::-1]):
+        element = _source(table, counter)
+        same = element is not None and element.opcode == "get-tuple-element"
+        if same and re.search(rf"\bindex={index}\b", element.attributes) and (_constant(table.get(step)) or 0) > 0:
+            return _constant(table.get(step))
+    return 1
 
 
 def _source(table: dict[str, Instruction], name: str) -> Instruction | None:
@@ -234,14 +259,16 @@ def _matmul_flops(instruction: Instruction, table: dict[str, Instruction]) -> fl
 
 def _fusion_bytes(instruction: Instruction, computations, table) -> float:
     """Result and operand bytes of a fusion: a parameter that is only sliced inside counts as the slices it feeds;
-    a fusion ending in a dynamic-update-slice writes its update into the buffer in place (the buffer, its
-    operand, is neither read nor written whole: a scan storing one layer's result into an [L, ...] array)."""
+    a fusion ending in a dynamic-update-slice or a scatter writes its update into the buffer in place (the buffer,
+    its operand, is neither read nor written whole: a scan storing one layer's result into an [L, ...] array, the
+    slot engine writing each row's new token into the KV cache)."""
     callees = _callees(instruction)
     body = computations.get(callees[0][0]) if callees else None
     root = next((i for i in body.values() if i.root), None) if body else None
-    in_place = root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1
+    update_at = _IN_PLACE.get(root.opcode) if root is not None else None
+    in_place = update_at is not None and len(root.operands) > update_at
     buffer = body.get(root.operands[0]) if in_place else None
-    update = body.get(root.operands[1]) if in_place else None
+    update = body.get(root.operands[update_at]) if in_place else None
     total = 2.0 * shape_bytes(update.shape) if update is not None else shape_bytes(instruction.shape)
     for index, operand in enumerate(instruction.operands):
         full = shape_bytes(table[operand].shape) if operand in table else 0.0
@@ -265,8 +292,9 @@ def _traffic(instruction: Instruction, computations, table) -> float:
         return 0.0
     if instruction.opcode == "dynamic-slice":
         return 2.0 * shape_bytes(instruction.shape)
-    if instruction.opcode == "dynamic-update-slice":
-        update = table.get(instruction.operands[1]) if len(instruction.operands) > 1 else None
+    if instruction.opcode in _IN_PLACE:
+        at = _IN_PLACE[instruction.opcode]
+        update = table.get(instruction.operands[at]) if len(instruction.operands) > at else None
         return 2.0 * shape_bytes(update.shape) if update else 0.0
     if instruction.opcode == "fusion":
         return _fusion_bytes(instruction, computations, table)
