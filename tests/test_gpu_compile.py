@@ -108,6 +108,18 @@ def test_plan_rows_come_from_the_gpu_compiler(tmp_path, capsys):
 
 
 @needs_plugin
+def test_collectives_that_leave_a_node_are_marked(tmp_path):
+    """On two nodes of 8 H100s, the axis that spans both nodes is costed at the network's bandwidth."""
+    out = tmp_path / "plan.json"
+    args = ["--model", "tiny", "--batch-size", "16", "--seq-len", "128", "--target", "gpu:h100:2x8", "--no-cache"]
+    assert plan.main([*args, "--meshes", "data=2,fsdp=8", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    crossing = {(c["kind"], tuple(c["axes"])): c["crosses_node"] for c in row["collectives"]}
+    assert crossing[("all-gather", ("fsdp",))] is False  # within a node: NVLink
+    assert any(leaves for (kind, axes), leaves in crossing.items() if "data" in axes), crossing  # across the nodes
+
+
+@needs_plugin
 def test_the_slot_engine_decodes_in_place_on_a_gpu_at_256_slots():
     """The decode loop updates the KV cache where it lies: its temporaries are a small fraction of the cache (a
     [B, S, K, H] cache was transposed into the GPU's attention layout and back, a whole second copy)."""

@@ -276,3 +276,41 @@ def test_a_v5p_plan_compiles_for_abstract_tpu_devices(tmp_path):
     bad = [*command[: command.index("--target") + 1], "tpu:v5p:3x3x3", "--meshes", "fsdp=27"]
     result = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "jaxpatience: error: TPU topology 'v5p:3x3x3' was refused" in result.stderr
+
+
+def test_fit_advice_tries_the_cheapest_settings_that_fit(capsys, tmp_path):
+    """`--remat auto --micro-batches auto` on a chip just too small for the job without remat: the advice tries
+    remat=none at 1, 2, ... micro-batches until it fits, then only the policies and counts that could beat it."""
+    common = ["--model", "tiny", "--batch-size", "8", "--seq-len", "64", "--target", "cpu:2", "--meshes", "fsdp=2",
+              "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    out = tmp_path / "plain.json"
+    assert _cli(capsys, *common, "--remat", "none", "--json", str(out))[0] == 0
+    (plain,) = json.loads(out.read_text())
+    assert (plain["remat"], plain["micro_batches"], plain["warnings"]) == ("none", 1, [])
+    small = int(plain["memory_bytes"]["total"] * 0.9)  # remat=none at one micro-batch no longer fits
+    out = tmp_path / "advice.json"
+    status, output = _cli(capsys, *common, "--remat", "auto", "--micro-batches", "auto",
+                          "--chip-spec", f"hbm_bytes={small}", "--json", str(out))  # fmt: skip
+    assert status == 0 and "mesh remat/micro" in output, output
+    rows = json.loads(out.read_text())
+    tried = [(row["remat"], row["micro_batches"]) for row in rows]
+    assert ("none", 1) in tried and not next(r for r in rows if r["remat"] == "none" and r["micro_batches"] == 1)[
+        "fits"
+    ]
+    assert any(row["fits"] for row in rows) and rows[0]["fits"]  # ranked: a setting that fits comes first
+    fewest = math.inf  # rows come ranked; per policy, in the order tried: counts rise until the first fit
+    for remat in plan.REMAT_ORDER:
+        mine = sorted((row["micro_batches"], row["fits"]) for row in rows if row["remat"] == remat)
+        assert all(m < fewest for m, _ in mine) and not any(fit for _, fit in mine[:-1]), tried
+        fewest = min([fewest, *(m for m, fit in mine if fit)])
+    assert _cli(capsys, *common, "--job", "decode", "--remat", "auto")[0] == 2  # advice is for training
+
+
+def test_compiler_warnings_are_collected_and_still_printed(capfd):
+    with plan_rows.compiler_warnings() as found:
+        os.write(
+            2, b"W hlo_rematerialization.cc] Can't reduce memory use below 1.0GiB (1 bytes); only reduced to 2GiB\n"
+        )
+        os.write(2, b"another line\n")
+    assert found == ["Can't reduce memory use below 1.0GiB (1 bytes); only reduced to 2GiB"]
+    assert "another line" in capfd.readouterr().err  # passed on, not swallowed

@@ -38,6 +38,7 @@ from jaxpatience.planning import chips, gpus, report
 from jaxpatience.planning.rows import CompileError, compile_row, host_chip, measure, predict
 
 MESH_AXES = ("data", "fsdp", "tensor")
+REMAT_ORDER = ("none", "lora", "dots", "full")  # least recomputation (fastest, most memory) first
 TPU_HINT = 'TPU targets need libtpu: pip install -e ".[tpu]" (or pip install "jax[tpu]" matching your jax).'
 
 
@@ -68,10 +69,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, required=True, help="train: tokens per sequence; decode: cache length")
     p.add_argument("--prompt-len", type=int, default=None, help="decode: prompt tokens prefilled (default seq-len/4)")
     p.add_argument("--lora-rank", type=int, default=16, help="0 = full-parameter training")
-    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "lora"])
+    p.add_argument(
+        "--remat",
+        default="full",
+        choices=["auto", *REMAT_ORDER],
+        help="train: what the backward recomputes; auto = try each per mesh, least recompute first (fit advice)",
+    )
     p.add_argument("--loss", default="irpo", choices=["dpo", "irpo", "sft"], help="irpo = DPO + NLL (default)")
     p.add_argument("--reference", default="in-step", choices=["in-step", "precomputed"], help="LoRA DPO's reference")
-    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument(
+        "--micro-batches",
+        type=_micro_batches,
+        default=1,
+        help="train: gradient-accumulation steps per update, or auto = the fewest that fit (fit advice)",
+    )
     p.add_argument("--strategy", default="gspmd", choices=["gspmd", "shard_map"])
     p.add_argument("--unrolled", action="store_true", help="train: L unrolled layers instead of one scanned layer")
     p.add_argument(
@@ -101,6 +112,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _micro_batches(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive number or auto, not {text!r}") from None
+
+
 def load_model(name: str, dtype: str) -> ModelConfig:
     """A preset or an HF checkpoint directory / config.json, in `dtype`."""
     if name in PRESETS:
@@ -114,8 +134,10 @@ def load_model(name: str, dtype: str) -> ModelConfig:
 
 def make_job(args: argparse.Namespace, dtype: str) -> Job:
     for name in ("batch_size", "seq_len", "micro_batches", "steps"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) != "auto" and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}.")
+    if args.job != "train" and "auto" in (args.remat, args.micro_batches):
+        raise ConfigError("--remat auto and --micro-batches auto advise on training; drop them for --job decode.")
     if args.lora_rank < 0:
         raise ConfigError(f"--lora-rank must be 0 (full-parameter) or positive, not {args.lora_rank}.")
     model = load_model(args.model, dtype)
@@ -131,9 +153,9 @@ def make_job(args: argparse.Namespace, dtype: str) -> Job:
         args.batch_size,
         args.seq_len,
         args.lora_rank,
-        args.remat,
+        "full" if args.remat == "auto" else args.remat,  # the advice (advise) tries each in turn
         args.loss,
-        args.micro_batches,
+        1 if args.micro_batches == "auto" else args.micro_batches,
         args.strategy,
         args.reference,
         prompt,
@@ -291,14 +313,13 @@ def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Nam
     mesh = sharding.make_mesh(**sizes, devices=devices)
     cache = None if args.no_cache else Path(args.cache_dir or Path.home() / ".cache" / "jaxpatience" / "plan")
     compiler = {"cpu": "xla-cpu", "gpu": "xla-gpu", "tpu": "libtpu"}.get(devices[0].platform, devices[0].platform)
+    settings = {"compiler": compiler, "remat": job.remat, "micro_batches": job.micro_batches}
     try:
         row = compile_row(job, mesh, args.target, cache)
     except CompileError as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
-        return error_row(sizes, err) | {"compiler": compiler}
+        return error_row(sizes, err) | settings
     # flops: the compiled program's matmul FLOPs with loops counted (XLA's cost_analysis counts a loop once)
-    row = {"mesh": sizes, "compiler": compiler, **row, "flops": row["hlo_flops"]} | predict(
-        row, job, chip, len(devices)
-    )
+    row = {"mesh": sizes, **settings, **row, "flops": row["hlo_flops"]} | predict(row, job, chip, len(devices))
     row |= {"measured_step_s": None, "measured_mfu": None}
     if args.measure and row["fits"]:
         try:
@@ -307,6 +328,34 @@ def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Nam
             return row | {"measure_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         row |= {"measured_step_s": seconds, "measured_mfu": row["model_flops"] / seconds / chip.peak_flops}
     return row
+
+
+def advise(job: Job, sizes: dict[str, int], devices: list, args: argparse.Namespace, chip: chips.Chip) -> list[dict]:
+    """Fit advice for one mesh (`--remat auto` / `--micro-batches auto`): a row per remat policy, each at the fewest
+    micro-batches with which it fits cleanly (within the chip's memory, and XLA did not have to recompute on its
+    own to get there: a compiler memory warning). Policies go from least recomputation to most, and a candidate
+    that needs at least as many micro-batches as a cheaper policy already did is skipped: it can only be slower.
+    Every compiled candidate is a row, so the ranking (predicted step time, fits first) shows what was tried."""
+    policies = REMAT_ORDER if args.remat == "auto" else (job.remat,)
+    per_shard = job.batch_size // (sizes["data"] * sizes["fsdp"])
+    counts = [m for m in _powers_of_two(per_shard) if per_shard % m == 0]
+    counts = counts if args.micro_batches == "auto" else [job.micro_batches]
+    rows, fewest = [], math.inf  # fewest: micro-batches of the best clean fit so far
+    for remat in policies:
+        for micro in (m for m in counts if m < fewest):
+            trial = dataclasses.replace(job, remat=remat, micro_batches=micro)
+            row = plan_mesh(trial, sizes, devices, args, chip)
+            rows.append(row)
+            if row.get("fits") and not row.get("warnings"):
+                fewest = micro
+                break
+            if "error" in row and args.micro_batches != "auto":
+                break
+    return rows
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2**i for i in range(max(limit, 1).bit_length())]
 
 
 def error_row(sizes: dict[str, int], err: Exception) -> dict:
@@ -358,23 +407,28 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     rows = []
+    advice = "auto" in (args.remat, args.micro_batches)
     for i, sizes in enumerate(meshes, 1):
         start = time.perf_counter()
-        rows.append(plan_mesh(job, sizes, devices, args, chip))
+        found = advise(job, sizes, devices, args, chip) if advice else [plan_mesh(job, sizes, devices, args, chip)]
+        rows += found
+        tried = f" ({len(found)} settings tried)" if advice else ""
         print(
-            f"  [{i}/{len(meshes)}] {report.mesh_text(sizes)}: {time.perf_counter() - start:.1f}s",
+            f"  [{i}/{len(meshes)}] {report.mesh_text(sizes)}{tried}: {time.perf_counter() - start:.1f}s",
             file=sys.stderr,
             flush=True,
         )
     rows = rank(rows)
-    print(report.table(rows))
+    print(report.table(rows, settings=advice))
     for row in rows:
-        print(f"  {report.mesh_text(row['mesh'])}: {report.collectives_text(row) or row.get('error', '')}")
+        print(f"  {report.row_name(row, advice)}: {report.collectives_text(row) or row.get('error', '')}")
+        for warning in row.get("warnings", []):
+            print(f"    XLA: {warning}")
     for path, write in ((args.json, report.write_json), (args.csv, report.write_csv)):
         if path:
             write(rows, path)
     if args.markdown:
-        Path(args.markdown).write_text(report.table(rows, markdown=True) + "\n")
+        Path(args.markdown).write_text(report.table(rows, markdown=True, settings=advice) + "\n")
     if args.png:
         report.write_png(rows, args.png, chip.hbm_bytes)
     return 0

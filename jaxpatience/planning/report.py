@@ -31,17 +31,23 @@ def mesh_text(sizes: dict[str, int]) -> str:
     return ",".join(f"{axis}={size}" for axis, size in sizes.items() if size > 1) or "data=1"
 
 
-def _cells(row: dict) -> list[str]:
+def row_name(row: dict, settings: bool = False) -> str:
+    """The row's mesh; with `settings` (fit advice) also its remat policy and micro-batches: `fsdp=8 lora/2`."""
+    name = mesh_text(row["mesh"])
+    return f"{name} {row.get('remat')}/{row.get('micro_batches')}" if settings else name
+
+
+def _cells(row: dict, settings: bool = False) -> list[str]:
     if "error" in row:
-        return [str(row.get("rank", "-")), mesh_text(row["mesh"]), "NO", row["error"][:60]] + [""] * 10
+        return [str(row.get("rank", "-")), row_name(row, settings), "NO", row["error"][:60]] + [""] * 10
     gb = lambda x: f"{x / 1e9:.3g}"
     memory = row["memory_bytes"]
     ratio = row["hlo_flops"] / row["model_flops"] if row["model_flops"] else 0.0
     measured = row.get("measured_step_s")
     return [
         str(row["rank"]),
-        mesh_text(row["mesh"]),
-        "yes" if row["fits"] else "NO",
+        row_name(row, settings),
+        ("yes" if row["fits"] else "NO") + (" (XLA remat)" if row.get("warnings") else ""),
         gb(memory["total"]),
         gb(memory["temp"]),
         f"{memory['temp'] / row['layer_bytes']:.1f}",
@@ -56,9 +62,15 @@ def _cells(row: dict) -> list[str]:
     ]
 
 
-def table(rows: Sequence[dict], markdown: bool = False) -> str:
-    """The ranked rows, one line each (aligned text, or a markdown table)."""
-    cells = [list(COLUMNS)] + [_cells(row) for row in rows]
+def table(rows: Sequence[dict], markdown: bool = False, settings: bool = False) -> str:
+    """The ranked rows, one line each (aligned text, or a markdown table). `settings`: the mesh column also names
+    each row's remat policy and micro-batches (`fsdp=8 lora/2`, the fit advice). "(XLA remat)" after `fits`: the
+    compiler printed a memory warning and recomputed on its own to approach the chip's memory (the row's
+    `warnings`)."""
+    header = list(COLUMNS)
+    if settings:
+        header[1] = "mesh remat/micro"
+    cells = [header] + [_cells(row, settings) for row in rows]
     if markdown:
         lines = ["| " + " | ".join(line) + " |" for line in cells]
         return "\n".join([lines[0], "|" + "---|" * len(COLUMNS), *lines[1:]])
@@ -70,6 +82,7 @@ def collectives_text(row: dict) -> str:
     """`all-gather fsdp ×145 2.29 GB; ...` for one row."""
     return "; ".join(
         f"{c['kind']} {'+'.join(c['axes']) or '-'} ×{c['count']} {c['bytes'] / 1e9:.3g} GB"
+        + (" (across nodes)" if c.get("crosses_node") else "")
         for c in row.get("collectives", [])
     )
 
@@ -82,6 +95,9 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
     fields = (
         "rank",
         "mesh",
+        "remat",
+        "micro_batches",
+        "compiler",
         "fits",
         "weights",
         "trained",
@@ -104,6 +120,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
         "measured_step_s",
         "measured_mfu",
         "collectives",
+        "warnings",
         "error",
     )
     with open(path, "w", newline="") as file:
@@ -112,6 +129,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
         for row in rows:
             flat = {k: row.get(k) for k in fields} | row.get("memory_bytes", {}) | row.get("predicted", {})
             flat |= {"mesh": mesh_text(row["mesh"]), "collectives": collectives_text(row)}
+            flat |= {"warnings": "; ".join(row.get("warnings", []))}
             writer.writerow({k: flat.get(k) for k in fields})
 
 
@@ -119,7 +137,8 @@ def write_png(rows: Sequence[dict], path: str | Path, capacity: float) -> str:
     """Left: predicted ms per term (stacked: the sum bound); right: memory per device against the chip's."""
     rows = [row for row in rows if "error" not in row]
     fig, (time_axes, memory_axes) = figure(12, 0.45 * len(rows) + 2.0, columns=2)
-    labels = [mesh_text(row["mesh"]) for row in rows]
+    settings = len({(row.get("remat"), row.get("micro_batches")) for row in rows}) > 1  # fit advice
+    labels = [row_name(row, settings) for row in rows]
     ys = range(len(rows))
     left = [0.0] * len(rows)
     for term, colour in (("compute_s", "tab:blue"), ("hbm_s", "tab:green"), ("collective_s", "tab:red")):

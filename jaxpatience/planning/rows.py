@@ -8,12 +8,16 @@ traffic and collectives. `predict` adds the roofline for a chip; `measure` times
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import math
 import os
+import re
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -179,10 +183,11 @@ def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
     row: dict = {}
     for name, lowered, parts in (lower_train if job.kind == "train" else lower_decode)(job, mesh):
         start = time.perf_counter()
-        try:
-            compiled = lowered.compile()
-        except Exception as err:  # XLA's own errors have no common public type
-            raise CompileError(str(err)) from err
+        with compiler_warnings() as warnings:
+            try:
+                compiled = lowered.compile()
+            except Exception as err:  # XLA's own errors have no common public type
+                raise CompileError(str(err)) from err
         seconds = time.perf_counter() - start
         analysis = hlo.analyze(compiled.as_text(), dict(mesh.shape))
         cost = compiled.cost_analysis()
@@ -194,6 +199,7 @@ def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
             "hlo_flops": analysis.dot_flops,
             "hbm_bytes": analysis.hbm_bytes,
             "collectives": analysis.collectives,
+            "warnings": warnings,
         }
         if name == "step":
             memory = memory_split(lowered, compiled, named)
@@ -204,6 +210,36 @@ def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(row))
     return row | {"cached": False}
+
+
+# What XLA's compilers print (C++, to the process's stderr) when a program needs more memory than the device has:
+# the GPU compiler's "Can't reduce memory use below 74.50GiB (...) by rematerialization; only reduced to
+# 129.08GiB (...), down from ...". The program still compiles; the row keeps the sentence.
+_MEMORY_WARNING = re.compile(r"Can't reduce memory use[^\n]*|[^\n]*exceeds? (?:the )?(?:available|memory limit)[^\n]*")
+
+
+@contextlib.contextmanager
+def compiler_warnings():
+    """Collect XLA's memory warnings printed while the block compiles: yields a list that fills when the block
+    ends. The process's stderr (file descriptor 2, where XLA's C++ logging writes) goes to a temporary file for
+    the block; every line of it is passed on to stderr afterwards, so nothing is hidden."""
+    found: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield found
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            if text:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            found += [" ".join(m.split())[:300] for m in _MEMORY_WARNING.findall(text)]
 
 
 def _cache_key(job, sizes: dict[str, int], target: str, device_kind: str) -> str:
@@ -248,6 +284,7 @@ def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
         "model_flops": per_device,
         "layer_bytes": layer_bytes(job.model),
         "gathered_bytes": sum(c["bytes"] for c in row["collectives"] if c["kind"] == "all-gather"),
+        "collectives": collectives,  # with crosses_node: the group leaves a node (costed at the network's bandwidth)
         "fits": peak_memory <= chip.hbm_bytes,  # decode: the prefill's program too
         "predicted": {k: v for k, v in terms.items()},
         "predicted_step_s": terms["step_max_s"],
