@@ -314,3 +314,52 @@ def test_compiler_warnings_are_collected_and_still_printed(capfd):
         os.write(2, b"another line\n")
     assert found == ["Can't reduce memory use below 1.0GiB (1 bytes); only reduced to 2GiB"]
     assert "another line" in capfd.readouterr().err  # passed on, not swallowed
+
+
+# The GPU compiler's library calls, as it prints them (attributes trimmed to what the count reads).
+LIBRARY_MODULE = """
+HloModule jit_step
+
+ENTRY %main (q: bf16[2,128,4,64], k: bf16[2,128,2,64], a: f32[32,48], b: f32[48,16]) -> f32[32,16] {
+  %q = bf16[2,128,4,64]{3,2,1,0} parameter(0)
+  %k = bf16[2,128,2,64]{3,2,1,0} parameter(1)
+  %a = f32[32,48]{1,0} parameter(2)
+  %b = f32[48,16]{1,0} parameter(3)
+  %fwd = (bf16[2,4,128,64]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %k), custom_call_target="__cudnn$fmhaSoftmax", \
+operand_layout_constraints={bf16[2,128,4,64]{3,2,1,0}, bf16[2,128,2,64]{3,2,1,0}}, \
+backend_config={"cudnn_fmha_backend_config": \
+{"intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["2", "4", "128", "128"]}, "mask_type": "CAUSAL"}}
+  %bwd = (bf16[2,128,4,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %k), \
+custom_call_target="__cudnn$fmhaSoftmaxBackward", \
+operand_layout_constraints={bf16[2,128,4,64]{3,2,1,0}, bf16[2,128,2,64]{3,2,1,0}}, \
+backend_config={"cudnn_fmha_backend_config": \
+{"intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["2", "4", "128", "128"]}, "mask_type": "NO_MASK"}}
+  ROOT %gemm = f32[32,16]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", \
+backend_config={"gemm_backend_config": {"dot_dimension_numbers": \
+{"lhs_contracting_dimensions": ["1"], "rhs_contracting_dimensions": ["0"]}}}
+}
+"""
+
+
+def test_gpu_library_calls_count_their_matmuls():
+    scores = 2 * 4 * 128 * 128 * 64  # B·N·T·S·H multiply-adds of one attention matmul
+    forward, backward = 2 * 2 * scores * 0.5, 5 * 2 * scores  # causal forward: half its blocks; full backward
+    assert hlo.analyze(LIBRARY_MODULE, {"data": 1}).dot_flops == forward + backward + 2 * 32 * 16 * 48
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the [tpu] extra) is not installed")
+def test_tpu_meshes_compute_what_their_remat_explains(tmp_path):
+    """As tests/test_gpu_compile.py checks for GPUs: HLO/model FLOPs within 10% of the remat factor on TPU meshes,
+    fsdp alone (where libtpu writes windowed einsums, loops unrolled by two) and with tensor > 1."""
+    from test_gpu_compile import wide_model
+
+    out = tmp_path / "plan.json"
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "jaxpatience", "plan", "--model", wide_model(tmp_path), "--batch-size", "16",
+               "--seq-len", "256", "--lora-rank", "8", "--target", "tpu:v5p:2x2x2",
+               "--meshes", "fsdp=8;fsdp=4,tensor=2", "--json", str(out), "--no-cache"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in json.loads(out.read_text()):
+        ratio = row["hlo_flops"] / row["model_flops"]
+        assert abs(ratio / row["remat_factor"] - 1) < 0.1, (row["mesh"], ratio, row["remat_factor"])

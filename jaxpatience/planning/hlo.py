@@ -6,7 +6,8 @@ gets a multiplier (how often it runs per step: a while body `known_trip_count` t
 call as often as its caller), and then
 
 * `dot_flops`: 2 · (result elements) · (contracted size) of every `dot` and `convolution` (TPU writes matmuls as
-  1-D convolutions), times the multiplier. Elementwise work is left out: matmuls are > 95% of a transformer.
+  1-D convolutions), and of the GPU's library calls (cuBLAS GEMMs, cuDNN fused attention: `_library_flops`),
+  times the multiplier. Elementwise work is left out: matmuls are > 95% of a transformer.
 * `hbm_bytes`: for every instruction outside fusions, the bytes of its result and of its operands. A fused
   parameter that is only sliced (a scanned layer's weights out of the stacked [L, ...] array) counts as the
   slices it feeds; a dynamic-update-slice or scatter writes its update. An estimate, in the way XLA's own one is.
@@ -257,6 +258,33 @@ def _matmul_flops(instruction: Instruction, table: dict[str, Instruction]) -> fl
     return 2.0 * math.prod(out) * shapes[1][rhs.index("i")] * taps
 
 
+def _library_flops(instruction: Instruction, table: dict[str, Instruction]) -> float:
+    """Matmul FLOPs of the GPU compiler's library calls, which are custom-calls rather than dots:
+    * cuBLAS GEMMs (`__cublas$gemm`, `__cublas$lt$matmul`, what autotuning may pick on a real GPU): 2 · (result
+      elements) · (contracted size), the contracting dimensions from the call's backend config;
+    * cuDNN fused attention (`__cudnn$fmha...`): the call's [B, N, T, S] score tensor times the head dim H, two
+      matmuls (scores, values) of 2·B·N·T·S·H forward and five backward (scores recomputed, then the gradients of
+      values, probabilities, queries and keys); half of that with a causal mask, whose upper blocks the flash
+      kernel skips (the model's FLOPs count attention causally the same way). Other custom-calls: 0."""
+    target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
+    target = target.group(1) if target else ""
+    if target.startswith("__cublas$"):
+        contracting = re.search(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]', instruction.attributes)
+        lhs = _first_array(table[instruction.operands[0]].shape) if instruction.operands[0] in table else []
+        dims = [int(d) for d in re.findall(r"\d+", contracting.group(1))] if contracting else []
+        return 2.0 * math.prod(_first_array(instruction.shape)) * math.prod(lhs[d] for d in dims if d < len(lhs))
+    if not target.startswith("__cudnn$fmha"):
+        return 0.0
+    scores = re.search(r'"intermediate_tensor_shape":\s*\{[^}]*?"dimensions":\s*\[([^\]]*)\]', instruction.attributes)
+    query = re.search(r"operand_layout_constraints=\{\s*([a-z0-9]+\[[0-9,]*\])", instruction.attributes)
+    if not scores or not query:
+        return 0.0
+    head_dim = _first_array(query.group(1))[-1]
+    matmuls = 5 if target.endswith("Backward") else 2
+    causal = 0.5 if '"mask_type":"CAUSAL"' in instruction.attributes.replace(" ", "") else 1.0
+    return matmuls * 2.0 * math.prod(int(d) for d in re.findall(r"\d+", scores.group(1))) * head_dim * causal
+
+
 def _fusion_bytes(instruction: Instruction, computations, table) -> float:
     """Result and operand bytes of a fusion: a parameter that is only sliced inside counts as the slices it feeds;
     a fusion ending in a dynamic-update-slice or a scatter writes its update into the buffer in place (the buffer,
@@ -394,6 +422,8 @@ def analyze(text: str, mesh_shape: dict[str, int]) -> Analysis:
         for instruction in table.values():
             if instruction.opcode in ("dot", "convolution"):
                 flops += count * _matmul_flops(instruction, table)
+            elif instruction.opcode == "custom-call":
+                flops += count * _library_flops(instruction, table)
             if name not in fused:
                 traffic += count * _traffic(instruction, computations, table)
             callee = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)

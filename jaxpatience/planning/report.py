@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _cells(row: dict, settings: bool = False) -> list[str]:
         gb(memory["temp"]),
         f"{memory['temp'] / row['layer_bytes']:.1f}",
         f"{row['compile_s']:.1f}" + (" (cached)" if row.get("cached") else ""),
-        f"{ratio:.2f}",
+        f"{ratio:.2f}" + (" !" if ratio > 1.1 * row.get("remat_factor", math.inf) else ""),
         gb(row["gathered_bytes"]),
         gb(sum(c["bytes"] for c in row["collectives"])),
         f"{row['predicted_step_s'] * 1e3:.3g} / {row['predicted_step_sum_s'] * 1e3:.3g}",
@@ -66,7 +67,8 @@ def table(rows: Sequence[dict], markdown: bool = False, settings: bool = False) 
     """The ranked rows, one line each (aligned text, or a markdown table). `settings`: the mesh column also names
     each row's remat policy and micro-batches (`fsdp=8 lora/2`, the fit advice). "(XLA remat)" after `fits`: the
     compiler printed a memory warning and recomputed on its own to approach the chip's memory (the row's
-    `warnings`)."""
+    `warnings`). "!" after HLO/model FLOPs: over 10% above what the remat policy explains (`remat_factor`): the
+    program repeats work."""
     header = list(COLUMNS)
     if settings:
         header[1] = "mesh remat/micro"

@@ -45,6 +45,15 @@ def train_passes(lora: bool, dpo_weight: float, reference_in_step: bool) -> int:
     return 2 + (not lora) + (lora and dpo_weight > 0 and reference_in_step)
 
 
+def remat_factor(remat: str, passes: int) -> float:
+    """HLO/model FLOPs a step should show: `full` recomputes the policy's forward once more in the backward (the
+    layers; the LM head is outside the remat, so a real program lands a little under this); the other policies
+    keep the matmul outputs (`dots`) or the base projections' (`lora`) and recompute only elementwise work or the
+    adapters' small matmuls. More than this (by 10%, say) is work the program repeats: a mesh that replicates a
+    computation, or XLA recomputing on its own to fit memory (its warning in the row)."""
+    return (passes + (remat == "full")) / passes
+
+
 def collective_seconds(entry: dict, chip: Chip) -> float:
     """Time of one collective entry (hlo.Analysis.collectives) over its ring."""
     n = max(entry.get("group_size", 2), 2)

@@ -81,8 +81,12 @@ def model_flops(job) -> float:
         )
     dpo = LOSSES[job.loss][0] > 0
     tokens = job.batch_size * job.seq_len * (2 if dpo else 1)  # SFT's padded step skips the rejected rows
+    return _passes(job) * per_token * tokens
+
+
+def _passes(job) -> int:
     in_step = job.reference == "in-step" and "ref_logps" not in train_batch(job)
-    return roofline.train_passes(job.lora_rank > 0, LOSSES[job.loss][0], in_step) * per_token * tokens
+    return roofline.train_passes(job.lora_rank > 0, LOSSES[job.loss][0], in_step)
 
 
 def _per_device_bytes(infos, shardings) -> int:
@@ -279,9 +283,11 @@ def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
     analysis = hlo.Analysis(row["hlo_flops"], row["hbm_bytes"], collectives)
     terms = roofline.step_time(analysis, chip)
     per_device = model_flops(job) / devices
+    expected = 1.0 if job.kind == "decode" else roofline.remat_factor(job.remat, _passes(job))
     peak_memory = max(row["memory_bytes"]["total"], row.get("prefill", {}).get("memory_bytes", {}).get("total", 0))
     return {
         "model_flops": per_device,
+        "remat_factor": expected,  # the HLO/model FLOPs the remat policy explains (roofline.remat_factor)
         "layer_bytes": layer_bytes(job.model),
         "gathered_bytes": sum(c["bytes"] for c in row["collectives"] if c["kind"] == "all-gather"),
         "collectives": collectives,  # with crosses_node: the group leaves a node (costed at the network's bandwidth)
