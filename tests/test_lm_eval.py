@@ -4,10 +4,14 @@ The same tiny checkpoint and the same three local tasks (tests/data/lm_eval: mul
 loglikelihood) run through both backends: every request's log-likelihood agrees within 1e-4 relative, the
 is-greedy flags and greedy generations are equal, and so are the metrics. The checkpoint's weights are drawn
 wide (initializer_range 0.1), so greedy decoding meets no near-ties.
+
+Kept to seconds: both backends run the tasks once for the module, on 8 documents each, with a task index of the
+local tasks only (lm-eval's own index of thousands of task files takes about 15 s to build).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -20,10 +24,12 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the [lmeval] extra (
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from jaxpatience import cli, sharding  # noqa: E402
+from jaxpatience.evaluation import harness  # noqa: E402
 from jaxpatience.evaluation.harness import HarnessLM, plan_batches, score_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["tiny_mc", "tiny_gen", "tiny_ppl"]  # loglikelihood, generate_until, loglikelihood_rolling
+LOCAL_TASKS = functools.partial(TaskManager, include_defaults=False)  # the local tasks only: no 15 s index
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +44,47 @@ def harness_lm(checkpoint):
     return HarnessLM.from_checkpoint(str(checkpoint), progress=False)
 
 
-def run_tasks(model, **kwargs) -> dict:
+@pytest.fixture(scope="module")
+def task_manager():
+    return LOCAL_TASKS(include_path=str(ROOT / "tests/data/lm_eval"))
+
+
+def run_tasks(model, task_manager, **kwargs) -> dict:
     """lm-eval on the local tasks; their data_files are relative to the repository root."""
     cwd = Path.cwd()
     try:
         os.chdir(ROOT)
-        return lm_eval.simple_evaluate(model=model, tasks=TASKS, limit=12, log_samples=True,
-                                       task_manager=TaskManager(include_path=str(ROOT / "tests/data/lm_eval")),
+        return lm_eval.simple_evaluate(model=model, tasks=TASKS, limit=8, log_samples=True, task_manager=task_manager,
                                        **kwargs)  # fmt: skip
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def ours(harness_lm, task_manager):
+    return run_tasks(harness_lm, task_manager)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, task_manager):
+    """lm-eval's `hf` backend on the same tasks, on one torch thread (on a small shared CPU, several threads mostly
+    wait on each other: 3-4x slower here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_tasks("hf", task_manager, model_args=f"pretrained={checkpoint},dtype=float32", device="cpu",
+                         batch_size=8)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
 
 
 def responses(results: dict, task: str) -> list:
     return [sample["resps"] for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
-def test_every_request_and_metric_equals_the_hf_backend(checkpoint, harness_lm):
-    ours = run_tasks(harness_lm)
-    reference = run_tasks("hf", model_args=f"pretrained={checkpoint},dtype=float32", device="cpu", batch_size=8)
+def test_every_request_and_metric_equals_the_hf_backend(ours, reference):
     for task in TASKS:
         mine, theirs = responses(ours, task), responses(reference, task)
         assert len(mine) == len(theirs) > 0, task
@@ -91,21 +119,44 @@ def test_a_shared_context_is_scored_once_and_long_pairs_are_cut_on_the_left():
         plan_batches([([1], [])], max_length=8, batch_tokens=64)
 
 
-def test_scores_on_a_mesh_equal_one_device(harness_lm):
+def transformers_scores(model, pairs) -> list[tuple[float, bool]]:
+    """(sum of log-probs, is greedy) of each continuation under a transformers model, one pair at a time."""
+    import torch
+
+    scores = []
+    for context, continuation in pairs:
+        with torch.no_grad():
+            logits = model(torch.tensor([context + continuation])).logits[0, len(context) - 1 : -1]
+        logprobs, target = torch.log_softmax(logits.float(), dim=-1), torch.tensor(continuation)
+        chosen = logprobs[torch.arange(len(continuation)), target]
+        scores.append((float(chosen.sum()), bool((logprobs.argmax(dim=-1) == target).all())))
+    return scores
+
+
+def test_scores_on_a_mesh_equal_transformers(checkpoint, harness_lm):
+    """Weights and rows sharded over 4 devices, in two batches (a shared context's continuations, then one more
+    pair): the same scores and is-greedy flags as transformers, a greedy continuation among them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     rng = np.random.default_rng(0)
     vocab = harness_lm.model.config.vocab_size
     context = rng.integers(0, vocab, 20).tolist()
-    pairs = [(context, rng.integers(0, vocab, n).tolist()) for n in (1, 3, 5)]
+    with torch.no_grad():  # transformers' own greedy continuation of the context
+        greedy = reference.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    pairs = [(context, rng.integers(0, vocab, n).tolist()) for n in (1, 3, 5)] + [(context, greedy[0, 20:].tolist())]
     pairs += [(rng.integers(0, vocab, 9).tolist(), rng.integers(0, vocab, 4).tolist())]
-    alone = score_pairs(harness_lm.model, pairs, progress=False)
+    expected = transformers_scores(reference, pairs)
     mesh = sharding.make_mesh(data=2, tensor=2)
     sharded = score_pairs(harness_lm.model, pairs, mesh=mesh, progress=False, batch_tokens=128)
-    assert [g for _, g in alone] == [g for _, g in sharded]
-    np.testing.assert_allclose([s for s, _ in sharded], [s for s, _ in alone], rtol=1e-5)
+    assert [g for _, g in sharded] == [g for _, g in expected] == [False] * 3 + [True, False]
+    np.testing.assert_allclose([s for s, _ in sharded], [s for s, _ in expected], rtol=1e-4)
 
 
 def test_the_command_writes_results_and_refuses_bad_input(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(harness, "TaskManager", LOCAL_TASKS)
     out = tmp_path / "run"
     argv = ["lm-eval", "--model", str(checkpoint), "--tasks", "tiny_mc", "--include-path", "tests/data/lm_eval",
             "--limit", "4", "--out", str(out), "--no-progress", "--log-samples"]  # fmt: skip

@@ -54,6 +54,7 @@ from jaxpatience.serving.live import Delta, Job, LiveEngine
 
 MIN_CONTEXT_BUCKET = 16  # P's smallest bucket
 MIN_CONTINUATION_BUCKET = 4  # C's smallest bucket
+INSERT_ROWS = 8  # generate_until: prompts per prefill (a fixed shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,9 +220,13 @@ def generate_texts(
     context = model.config.max_position_embeddings
     longest = max(len(ids) + s["max_gen_toks"] for ids, s in zip(prompts, settings, strict=True))
     max_model_len = min(bucket(longest, MIN_CONTEXT_BUCKET), context)  # a power of two: engines share compilations
+    # One compiled insert and one slot count for the whole request set (module docstring): on a small model each
+    # further shape's compile costs more than the decoding it would save.
+    insert_rows = min(INSERT_ROWS, bucket(slots))
     engine = LiveEngine(
-        model, tokenizer, slots=slots, max_model_len=max_model_len, chunk_steps=32, max_queue=len(prompts), mesh=mesh
-    )
+        model, tokenizer, slots=slots, max_model_len=max_model_len, chunk_steps=32, max_queue=len(prompts), mesh=mesh,
+        fixed_shapes=(insert_rows, max(map(len, prompts))) if insert_rows >= 2 else None,
+    )  # fmt: skip
     texts, errors, left = [""] * len(prompts), [], [len(prompts)]
     finished, lock = threading.Event(), threading.Lock()
     bar = progress_bars.bar(len(prompts), desc="generate_until", unit="request", enabled=progress)

@@ -21,6 +21,11 @@ token when a slot is free.
 * **Slot buckets.** The state holds a power of two of slots (rounded up to the mesh's batch shards), grown when
   waiting rows need more and shrunk when the busy ones fit in half, up to `slots`: on a CPU an idle slot costs
   as much as a busy one. The cache holds `max_model_len` tokens per slot.
+* **Fixed shapes** (`fixed_shapes=(rows, longest)`, for a known set of requests such as lm-eval's): every
+  insert prefills exactly `rows` prompts padded to the bucket of `longest` tokens and starts `rows` rows (filler
+  prompts and dropped rows make up the count), and the state keeps `slots` slots throughout: one compiled insert
+  and one slot count instead of the server's shapes fitted to each moment (each new one a compile, seconds on a
+  CPU, which on a small model costs more than the decoding).
 * **Prompt log-probs** (`score`: OpenAI's `echo` and `top_logprobs`): one forward pass without cache over whole
   token sequences, from the caller's thread beside the engine's (the weights are only read), in power-of-two shapes.
 * **Failure.** If a device call raises, every job gets a Delta with `error` set and later submits raise
@@ -115,6 +120,7 @@ class LiveEngine:
         chunk_steps: int = 8,
         max_queue: int = 256,
         mesh=None,
+        fixed_shapes: tuple[int, int] | None = None,
     ):
         config = model.config
         self.max_model_len = max_model_len or config.max_position_embeddings
@@ -125,6 +131,14 @@ class LiveEngine:
         self.batch_shards = sharding.batch_shards(mesh)
         self.end_ids = default_stop_ids(tokenizer)  # what ends a row unless a request adds stops
         self.max_slots = round_up(bucket(slots), self.batch_shards)
+        if fixed_shapes is not None:
+            rows, longest = fixed_shapes
+            if not 2 <= rows <= self.max_slots or not 1 <= longest <= self.max_model_len:
+                raise ValueError(
+                    f"fixed_shapes: rows must be 2 to {self.max_slots} and the longest prompt 1 to "
+                    f"{self.max_model_len} tokens, not {fixed_shapes}."
+                )
+        self.fixed_shapes = fixed_shapes
         self._shape = (
             config.num_hidden_layers,
             self.max_model_len,
@@ -149,7 +163,7 @@ class LiveEngine:
     # -- the caller's side (any thread) ---------------------------------------------------------------
 
     def start(self) -> LiveEngine:
-        size = round_up(1, self.batch_shards)
+        size = self.max_slots if self.fixed_shapes else round_up(1, self.batch_shards)
         self._rows = [None] * size
         self._slots = slot_engine.empty_slots(self, (size, *self._shape))
         self._thread = threading.Thread(target=self._run, name="jaxpatience-engine", daemon=True)
@@ -165,6 +179,8 @@ class LiveEngine:
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises QueueFull when `max_queue` jobs already wait, EngineFailed after a failure."""
+        if self.fixed_shapes and (job.n > self.fixed_shapes[0] or len(job.prompt_ids) > self.fixed_shapes[1]):
+            raise ValueError(f"a job of {job.n} rows and {len(job.prompt_ids)} tokens exceeds fixed_shapes.")
         with self._lock:
             if self.error is not None:
                 raise EngineFailed(self.error)
@@ -268,8 +284,16 @@ class LiveEngine:
         if needed > len(self._rows):
             self._resize(min(self.max_slots, round_up(bucket(needed), self.batch_shards)))
         while jobs:
-            group = jobs[: 1 << (len(jobs).bit_length() - 1)]  # a power of two: no prefill row is padding
-            jobs = jobs[len(group) :]
+            if self.fixed_shapes:  # as many as the rows hold, a place left for the filler if none is longest
+                count, longest = self.fixed_shapes
+                group = []
+                while jobs and len(group) < count and sum(job.n for job in group) + jobs[0].n <= count:
+                    group.append(jobs.pop(0))
+                if len(group) == count and not any(_same_bucket(job.prompt_ids, longest) for job in group):
+                    jobs.insert(0, group.pop())
+            else:
+                group = jobs[: 1 << (len(jobs).bit_length() - 1)]  # a power of two: no prefill row is padding
+                jobs = jobs[len(group) :]
             free = [slot for slot, row in enumerate(self._rows) if row is None]
             rows = []
             for prompt, job in enumerate(group):
@@ -290,16 +314,30 @@ class LiveEngine:
                         )
                     )
                     self._rows[slot] = _Row(job, sample)
-            sampler = _sampler(group)
-            self._slots = slot_engine.insert(self, self._slots, sampler, [job.prompt_ids for job in group], rows)
+            sampler, prompts = _sampler(group), [job.prompt_ids for job in group]
             self.stats["rows"] += len(rows)
+            if self.fixed_shapes:
+                prompts, rows = self._fixed_insert(prompts, rows)
+            self._slots = slot_engine.insert(self, self._slots, sampler, prompts, rows)
+
+    def _fixed_insert(self, prompts: list[list[int]], rows: list[slot_engine.Row]):
+        """An insert's prompts and rows made up to the fixed shapes: filler prompts (one of the longest length, so
+        that the prefill has the fixed length) and rows aimed past the last slot, whose writes are dropped."""
+        count, longest = self.fixed_shapes
+        filler = [self.end_ids[0] if self.end_ids else 0] * longest  # prefilled, read by no row
+        if not any(_same_bucket(prompt, longest) for prompt in prompts):  # _insert left a place for it
+            prompts = prompts + [filler]
+        prompts = prompts + [filler[:1]] * (count - len(prompts))
+        pad = dataclasses.replace(rows[0], slot=len(self._rows), prompt=0, stop_ids=[])
+        return prompts, rows + [pad] * (count - len(rows))
 
     def _decode(self) -> None:
         """One chunk, then hand out each busy row's new tokens and free the finished rows."""
         with self._lock:
             waiting = self._waiting[0].n if self._waiting else 0
         size, busy = len(self._rows), [slot for slot, row in enumerate(self._rows) if row is not None]
-        if not waiting and len(busy) <= size // 2 and size > round_up(1, self.batch_shards):
+        shrink = not self.fixed_shapes and not waiting and size > round_up(1, self.batch_shards)
+        if shrink and len(busy) <= size // 2:
             self._resize(max(round_up(bucket(len(busy)), self.batch_shards), round_up(1, self.batch_shards)))
             size, busy = len(self._rows), list(range(len(busy)))
         # End the chunk as soon as one row finishes (its answer goes out at once), or when the first waiting
@@ -395,6 +433,11 @@ def _sampler(jobs: list[Job]) -> Sampler:
         return GREEDY
     filtered = any(job.temperature > 0 and (job.top_k > 0 or job.top_p < 1) for job in jobs)
     return ROW_FILTERED if filtered else ROW_PLAIN
+
+
+def _same_bucket(prompt: list[int], longest: int) -> bool:
+    """Whether `prompt` alone gives an insert the prefill length of a `longest`-token prompt."""
+    return slot_engine.prompt_bucket(len(prompt)) == slot_engine.prompt_bucket(longest)
 
 
 def _settled(text: str, stop_strings: list[str]) -> int:
