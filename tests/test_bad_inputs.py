@@ -162,6 +162,8 @@ CASES = {
     "serve-port": ("serve --model ck --port 70000", "port must be <= 65535"),
     "serve-slots": ("serve --model ck --slots 0", "slots must be >= 1"),
     "serve-model-missing": ("serve --model missing", "missing does not exist"),
+    "serve-unknown-host": ("serve --model ck --host no-such-host.invalid", "host 'no-such-host.invalid' is not an"),
+    "serve-host-not-here": ("serve --model ck --host 203.0.113.7", "cannot listen on 203.0.113.7:8000"),
 }
 
 

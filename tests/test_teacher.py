@@ -79,7 +79,11 @@ class FakeTeacher:
     Actions: "good", "wrong", ("status", code, headers), ("slow", seconds), "malformed" (cut-off JSON),
     "no_choices" (valid JSON that is not a chat completion), "html" (a 200 text/html page), "html_json" (the same
     labelled application/json), "empty" (a message whose text is ""), "null" (content null), "echo" (the patient
-    rewrite repeats the concise solution, re-wrapped). A status reply's message (and the HTML) quotes the request's
+    rewrite repeats the concise solution, re-wrapped); a weak or hostile teacher's: "placeholder" (copies the
+    template's "The answer is N." after the right number), "short" (a bare "The answer is N." with the number),
+    "no_marker" (the number, no final-answer marker), "parts" (content as a list of text parts), "bad_usage" (a
+    nonsense usage block), "error_200" (a 200 with an {"error": ...} body), "huge" (a 2 MB answer), "drip" (the
+    reply one byte every 0.1 s). A status reply's message (and the HTML) quotes the request's
     Authorization header, as a careless server might: the client must not pass it on.
     Every request is logged as {"t", "id", "side", "action"}.
     """
@@ -162,7 +166,8 @@ class FakeHandler(BaseHTTPRequestHandler):
         problem_id = match.group(1) if match else "?"
         side = "patient" if "«concise»" in text else "concise"
         action = self._action(fake, body, problem_id, side)
-        fake.log.append({"t": time.monotonic(), "id": problem_id, "side": side, "action": action})
+        fake.log.append({"t": time.monotonic(), "id": problem_id, "side": side, "action": action,
+                         "max_tokens": body.get("max_tokens")})  # fmt: skip
         time.sleep(fake.delay)
         if isinstance(action, tuple) and action[0] == "slow":
             time.sleep(action[1])
@@ -178,11 +183,40 @@ class FakeHandler(BaseHTTPRequestHandler):
         if isinstance(action, tuple) and action[0] == "status":
             error = {"error": {"message": f"scripted {action[1]} for {auth}", "type": "test", "code": None}}
             return self._send(action[1], json.dumps(error).encode(), action[2])
+        if action == "error_200":
+            return self._send(200, b'{"error": {"message": "the model is overloaded, try later", "code": 503}}', {})
         problem = fake.problems[problem_id]
         content = {"empty": "", "null": None}.get(action, good_reply(problem, side, wrong=action == "wrong"))
         if action == "echo":  # the concise solution back, only re-wrapped: chosen == rejected but for whitespace
             content = "  " + good_reply(problem, "concise").replace(" ", "\n", 2) + "\n"
-        self._send(200, json.dumps(completion(content, text)).encode(), {})
+        weak = {
+            "placeholder": lambda: f"{content}\nThe answer is N.",
+            "short": lambda: f"The answer is {problem.answer}.",
+            "no_marker": lambda: f"He ends with {problem.answer} apples",
+            "huge": lambda: content + " pad" * 500_000,
+        }
+        content = weak[action]() if action in weak else content
+        reply = completion(content, text)
+        if action == "parts":
+            reply["choices"][0]["message"]["content"] = [{"type": "text", "text": part} for part in content.split(" ")]
+            reply["choices"][0]["message"]["content"][1:] = [
+                {"type": "text", "text": " " + part["text"]} for part in reply["choices"][0]["message"]["content"][1:]
+            ]
+        if action == "bad_usage":
+            reply["usage"] = {"prompt_tokens": -3, "completion_tokens": "many", "total_tokens": None}
+        if action == "drip":
+            return self._drip(json.dumps(reply).encode())
+        self._send(200, json.dumps(reply).encode(), {})
+
+    def _drip(self, payload: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        for byte in payload:  # the client's read timeout never trips: a byte comes every 0.1 s
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(0.1)
 
     def _send(self, status: int, payload: bytes, headers: dict, content_type: str = "application/json") -> None:
         self.send_response(status)
@@ -254,7 +288,8 @@ def closed_port() -> int:
     [
         ("So 1,000 + 234 = 1,234. The answer is $1,234.", "1234", True),
         ("Step 2: 5 * 3 = 15.\n#### 1,234", "1234", True),
-        ("He ends with 1234 apples", "1234", True),  # no marker: the last number
+        ("He ends with 1234 apples", "1234", False),  # no marker: no final answer (read strictly)
+        ("So 1,234 apples. The answer is N.", "1234", False),  # a marker without a number: not the last number
         ("The answer is 12.50.", "12.5", True),
         ("The answer is 1235.", "1234", False),
         ("The answer is 1234.\nWait, 20 - 3 = 17, so the answer is 17.", "1234", False),  # the last marker wins
@@ -538,6 +573,7 @@ FLAGS = [
     *("--problems", "p.jsonl", "--out", "pairs.jsonl", "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL),
     *("--concurrency", "3", "--limit", "7", "--max-retries", "2", "--timeout", "0.5", "--temperature", "0.7"),
     *("--prompts", "my_prompts.yaml", "--retry-dropped", "--price-in", "1.5", "--price-out", "6", "--backoff", "0.25"),
+    *("--max-tokens", "512"),
 ]
 # ... and as a config file.
 SETTINGS = {
@@ -555,6 +591,7 @@ SETTINGS = {
     "price_in": 1.5,
     "price_out": 6.0,
     "backoff": 0.25,
+    "max_tokens": 512,
 }
 
 

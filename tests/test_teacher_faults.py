@@ -4,8 +4,10 @@ bad settings. The fake server and helpers are test_teacher.py's; every test here
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,82 @@ def test_plan_of_a_rerun_reads_older_rejected_files():
 
 
 # ---------------------------------------------------------------------------------------------------
+# A weak or hostile teacher: inverted and degenerate pairs, replies that drip, err, hold parts, lie about usage.
+
+WEAK_SCRIPT = {
+    ("q1", "concise"): ["placeholder"],  # the right number, then the template's "The answer is N."
+    ("q2", "patient"): ["short"],  # "The answer is 1009.": shorter than the concise derivation
+    ("q3", "concise"): ["no_marker"],  # the right number, but no final answer
+    ("q4", "patient"): ["placeholder"],
+}
+
+
+def test_a_weak_teacher_never_yields_an_inverted_or_placeholder_pair(serve, tmp_path):
+    problems = make_problems(5)
+    server = serve(problems, WEAK_SCRIPT)
+    out = tmp_path / "pairs.jsonl"
+    summary = run_pairs(problems, server, out, concurrency=1)
+    assert [r["id"] for r in parsed_lines(out)] == ["q0"]
+    assert summary["dropped"] == {
+        "concise_placeholder": 1,
+        "not_more_detailed": 1,
+        "concise_no_answer": 1,
+        "patient_placeholder": 1,
+    }
+    rejected = rejected_by_id(out)
+    short = len(f"The answer is {problems[2].answer}.")
+    assert f"({short} characters, 1 steps) is not longer" in rejected["q2"]["detail"]
+    assert "'answer is N'" in rejected["q1"]["detail"] and rejected["q1"]["transient"] is False
+    for record in parsed_lines(out):
+        assert len(record["chosen"]) > len(record["rejected"]) and "answer is N" not in record["chosen"]
+
+
+HOSTILE_SCRIPT = {
+    ("q1", "concise"): ["error_200"],  # once, then fine
+    ("q2", "concise"): ["error_200"] * 5,  # every time: failed, with the server's own message
+    ("q3", "concise"): ["parts"],  # content as a list of text parts: valid
+    ("q4", "patient"): ["bad_usage"],  # nonsense usage: the answer is kept
+    ("q5", "concise"): ["huge"],  # a 2 MB answer: refused while it arrives
+    ("q6", "concise"): ["drip"] * 5,  # a byte every 0.1 s: cut at the 1 s timeout, each attempt
+}
+
+
+def test_a_hostile_teacher_is_bounded_and_quoted(serve, tmp_path):
+    problems = make_problems(7)
+    server = serve(problems, HOSTILE_SCRIPT)
+    out = tmp_path / "pairs.jsonl"
+    start = time.monotonic()
+    summary = run_pairs(problems, server, out, concurrency=1, max_retries=1, timeout=1.0, max_tokens=64)
+    elapsed = time.monotonic() - start
+    assert sorted(r["id"] for r in parsed_lines(out)) == ["q0", "q1", "q3", "q4"]
+    assert summary["failed"] == {"malformed": 1, "timeout": 1} and summary["dropped"] == {"oversized": 1}
+    rejected = rejected_by_id(out)
+    assert "the server answered with an error: the model is overloaded, try later" in rejected["q2"]["detail"]
+    assert "longer than 1,048,576 bytes" in rejected["q5"]["detail"]
+    # Two attempts of q6, each cut at 1 s (a whole drip would take over 30 s), and the rest quick.
+    assert len(server.requests_for("q6")) == 2 and elapsed < 8, elapsed
+    assert {r["max_tokens"] for r in server.log} == {64}  # the cap is sent with every request
+    (q3,) = [r for r in parsed_lines(out) if r["id"] == "q3"]
+    assert q3["rejected"] == test_teacher.good_reply(problems[3], "concise")  # the parts joined back
+
+
+def test_a_rerun_refuses_records_made_for_another_question(serve, tmp_path):
+    problems = make_problems(3)
+    server = serve(problems, {("q2", "concise"): ["wrong"]})
+    out = tmp_path / "pairs.jsonl"
+    run_pairs(problems, server, out)
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    sent = len(server.log)
+    for changed in (
+        [dataclasses.replace(problems[0], question=problems[0].question + " Twice?"), *problems[1:]],  # a pair
+        [*problems[:2], dataclasses.replace(problems[2], answer="7")],  # a rejected record's gold answer
+    ):
+        with pytest.raises(teacher.TeacherError, match=r"was made for another problem 'q[02]' \(its (question|gold)"):
+            run_pairs(changed, server, out)
+    assert len(server.log) == sent and {path: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------------
 # Secrets.
 
 SECRET = "sk-live-Recognisable0123456789abcdef"
@@ -221,6 +299,7 @@ def test_secrets_in_a_url_are_masked():
         (["backoff=.inf"], "backoff must be a number >= 0"),
         (["--temperature", "-0.5"], "temperature must be a number >= 0 or null, not -0.5"),
         (["--price-in", "-1"], "price_in must be a number >= 0 or null"),
+        (["--max-tokens", "0"], "max_tokens must be an integer >= 1 or null, not 0"),
         (["retry_dropped=maybe"], "retry_dropped must be true or false, not 'maybe'"),
         (["--base-url", "localhost:8000/v1"], "base_url must be an http:// or https:// URL"),
         (["--base-url", "", "env:OPENAI_BASE_URL=localhost:8000"], "OPENAI_BASE_URL must be an http:// or https://"),

@@ -9,17 +9,27 @@ chunks; a plain one gathers them. A client that goes away cancels its jobs, and 
 next look. With `echo` or top log-probs (lm-evaluation-harness's loglikelihood requests: `echo`, `logprobs: 1`,
 `max_tokens` 1 or 0) every choice's prompt + completion is then scored in one forward pass (LiveEngine.score);
 `max_tokens: 0` generates nothing. wire.py checks the fields and shapes the bodies; this file only moves them.
+
+Hostile input meets one door: `_Door`, the outermost layer of the app, writes one access-log line per request
+(client, method, path, status, prompt + completion tokens, seconds; never a header, so never the key) and turns
+whatever else goes wrong into an OpenAI-shaped 500 and one log line, never a traceback; a client that leaves
+mid-body is a 499 line. The body is read with a size limit (MAX_BODY_BYTES, before it is parsed), then checked
+as a whole by wire.check_body before anything is tokenized. The port is bound before the model is loaded, so a
+port in use or a host that does not resolve is one sentence (exit 2), and `--port 0` announces the port it got.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,6 +37,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from jaxpatience import sharding
 from jaxpatience.config import ConfigError, MeshConfig, ServeConfig, command_parser, config_from_args
@@ -35,6 +46,9 @@ from jaxpatience.model.weights import load_pretrained
 from jaxpatience.serving import wire
 from jaxpatience.serving.live import Delta, EngineFailed, Job, LiveEngine, QueueFull
 from jaxpatience.serving.wire import ApiError
+
+MAX_BODY_BYTES = 64 << 20  # a request body; past it the request is refused while it arrives
+USAGE = "jaxpatience.usage"  # the ASGI scope's key for (prompt tokens, completion tokens), for the access log
 
 
 class _Request:
@@ -123,6 +137,7 @@ async def _collect(http_request, request: _Request, tokenizer, *, chat: bool, mo
         texts = [prompts[i // request.settings.n] + text for i, text in enumerate(texts)]
     choices = [wire.choice_body(i, texts[i], reasons[i], bodies[i], chat=chat, stream=False) for i in range(count)]
     prompt_tokens = sum(map(len, request.settings.prompt_ids))
+    http_request.scope[USAGE] = (prompt_tokens, sum(map(len, ids)))
     return wire.response_body(
         wire.new_id(chat),
         model,
@@ -158,7 +173,7 @@ async def _logprobs_bodies(request: _Request, tokenizer, ids: list[list[int]], l
     return bodies
 
 
-async def _stream(request: _Request, tokenizer, *, chat: bool, model: str) -> AsyncIterator[str]:
+async def _stream(request: _Request, tokenizer, *, chat: bool, model: str, scope: dict) -> AsyncIterator[str]:
     """Server-sent events: one chunk per Delta, then (if asked) a usage chunk, then `data: [DONE]`."""
     request_id, count = wire.new_id(chat), len(request.jobs) * request.settings.n
     started, offsets, completion_tokens = [False] * count, [0] * count, 0
@@ -178,6 +193,7 @@ async def _stream(request: _Request, tokenizer, *, chat: bool, model: str) -> As
             )
             started[index], offsets[index] = True, offsets[index] + len(delta.text)
             completion_tokens += len(delta.token_ids)
+            scope[USAGE] = (sum(map(len, request.settings.prompt_ids)), completion_tokens)
             yield send(wire.response_body(request_id, model, [choice], chat=chat, stream=True, usage_body=None))
         if request.settings.include_usage:
             usage = wire.usage(sum(map(len, request.settings.prompt_ids)), completion_tokens)
@@ -198,14 +214,73 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
     return JSONResponse(ApiError(err.status_code, message).body(), status_code=err.status_code)
 
 
-def _read_request(raw: bytes, chat: bool, engine: LiveEngine, tokenizer, model_name: str) -> wire.Settings:
+class _Door:
+    """The outermost ASGI layer: one access-log line per request, and no exception past it (see the top)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        note = ""
+        try:
+            await self.app(scope, receive, sending)
+        except ClientDisconnect:  # left while sending its body: nobody to answer
+            status[0], note = 499, " (the client left while sending its body)"
+        except Exception as err:  # a bug: the client gets a 500 in OpenAI's shape, the log one line
+            note = f" ({type(err).__name__}: {_first_line(err)})"
+            if not status[0]:
+                status[0] = 500
+                body = ApiError(
+                    500, f"internal error ({type(err).__name__}); see the server's log.", kind="server_error"
+                )
+                await JSONResponse(body.body(), status_code=500)(scope, receive, send)
+        finally:
+            usage = scope.get(USAGE)
+            tokens = f"{usage[0]}+{usage[1]} tokens" if usage else "- tokens"
+            client = scope.get("client") or ("-", 0)
+            path = repr(scope.get("path", ""))[1:-1][:200]  # control characters and surrogates escaped
+            print(f'{client[0]}:{client[1]} "{scope.get("method")} {path}" {status[0] or 499} {tokens} '
+                  f"{time.perf_counter() - start:.3f}s{note}", flush=True)  # fmt: skip
+
+
+def _first_line(err: BaseException) -> str:
+    text = repr(str(err))[1:-1]
+    return text.splitlines()[0][:200] if text else "no message"
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request's body, refused (400) as soon as it is longer than MAX_BODY_BYTES; ClientDisconnect when the
+    client leaves first."""
+    too_long = ApiError(400, f"the request body is longer than {MAX_BODY_BYTES >> 20} MiB.")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_long
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_long
+    return bytes(body)
+
+
+def _read_request(raw: bytes, chat: bool, engine: LiveEngine, tokenizer, model_name: str,
+                  max_chars: int | None = None) -> wire.Settings:  # fmt: skip
     """A request body checked and tokenized (wire.py), against this engine's limits."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit integer
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-    body = wire.check_body(body, model_name)
-    prompt_ids = (wire.chat_prompt if chat else wire.completion_prompts)(body, tokenizer)
+    body = wire.check_body(body, model_name, chat=chat)
+    prompt_ids = (wire.chat_prompt if chat else wire.completion_prompts)(body, tokenizer, max_chars)
     return wire.sampling_settings(
         body,
         prompt_ids,
@@ -223,10 +298,13 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
     app = FastAPI(title="jaxpatience", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(_Door)
+    max_chars = wire.max_prompt_chars(tokenizer, engine.max_model_len)
 
     def authorize(request: Request) -> None:
-        given = request.headers.get("authorization", "")
-        if api_key and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        right = scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), (api_key or "").encode())
+        if api_key and not right:  # the scheme's name is case-insensitive (RFC 9110), the key is not
             raise ApiError(
                 401, "missing or wrong API key (send 'Authorization: Bearer KEY').", kind="authentication_error"
             )
@@ -252,14 +330,15 @@ def build_app(engine: LiveEngine, tokenizer, *, model_name: str, api_key: str | 
 
     async def complete(request: Request, chat: bool):
         authorize(request)
-        raw = await request.body()
+        raw = await _read_body(request)
         # Parsing and tokenizing run beside the event loop: a large prompt must not stall the other streams.
-        settings = await asyncio.to_thread(_read_request, raw, chat, engine, tokenizer, model_name)
+        settings = await asyncio.to_thread(_read_request, raw, chat, engine, tokenizer, model_name, max_chars)
         pending = _Request(engine, settings)
         pending.submit()
         if settings.stream:
             return StreamingResponse(
-                _stream(pending, tokenizer, chat=chat, model=model_name), media_type="text/event-stream"
+                _stream(pending, tokenizer, chat=chat, model=model_name, scope=request.scope),
+                media_type="text/event-stream",
             )
         result = await _collect(request, pending, tokenizer, chat=chat, model=model_name)
         return JSONResponse(result if result is not None else {}, status_code=200 if result is not None else 499)
@@ -303,11 +382,43 @@ FLAGS = {
 }
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening (connections are refused until the server starts); a
+    host that does not resolve or a port that cannot be had is one sentence."""
+    try:
+        (family, kind, proto, _, address), *_ = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as err:
+        raise ConfigError(f"serve: host {host!r} is not an address of this machine ({err.strerror}).") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: no wait after a restart
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        hint = {
+            errno.EADDRINUSE: "; another program listens there: choose another --port (0: any free one)",
+            errno.EACCES: "; ports below 1024 need privileges: choose another --port",
+            errno.EADDRNOTAVAIL: "; it is not an address of this machine: check --host",
+        }.get(err.errno, "")
+        raise ConfigError(f"serve: cannot listen on {host}:{port} ({err.strerror or err}){hint}.") from None
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("jaxpatience serve", "Serve a checkpoint over an OpenAI-compatible HTTP API.", FLAGS)
     config = config_from_args(ServeConfig, parser.parse_intermixed_args(argv)).validate()
     if sharding.initialize_distributed():
         raise ConfigError("serve runs in one process; use --mesh over this host's devices instead.")
+    listening = _listen(config.host, config.port)  # before the model loads: a taken port fails in a second
+    try:
+        return _serve(config, listening)
+    finally:
+        listening.close()
+
+
+def _serve(config: ServeConfig, listening: socket.socket) -> int:
     mesh = None
     if config.mesh is not None:
         try:
@@ -340,12 +451,13 @@ def main(argv: list[str] | None = None) -> int:
             uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=10)
         )
         engine.on_failure = lambda: setattr(server, "should_exit", True)
+        port = listening.getsockname()[1]  # --port 0: the one the system chose
         print(
-            f"serving {name!r} at http://{config.host}:{config.port}/v1 ({engine.max_slots} slots, context "
+            f"serving {name!r} at http://{config.host}:{port}/v1 ({engine.max_slots} slots, context "
             f"{engine.max_model_len} tokens{', API key required' if api_key else ''})",
             flush=True,
         )
-        server.run()
+        server.run(sockets=[listening])
     finally:
         engine.stop()
     if engine.error is not None:

@@ -4,8 +4,14 @@ No web framework and no JAX here: app.py moves bytes, this file says what they m
 directly. A bad field is an `ApiError` (HTTP status + one sentence naming the field), returned in OpenAI's error
 shape `{"error": {"message", "type", "param", "code"}}`.
 
-Accepted fields (others that clients routinely send, such as `user` or `presence_penalty: 0`, are ignored; ones
-that would change the answer and are not implemented, such as a non-zero penalty, are refused):
+A body is checked as a whole before any field is used (`check_body`, one door for hostile input): every string in
+it (keys too) must be Unicode that UTF-8 can carry (a lone surrogate such as "\\ud800" is refused, naming where
+it is), every field must be one this endpoint knows (an unknown or misspelt one is refused by name, with the
+likeliest meant one), and a prompt text longer than the context could hold even at the tokenizer's longest token
+is refused by its length before it is tokenized (`max_chars`).
+
+Accepted fields (fields OpenAI defines that change nothing here, such as `user` or `metadata`, are accepted and
+ignored; ones that would change the answer and are not implemented, such as a non-zero penalty, are refused):
 
     model, prompt (string, list of strings, token ids, list of token-id lists) / messages, max_tokens
     (chat: also max_completion_tokens; completions: 0 generates nothing, with `echo` the prompt is scored only),
@@ -20,6 +26,7 @@ that would change the answer and are not implemented, such as a non-zero penalty
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import secrets
 import time
@@ -36,7 +43,18 @@ ACCEPTED_ONLY = {  # fields not implemented -> the values that ask for nothing (
     "frequency_penalty": (0,),
     "tools": ([],),
     "response_format": ({"type": "text"},),
+    "tool_choice": ("none", "auto"),
 }
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # they change nothing here
+COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream",
+                 "stream_options", "logprobs", "ignore_eos")  # fmt: skip
+FIELDS = {  # chat -> every field that endpoint takes
+    False: frozenset((*COMMON_FIELDS, "prompt", "echo", *ACCEPTED_ONLY, *IGNORED)),
+    True: frozenset(
+        (*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "echo", *ACCEPTED_ONLY, *IGNORED)
+    ),
+}
+STREAM_OPTIONS = frozenset(("include_usage",))
 
 
 class ApiError(Exception):
@@ -87,10 +105,16 @@ def _in_range(name: str, value, ok: bool, rule: str):
     return value
 
 
-def check_body(body: Any, served_name: str) -> dict:
-    """The parsed JSON body as a dict whose `model` (if given) is the served one."""
+def check_body(body: Any, served_name: str, chat: bool | None = None) -> dict:
+    """The parsed JSON body as a dict of known fields (those of the chat endpoint or the completions one; None:
+    not checked), with text UTF-8 can carry, whose `model` (if given) is the served one."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.")
+    _check_text(body, "")
+    if chat is not None:
+        _check_names(body, FIELDS[chat], "", "/v1/chat/completions" if chat else "/v1/completions")
+        if isinstance(body.get("stream_options"), dict):
+            _check_names(body["stream_options"], STREAM_OPTIONS, "stream_options.", "stream_options")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string, not {type(model).__name__}.", "model")
@@ -104,7 +128,54 @@ def check_body(body: Any, served_name: str) -> dict:
     return body
 
 
-def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+def _check_names(body: dict, known: frozenset, prefix: str, where: str) -> None:
+    """Refuse the first field of `body` not in `known`, naming it and the likeliest meant one."""
+    for name in body:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ApiError(400, f"unknown field '{prefix}{name:.60}' for {where}{hint}.", prefix + name)
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Refuse a string (a value or a key, at any depth) that UTF-8 cannot carry: a lone surrogate ("\\ud800"),
+    which JSON's escapes allow and every tokenizer rejects."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                shown = ascii(value[err.start : err.end])
+                raise ApiError(
+                    400, f"'{where or 'the body'}' holds {shown}, a lone surrogate, not a Unicode character.", where
+                ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, f"{where}.{ascii(key)[1:-1]}".lstrip("."))
+            _check_text(item, f"{where}.{key}".lstrip("."))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
+
+
+def _check_length(text: str, max_chars: int | None, where: str, param: str) -> None:
+    """Refuse, before tokenizing it, a text longer than the context can hold at the tokenizer's longest token."""
+    if max_chars is not None and len(text) > max_chars:
+        raise ApiError(
+            400,
+            f"{where} has {len(text):,} characters, more than the context can hold (at most {max_chars:,} "
+            "characters, the context's tokens at the tokenizer's longest token); shorten it.",
+            param,
+        )
+
+
+def max_prompt_chars(tokenizer, max_model_len: int) -> int:
+    """The most characters a text of max_model_len tokens can have: each token's text is at most as long as its
+    longest vocabulary entry (byte-level entries spell one byte per character)."""
+    return max_model_len * max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def completion_prompts(body: dict, tokenizer, max_chars: int | None = None) -> list[list[int]]:
     """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists -> ids per prompt."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -113,6 +184,9 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids (and not empty).", "prompt")
+    for i, item in enumerate(prompt):  # every text's length first: tokenizing a long one is what takes time
+        if isinstance(item, str):
+            _check_length(item, max_chars, f"prompt {i}", "prompt")
     ids = []
     for item in prompt:
         if isinstance(item, str):
@@ -124,7 +198,7 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
     return ids
 
 
-def chat_prompt(body: dict, tokenizer) -> list[list[int]]:
+def chat_prompt(body: dict, tokenizer, max_chars: int | None = None) -> list[list[int]]:
     """`messages` through the checkpoint's chat template (with the assistant's turn opened) -> ids."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -146,6 +220,7 @@ def chat_prompt(body: dict, tokenizer) -> list[list[int]]:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts.", "messages")
         plain.append({"role": message["role"], "content": content})
+    _check_length("".join(m["content"] for m in plain), max_chars, "the messages", "messages")
     try:
         text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # the template's own complaint (jinja raises its own exception types)

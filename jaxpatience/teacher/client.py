@@ -1,13 +1,20 @@
 """The teacher's chat client: one chat completion, retried on what retrying can fix, fail-fast on the rest.
 
 Failures: 429, 408, 409, 5xx, timeouts, connection resets and malformed replies (a 200 whose body is not a chat
-completion: HTML, JSON without choices, a message without text) are retried alike, with exponential backoff
-and jitter (honouring Retry-After). A bad key, an unknown model, a refused first connection, another 4xx, or an
-endpoint that never once answered stops the run at once with one sentence (TeacherError). What concerns one
+completion: HTML, JSON without choices, a message without text, an `{"error": ...}` body, whose message is quoted)
+are retried alike, with exponential backoff and jitter (honouring Retry-After). A bad key, an unknown model, a
+refused first connection, another 4xx, or an endpoint that never once answered stops the run at once with one
+sentence (TeacherError). What concerns one
 problem only drops that problem (Drop): a request the server refuses once it has answered others, a refusal.
 Transient failures that outlast the retries drop it too, as a GaveUp (a Drop with `transient` set), which a rerun
 asks again. Every message that leaves this module has the API key (and any secret in the URL) masked.
 The openai client's own retries are off: this module owns the retry policy.
+
+A reply is untrusted input, read by one reader (`_request`, `_parse_reply`): `timeout` bounds the whole request
+(a server that drips its reply a byte at a time is cut off like one that never answers), a body over
+MAX_REPLY_BYTES is refused while it arrives (a Drop, `oversized`), the JSON is read by hand rather than through the
+client's models (content as a string or a list of text parts; a `usage` block that is not counts of tokens is
+ignored, never a reason to reject an answer).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from jaxpatience.teacher.config import TeacherConfig, TeacherError, public_url, 
 CONNECT_ATTEMPTS = 2  # a refused connection before any reply: the endpoint is wrong, fail after this many tries
 MAX_DELAY_S = 60.0  # cap on one backoff sleep and on an honoured Retry-After
 SHOWN_BODY = 60  # characters of a non-JSON body quoted in a "malformed" detail
+MAX_REPLY_BYTES = 1 << 20  # a chat completion's body; 1 MiB is ~250k tokens, far past any solution
+TEXT_PART_TYPES = ("text", "output_text")  # content parts that are text (OpenAI's chat and responses names)
 
 
 class Drop(Exception):
@@ -50,6 +59,10 @@ class GaveUp(Drop):
 
 class _Malformed(Exception):
     """A 200 reply whose body is not a chat completion."""
+
+
+class _Deadline(Exception):
+    """The whole request (connection, headers and every byte of the body) took longer than `timeout`."""
 
 
 @dataclass
@@ -86,29 +99,78 @@ class Reply:
     refusal: str = ""  # the model declined (OpenAI's `message.refusal`; content is then null)
 
 
-def _parse_reply(response) -> Reply:
-    """The assistant text and usage of a chat completion; raises _Malformed on anything else."""
-    if isinstance(response, str | bytes):  # the client hands back the text of a body that is not JSON
-        text = response.decode(errors="replace") if isinstance(response, bytes) else response
-        raise _Malformed(f"a body that is not JSON: {' '.join(text.split())[:SHOWN_BODY]!r}")
+def _parse_reply(body: bytes) -> Reply:
+    """The assistant text and usage of a chat completion's body; raises _Malformed on anything else."""
     try:
-        choice = response.choices[0]
-        content = choice.message.content
-        refusal = getattr(choice.message, "refusal", None)
-        usage = response.usage
-        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-    except (AttributeError, IndexError, TypeError, ValueError, KeyError) as err:
-        raise _Malformed(f"no chat completion ({type(err).__name__}: {err})") from None
-    if content is not None and not isinstance(content, str):
-        raise _Malformed(f"message content is {type(content).__name__}")
-    refusal = refusal if isinstance(refusal, str) else ""
-    finish_reason = getattr(choice, "finish_reason", None)
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past reason
+        text = body.decode(errors="replace")
+        raise _Malformed(f"a body that is not JSON: {' '.join(text.split())[:SHOWN_BODY]!r}") from None
+    if isinstance(data, dict) and "choices" not in data and data.get("error") is not None:
+        error = data["error"]  # some gateways answer 200 with an error body
+        message = error.get("message") if isinstance(error, dict) else error
+        raise _Malformed(f"the server answered with an error: {_first_line(str(message or error))}")
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise _Malformed("no chat completion (no choices[0].message)")
+    content = _text(message.get("content"))
+    refusal = message.get("refusal")
+    refusal = refusal.strip() if isinstance(refusal, str) else ""
+    finish_reason = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
     # No text, no refusal, and not cut off by the token limit: what overloaded gateways send instead of an error.
-    if not (content or "").strip() and not refusal.strip() and finish_reason != "length":
+    if not content.strip() and not refusal and finish_reason != "length":
         raise _Malformed("a message without text")
-    model = response.model if isinstance(getattr(response, "model", None), str) else ""
-    return Reply(content or "", finish_reason, model, prompt_tokens, completion_tokens, refusal.strip())
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    model = data.get("model") if isinstance(data.get("model"), str) else ""
+    return Reply(content, finish_reason, model, _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"),
+                 refusal)  # fmt: skip
+
+
+def _text(content) -> str:
+    """A message's content: a string, null, or a list of text parts (`[{"type": "text", "text": ...}]`)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        kinds = [part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content]
+        other = next((kind for kind in kinds if kind not in TEXT_PART_TYPES), None)
+        if other is None and all(isinstance(part.get("text"), str) for part in content):
+            return "".join(part["text"] for part in content)
+        raise _Malformed(f"message content holds a part that is not text ({other or 'no text'})")
+    raise _Malformed(f"message content is {type(content).__name__}")
+
+
+def _count(usage: dict, key: str) -> int:
+    """A token count of `usage`, 0 when it is not a plausible one (negative, fractional, text, absurdly large):
+    usage only feeds the cost estimate, so nonsense there never rejects an answer."""
+    value = usage.get(key)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e12 and value == int(value)
+    return int(value) if ok else 0
+
+
+async def _request(state: RunState, messages: list[dict]) -> Reply:
+    """One request, its body read by hand within `timeout` for the whole of it and MAX_REPLY_BYTES."""
+    config = state.config
+    extra = {} if config.temperature is None else {"temperature": config.temperature}
+    if config.max_tokens is not None:
+        extra["max_tokens"] = config.max_tokens
+
+    async def send() -> bytes:
+        create = state.client.chat.completions.with_streaming_response.create
+        async with create(model=config.model, messages=messages, **extra) as response:
+            body = bytearray()
+            async for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_REPLY_BYTES:
+                    raise Drop("oversized", f"the reply is longer than {MAX_REPLY_BYTES:,} bytes; it was cut off.")
+            return bytes(body)
+
+    try:
+        body = await asyncio.wait_for(send(), config.timeout)
+    except TimeoutError:  # httpx's timeout is per read: a dripping server never trips it
+        raise _Deadline(f"no whole reply within {config.timeout:g} s") from None
+    return _parse_reply(body)
 
 
 def _retry_after(err: openai.APIStatusError) -> float | None:
@@ -166,14 +228,11 @@ async def chat(state: RunState, messages: list[dict]) -> Reply:
 
 async def _chat(state: RunState, messages: list[dict]) -> Reply:
     config = state.config
-    extra = {} if config.temperature is None else {"temperature": config.temperature}
     for attempt in range(config.max_retries + 1):
         try:
             state.requests += 1
-            reply = _parse_reply(
-                await state.client.chat.completions.create(model=config.model, messages=messages, **extra)
-            )
-        except (openai.APIError, _Malformed, json.JSONDecodeError, UnicodeDecodeError) as err:
+            reply = await _request(state, messages)
+        except (openai.APIError, _Malformed, _Deadline) as err:
             last_error = err
             kind, wait = _classify(err, state, attempt)  # raises on what retrying cannot fix
         else:
@@ -218,7 +277,7 @@ def _classify(err: Exception, state: RunState, attempt: int) -> tuple[str, float
             f"{url} has no model {state.config.model!r} or no /chat/completions route (HTTP 404: "
             f"{_server_message(err)}); check --model and --base-url (it usually ends in /v1)."
         ) from None
-    if isinstance(err, openai.APITimeoutError):  # (a subclass of APIConnectionError)
+    if isinstance(err, openai.APITimeoutError | _Deadline):  # (the first a subclass of APIConnectionError)
         return "timeout", None
     if isinstance(err, openai.APIConnectionError):
         if not state.answered and attempt + 1 >= CONNECT_ATTEMPTS:  # refused from the start: a wrong URL

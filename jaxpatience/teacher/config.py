@@ -34,8 +34,9 @@ class TeacherConfig:
     concurrency: int = 8  # problems in flight at once
     limit: int | None = None  # only the first N problems
     max_retries: int = 5  # retries after the first attempt, per request
-    timeout: float = 120.0  # seconds per request
+    timeout: float = 120.0  # seconds per request, the whole of it (connecting, waiting, reading the reply)
     temperature: float | None = None  # None: the server's default
+    max_tokens: int | None = None  # cap on each reply's tokens (sent as max_tokens); None: the server's default
     backoff: float = 1.0  # first backoff sleep in seconds; doubles per retry, jittered
     prompts: str = ""  # prompt templates (YAML); "": configs/teacher_prompts.yaml
     retry_dropped: bool = False  # ask again for problems dropped for their content too (transient drops always are)
@@ -112,6 +113,7 @@ _CHECKS = {
     "limit": (lambda value: value is None or (_is_int(value) and value >= 1), "an integer >= 1 or null"),
     "max_retries": (lambda value: _is_int(value) and value >= 0, "an integer >= 0"),
     "timeout": (lambda value: _is_number(value) and value > 0, "a number > 0"),
+    "max_tokens": (lambda value: value is None or (_is_int(value) and value >= 1), "an integer >= 1 or null"),
     "backoff": (lambda value: _is_number(value) and value >= 0, "a number >= 0"),
     "temperature": _NUMBER_OR_NULL,
     "price_in": _NUMBER_OR_NULL,

@@ -4,22 +4,31 @@ The templates live in a YAML file (configs/teacher_prompts.yaml): `concise` (pla
 the pair's `rejected` side, `patient` ({question}, {concise}) for the patient rewrite, the `chosen` side;
 `system` is optional. A template's placeholders are checked when the file is loaded, so a typo fails before
 any request is sent rather than as a KeyError in the middle of a run.
+
+A reply is judged strictly (the pair gate of run.py uses these): its final answer is the number after its last
+final-answer marker (`final_answer`: no marker with a number, no answer; never the last number elsewhere), a reply
+that copies an answer line the templates show with a placeholder ("The answer is N.") is caught by the patterns
+`load_prompts` derives from the templates (`copied_placeholder`), and `detail` measures how detailed a solution
+is (characters, steps) so that a "patient" rewrite that is not more detailed than the concise one is caught.
 """
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from jaxpatience.data.answers import answers_equal, extract_flexible, extract_strict, is_numeric
+from jaxpatience.data.answers import answers_equal, extract_strict, is_numeric, parse_number
 from jaxpatience.teacher.config import TeacherError
 
 DEFAULT_PROMPTS = "configs/teacher_prompts.yaml"
 PROMPT_FIELDS = {"concise": ("question",), "patient": ("question", "concise")}  # allowed placeholders
 REQUIRED_FIELDS = {"concise": "question", "patient": "concise"}
+# A final-answer marker of a template and the word after it: "The answer is N." -> ("answer is", "N").
+_ANSWER_LINE_RE = re.compile(r"(####|(?:final\s+)?answer\s*(?:is|:))\s*([^\s\"'.,;:]+)", re.IGNORECASE)
 
 
 def load_prompts(path: str | Path | None = None) -> dict:
@@ -58,7 +67,37 @@ def load_prompts(path: str | Path | None = None) -> dict:
     system = prompts.get("system") or ""
     if not isinstance(system, str):
         raise TeacherError(f"prompts file {path}: 'system' must be text.")
-    return {"system": system.strip(), "concise": prompts["concise"], "patient": prompts["patient"]}
+    templates = {"system": system.strip(), "concise": prompts["concise"], "patient": prompts["patient"]}
+    return {**templates, "placeholders": answer_placeholders(templates)}
+
+
+def answer_placeholders(templates: dict) -> tuple[str, ...]:
+    """Patterns of the answer lines the templates show with a placeholder instead of a number ("The answer is N.",
+    "#### <number>"): a reply that holds one copied the template rather than answering."""
+    found = []
+    for name in ("concise", "patient"):
+        for marker, token in _ANSWER_LINE_RE.findall(templates[name]):
+            if parse_number(token) is not None or token.startswith("{"):
+                continue
+            words = r"\s+".join(f"(?i:{re.escape(word)})" for word in marker.split())
+            found.append(rf"(?<!\w){words}\s*{re.escape(token)}(?!\w)")
+    return tuple(dict.fromkeys(found))
+
+
+def copied_placeholder(text: str, prompts: dict) -> str | None:
+    """The template's placeholder answer line a reply holds (as the reply wrote it), else None."""
+    for pattern in prompts.get("placeholders", ()):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(0)
+    return None
+
+
+def detail(text: str) -> tuple[int, int]:
+    """How detailed a solution is: (characters, with each run of whitespace as one space; steps: its lines and
+    sentences that hold a letter or a digit)."""
+    pieces = re.split(r"\n|(?<=[.!?])\s+", text)
+    return len(" ".join(text.split())), sum(bool(re.search(r"[^\W_]", piece)) for piece in pieces)
 
 
 def _check_placeholders(template: str, name: str, allowed: Sequence[str], required: str, path: Path) -> None:
@@ -88,13 +127,12 @@ def build_messages(prompts: dict, question: str, concise: str | None = None) -> 
 
 
 def final_answer(text: str, gold: str) -> str | None:
-    """The final answer of a solution: after "The answer is" / "####" / `\\boxed{}`, else its last number.
+    """The final answer of a solution, read strictly: after its last "The answer is" / "####" / `\\boxed{}` that
+    holds one; None without such a marker (the last number elsewhere in the text is no final answer).
 
     Commas, `$` and a trailing dot are normalised away (data/answers.py), so "The answer is $1,234." reads 1234.
     """
-    numeric = is_numeric(gold)
-    strict = extract_strict(text, numeric=numeric)
-    return strict if strict is not None else extract_flexible(text, numeric=numeric)
+    return extract_strict(text, numeric=is_numeric(gold))
 
 
 def reaches_gold(text: str, gold: str) -> bool:

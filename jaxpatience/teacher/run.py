@@ -3,8 +3,11 @@
 For each problem `{id, question, answer}` the teacher is asked twice (Patience, arXiv 2411.13082):
   1. for a concise, correct solution: the pair's `rejected` side;
   2. in a second request that quotes (1), to rewrite it patiently, every step explicit and checked: `chosen`.
-Both must reach the gold answer, and the rewrite must differ from what it rewrites (whitespace aside); otherwise
-the problem is dropped and counted by reason, never kept.
+Every pair passes one gate (`make_pair`, `_solution`): both replies must state a final answer after a marker
+("The answer is N.", `####`, `\\boxed{}`) equal to the gold one, neither may copy the template's placeholder
+answer line, and the rewrite must differ from what it rewrites (whitespace aside) and be more detailed: longer and
+with more steps (lines or sentences), so that a weak teacher's "patient" one-liner never becomes `chosen` over a
+longer derivation. Otherwise the problem is dropped and counted under its own reason, never kept.
 
 Output (one JSON object per line, the layout `PairLoader` reads):
   {"id", "prompt" (the question), "chosen", "rejected", "answer", "teacher_model", "usage"}
@@ -14,7 +17,9 @@ nothing; a rerun skips ids already written (the store cuts a torn last line firs
 that were not chat completions, timeouts, 429/5xx after every retry), never for those dropped for their content
 (a wrong answer, a refusal, an unchanged rewrite) unless `retry_dropped`; it first rewrites the rejected file
 without the records of the problems it asks again, so the file holds at most one record per id, and none for a
-problem that has its pair. The run's summary goes to `OUT.summary.json`. No file or message holds the API key.
+problem that has its pair. Before anything is written, a rerun checks that every record already there was made
+for the same problem (its question and gold answer, not only its id). The run's summary goes to
+`OUT.summary.json`. No file or message holds the API key.
 
 This module is the run and the command line; the rest lives beside it and is re-exported here:
   teacher_config   TeacherConfig (the settings of a run), TeacherError, public_url, redact
@@ -37,12 +42,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxpatience.config import ConfigError, command_parser, config_from_args
+from jaxpatience.data.answers import answers_equal
 from jaxpatience.data.problems import Problem, load_file
 from jaxpatience.durability import progress as progress_bars
 from jaxpatience.durability.store import JsonlStore, read_jsonl
 from jaxpatience.teacher.client import Drop, GaveUp, Reply, RunState, backoff_delay, chat, open_client
 from jaxpatience.teacher.config import OPENAI_URL, TeacherConfig, TeacherError, is_url, public_url, redact
-from jaxpatience.teacher.prompts import DEFAULT_PROMPTS, build_messages, final_answer, load_prompts, reaches_gold
+from jaxpatience.teacher.prompts import (
+    DEFAULT_PROMPTS,
+    build_messages,
+    copied_placeholder,
+    detail,
+    final_answer,
+    load_prompts,
+    reaches_gold,
+)
 
 __all__ = [
     "Drop",
@@ -54,6 +68,7 @@ __all__ = [
     "build_messages",
     "build_pairs",
     "chat",
+    "check_records",
     "dry_run",
     "estimate_cost",
     "final_answer",
@@ -116,6 +131,28 @@ def _ids(records: Sequence[dict]) -> set[str]:
     return {str(record["id"]) for record in records}
 
 
+def check_records(problems: Sequence[Problem], out: Path) -> None:
+    """Refuse an output whose records (pairs or rejected) were made for other problems under the same ids: a record
+    must hold the question and gold answer of the problem with its id. Reads only; records of ids not among
+    `problems` are left alone (they may lie beyond --limit)."""
+    by_id = {problem.id: problem for problem in problems}
+    for path, question_key, needed in ((out, "prompt", True), (side_paths(out)[0], "question", False)):
+        for line, record in enumerate(read_jsonl(path, REQUIRED), start=1):
+            problem = by_id.get(str(record["id"]))
+            if problem is None:
+                continue
+            if record.get(question_key, problem.question if not needed else None) != problem.question:
+                what = "question"
+            elif str(record.get("answer", problem.answer)) != problem.answer:
+                what = "gold answer"
+            else:
+                continue
+            raise TeacherError(
+                f"pairs: {path}, record {line}, was made for another problem {problem.id!r} (its {what} differs "
+                f"from the problems file's); use another --out, or the problems it was made from."
+            )
+
+
 def _same_text(first: str, second: str) -> bool:
     """Whether two solutions are the same text once whitespace (line breaks, indentation) is set aside."""
     return first.split() == second.split()
@@ -127,15 +164,19 @@ def _same_text(first: str, second: str) -> bool:
 
 async def make_pair(state: RunState, prompts: dict, problem: Problem) -> dict:
     """The concise and the patient solution of one problem as a pair record; raises Drop when unusable."""
-    concise = await _solution(state, build_messages(prompts, problem.question), problem, "concise")
+    concise = await _solution(state, prompts, build_messages(prompts, problem.question), problem, "concise")
     messages = build_messages(prompts, problem.question, concise.content)
-    patient = await _solution(state, messages, problem, "patient", concise=concise.content)
+    patient = await _solution(state, prompts, messages, problem, "patient", concise=concise.content)
+    texts = {"concise": concise.content, "patient": patient.content}
     if _same_text(patient.content, concise.content):  # chosen == rejected: a pair that teaches nothing
+        raise Drop("identical", "the patient rewrite is the concise solution unchanged.", **texts)
+    (patient_chars, patient_steps), (concise_chars, concise_steps) = detail(patient.content), detail(concise.content)
+    if patient_chars <= concise_chars or patient_steps <= concise_steps:  # an inverted pair would teach brevity
         raise Drop(
-            "identical",
-            "the patient rewrite is the concise solution unchanged.",
-            concise=concise.content,
-            patient=patient.content,
+            "not_more_detailed",
+            f"the patient rewrite ({patient_chars} characters, {patient_steps} steps) is not longer and with more "
+            f"steps than the concise solution ({concise_chars} characters, {concise_steps} steps).",
+            **texts,
         )
     return {
         "id": problem.id,
@@ -151,7 +192,9 @@ async def make_pair(state: RunState, prompts: dict, problem: Problem) -> dict:
     }
 
 
-async def _solution(state: RunState, messages: list[dict], problem: Problem, side: str, **context) -> Reply:
+async def _solution(
+    state: RunState, prompts: dict, messages: list[dict], problem: Problem, side: str, **context
+) -> Reply:
     """One side of the pair, checked; a drop keeps the texts (`context`: the concise one) for inspection."""
     reply = await chat(state, messages)
     texts = {**context, side: reply.content}
@@ -159,8 +202,13 @@ async def _solution(state: RunState, messages: list[dict], problem: Problem, sid
         raise Drop(f"{side}_refused", f"the model declined: {reply.refusal[:200]!r}.", **texts)
     if reply.finish_reason == "length":
         raise Drop(f"{side}_truncated", "the reply hit the token limit.", **texts)
-    if not reaches_gold(reply.content, problem.answer):
-        found = final_answer(reply.content, problem.answer)
+    copied = copied_placeholder(reply.content, prompts)
+    if copied is not None:
+        raise Drop(f"{side}_placeholder", f"the reply copies the template's answer line {copied!r}.", **texts)
+    found = final_answer(reply.content, problem.answer)
+    if found is None:
+        raise Drop(f"{side}_no_answer", "no final answer: no 'The answer is', '####' or \\boxed{} with one.", **texts)
+    if not answers_equal(found, problem.answer):
         raise Drop(f"{side}_wrong", f"final answer {found!r}, gold {problem.answer!r}.", **texts)
     return reply
 
@@ -233,6 +281,7 @@ def build_pairs(
     """
     out = _out_path(config)
     prompts = load_prompts(config.prompts)
+    check_records(problems, out)
     rejected_path, summary_path = side_paths(out)
     selected = list(problems[: config.limit] if config.limit else problems)
     # Opening a store locks it (a second run on the same output is refused) and cuts a torn last line.
@@ -359,6 +408,7 @@ def dry_run(problems: Sequence[Problem], config: TeacherConfig) -> str:
     """What a run would send, for the first few problems still to do; sends nothing and writes nothing."""
     out = _out_path(config)
     prompts = load_prompts(config.prompts)
+    check_records(problems, out)
     selected = list(problems[: config.limit] if config.limit else problems)
     # read-only: no lock, no repair (a run may be writing these right now)
     plan = plan_run(selected, read_jsonl(out, REQUIRED), read_jsonl(side_paths(out)[0], REQUIRED), config.retry_dropped)
@@ -389,7 +439,8 @@ ALIASES = {
     "--concurrency": ("concurrency", "problems in flight at once (default 8)"),
     "--limit": ("limit", "only the first N problems"),
     "--max-retries": ("max_retries", "retries per request on 429/5xx/timeouts/malformed replies (default 5)"),
-    "--timeout": ("timeout", "seconds per request (default 120)"),
+    "--timeout": ("timeout", "seconds per request, the whole of it (default 120)"),
+    "--max-tokens": ("max_tokens", "cap on each reply's tokens, also a cost cap (default: the server's)"),
     "--prompts": ("prompts", f"prompt templates (YAML); default {DEFAULT_PROMPTS}"),
     "--temperature": ("temperature", "sampling temperature (default: the server's)"),
     "--price-in": ("price_in", "$ per 1M prompt tokens (for the cost estimate)"),
