@@ -15,6 +15,7 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from jax import monitoring
@@ -22,6 +23,34 @@ from jax import monitoring
 from jaxpatience.recipes import demo
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def compile_profile() -> Iterator[dict[str, collections.Counter]]:
+    """While open, XLA compile seconds and program counts per demo stage ({"seconds": ..., "programs": ...}): a
+    jax.monitoring listener, and the demo's own stage timer told to name the stage that is running."""
+    seconds, programs, current = collections.Counter(), collections.Counter(), ["startup"]
+
+    def listen(event: str, duration: float, **_) -> None:
+        if event == COMPILE_EVENT and current[0] is not None:
+            seconds[current[0]] += duration
+            programs[current[0]] += 1
+
+    stage = demo._Timings.stage
+
+    @contextlib.contextmanager
+    def named_stage(self, name: str, done: bool):
+        current[0] = name
+        with stage(self, name, done) as skip:
+            yield skip
+
+    monitoring.register_event_duration_secs_listener(listen)
+    demo._Timings.stage = named_stage
+    try:
+        yield {"seconds": seconds, "programs": programs}
+    finally:
+        demo._Timings.stage = stage
+        current[0] = None  # jax keeps its listeners: this one stops counting
 
 
 def main() -> None:
@@ -33,29 +62,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value, as for jaxpatience demo")
     args = parser.parse_args()
 
-    seconds, programs, current = collections.Counter(), collections.Counter(), ["startup"]
-
-    def listen(event: str, duration: float, **_) -> None:
-        if event == COMPILE_EVENT:
-            seconds[current[0]] += duration
-            programs[current[0]] += 1
-
-    monitoring.register_event_duration_secs_listener(listen)
-    stage = demo._Timings.stage
-
-    @contextlib.contextmanager
-    def named_stage(self, name: str, done: bool):
-        current[0] = name
-        with stage(self, name, done) as skip:
-            yield skip
-
-    demo._Timings.stage = named_stage  # the demo's own stage timer, told to name the compilations' stage
     config = demo.load_demo_config([f"seed={args.seed}", *args.overrides], small=args.small)
     if args.overwrite and Path(args.out).exists():
         shutil.rmtree(args.out)
     start = time.perf_counter()
-    summary = demo.run_demo(config, args.out, progress=False)
+    with compile_profile() as profile:
+        summary = demo.run_demo(config, args.out, progress=False)
     total = time.perf_counter() - start
+    seconds, programs = profile["seconds"], profile["programs"]
     print(f"\n{'stage':<20} {'wall s':>7} {'compile s':>9} {'programs':>8}")
     for name, wall in summary["stage_s"].items():
         print(f"{name:<20} {wall:>7.1f} {seconds[name]:>9.1f} {programs[name]:>8}")

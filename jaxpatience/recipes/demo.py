@@ -10,8 +10,10 @@ Stages (each skipped on a rerun once its output exists, and resumed if it was in
                (base/merged is an ordinary HF checkpoint)
   irpo/base_eval/    the base model on the held-out problems (greedy); also iteration 0 of IRPO
   forced_eval/ the base model with its answer started for it ("Start with"): the latent patient skill
-  patience/    Patience: (patient > concise) pairs from the toy teacher, DPO + LoRA, then evaluated
-  patience_nll/  the same stage with an NLL term on the chosen answer (DPO + NLL; Iterative RPO's ablation)
+  patience_nll/  Patience, the headline row: (patient > concise) pairs from the toy teacher, DPO + NLL with LoRA
+               (the NLL term on the chosen answer is Iterative RPO's), then evaluated
+  patience/    the same stage with the Patience paper's plain DPO (the ablation: at toy scale it can drive the
+               patient answer's own log-prob down with the rejected one's, and lose accuracy; docs/RESULTS.md)
   irpo/        Iterative RPO from the same base: sample, pair by correctness, DPO + NLL, evaluate, repeat
   summary.json, accuracy.png, response_length.png, logps.png, and a table in the terminal
 
@@ -61,6 +63,9 @@ TOY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 PATIENT_START = "Start with"  # the first words of every patient solution (data/toy.render_patient)
+# The Patience row the demo leads with: DPO + NLL held on every run measured; plain DPO fell to 22-48% on four of them
+# (docs/RESULTS.md), so it is the second row, the ablation.
+HEADLINE = "patience_nll"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +80,7 @@ class DemoConfig:
     num_ops: int = 3  # operations per problem
     max_value: int = 20  # every quantity stays in [1, max_value]
     max_operand: int = 5  # amounts found or given away
-    eval_problems: int = 300  # held-out, greedy
+    eval_problems: int = 200  # held-out, greedy
     patience_pairs: int = 1600
     irpo_problems: int = 256
     # the tokenizer and the base model (a 0.79M-parameter Qwen2 with a vocabulary of about 410 tokens)
@@ -87,8 +92,8 @@ class DemoConfig:
     kv_heads: int = 2
     sft_patient_steps: int = 500  # phase 1: patient solutions only
     sft_mixed_steps: int = 150  # phase 2: concise-heavy mix (the default style becomes concise)
-    sft_concise_share: float = 0.8
-    # the Patience stage again with this NLL weight (same base, pairs and seed): Iterative RPO's DPO vs DPO + NLL
+    sft_concise_share: float = 0.7
+    # the headline Patience stage's NLL weight (DPO + NLL); the `patience` section as written is the plain-DPO ablation
     patience_nll_weight: float = 1.0
     # the stages: model, data path and out_dir are filled in by the demo
     sft: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -107,7 +112,7 @@ class DemoConfig:
 
 
 # A reduced run of the same pipeline for the test suite and a quick look (about a minute on 2 CPU cores; the barely
-# trained model's accuracy is whatever it is, ~16% for seed 0).
+# trained model's accuracy is whatever it is).
 SMALL = (
     "eval_problems=32",
     "hidden_size=64",
@@ -291,7 +296,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True) -> d
         rows["forced"] = evaluate_model(
             irpo_run, base_model, out / "forced_eval", prefix=PATIENT_START, progress=progress
         )
-    for name, nll in (("patience", False), ("patience_nll", True)):
+    for name, nll in (("patience_nll", True), ("patience", False)):  # the headline first
         rows[name] = _patience_stage(config, base_model, files["patience"], out, irpo_run, timings, name, nll, progress)
     with timings.stage("irpo", done=(out / "irpo" / "summary.json").is_file()) as skip:
         _banner("Iterative RPO from the same base: sample, pair by correctness, DPO + NLL, evaluate", skip)
@@ -399,6 +404,7 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
         irpo[0]["wall_s"] = times.get("irpo")
     summary = {
         "seed": config.seed,
+        "headline": HEADLINE,
         "base": base,
         "base_forced_patient_start": forced,
         **patience,
@@ -416,12 +422,12 @@ def report_demo(config: DemoConfig, out: Path, rows: dict, irpo_rows: list[dict]
 def _plots(summary: dict, out: Path) -> dict[str, str]:
     """accuracy.png (per stage), response_length.png (base vs Patience), logps.png (the Patience runs' DPO vs
     DPO + NLL: chosen and rejected log-probs apart, so that the chosen one's scale shows; then IRPO's iterations)."""
-    stages = [("base", summary["base"]), ("Patience", summary["patience"]), ("Patience + NLL", summary["patience_nll"])]
+    stages = [("base", summary["base"]), ("Patience", summary["patience_nll"]), ("plain DPO", summary["patience"])]
     stages += [(f"IRPO {r['iteration']}", r) for r in summary["irpo"]]
     folders = {
         "base": out / "irpo" / "base_eval",
-        "Patience": out / "patience_eval",
-        "Patience + NLL": out / "patience_nll_eval",
+        "Patience (DPO + NLL)": out / "patience_nll_eval",
+        "plain DPO": out / "patience_eval",
     }
     lengths = {
         name: [r["response_tokens"] for r in read_jsonl(folder / "generations.jsonl")]
