@@ -84,7 +84,8 @@ def _packed(rows: int = 16, segments: int = 4) -> dict:
 
 def _compile(config: TrainConfig, batch: dict):
     mesh = sharding.make_mesh(fsdp=8, devices=_h100s())
-    return training.lower_abstract_step(SMALL, config, mesh, batch).compile()
+    with gpus.capability_of("h100"):  # packed rows reach cuDNN only on a 9.0 GPU (JAX checks the running one)
+        return training.lower_abstract_step(SMALL, config, mesh, batch).compile()
 
 
 @needs_plugin
@@ -217,5 +218,5 @@ def test_gpu_targets_are_checked_in_one_sentence(monkeypatch):
 
 def test_attention_auto_follows_the_target_platform():
     assert training.resolve_attention("auto", "bfloat16", "gpu") == "cudnn"
-    assert training.resolve_attention("auto", "float32", "gpu") == "xla"
-    assert training.resolve_attention("auto", "bfloat16", "tpu") == "xla"
+    assert training.resolve_attention("auto", "float32", "gpu") == "blocked"  # cuDNN takes half precision only
+    assert training.resolve_attention("auto", "bfloat16", "tpu") == "splash"

@@ -14,8 +14,13 @@ its first real token, exactly as HF's `generate` computes them.
 
 Packed rows (training, data/packing.py): `segment_ids` [B, T] give each sequence of a row its own number (0 =
 padding); a token attends only to earlier tokens of its own segment and positions restart at every segment.
-Attention is written out (`attend(..., "einsum")`, scores in float32: the reference, and what decoding uses) or
-goes through `jax.nn.dot_product_attention` ("xla", "cudnn"); `set_attention` picks it for a whole model.
+Attention (model/attention.py) is written out (`attend(..., "einsum")`, scores in float32: the reference, and
+what decoding uses) or goes through `jax.nn.dot_product_attention` ("xla"); `set_attention` picks it for a whole
+model. Training rows (no cache, `segment_ids` given: packed rows, or padded rows as one segment each) reach the
+layers as a `RowMask`, which the implementations that cost Σ len² per row rather than T² read (`attend_rows`):
+"blocked" (any backend: only the tiles that hold a query and a key of one segment, listed by the loader),
+"cudnn" (cuDNN's fused flash attention: padded rows as sequence lengths, packed rows as segment offsets, no dense
+bias) and "splash" (TPU: Pallas splash attention with segment ids).
 Training stacks the decoder layers into a `LayerStack` (one layer scanned over weights with a leading [L] axis);
 everything else sees the per-layer list with HF names (`stack_layers` / `unstack_layers`).
 
@@ -30,7 +35,6 @@ slot for every row, or one per row [B] (generation/slots.py holds rows at differ
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -40,6 +44,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxpatience import sharding
 from jaxpatience.config import ModelConfig
+from jaxpatience.model.attention import ATTENTION_IMPLEMENTATIONS, RowMask, attend, attend_rows
 
 Array = jax.Array
 
@@ -72,7 +77,6 @@ def segment_positions(segment_ids: Array) -> Array:
 
 
 BASE_OUTPUT = "base_projection"  # the name every Linear gives its base matmul's output (jax.checkpoint policies)
-ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
 
 class Linear(nnx.Module):
@@ -152,8 +156,9 @@ class Attention(nnx.Module):
         self.rope_theta = config.rope_theta
         self.implementation = "einsum"  # see `attend`; training sets its own (set_attention)
 
-    def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None, cache_index):
-        """x [B, T, D]; positions [B, T]; mask [B, T, S] bool; kv: this layer's ([B, K, S, H], [B, K, S, H])."""
+    def __call__(self, x: Array, positions: Array, mask, kv: tuple[Array, Array] | None, cache_index):
+        """x [B, T, D]; positions [B, T]; mask [B, T, S] bool, or a RowMask (training rows); kv: this layer's
+        ([B, K, S, H], [B, K, S, H])."""
         batch, length, _ = x.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(batch, length, n, h), positions, self.rope_theta)  # [B, T, N, H]
@@ -163,36 +168,12 @@ class Attention(nnx.Module):
             kv = (_write_cache(kv[0], key, cache_index), _write_cache(kv[1], value, cache_index))  # [B, K, S, H]
             window = lambda buffer: jnp.swapaxes(buffer[:, :, : mask.shape[-1]], 1, 2)  # the mask's slots: [B, W, K, H]
             key, value = window(kv[0]), window(kv[1])
-        out = attend(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation)  # [B, T, N, H]
+        if isinstance(mask, RowMask):
+            out = attend_rows(q, key, value, mask, self.implementation)  # [B, T, N, H]
+        else:
+            out = attend(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation)  # [B, T, N, H]
         out = out.reshape(batch, length, n * h)
         return self.o_proj(out), kv
-
-
-def attend(q: Array, key: Array, value: Array, mask: Array, implementation: str = "einsum") -> Array:
-    """Softmax attention with GQA: q [B, T, N, H], key/value [B, S, K, H], mask [B, T, S] bool -> [B, T, N, H].
-
-    "einsum": written out here, scores in float32 (the reference, and what decoding uses). "xla" / "cudnn":
-    `jax.nn.dot_product_attention` (cuDNN's fused flash attention on NVIDIA GPUs, bf16/fp16 only; XLA's fused
-    attention elsewhere). A query row whose mask is all False (padding) gets an undefined output; its logits are
-    never read.
-    """
-    batch, length, n, h = q.shape
-    k = key.shape[2]
-    if implementation == "cudnn":  # cuDNN skips the masked-out upper triangle; the mask still applies
-        try:
-            return jax.nn.dot_product_attention(
-                q, key, value, mask=mask[:, None], is_causal=True, implementation="cudnn"
-            )
-        except (ValueError, NotImplementedError, RuntimeError) as err:  # shape, dtype or cuDNN version it refuses
-            warnings.warn(f"cuDNN attention refused this call ({err}); using XLA's.", stacklevel=2)
-            implementation = "xla"
-    if implementation == "xla":
-        return jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], implementation="xla")
-    q = q.reshape(batch, length, k, n // k, h)  # [B, T, K, G, H]: each kv head serves G query heads
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32) * (h**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, S]
-    return jnp.einsum("bkgts,bskh->btkgh", probs, value).reshape(batch, length, n, h)
 
 
 def set_attention(model: nnx.Module, implementation: str) -> None:
@@ -332,9 +313,12 @@ def _positions_and_mask(
     positions: Array | None,
     attend_len: int | None,
     segment_ids: Array | None,
-) -> tuple[Array, Array, Array]:
+    segments: int | None = None,
+    attention_blocks: Array | None = None,
+) -> tuple[Array, Array | RowMask, Array]:
     """Where each query sits and which keys it sees, from `hidden_states`' arguments: (RoPE positions [B, T],
-    attention mask [B, T, W] bool, cache_index as an array). W is the cache length S, or `attend_len`."""
+    attention mask [B, T, W] bool, cache_index as an array). W is the cache length S, or `attend_len`. With
+    `segment_ids` the mask is a RowMask (the dense mask and what the segment-aware implementations read)."""
     batch, length = shape
     key_len = length if kv_cache is None else kv_cache.k[0].shape[2]  # k[0]: layer 0's [B, K, S, H]
     if attention_mask is None:
@@ -361,6 +345,8 @@ def _positions_and_mask(
     mask = causal & (attention_mask[:, None, :key_len] > 0)  # [B, T, W]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # [B, T, T]: within a segment only
+        count = segments if segments is not None else length  # at most one segment per token
+        return positions, RowMask(mask, segment_ids, count, attention_blocks), cache_index
     return positions, mask, cache_index
 
 
@@ -399,6 +385,8 @@ class Qwen2ForCausalLM(nnx.Module):
         positions: Array | None = None,
         attend_len: int | None = None,
         segment_ids: Array | None = None,
+        segments: int | None = None,
+        attention_blocks: Array | None = None,
     ):
         """Final normed hidden states [B, T, D] and the updated cache (None without one).
 
@@ -407,11 +395,22 @@ class Qwen2ForCausalLM(nnx.Module):
         attend_len: attend over the first `attend_len` cache slots only (static; every query must sit below it).
         segment_ids: packed rows (no cache): [B, T] ints, 0 at padding, one value per sequence. A token attends
             only to earlier tokens of its own segment, and positions (when not given) restart at each segment.
+            Ids count 1, 2, ... in a row's order (a padded row: its attention mask, one segment).
+        segments: with segment_ids, the most segments a row holds (static; default T); cuDNN's packed path reads it.
+        attention_blocks: with segment_ids, [B, P, 2] the tile pairs "blocked" attention visits (RowMask).
 
         Losses call this and project chunks with `logits()` so a [B, T, V] float32 tensor never exists.
         """
         positions, mask, cache_index = _positions_and_mask(
-            input_ids.shape, attention_mask, kv_cache, cache_index, positions, attend_len, segment_ids
+            input_ids.shape,
+            attention_mask,
+            kv_cache,
+            cache_index,
+            positions,
+            attend_len,
+            segment_ids,
+            segments,
+            attention_blocks,
         )
         x = sharding.constrain(self.model.embed_tokens(input_ids), ("batch", "length", "embed"))
         if isinstance(self.model.layers, LayerStack):  # training: one layer's program, scanned over the stack

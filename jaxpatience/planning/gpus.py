@@ -20,7 +20,9 @@ chips.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from unittest import mock
 
 from jax.experimental import topologies
 
@@ -106,3 +108,22 @@ def topology_devices(target: str) -> list:
             raise ValueError(CUDA_HINT) from None
         raise ValueError(f"GPU topology {target!r} was refused: {str(err).splitlines()[0]}") from None
     return list(topology.devices)
+
+
+@contextlib.contextmanager
+def capability_of(name: str):
+    """Compile for an abstract GPU as if it ran here: JAX asks the *running* backend for the GPU's compute
+    capability before it lowers packed rows to cuDNN (its THD layout needs 9.0), and a deviceless compile runs on
+    the CPU backend, which has none. Inside this block JAX's check answers with the target chip's capability
+    (planning only: nothing runs). A JAX without that private check is left as it is."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    except ImportError:
+        yield
+        return
+    if not hasattr(cudnn, "check_compute_capability"):
+        yield
+        return
+    have = DEVICES[name].compute_capability
+    with mock.patch.object(cudnn, "check_compute_capability", lambda want: have >= tuple(map(int, want.split(".")))):
+        yield

@@ -21,6 +21,7 @@ Compiled rows are cached by job, mesh, target and the package's source (`--cache
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -315,7 +316,9 @@ def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Nam
     compiler = {"cpu": "xla-cpu", "gpu": "xla-gpu", "tpu": "libtpu"}.get(devices[0].platform, devices[0].platform)
     settings = {"compiler": compiler, "remat": job.remat, "micro_batches": job.micro_batches}
     try:
-        row = compile_row(job, mesh, args.target, cache)
+        gpu = args.target.startswith("gpu:")  # JAX's cuDNN lowering asks for the chip's compute capability
+        with gpus.capability_of(gpus.parse_target(args.target)[0]) if gpu else contextlib.nullcontext():
+            row = compile_row(job, mesh, args.target, cache)
     except CompileError as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
         return error_row(sizes, err) | settings
     # flops: the compiled program's matmul FLOPs with loops counted (XLA's cost_analysis counts a loop once)

@@ -3,7 +3,8 @@
 A batch is a dict of [B, 2, T] int arrays (index 1: 0 = chosen, 1 = rejected): `input_ids`, `attention_mask`
 (1 = real token) and `loss_mask` (1 = response token), plus optionally `ref_logps` [B, 2] float32 (summed
 log-probs of the response tokens under the reference). A packed batch (data/packing.py) holds the same pairs as
-sequences in [R, L] rows with `segment_ids`, `positions`, `segment_pairs` [R, S] and `pair_mask` [B].
+sequences in [R, L] rows with `segment_ids`, `positions`, `segment_pairs` [R, S] and `pair_mask` [B], and where
+rows are tiled `attention_blocks` [R, P, 2] (the tiles "blocked" attention visits; split with the rows).
 
 It travels one way: PairLoader (host rows, numpy) -> `device_batch` (drops the host-only `pair_index`) ->
 `place_batch` (the one place a host batch becomes a global array on the mesh, single- or multi-host) -> the
@@ -30,6 +31,7 @@ Array = jax.Array
 Batch = dict[str, Any]
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 PACKED_KEYS = packing.PACKED_KEYS  # BATCH_KEYS + segment_ids, positions, segment_pairs, pair_mask (data/packing.py)
+OPTIONAL_KEYS = ("ref_logps", "attention_blocks")  # attention_blocks: packed rows only
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -60,6 +62,9 @@ def validate_batch(batch: Batch, config: TrainConfig, mesh: Mesh) -> None:
         raise ValueError(f"segment_pairs has shape {tuple(batch['segment_pairs'].shape)}; expected [{shape[0]}, S].")
     if "ref_logps" in batch and tuple(batch["ref_logps"].shape) != (pairs, 2):
         raise ValueError(f"ref_logps has shape {tuple(batch['ref_logps'].shape)}; expected {(pairs, 2)}.")
+    blocks = tuple(batch["attention_blocks"].shape) if "attention_blocks" in batch else None
+    if blocks is not None and (not packed or len(blocks) != 3 or blocks[0] != shape[0] or blocks[2] != 2):
+        raise ValueError(f"attention_blocks has shape {blocks}; expected [{shape[0]}, P, 2] beside packed rows.")
     shards = sharding.batch_shards(mesh)
     for count, what in ((shape[0], "rows" if packed else "pairs"), (pairs, "pairs")):
         if count % config.micro_batches or count // config.micro_batches % shards:
@@ -136,7 +141,7 @@ def _check_process_rows(target: NamedSharding, global_shape: tuple[int, ...]) ->
 
 def device_batch(host: Batch) -> Batch:
     """The arrays of a loader batch that the step takes (the loader's pair_index stays on the host)."""
-    return {k: host[k] for k in (PACKED_KEYS if "segment_ids" in host else BATCH_KEYS) + ("ref_logps",) if k in host}
+    return {k: host[k] for k in (PACKED_KEYS if "segment_ids" in host else BATCH_KEYS) + OPTIONAL_KEYS if k in host}
 
 
 def split_micro_batches(batch: Batch, count: int) -> Batch:

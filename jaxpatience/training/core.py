@@ -22,6 +22,7 @@ Shape letters: B pairs, R rows, S segments, M micro-batches, T tokens, D model d
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -71,12 +72,20 @@ REMAT_POLICIES = {
 
 
 def resolve_attention(choice: str, compute_dtype: str, platform: str | None = None) -> str:
-    """ "auto" -> cuDNN flash attention on an NVIDIA GPU in bf16/fp16, else XLA's; other choices as they are.
-    `platform`: where the step will run (an abstract mesh's devices: the sharding lab); default JAX's backend."""
+    """ "auto" -> cuDNN flash attention on an NVIDIA GPU in bf16/fp16, splash attention on a TPU, else "blocked"
+    (model/attention.py: only the tiles a segment spans, on any backend); "splash" off a TPU is "blocked" (its
+    kernel compiles for TPUs only); other choices as they are. `platform`: where the step will run (an abstract
+    mesh's devices: the sharding lab); default JAX's backend."""
+    platform = platform or jax.default_backend()
+    if choice == "splash" and platform != "tpu":
+        warnings.warn(f"splash attention needs a TPU, not {platform}; using blocked.", stacklevel=2)
+        return "blocked"
     if choice != "auto":
         return choice
-    on_gpu = (platform or jax.default_backend()) == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    if platform == "tpu":
+        return "splash"
+    on_gpu = platform == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16) else "blocked"
 
 
 def apply_remat(model: nnx.Module, remat: str) -> None:
@@ -109,8 +118,11 @@ def pair_logps(
     the slots of all the micro-batch's pairs, and a reduce-scatter leaves each device the sums of its own."""
     if "segment_ids" in batch:
         ids, attention, response, segments = (batch[k] for k in (*BATCH_KEYS, "segment_ids"))
-        hidden, _ = model.hidden_states(ids, attention, positions=batch["positions"], segment_ids=segments)
         count = batch["segment_pairs"].shape[1]  # S segments per row
+        hidden, _ = model.hidden_states(
+            ids, attention, positions=batch["positions"], segment_ids=segments, segments=count,
+            attention_blocks=batch.get("attention_blocks"),
+        )  # fmt: skip
         sums, counts = losses.sequence_logps(
             hidden, model.logits, ids, response, attention, chunk_size, segment_ids=segments, num_segments=count
         )
@@ -125,7 +137,9 @@ def pair_logps(
         return per_pair(sums), per_pair(counts)
     pairs, rows, length = batch["input_ids"].shape
     ids, attention, response = (batch[k].reshape(pairs * rows, length) for k in BATCH_KEYS)  # [B*R, T]
-    hidden, _ = model.hidden_states(ids, attention)  # [B*R, T, D]
+    # Each row is one segment (its real tokens; left padding too), so the attention that skips what no segment
+    # spans skips the padding and the upper triangle (segment_positions count as positions_from_mask does).
+    hidden, _ = model.hidden_states(ids, attention, segment_ids=(attention > 0).astype(jnp.int32), segments=1)
     sums, counts = losses.sequence_logps(hidden, model.logits, ids, response, attention, chunk_size)
     return sums.reshape(pairs, rows), counts.reshape(pairs, rows)
 
