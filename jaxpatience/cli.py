@@ -9,7 +9,8 @@
 Every command's module is imported only when that command runs, so `jaxpatience --help` does not start JAX.
 The delegated commands parse their own arguments (`jaxpatience eval --help`). User errors (ValueError, OSError:
 bad paths, configs, checkpoints) print one line, `jaxpatience: error: ...`, and exit with status 2; set
-JAXPATIENCE_DEBUG=1 to see the traceback instead. A full disk is one line too, naming the file and what is intact
+JAXPATIENCE_DEBUG=1 to see the traceback instead. A JAX_PLATFORMS naming a backend that cannot start here is one
+line too (sharding.backend_start_error). A full disk is one line too, naming the file and what is intact
 (DiskFull, durability/store.py), and the rerun resumes. A training run stopped by SIGTERM (with a checkpoint, see
 training/preemption.py) exits with status 143, as a process killed by SIGTERM would.
 """
@@ -133,13 +134,26 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
-    info = commands.add_parser("info", help="describe a checkpoint (HF directory or .gguf) without loading it")
-    info.add_argument("path")
+    info = commands.add_parser(
+        "info",
+        help="describe a checkpoint (HF directory or .gguf) without loading it",
+        description="Describe a checkpoint without loading its weights: format, parameter count, dtypes, "
+        "layers, heads, vocabulary, tokenizer and chat template, read from an HF directory's config.json, "
+        "safetensors headers and tokenizer, or from a .gguf file's metadata. The files are checked as a load "
+        "would check them (a damaged file is one sentence).",
+    )
+    info.add_argument("path", help="an HF checkpoint directory or a .gguf file")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(run=_info)
-    tiny = commands.add_parser("tiny", help="write a tiny random Qwen2 checkpoint (no downloads)")
-    tiny.add_argument("--out", required=True)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = commands.add_parser(
+        "tiny",
+        help="write a tiny random Qwen2 checkpoint (no downloads)",
+        description="Write a tiny random Qwen2 checkpoint made from a seed, with no downloads: an HF checkpoint "
+        "folder (config, safetensors weights, a small BPE tokenizer with the ChatML template) that every command "
+        "accepts as its model, for trying the pipeline in seconds on a CPU. Its answers are noise.",
+    )
+    tiny.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="the random seed of the weights (default 0)")
     tiny.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     tiny.set_defaults(run=_tiny)
     return parser
@@ -166,11 +180,26 @@ def _guarded(run: Callable[[], int]) -> int:
             raise
         print(f"jaxpatience: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except (RuntimeError, AssertionError) as err:  # JAX's backend start failing (a JAX_PLATFORMS it cannot start)
+        backend_error = _backend_start_error(err)
+        if debug or backend_error is None:
+            raise
+        print(f"jaxpatience: error: {backend_error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if debug:
             raise
         print("jaxpatience: interrupted", file=sys.stderr)
         return 130
+
+
+def _backend_start_error(err: BaseException) -> ValueError | None:
+    """sharding.backend_start_error's sentence where JAX was loaded and its backend failed to start, else None."""
+    if "jax" not in sys.modules:  # the command never loaded JAX: the error is not a backend's
+        return None
+    from jaxpatience.sharding import backend_start_error
+
+    return backend_start_error(err)
 
 
 def _one_line(err: ValueError | OSError) -> str:

@@ -8,6 +8,7 @@ load_config, ConfigError` works as well.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +266,9 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many micro-batches
     max_steps: int = 100  # length of the learning-rate schedule
     remat: str = "none"  # none, full (recompute each layer), dots (save matmul outputs), lora (base projections')
-    attention: str = "auto"  # auto (cudnn on GPU in bf16, else xla), xla, cudnn, einsum (the reference)
+    # auto: cudnn on a GPU in bf16/fp16, splash on a TPU, else blocked; blocked (tiles a sequence spans, any
+    # backend), cudnn, splash, xla (dense mask), einsum (the reference): model/attention.py
+    attention: str = "auto"
     scan_layers: bool = True  # one layer scanned over stacked weights (qwen2.LayerStack), not L unrolled
     logits_chunk_size: int = 256  # tokens per chunk when turning hidden states into log-probs
     seed: int = 0  # LoRA init and dropout
@@ -278,8 +281,8 @@ class TrainConfig:
             )
         if self.remat not in ("none", "full", "dots", "lora"):
             raise ConfigError(f"remat must be none, full, dots or lora, not {self.remat!r}.")
-        if self.attention not in ("auto", "xla", "cudnn", "einsum"):
-            raise ConfigError(f"attention must be auto, xla, cudnn or einsum, not {self.attention!r}.")
+        if self.attention not in ("auto", "blocked", "cudnn", "splash", "xla", "einsum"):
+            raise ConfigError(f"attention must be auto, blocked, cudnn, splash, xla or einsum, not {self.attention!r}.")
         for key in ("max_steps", "logits_chunk_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be a positive integer, not {getattr(self, key)!r}.")
@@ -335,6 +338,22 @@ class DistributedConfig:
     process_id: int | None = None
 
 
+# `report`'s experiment trackers (durability/trackers.py) -> the package each needs (the [track] extra brings both)
+TRACKERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}
+
+
+def _check_report(report: tuple[str, ...]) -> None:
+    """Every tracker `report` names is known and its package installed: refused at the door, before any file."""
+    for name in report:
+        if name not in TRACKERS:
+            raise ConfigError(f"report: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}.")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(
+                f"report: {name} needs the {TRACKERS[name]} package, which is not installed "
+                f"(pip install {TRACKERS[name]}, or the [track] extra)."
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One training run (training/loop.py). `model` and `data.path` may stay empty in a template (IrpoConfig.training,
@@ -353,8 +372,10 @@ class RunConfig:
     keep_checkpoints: int = 3
     log_every: int = 1
     export_merged: bool = False  # also write OUT/merged (HF checkpoint with the adapter folded in)
+    report: tuple[str, ...] = ()  # experiment trackers fed with metrics.jsonl's lines: tensorboard, wandb
 
     def __post_init__(self):
+        _check_report(self.report)
         for key in ("checkpoint_every", "log_every", "epochs"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -13,7 +13,9 @@ Model, training and decoding code name only logical axes (`constrain(x, ('batch'
 config.MeshConfig and in `--mesh data=2,...` strings.
 
 Importing this module also keeps libtpu quiet on a machine without a TPU (`_skip_libtpu_without_tpu`): every
-command and the library's models import it before any device work.
+command and the library's models import it before any device work. Where the user's JAX_PLATFORMS asks for a
+backend that cannot start, `backend_start_error` gives the one sentence the command line prints instead of JAX's
+traceback.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from flax import nnx
 from jax._src import hardware_utils, xla_bridge
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxpatience.config_io import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -113,6 +117,70 @@ def _skip_libtpu_without_tpu() -> None:
 
 
 _skip_libtpu_without_tpu()
+
+
+def _skip_cuda_check_without_gpu() -> None:
+    """Where the user's platforms name cuda (or gpu) and the CUDA plugin is installed but there is no NVIDIA GPU,
+    JAX skips the cuda backend whatever the plugin finds; the plugin's version check would only log a traceback
+    of its failed `cuInit` first. Skip that check (JAX's own JAX_SKIP_CUDA_CONSTRAINTS_CHECK), so the outcome is
+    JAX's alone: another platform of the list, or backend_start_error's one sentence. Starts no backend."""
+    asked = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+    if not {"cuda", "gpu"} & {name.strip() for name in asked.split(",")}:
+        return
+    if _cuda_plugin_installed() and not hardware_utils.has_visible_nvidia_gpu():
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
+_skip_cuda_check_without_gpu()
+
+
+def _platform_problem(platform: str) -> str | None:
+    """Why JAX's backend `platform` cannot start on this machine, or None where nothing here says it cannot."""
+    if platform == "cpu":
+        return None
+    if platform == "tpu":
+        if not _libtpu_installed():
+            return "libtpu (the [tpu] extra) is not installed"
+        return None if _tpu_may_be_present() else "this machine has no TPU"
+    if platform in ("cuda", "gpu"):
+        if not _cuda_plugin_installed():
+            return "JAX's CUDA plugin (the [cuda] extra) is not installed"
+        return None if hardware_utils.has_visible_nvidia_gpu() else "this machine has no NVIDIA GPU"
+    known = set(getattr(xla_bridge, "_backend_factories", ())) | {"gpu"}  # JAX's backends, plugins' included
+    return None if platform in known else f"'{platform}' is not a JAX backend (known: {', '.join(sorted(known))})"
+
+
+def _platforms_here() -> str:
+    """The backends this machine could start, in words: `cpu`, `cpu, cuda`, ..."""
+    here = ["cpu"]
+    if _libtpu_installed() and _tpu_may_be_present():
+        here.append("tpu")
+    if _cuda_plugin_installed() and hardware_utils.has_visible_nvidia_gpu():
+        here.append("cuda")
+    return ", ".join(here)
+
+
+def backend_start_error(err: BaseException) -> ConfigError | None:
+    """The one sentence for JAX's failed backend start, or None where `err` is something else.
+
+    Where JAX_PLATFORMS (or jax.config's jax_platforms) names a backend that cannot start (tpu without a TPU, cuda
+    without its plugin or a GPU, a bogus name), JAX's first device call raises a RuntimeError ("Unable to
+    initialize backend ...", some 80 lines) or, where it skipped a CUDA backend without a GPU, a bare
+    AssertionError. The command-line door (cli.py) turns it into this ConfigError: the variable, what was asked,
+    what this machine has, exit status 2. Backends that started, or no platform chosen, leave `err` alone."""
+    asked = jax.config.jax_platforms
+    if not isinstance(err, (RuntimeError, AssertionError)) or not asked or xla_bridge.backends_are_initialized():
+        return None
+    jax_said = str(err).startswith("Unable to initialize backend")
+    problems = [f"{name}: {why}" for name in asked.split(",") if (why := _platform_problem(name.strip()))]
+    if not problems and not jax_said:
+        return None  # nothing says the backend cannot start: some other assertion, kept as it is
+    variable = "JAX_PLATFORMS" if os.environ.get("JAX_PLATFORMS") == asked else "jax.config's jax_platforms"
+    reason = "; ".join(problems) if problems else str(err).split(" (set JAX_PLATFORMS")[0]
+    return ConfigError(
+        f"{variable}={asked} asks for a JAX backend that cannot start ({reason}); this machine can start: "
+        f"{_platforms_here()}. Unset JAX_PLATFORMS or set it to one of these."
+    )
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -227,6 +295,12 @@ def activate(mesh: Mesh, rules: Rules = RULES) -> Iterator[Mesh]:
 def activate_if(mesh: Mesh | None) -> contextlib.AbstractContextManager:
     """`activate(mesh)`, or nothing without a mesh (single-device code paths)."""
     return activate(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh `activate` set around the tracing under way, or None (kernels that must be wrapped per device)."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

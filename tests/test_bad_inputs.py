@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,9 @@ def workspace(tmp_path_factory) -> Path:
     _jsonl(root / "norejected.jsonl", [{"prompt": "a", "chosen": "b"}])
     _jsonl(root / "emptychosen.jsonl", [{"prompt": "a", "chosen": "  ", "rejected": "b"}])
     _jsonl(root / "notobject.jsonl", [[1, 2]])
+    _jsonl(root / "wizard.jsonl", [dict(GOOD_PAIR, prompt=[{"role": "wizard", "content": "What is 2 + 3?"}])])
+    _jsonl(root / "userchosen.jsonl", [dict(GOOD_PAIR, chosen=[{"role": "user", "content": "5"}])])
+    _jsonl(root / "twoprompts.jsonl", [dict(GOOD_PAIR, question="What is 2 + 4?")])
     (root / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     (root / "broken.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n{}\n')
     (root / "pairs.txt").write_text("prompt,chosen,rejected\n")
@@ -95,6 +100,7 @@ CASES = {
     "train-every": (f"{TRAIN} checkpoint_every=0", "checkpoint_every must be at least 1"),
     "train-dtype": (f"{TRAIN} param_dtype=float64", "param_dtype must be float32, bfloat16 or float16"),
     "train-strategy": (f"{TRAIN} train.strategy=fsdp", "strategy must be gspmd or shard_map"),
+    "train-report": (f"{TRAIN} report=[tensorbored]", "report: unknown tracker 'tensorbored'; choose from"),
     "train-mesh": (f"{TRAIN} train.mesh.data=16", "needs 16 devices"),
     "train-no-model": ("train data.path=pairs.jsonl out_dir=out", "model is not set"),
     "train-no-data": ("train model=ck out_dir=out", "data.path is not set"),
@@ -109,6 +115,9 @@ CASES = {
     "train-data-not-object": (f"{TRAIN} data.path=notobject.jsonl", "line 1: expected a JSON object"),
     "train-data-no-rejected": (f"{TRAIN} data.path=norejected.jsonl", "line 1: the record has no 'rejected' field"),
     "train-data-empty-chosen": (f"{TRAIN} data.path=emptychosen.jsonl", "field 'chosen' must be a non-empty string"),
+    "train-data-role": (f"{TRAIN} data.path=wizard.jsonl", "line 1: prompt[0] has role 'wizard'; a role is one of"),
+    "train-data-chosen-role": (f"{TRAIN} data.path=userchosen.jsonl", "the last message of 'chosen' has role 'user'"),
+    "train-data-ambiguous": (f"{TRAIN} data.path=twoprompts.jsonl", "both 'prompt' and 'question' with different"),
     "train-data-identical": (f"{TRAIN} data.path=same.jsonl", "has the same chosen and rejected text"),
     "train-data-too-few": (f"{TRAIN} train.batch_size=16", "8 pairs cannot fill one batch of 16"),
     # eval
@@ -189,3 +198,44 @@ def test_a_bad_input_is_one_sentence_and_exit_2(case, workspace, monkeypatch, ca
     assert lines[0].startswith(("jaxpatience: error: ", "jaxpatience ")), err
     assert _listing(workspace) == before, f"{case} wrote {_listing(workspace) - before}"
     assert not os.environ.get("JAXPATIENCE_FAULT")
+
+
+# JAX_PLATFORMS naming a backend this machine cannot start: JAX fails at its first device call (a RuntimeError of
+# some 80 lines, or a bare AssertionError for cuda without a GPU); the command says so in one sentence.
+PLATFORMS = {
+    "platforms-tpu": ("tpu", "tpu"),
+    "platforms-cuda": ("cuda", "cuda"),
+    "platforms-bogus": ("bogus", "'bogus' is not a JAX backend"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLATFORMS))
+def test_a_backend_that_cannot_start_is_one_sentence_and_exit_2(case, tmp_path):
+    from jaxpatience import sharding
+
+    asked, fragment = PLATFORMS[case]
+    if sharding._platform_problem(asked) is None:
+        pytest.skip(f"this machine can start JAX's {asked} backend")
+    env = {k: v for k, v in os.environ.items() if k != "JAXPATIENCE_DEBUG"} | {"JAX_PLATFORMS": asked}
+    out = tmp_path / "tiny"
+    done = subprocess.run([sys.executable, "-m", "jaxpatience", "tiny", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr
+    assert last.startswith(f"jaxpatience: error: JAX_PLATFORMS={asked} asks for a JAX backend"), done.stderr
+    assert fragment in last and "this machine can start: cpu" in last, done.stderr
+    assert "Traceback" not in done.stderr and "Unable to initialize backend" not in done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["info", "tiny"])
+def test_info_and_tiny_help_describe_the_command(command, capsys):
+    """`--help` of the commands cli.py parses itself has a description, not only a usage line."""
+    from jaxpatience.cli import _parser
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    shown = capsys.readouterr().out
+    description = _parser()._subparsers._group_actions[0].choices[command].description
+    assert exit_.value.code == 0 and description and len(description) > 80
+    assert " ".join(description.split()[:6]) in " ".join(shown.split())

@@ -125,6 +125,7 @@ def test_schemas_jsonl_parquet_messages(tmp_path):
                        "chosen": [{"role": "assistant", "content": r["chosen"]}],
                        "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in plain]  # fmt: skip
     aliased = [{"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in plain]
+    aliased[0]["problem"] = aliased[0]["question"]  # two prompt fields that agree are not ambiguous
     pq.write_table(pa.Table.from_pylist(plain), tmp_path / "pairs.parquet")
     (tmp_path / "list.json").write_text(json.dumps(plain))  # a .json file holds one list of records
     sources = [_write_jsonl(tmp_path / "a.jsonl", plain), tmp_path / "pairs.parquet", tmp_path / "list.json",
@@ -144,6 +145,34 @@ def test_schemas_jsonl_parquet_messages(tmp_path):
         ('{"chosen": "a", "rejected": "b"}', r"bad\.jsonl, line 3: the record has no prompt"),
         ('{"prompt": "q", "chosen": "", "rejected": "b"}', r"bad\.jsonl, line 3: field 'chosen' must be"),
         ("[1, 2]", r"bad\.jsonl, line 3: expected a JSON object"),
+        # chat messages: roles from the one table, a prompt ending with the user, responses the assistant's
+        (
+            '{"prompt": [{"role": "wizard", "content": "q"}], "chosen": "a", "rejected": "b"}',
+            r"line 3: prompt\[0\] has role 'wizard'; a role is one of system, user, assistant",
+        ),
+        (
+            '{"prompt": [{"role": "system", "content": "s"}, {"role": "usr", "content": "q"}], "chosen": "a", '
+            '"rejected": "b"}',
+            r"line 3: prompt\[1\] has role 'usr'",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "a", '
+            '"rejected": "b"}',
+            r"line 3: the last message of 'prompt' has role 'assistant'; it must be 'user'",
+        ),
+        (
+            '{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}',
+            r"line 3: the last message of 'chosen' has role 'user'; it must be 'assistant'",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": 5}]}',
+            r"line 3: rejected\[0\]\.content must be a string",
+        ),
+        # two prompt fields that differ: which one is meant is not known
+        (
+            '{"prompt": "q", "question": "another q", "chosen": "a", "rejected": "b"}',
+            r"line 3: the record has both 'prompt' and 'question' with different values",
+        ),
     ],
 )
 def test_malformed_record_names_file_and_line(tmp_path, line, message):

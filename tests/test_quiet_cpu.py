@@ -18,6 +18,7 @@ from jaxpatience import sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBTPU_MARKS = ("libtpu", "TPU worker hostnames", "TPU accelerator type", "Source Location Trace", "InitGoogle")
+CUDA_MARKS = ("cuda", "CUDA", "plugin", "Traceback")  # the CUDA plugin's failed start: a logged traceback
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the [tpu] extra) is not installed"),
@@ -49,6 +50,15 @@ def test_a_cpu_command_and_a_library_call_print_nothing_from_libtpu(tmp_path):
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.splitlines()[-1] == "cpu"
     assert _libtpu_lines(loaded.stderr) == [], loaded.stderr
+
+
+@pytest.mark.skipif(not sharding._cuda_plugin_installed(), reason="JAX's CUDA plugin (the [cuda] extra) is absent")
+def test_a_cpu_run_prints_nothing_from_the_cuda_plugin(tmp_path):
+    """The CUDA plugin the GPU-compile tests need, on a machine without a GPU: silent, unset or JAX_PLATFORMS=cpu."""
+    for name, env in (("unset", {}), ("cpu", {"JAX_PLATFORMS": "cpu"})):
+        made = _run(["-m", "jaxpatience", "tiny", "--out", str(tmp_path / name)], **env)
+        assert made.returncode == 0, made.stderr
+        assert [line for line in made.stderr.splitlines() if any(m in line for m in CUDA_MARKS)] == [], made.stderr
 
 
 def test_a_platform_choice_of_the_user_is_kept():

@@ -317,6 +317,8 @@ def test_lm_eval_local_completions_against_serve_equals_in_process(server, check
         ({"prompt": "a", "max_tokens": -1}, 400, "'max_tokens' must be >= 0"),
         ({"prompt": "a", "stop": ["a"] * 17}, 400, "at most 16 strings"),
         ({"messages": "hi"}, 400, "'messages' must be a non-empty list"),
+        ({"messages": [{"role": "wizard", "content": "a"}]}, 400, "messages[0].role is 'wizard'; a role is one of"),
+        ({"messages": [{"role": "system", "content": "a"}, {"role": "usr", "content": "b"}]}, 400, "messages[1].role"),
         ("[" * 100000, 400, "not valid JSON"),
         ('{"prompt": "a", "seed": ' + "9" * 5000 + "}", 400, "not valid JSON"),
         ({"prompt": "a\ud800"}, 400, "'prompt' holds '\\ud800', a lone surrogate"),

@@ -3,7 +3,10 @@
 Records are `{prompt, chosen, rejected}` from JSONL, parquet or a `datasets` dataset. Accepted shapes:
   * TRL's: `prompt` a string or a list of chat messages; `chosen`/`rejected` strings or message lists
     (the assistant message's content is used).
-  * `question`/`problem`/`instruction` as aliases of `prompt` (e.g. Patience-style pair files).
+  * `question`/`problem`/`instruction` as aliases of `prompt` (e.g. Patience-style pair files); a record holding
+    two of them with different values is refused (which one is meant is not known).
+Messages are checked (`check_messages`): roles system/user/assistant, a prompt ending with the user's turn, a
+chosen/rejected message list ending with the assistant's.
 The prompt goes through the tokenizer's chat template (with the generation prompt); each response gets EOS
 appended, so the model learns to stop.
 
@@ -36,6 +39,7 @@ from jaxpatience.data import packing
 from jaxpatience.data.problems import ProblemsError, read_file_records
 
 PROMPT_KEYS = ("prompt", "question", "problem", "instruction")
+CHAT_ROLES = ("system", "user", "assistant")  # the roles of chat messages, in pair records and serve's requests
 
 
 class DataError(ValueError):
@@ -78,30 +82,59 @@ def read_records(source, split: str = "train") -> list[dict]:
     return [dict(r, _where=f"{source} row {i}") for i, r in enumerate(dataset)]
 
 
+def check_messages(value, key: str, where: str, last_role: str) -> list[dict]:
+    """A list of chat messages, checked: each a `{role, content}` object, its role one of CHAT_ROLES, its content a
+    string, and the last turn `last_role` (a prompt ends with the user's turn, a response is the assistant's).
+    The one check of message roles: pair records here, and serve's `messages` (serving/wire.py) use its table."""
+    if not (isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                       for m in value)):  # fmt: skip
+        raise DataError(f"{where}: field {key!r} must be a non-empty string or a list of {{role, content}} messages.")
+    for i, message in enumerate(value):
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: {key}[{i}] has role {message['role']!r:.40}; a role is one of {', '.join(CHAT_ROLES)}."
+            )
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: {key}[{i}].content must be a string.")
+    if value[-1]["role"] != last_role:
+        raise DataError(
+            f"{where}: the last message of {key!r} has role {value[-1]['role']!r}; it must be {last_role!r}."
+        )
+    return value
+
+
 def _text_of(value, key: str, where: str) -> str:
-    """A response as text: a string, or the (last) assistant message of a TRL conversational list."""
+    """A response as text: a string, or the (last, assistant's) message of a TRL conversational list."""
     if isinstance(value, str) and value.strip():
         return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-        return value[-1]["content"]
+    if isinstance(value, list):
+        return check_messages(value, key, where, last_role="assistant")[-1]["content"]
     raise DataError(f"{where}: field {key!r} must be a non-empty string or a list of chat messages.")
+
+
+def _prompt_key(record: dict, where: str) -> str:
+    """The record's one prompt field. Two of PROMPT_KEYS with different values (a `prompt` and a `question`) are
+    ambiguous: refused, naming both, rather than one silently used."""
+    keys = [k for k in PROMPT_KEYS if k in record]
+    if not keys:
+        raise DataError(f"{where}: the record has no prompt (one of {', '.join(PROMPT_KEYS)}).")
+    differing = [k for k in keys[1:] if record[k] != record[keys[0]]]
+    if differing:
+        raise DataError(
+            f"{where}: the record has both {keys[0]!r} and {differing[0]!r} with different values; keep one of them."
+        )
+    return keys[0]
 
 
 def prompt_messages(record: dict) -> list[dict]:
     """The prompt of a record as chat messages (a bare string becomes one user message)."""
     where = record.get("_where", "record")
-    key = next((k for k in PROMPT_KEYS if k in record), None)
-    if key is None:
-        raise DataError(f"{where}: the record has no prompt (one of {', '.join(PROMPT_KEYS)}).")
+    key = _prompt_key(record, where)
     value = record[key]
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
-    ):
-        return value
+    if isinstance(value, list):
+        return check_messages(value, key, where, last_role="user")
     raise DataError(f"{where}: field {key!r} must be a non-empty string or a list of {{role, content}} messages.")
 
 
@@ -395,7 +428,11 @@ class PairLoader:
             self.pairs, indices, self.pack_length, self.micro_batches, self.row_multiple, self.sides
         )
         rows = packing.host_slice(len(layout), self.process_index, self.process_count)
-        batch = packing.packed_rows(self.pairs, indices, layout[rows], self.pack_length, self.segments, self.pad_id)
+        tiled = packing.tiled(self.pack_length)  # attention tile pairs per row, of the global layout
+        tiles = packing.tile_pair_count(self.pairs, indices, layout, self.pack_length) if tiled else None
+        batch = packing.packed_rows(
+            self.pairs, indices, layout[rows], self.pack_length, self.segments, self.pad_id, tiles
+        )
         mine = indices[packing.host_slice(len(indices), self.process_index, self.process_count)]
         return (
             batch

@@ -156,6 +156,7 @@ RERUNNABLE = (
     "training.log_every",
     "training.checkpoint_every",
     "training.keep_checkpoints",
+    "training.report",  # the trackers each iteration's train run reports to (durability/trackers.py)
     "training.train.mesh",
     "training.data.reference_cache",
     "out_dir",

@@ -33,6 +33,8 @@ import time
 import uuid
 from typing import Any
 
+from jaxpatience.data.pairs import CHAT_ROLES
+
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; lm-evaluation-harness's local-completions may send more
 MAX_TOP_LOGPROBS = {False: 5, True: 20}  # completions' logprobs, chat's top_logprobs (OpenAI's limits)
 ACCEPTED_ONLY = {  # fields not implemented -> the values that ask for nothing (besides null)
@@ -207,6 +209,12 @@ def chat_prompt(body: dict, tokenizer, max_chars: int | None = None) -> list[lis
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a string 'role'.", "messages")
+        if message["role"] not in CHAT_ROLES:  # the one role table (data/pairs.py), as for training records
+            raise ApiError(
+                400,
+                f"messages[{i}].role is {message['role']!r:.40}; a role is one of {', '.join(CHAT_ROLES)}.",
+                f"messages[{i}].role",
+            )
         content = message.get("content")
         if content is None and message["role"] == "assistant":  # an assistant turn that only called tools
             content = ""

@@ -12,7 +12,7 @@ config -> (multi-host start) -> mesh -> model -> PairLoader -> Trainer (step.py)
 * Reference log-probs, when precomputed (`precompute_reference`, or full-parameter DPO), are stored under a
   content hash of the tokenised pairs, the weight files and the dtypes (reference_cache.py; beside the data by
   default, `data.reference_cache=DIR` elsewhere) and read back by any later run with the same hash.
-* Metrics: OUT/metrics.jsonl (+ TensorBoard when tensorboardX is installed), a progress bar, and at the end
+* Metrics: OUT/metrics.jsonl (+ TensorBoard / W&B when `report` names them), a progress bar, and at the end
   OUT/training.png (loss and chosen/rejected log-probs over steps).
 * Export at the end: OUT/adapter (PEFT format) with LoRA, OUT/merged (HF checkpoint) when `export_merged`.
 """
@@ -95,7 +95,7 @@ def cached_reference(config: RunConfig, trainer: Trainer, loader: PairLoader, is
 
 
 # What may change between a run and its resumption: where it runs and how often it logs and saves.
-RESUMABLE_CHANGES = ("distributed", "log_every", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("distributed", "log_every", "checkpoint_every", "keep_checkpoints", "report")
 # Keys added in 0.3, with the values runs written before them had: such a run resumes with these overrides.
 LEGACY_VALUES = {
     "train": {"scan_layers": False, "attention": "einsum"},
@@ -272,7 +272,9 @@ def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
     SIGTERM (`scancel --signal=TERM`, a VM's shutdown, `kill`) ends the loop after the current step, with a
     checkpoint of that step on every process, by raising `Preempted`."""
     config, trainer = run.config, run.trainer
-    writer = MetricsWriter(run.out, resume_step=start, enabled=run.is_main)
+    writer = MetricsWriter(  # and to the trackers config.report names (durability/trackers.py), on process 0
+        run.out, resume_step=start, enabled=run.is_main, report=config.report, run_config=dataclasses.asdict(config)
+    )
     bar = progress_bars.bar(run.max_steps, initial=start, enabled=progress and run.is_main, desc="train", unit="step")
     batches, t_start, last, watch = iter(run.loader), time.perf_counter(), {}, None
     tokens_seen = 0  # real tokens since `start`: this process's rate
