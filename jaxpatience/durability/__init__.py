@@ -1,6 +1,7 @@
 """What long jobs write and how it survives a kill: the durable JSONL store (store.py), training metrics
-(metrics.py) and the trackers they may also go to (trackers.py: TensorBoard, W&B), the fault-injection hook of the reliability tests (faults.py), the fingerprints a rerun compares
-(identity.py) and progress bars (progress.py). No JAX here: the data loader and the teacher use it too."""
+(metrics.py) and the trackers they may also go to (trackers.py: TensorBoard, W&B), the fault-injection hook of
+the reliability tests (faults.py), the fingerprints a rerun compares (identity.py) and progress bars
+(progress.py). No JAX here: the data loader and the teacher use it too."""
 
 from jaxpatience.durability.identity import check_same_inputs, model_fingerprint, model_inputs
 from jaxpatience.durability.metrics import MetricsWriter, read_metrics
