@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,28 @@ def preset(name: str) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Numbers: the loader (config_io) refuses non-finite floats for every field; each config's __post_init__ then
+# states its fields' ranges with `_check_range`, so a config built in Python is held to the same rule.
+
+SEED_MAX = 2**32 - 1  # seeds become uint32 (the decoder's per-row seeds, NumPy's generators)
+
+
+def _check_range(
+    key: str, value: float | None, low: float | None = None, high: float | None = None, *, above: float | None = None
+) -> None:
+    """One sentence naming `key` unless `value` (None passes) is finite, >= low, <= high and > above."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, not {value!r}.")
+    if (low is None or value >= low) and (high is None or value <= high) and (above is None or value > above):
+        return
+    bounds = [f">= {low}"] * (low is not None) + [f"> {above}"] * (above is not None)
+    bounds += [f"<= {high}"] * (high is not None)
+    raise ConfigError(f"{key} must be {' and '.join(bounds)}, not {value!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Training configs (issue 3): LoRA, loss, mesh, optimizer, and the train step that combines them.
 
 DEFAULT_LORA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -181,7 +204,7 @@ class LoraConfig:
     def __post_init__(self):
         if not (isinstance(self.rank, int) and self.rank > 0):
             raise ConfigError(f"lora.rank must be a positive integer, not {self.rank!r}.")
-        if self.alpha <= 0:
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"lora.alpha must be positive, not {self.alpha!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), not {self.dropout!r}.")
@@ -209,8 +232,10 @@ class LossConfig:
     def __post_init__(self):
         if self.loss_type not in ("sigmoid", "ipo", "hinge"):
             raise ConfigError(f"loss.loss_type must be sigmoid, ipo or hinge, not {self.loss_type!r}.")
-        if self.beta <= 0:
+        if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"loss.beta must be positive, not {self.beta!r}.")
+        for key in ("dpo_weight", "nll_weight"):
+            _check_range(f"loss.{key}", getattr(self, key), 0)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), not {self.label_smoothing!r}.")
         if self.label_smoothing and self.loss_type != "sigmoid":
@@ -246,8 +271,12 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0  # global-norm clipping; null disables it
 
     def __post_init__(self):
-        if self.learning_rate < 0:
-            raise ConfigError(f"optimizer.learning_rate must be >= 0, not {self.learning_rate!r}.")
+        _check_range("optimizer.learning_rate", self.learning_rate, 0)
+        _check_range("optimizer.weight_decay", self.weight_decay, 0)
+        _check_range("optimizer.b1", self.b1, 0, 1)
+        _check_range("optimizer.b2", self.b2, 0, 1)
+        _check_range("optimizer.eps", self.eps, above=0)
+        _check_range("optimizer.max_grad_norm", self.max_grad_norm, above=0)
         if self.decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"optimizer.decay must be cosine, linear or constant, not {self.decay!r}.")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -286,6 +315,7 @@ class TrainConfig:
         for key in ("max_steps", "logits_chunk_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be a positive integer, not {getattr(self, key)!r}.")
+        _check_range("train.seed", self.seed, 0, SEED_MAX)
         if self.strategy not in ("gspmd", "shard_map"):
             raise ConfigError(f"strategy must be gspmd or shard_map, not {self.strategy!r}.")
         if self.strategy == "shard_map" and self.mesh.tensor != 1:
@@ -327,6 +357,7 @@ class DataConfig:
             raise ConfigError(f"data.pack_length must be positive, not {self.pack_length!r}.")
         if self.pack_row_multiple < 1:
             raise ConfigError(f"data.pack_row_multiple must be at least 1, not {self.pack_row_multiple!r}.")
+        _check_range("data.seed", self.seed, 0, SEED_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,15 +413,54 @@ class RunConfig:
                 raise ConfigError(f"{key} must be at least 1, not {value!r}.")
         if self.keep_checkpoints < 0:
             raise ConfigError(f"keep_checkpoints must be 0 or more, not {self.keep_checkpoints!r}.")
+        if self.epochs is None:  # with epochs, max_steps is known once the data is read: check_model checks it
+            _check_warmup(self.train.optimizer.warmup_steps, self.train.max_steps)
 
     def validate(self) -> RunConfig:
-        """Raise ConfigError unless the run can start (its model and data are named); returns self."""
+        """Raise ConfigError unless the run can start (its model and data are named); returns self.
+
+        An HF checkpoint folder's config.json is read here (a .gguf file's shapes come with its weights: the loop
+        calls check_model then, before it writes a file)."""
         if not self.model:
             raise ConfigError("model is not set: give an HF checkpoint directory or .gguf file (model=PATH).")
         if not self.data.path:
             raise ConfigError("data.path is not set: give a pairs .jsonl/.parquet file (data.path=PATH).")
         check_output_dir(self.out_dir, "out_dir")
+        check_lora_fits(self.train.lora, self.model)
         return self
+
+    def check_model(self, model: ModelConfig, max_steps: int) -> None:
+        """The settings that need the model's shapes, checked once the model is known (a .gguf file's at load).
+        Warmup is held to `max_steps` only when the user set it: a step count that follows from `epochs` and the
+        data (an IRPO iteration that found few pairs) is not refused; its schedule warms up over what there is."""
+        check_lora_fits(self.train.lora, model)
+        if self.epochs is None:
+            _check_warmup(self.train.optimizer.warmup_steps, max_steps)
+
+
+def _check_warmup(warmup_steps: int, max_steps: int) -> None:
+    if warmup_steps > max_steps:
+        raise ConfigError(
+            f"train.optimizer.warmup_steps ({warmup_steps}) must not exceed train.max_steps ({max_steps}): "
+            "the learning rate would never reach its peak."
+        )
+
+
+def check_lora_fits(lora: LoraConfig | None, model: ModelConfig | str | Path, key: str = "train.lora.rank") -> None:
+    """`lora.rank` at most the model's hidden size (a larger rank is no longer low-rank). `model`: its config, or
+    an HF checkpoint folder whose config.json is read (anything else, e.g. a .gguf file, is checked later)."""
+    if lora is None:
+        return
+    if not isinstance(model, ModelConfig):
+        file = Path(model) / "config.json"
+        if not file.is_file():
+            return
+        try:
+            model = ModelConfig.from_hf(file)
+        except ConfigError:  # not a Qwen2 checkpoint: the model loader says so in its own words
+            return
+    if lora.rank > model.hidden_size:
+        raise ConfigError(f"{key} ({lora.rank}) must not exceed the model's hidden size ({model.hidden_size}).")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,8 +484,11 @@ class SamplingConfig:
             raise ConfigError(f"sampling.max_new_tokens must be a positive integer, not {self.max_new_tokens!r}.")
         if not (isinstance(self.num_samples, int) and self.num_samples >= 1):
             raise ConfigError(f"sampling.num_samples must be a positive integer, not {self.num_samples!r}.")
-        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
-            raise ConfigError("sampling: temperature must be >= 0, top_p in (0, 1] and top_k >= 0.")
+        _check_range("sampling.temperature", self.temperature, 0)
+        if not 0.0 < self.top_p <= 1.0:  # nan fails this too
+            raise ConfigError(f"sampling.top_p must be in (0, 1], not {self.top_p!r}.")
+        _check_range("sampling.top_k", self.top_k, 0)
+        _check_range("sampling.seed", self.seed, 0, SEED_MAX)
 
     def generate_kwargs(self) -> dict:
         """The keyword arguments of `generate` (generation/api.py) (sample j of prompt i is result[i][j])."""
@@ -528,6 +601,8 @@ class IrpoConfig:
             )
         if self.sampling.temperature <= 0:
             raise ConfigError("irpo: sampling.temperature must be > 0 (greedy samples would all be the same).")
+        # iteration i samples with seed + i, and the held-out problems are drawn with seed + 1
+        _check_range("sampling.seed", self.sampling.seed, 0, SEED_MAX - max(self.iterations, 1))
 
     def validate(self) -> IrpoConfig:
         for key in ("model", "train_problems", "eval_problems"):
@@ -537,4 +612,5 @@ class IrpoConfig:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"irpo: {key} must be at least 1, not {getattr(self, key)!r}.")
         check_output_dir(self.out_dir, "out_dir")
+        check_lora_fits(self.training.train.lora, self.model, "training.train.lora.rank")
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -74,8 +75,8 @@ def from_dict(cls: type, data: dict, where: str = "", *, build: bool = True) -> 
         if key not in known:
             raise ConfigError(f"unknown key {dotted!r} (known in {where or 'the top level'}: {', '.join(known)}).")
         field_type = _dataclass_in(hints[key])
-        if field_type is None:
-            value = _typed(value, hints[key], dotted)
+        if field_type is None:  # a float is finite unless its field says `metadata={"nonfinite": True}`
+            value = _typed(value, hints[key], dotted, finite=not known[key].metadata.get("nonfinite", False))
         elif isinstance(value, dict):  # the keys it sets, laid over the field's own default section
             value = from_dict(field_type, _merged(_default_section(known[key]), value), dotted, build=build)
         elif value is not None or type(None) not in typing.get_args(hints[key]):  # `lora: null` turns LoRA off
@@ -104,19 +105,22 @@ _SECRET = re.compile(r"(key|secret|password|token)$", re.IGNORECASE)  # settings
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 
 
-def _typed(value: Any, hint: Any, where: str) -> Any:
+def _typed(value: Any, hint: Any, where: str, *, finite: bool = True) -> Any:
     """`value` checked against a field's type hint (bool, int, float, str, tuples, unions of them), so a bad value
-    is one sentence naming its key; ints become floats where a float is expected, lists become tuples."""
+    is one sentence naming its key; ints become floats where a float is expected, lists become tuples.
+
+    finite: a float must be a finite number (`inf`, `nan`, YAML's `.inf` are refused): the one door every numeric
+    setting of every config passes, so no field has to remember it (each config's own checks add its range)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
         kinds = [o for o in options if o is not type(None)]
         if len(kinds) == 1:  # X | None: X's own message names what is wrong inside it
-            return _typed(value, kinds[0], where)
+            return _typed(value, kinds[0], where, finite=finite)
         for option in kinds:
             try:
-                return _typed(value, option, where)
+                return _typed(value, option, where, finite=finite)
             except ConfigError:
                 continue
         names = " or ".join(_KINDS.get(o, getattr(o, "__name__", str(o))) for o in kinds)
@@ -126,7 +130,7 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be a list, not {value!r}.")
         item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
-        return tuple(_typed(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_typed(v, item, f"{where}[{i}]", finite=finite) for i, v in enumerate(value))
     if hint is str and value is None:  # `key=` or an empty YAML value: empty text ("not set" where that matters)
         return ""
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" as text
@@ -145,7 +149,17 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
     if not ok(value):
         shown = "the value given" if _SECRET.search(where) else repr(value)  # never echo a key
         raise ConfigError(f"{where} must be {_KINDS[hint]}, not {shown}.")
-    return float(value) if hint is float else value
+    if hint is int and not -(2**63) <= value < 2**63:  # past any counter, size or seed the program can use
+        raise ConfigError(f"{where} must be an integer of at most 63 bits, not {value!r}.")
+    if hint is float:
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if finite and not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number, not {value!r}.")
+        return number
+    return value
 
 
 def _dataclass_in(hint: Any) -> type | None:
@@ -155,6 +169,49 @@ def _dataclass_in(hint: Any) -> type | None:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
     return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# argparse types for the numeric options that are not config keys (plan, --stop-after, launch.py): a bad value
+# is argparse's one line naming the option ("argument --seed: must be ..."), exit 2, before anything runs.
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else f'>= {low}'}, not {value}")
+    return value
+
+
+def finite_float(min: float | None = None, *, above: float | None = None) -> typing.Callable[[str], float]:
+    """An argparse type: a finite number, >= `min` and > `above` where given (`type=finite_float(min=0)`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+        if (min is not None and value < min) or (above is not None and value <= above):
+            raise argparse.ArgumentTypeError(f"must be {f'>= {min}' if min is not None else f'> {above}'}, not {text}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its fallback message
+    return parse
 
 
 def read_json(path: str | Path, what: str = "") -> Any:

@@ -63,11 +63,13 @@ def workspace(tmp_path_factory) -> Path:
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "bad.yaml").write_text("train: [unclosed\n")
     (root / "typo.yaml").write_text("train:\n  mx_steps: 3\n")
+    (root / "inf.yaml").write_text("train:\n  optimizer:\n    learning_rate: .inf\n")
     return root
 
 
 TRAIN = "train model=ck data.path=pairs.jsonl out_dir=out"
 EVAL = "eval --model ck --dataset problems.jsonl --out out"
+PLAN = "plan --model tiny --batch-size 8 --seq-len 64"
 IRPO = "irpo model=ck train_problems=problems.jsonl eval_problems=problems.jsonl out_dir=out"
 
 # id -> (command line, a fragment the one-line error must hold)
@@ -125,7 +127,7 @@ CASES = {
     "eval-samples-type": (f"{EVAL} --samples two", "sampling.num_samples must be an integer, not 'two'"),
     "eval-greedy-samples": (f"{EVAL} --samples 4", "would be 4 identical greedy answers"),
     "eval-temperature": (f"{EVAL} --temperature -1", "temperature must be >= 0"),
-    "eval-top-p": (f"{EVAL} --top-p 0", "top_p in (0, 1]"),
+    "eval-top-p": (f"{EVAL} --top-p 0", "top_p must be in (0, 1]"),
     "eval-max-new-tokens": (f"{EVAL} --max-new-tokens 0", "max_new_tokens must be a positive integer"),
     "eval-past-context": (f"{EVAL} --max-new-tokens 100000", "runs past the model's context"),
     "eval-limit": (f"{EVAL} --limit 0", "limit must be positive"),
@@ -173,6 +175,32 @@ CASES = {
     "serve-model-missing": ("serve --model missing", "missing does not exist"),
     "serve-unknown-host": ("serve --model ck --host no-such-host.invalid", "host 'no-such-host.invalid' is not an"),
     "serve-host-not-here": ("serve --model ck --host 203.0.113.7", "cannot listen on 203.0.113.7:8000"),
+    # numbers: finite (the loader, every float of every config), in range (each config), at the door
+    "number-lr-inf": (f"{TRAIN} train.optimizer.learning_rate=inf", "learning_rate must be a finite number, not inf"),
+    "number-lr-nan": (f"{TRAIN} train.optimizer.learning_rate=nan", "learning_rate must be a finite number, not nan"),
+    "number-lr-yaml-inf": (f"{TRAIN} --config inf.yaml", "inf.yaml: train.optimizer.learning_rate must be a finite"),
+    "number-beta-inf": (f"{TRAIN} train.loss.beta=-.inf", "train.loss.beta must be a finite number, not -inf"),
+    "number-huge-int": (f"{TRAIN} train.max_steps=1{'0' * 30}", "train.max_steps must be an integer of at most 63"),
+    "number-weight-decay": (f"{TRAIN} train.optimizer.weight_decay=-1", "optimizer.weight_decay must be >= 0"),
+    "number-warmup": (
+        f"{TRAIN} train.optimizer.warmup_steps=200",
+        "warmup_steps (200) must not exceed",
+    ),
+    "number-lora-rank": (f"{TRAIN} train.lora.rank=65", "train.lora.rank (65) must not exceed the model's hidden size"),
+    "number-train-seed": (f"{TRAIN} train.seed=-1", "train.seed must be >= 0 and <= 4294967295, not -1"),
+    "number-stop-after": (f"{TRAIN} --stop-after 0", "argument --stop-after: must be positive, not 0"),
+    "number-eval-seed": (f"{EVAL} --seed -1 --samples 2 --temperature 0.7", "sampling.seed must be >= 0"),
+    "number-eval-temperature-nan": (f"{EVAL} --temperature nan", "sampling.temperature must be a finite number"),
+    "number-irpo-seed": (f"{IRPO} sampling.seed=-1", "sampling.seed must be >= 0"),
+    "number-irpo-lr": (f"{IRPO} training.train.optimizer.learning_rate=inf", "learning_rate must be a finite number"),
+    "number-irpo-rank": (f"{IRPO} training.train.lora.rank=65", "training.train.lora.rank (65) must not exceed"),
+    "number-plan-chip-spec": (
+        f"{PLAN} --chip h100 --chip-spec hbm_bytes=-1",
+        "--chip-spec hbm_bytes must be a pos",
+    ),
+    "number-plan-chip-spec-nan": (f"{PLAN} --chip h100 --chip-spec link_bw=nan", "--chip-spec link_bw must be a pos"),
+    "number-plan-seq-len": ("plan --model tiny --batch-size 8 --seq-len 100000", "exceeds the model's 1024 positions"),
+    "number-plan-prompt-len": (f"{PLAN} --job decode --prompt-len 0", "--prompt-len must be positive, not 0"),
 }
 
 
@@ -192,6 +220,8 @@ def test_a_bad_input_is_one_sentence_and_exit_2(case, workspace, monkeypatch, ca
         status = exit_.code
     err = capsys.readouterr().err
     lines = [text for text in err.splitlines() if text.strip() and "warning" not in text]
+    if lines and lines[0].startswith("usage: "):  # argparse's refusal: its usage lines, then the one sentence
+        lines = [text for text in lines if not text.startswith(("usage: ", " "))]
     assert status == 2, err
     assert "Traceback" not in err
     assert len(lines) == 1 and fragment in lines[0], err
@@ -239,3 +269,20 @@ def test_info_and_tiny_help_describe_the_command(command, capsys):
     description = _parser()._subparsers._group_actions[0].choices[command].description
     assert exit_.value.code == 0 and description and len(description) > 80
     assert " ".join(description.split()[:6]) in " ".join(shown.split())
+
+
+@pytest.mark.parametrize("grace, ok", [("-5", False), ("1.5", False), ("0", True), ("30", True)])
+def test_launch_stop_grace_is_a_whole_number_of_seconds(grace, ok, capsys):
+    """scripts/tpu/launch.py runs where jaxpatience may not be installed: its own type refuses a bad --grace."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch", Path(__file__).parents[1] / "scripts" / "tpu" / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    argv = ["stop", "--tpu", "t", "--zone", "z", "--grace", grace, "--dry-run"]
+    if ok:
+        assert launch.parse_args(argv).grace == int(grace)
+        return
+    with pytest.raises(SystemExit) as exit_:
+        launch.parse_args(argv)
+    assert exit_.value.code == 2 and "argument --grace: must be" in capsys.readouterr().err

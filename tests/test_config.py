@@ -4,6 +4,8 @@ key=value the same way."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from jaxpatience.config import (
     IrpoConfig,
     RunConfig,
     SamplingConfig,
+    ServeConfig,
     command_parser,
     config_from_args,
     load_config,
@@ -146,3 +149,72 @@ def test_sampling_config_is_generates_keywords():
     sampling = SamplingConfig(temperature=0.7, top_p=0.9, top_k=5, num_samples=3, max_new_tokens=9, seed=2, stop=(7,))
     assert sampling.generate_kwargs() == dict(max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=5, num_samples=3,
                                               seed=2, stop_tokens=[7])  # fmt: skip
+
+
+def _float_keys(cls, prefix=""):
+    """Every float field of config dataclass `cls`, as a dotted key (sections followed)."""
+    import typing
+
+    from jaxpatience.config_io import _dataclass_in
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint, key = hints[field.name], f"{prefix}{field.name}"
+        if _dataclass_in(hint) is not None:
+            yield from _float_keys(_dataclass_in(hint), key + ".")
+        elif hint is float or set(typing.get_args(hint)) == {float, type(None)}:
+            yield key
+
+
+@pytest.mark.parametrize("cls", [RunConfig, EvalConfig, IrpoConfig, ServeConfig])
+@pytest.mark.parametrize("value", ["inf", "-.inf", "nan", ".nan"])
+def test_the_loader_refuses_non_finite_numbers_for_every_float_key(cls, value):
+    keys = list(_float_keys(cls))
+    assert keys or cls is ServeConfig
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"^command line: {re.escape(key)} must be a finite number"):
+            load_config(cls, None, [f"{key}={value}"])
+
+
+def test_ranges_hold_for_configs_built_in_python_too():
+    from jaxpatience.config import OptimizerConfig
+
+    with pytest.raises(ConfigError, match="optimizer.learning_rate must be a finite number, not inf"):
+        OptimizerConfig(learning_rate=math.inf)
+    with pytest.raises(ConfigError, match="sampling.temperature must be a finite number, not nan"):
+        SamplingConfig(temperature=math.nan)
+    with pytest.raises(ConfigError, match=r"sampling.seed must be >= 0 and <= 4294967295, not 4294967296"):
+        SamplingConfig(seed=2**32)
+    SamplingConfig(seed=2**32 - 1)  # the largest uint32 seed is fine
+    with pytest.raises(ConfigError, match="sampling.seed must be >= 0 and <= 4294967293"):  # room for seed + 2
+        load_config(IrpoConfig, None, [f"sampling.seed={2**32 - 2}"])
+
+
+def test_warmup_is_checked_against_the_steps_the_user_set():
+    from jaxpatience.config import PRESETS
+
+    with pytest.raises(ConfigError, match=r"warmup_steps \(200\) must not exceed train.max_steps \(100\)"):
+        load_config(RunConfig, None, ["train.optimizer.warmup_steps=200"])
+    with pytest.raises(ConfigError, match=r"warmup_steps \(200\) must not exceed train.max_steps \(150\)"):
+        load_config(RunConfig, None, ["train.max_steps=150", "train.optimizer.warmup_steps=200"]).check_model(
+            PRESETS["tiny"], 150
+        )
+    # steps that follow from epochs and the data (an IRPO iteration with few pairs) are not refused
+    config = load_config(RunConfig, None, ["epochs=2", "train.optimizer.warmup_steps=200"])
+    config.check_model(PRESETS["tiny"], 150)
+    with pytest.raises(ConfigError, match=r"train.lora.rank \(128\) must not exceed the model's hidden size \(64\)"):
+        load_config(RunConfig, None, ["train.lora.rank=128"]).check_model(PRESETS["tiny"], 100)
+    load_config(RunConfig, None, ["train.lora.rank=64"]).check_model(PRESETS["tiny"], 100)
+
+
+def test_argparse_number_types():
+    import argparse
+
+    from jaxpatience.config_io import finite_float, non_negative_int, positive_int
+
+    assert positive_int("3") == 3 and non_negative_int("0") == 0 and finite_float(min=0)("0.5") == 0.5
+    bad = [(positive_int, "0"), (non_negative_int, "-1"), (positive_int, "1.5")]
+    bad += [(finite_float(min=0), "-0.1"), (finite_float(), "nan"), (finite_float(above=0), "0")]
+    for parse, text in bad:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

@@ -133,17 +133,35 @@ def load_model(name: str, dtype: str) -> ModelConfig:
     return base.replace(param_dtype=dtype, compute_dtype=dtype)
 
 
+def _check_chip_spec(text: str) -> None:
+    """Every number --chip-spec sets is finite and positive (a chip with -1 bytes of memory plans nonsense);
+    unknown fields and text that is no number are chips.with_spec's to name."""
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if not (math.isfinite(number) and number > 0):
+            raise ConfigError(f"--chip-spec {key.strip()} must be a positive finite number, not {value.strip()}.")
+
+
 def make_job(args: argparse.Namespace, dtype: str) -> Job:
     for name in ("batch_size", "seq_len", "micro_batches", "steps"):
         if getattr(args, name) != "auto" and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}.")
     if args.job != "train" and "auto" in (args.remat, args.micro_batches):
         raise ConfigError("--remat auto and --micro-batches auto advise on training; drop them for --job decode.")
+    if args.prompt_len is not None and args.prompt_len <= 0:  # 0 would silently mean the default
+        raise ConfigError(f"--prompt-len must be positive, not {args.prompt_len}.")
     if args.lora_rank < 0:
         raise ConfigError(f"--lora-rank must be 0 (full-parameter) or positive, not {args.lora_rank}.")
+    _check_chip_spec(args.chip_spec)
     model = load_model(args.model, dtype)
-    if args.job == "decode" and args.seq_len > model.max_position_embeddings:
+    if args.seq_len > model.max_position_embeddings:  # train's sequences and decode's cache alike
         raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's {model.max_position_embeddings} positions.")
+    if args.lora_rank > model.hidden_size:
+        raise ConfigError(f"--lora-rank {args.lora_rank} exceeds the model's hidden size ({model.hidden_size}).")
     prompt = args.prompt_len or max(args.seq_len // 4, 1)
     if args.job == "decode" and not 0 < prompt < args.seq_len:
         raise ConfigError(f"--prompt-len must be between 1 and --seq-len - 1 ({args.seq_len - 1}), not {prompt}.")

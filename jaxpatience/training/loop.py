@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from jaxpatience import sharding
 from jaxpatience.config import ConfigError, RunConfig, changed_keys, command_parser, config_from_args, load_config
+from jaxpatience.config_io import positive_int
 from jaxpatience.data.pairs import PairLoader
 from jaxpatience.durability import identity
 from jaxpatience.durability import progress as progress_bars
@@ -175,6 +176,7 @@ def _set_up(config: RunConfig) -> _Run:
     tokenizer = tokenizer or loaded
     loader = loader or _make_loader(config, tokenizer, mesh)
     max_steps = config.train.max_steps if config.epochs is None else config.epochs * loader.steps_per_epoch
+    config.check_model(model.config, max_steps)  # lora.rank vs the model (a .gguf file's shapes are known now)
     train_config = dataclasses.replace(config.train, max_steps=max_steps)
     trainer = create_trainer(model, train_config, mesh)
     needs_reference = config.precompute_reference or (train_config.lora is None and train_config.loss.dpo_weight > 0)
@@ -382,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         config_help="YAML config (configs/*.yaml); keys not given keep their defaults",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; rerun to resume")
+    parser.add_argument(
+        "--stop-after", type=positive_int, help="stop (with a checkpoint) after this step (>= 1); rerun to resume"
+    )
     args = parser.parse_intermixed_args(argv)
     config = config_from_args(RunConfig, args)  # train() validates it
     summary = train(config, progress=not args.no_progress, stop_after=args.stop_after)

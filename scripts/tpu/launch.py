@@ -93,6 +93,18 @@ def stop_script(args: argparse.Namespace) -> str:
             f'pkill -KILL -f {pattern}; echo "killed on $host after {args.grace} s"')  # fmt: skip
 
 
+def _non_negative_int(text: str) -> int:
+    """--grace's type: seconds, 0 or more (this script runs where jaxpatience may not be installed, so it keeps
+    its own copy of config_io.non_negative_int)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=ACTIONS)
@@ -105,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--archive", default=f"/tmp/{ARCHIVE}", help="where setup packs the checkout locally")
     parser.add_argument("--worker", default="0", help="the worker whose log `logs` follows")
     parser.add_argument("--foreground", action="store_true", help="run: stay attached, all workers' output here")
-    parser.add_argument("--grace", type=int, default=120, help="stop: seconds between SIGTERM and SIGKILL")
+    parser.add_argument("--grace", type=_non_negative_int, default=120, help="stop: seconds from SIGTERM to SIGKILL")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # after `--`: the jaxpatience command line, verbatim
