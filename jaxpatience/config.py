@@ -18,6 +18,7 @@ from jaxpatience.config_io import (  # noqa: F401 - re-exported: the one place u
     apply_overrides,
     changed_keys,
     check_output_dir,
+    check_range,
     command_parser,
     config_from_args,
     from_dict,
@@ -163,25 +164,8 @@ def preset(name: str) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Numbers: the loader (config_io) refuses non-finite floats for every field; each config's __post_init__ then
-# states its fields' ranges with `_check_range`, so a config built in Python is held to the same rule.
-
+# Numbers: the loader refuses non-finite floats; each __post_init__ states its ranges (config_io.check_range).
 SEED_MAX = 2**32 - 1  # seeds become uint32 (the decoder's per-row seeds, NumPy's generators)
-
-
-def _check_range(
-    key: str, value: float | None, low: float | None = None, high: float | None = None, *, above: float | None = None
-) -> None:
-    """One sentence naming `key` unless `value` (None passes) is finite, >= low, <= high and > above."""
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, not {value!r}.")
-    if (low is None or value >= low) and (high is None or value <= high) and (above is None or value > above):
-        return
-    bounds = [f">= {low}"] * (low is not None) + [f"> {above}"] * (above is not None)
-    bounds += [f"<= {high}"] * (high is not None)
-    raise ConfigError(f"{key} must be {' and '.join(bounds)}, not {value!r}.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,7 +219,7 @@ class LossConfig:
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"loss.beta must be positive, not {self.beta!r}.")
         for key in ("dpo_weight", "nll_weight"):
-            _check_range(f"loss.{key}", getattr(self, key), 0)
+            check_range(f"loss.{key}", getattr(self, key), 0)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), not {self.label_smoothing!r}.")
         if self.label_smoothing and self.loss_type != "sigmoid":
@@ -271,12 +255,12 @@ class OptimizerConfig:
     max_grad_norm: float | None = 1.0  # global-norm clipping; null disables it
 
     def __post_init__(self):
-        _check_range("optimizer.learning_rate", self.learning_rate, 0)
-        _check_range("optimizer.weight_decay", self.weight_decay, 0)
-        _check_range("optimizer.b1", self.b1, 0, 1)
-        _check_range("optimizer.b2", self.b2, 0, 1)
-        _check_range("optimizer.eps", self.eps, above=0)
-        _check_range("optimizer.max_grad_norm", self.max_grad_norm, above=0)
+        check_range("optimizer.learning_rate", self.learning_rate, 0)
+        check_range("optimizer.weight_decay", self.weight_decay, 0)
+        check_range("optimizer.b1", self.b1, 0, 1)
+        check_range("optimizer.b2", self.b2, 0, 1)
+        check_range("optimizer.eps", self.eps, above=0)
+        check_range("optimizer.max_grad_norm", self.max_grad_norm, above=0)
         if self.decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"optimizer.decay must be cosine, linear or constant, not {self.decay!r}.")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -315,7 +299,7 @@ class TrainConfig:
         for key in ("max_steps", "logits_chunk_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be a positive integer, not {getattr(self, key)!r}.")
-        _check_range("train.seed", self.seed, 0, SEED_MAX)
+        check_range("train.seed", self.seed, 0, SEED_MAX)
         if self.strategy not in ("gspmd", "shard_map"):
             raise ConfigError(f"strategy must be gspmd or shard_map, not {self.strategy!r}.")
         if self.strategy == "shard_map" and self.mesh.tensor != 1:
@@ -357,7 +341,7 @@ class DataConfig:
             raise ConfigError(f"data.pack_length must be positive, not {self.pack_length!r}.")
         if self.pack_row_multiple < 1:
             raise ConfigError(f"data.pack_row_multiple must be at least 1, not {self.pack_row_multiple!r}.")
-        _check_range("data.seed", self.seed, 0, SEED_MAX)
+        check_range("data.seed", self.seed, 0, SEED_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,11 +468,11 @@ class SamplingConfig:
             raise ConfigError(f"sampling.max_new_tokens must be a positive integer, not {self.max_new_tokens!r}.")
         if not (isinstance(self.num_samples, int) and self.num_samples >= 1):
             raise ConfigError(f"sampling.num_samples must be a positive integer, not {self.num_samples!r}.")
-        _check_range("sampling.temperature", self.temperature, 0)
+        check_range("sampling.temperature", self.temperature, 0)
         if not 0.0 < self.top_p <= 1.0:  # nan fails this too
             raise ConfigError(f"sampling.top_p must be in (0, 1], not {self.top_p!r}.")
-        _check_range("sampling.top_k", self.top_k, 0)
-        _check_range("sampling.seed", self.seed, 0, SEED_MAX)
+        check_range("sampling.top_k", self.top_k, 0)
+        check_range("sampling.seed", self.seed, 0, SEED_MAX)
 
     def generate_kwargs(self) -> dict:
         """The keyword arguments of `generate` (generation/api.py) (sample j of prompt i is result[i][j])."""
@@ -602,7 +586,7 @@ class IrpoConfig:
         if self.sampling.temperature <= 0:
             raise ConfigError("irpo: sampling.temperature must be > 0 (greedy samples would all be the same).")
         # iteration i samples with seed + i, and the held-out problems are drawn with seed + 1
-        _check_range("sampling.seed", self.sampling.seed, 0, SEED_MAX - max(self.iterations, 1))
+        check_range("sampling.seed", self.sampling.seed, 0, SEED_MAX - max(self.iterations, 1))
 
     def validate(self) -> IrpoConfig:
         for key in ("model", "train_problems", "eval_problems"):

@@ -366,3 +366,18 @@ def _field_hint(cls: type, dotted: str) -> Any:
             return None
         hint = typing.get_type_hints(owner).get(name)
     return hint
+
+
+def check_range(
+    key: str, value: float | None, low: float | None = None, high: float | None = None, *, above: float | None = None
+) -> None:
+    """One sentence naming `key` unless `value` (None passes) is finite, >= low, <= high and > above."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, not {value!r}.")
+    if (low is None or value >= low) and (high is None or value <= high) and (above is None or value > above):
+        return
+    bounds = [f">= {low}"] * (low is not None) + [f"> {above}"] * (above is not None)
+    bounds += [f"<= {high}"] * (high is not None)
+    raise ConfigError(f"{key} must be {' and '.join(bounds)}, not {value!r}.")
