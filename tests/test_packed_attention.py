@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -212,10 +211,10 @@ def _abstract_batch(packed: bool) -> dict:
 
 def on_hopper():
     """JAX asks the running backend for the GPU's compute capability before it takes packed (THD) rows; a
-    deviceless compile runs on the CPU backend, so answer as the abstract H100s (9.0) would."""
-    from jax._src.cudnn import fused_attention_stablehlo
+    deviceless compile runs on the CPU backend: answer as the abstract H100s (9.0) would (planning/gpus.py)."""
+    from jaxpatience.planning import gpus
 
-    return mock.patch.object(fused_attention_stablehlo, "check_compute_capability", lambda capability: True)
+    return gpus.capability_of("h100")
 
 
 @pytest.mark.skipif(not CUDA_PLUGIN, reason="JAX's CUDA plugin is not installed (make test installs it)")
