@@ -32,15 +32,12 @@ from flax import nnx
 
 from jaxpatience import training
 from jaxpatience.config import LoraConfig, LossConfig, MeshConfig, OptimizerConfig, TrainConfig, preset
+from jaxpatience.data import packing
 from jaxpatience.data.pairs import EncodedPair, PairLoader
 from jaxpatience.model import attention
 from jaxpatience.model.qwen2 import Qwen2ForCausalLM
 
-LENGTHS = {  # (prompt, chosen, rejected) token ranges
-    "short": ((20, 100), (30, 200), (20, 120)),
-    "patience": ((60, 250), (150, 700), (50, 300)),  # the Patience data's lengths
-    "long": ((100, 400), (300, 900), (200, 600)),
-}
+LENGTHS = packing.LENGTH_PRESETS  # (prompt, chosen, rejected) token ranges, shared with `jaxpatience plan --packed`
 SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
              num_key_value_heads=2, vocab_size=4096)  # fmt: skip
 

@@ -84,3 +84,32 @@ def tiny_checkpoint(tmp_path):
         return make_hf_checkpoint(tmp_path / f"ckpt{next(counter)}", **kwargs)
 
     return make
+
+
+def lora_grads(model, config, batch: dict, chunk_size: int, attention: str | None = None):
+    """d loss / d adapters of `config`'s preference loss on `batch` (padded or packed), the reference in the same
+    forward with the adapters off: what the packed-against-padded tests compare. `model` gets LoRA (config.lora)
+    and, when given, the `attention` implementation."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxpatience import training
+    from jaxpatience.model import lora
+    from jaxpatience.model.qwen2 import set_attention
+    from jaxpatience.training import losses
+
+    lora.apply_lora(model, config.lora, seed=config.seed)
+    if attention is not None:
+        set_attention(model, attention)
+    graphdef, params, frozen = training.split_model(model)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def loss(params):
+        model = nnx.merge(graphdef, params, frozen)
+        with lora.adapters_off(model):
+            ref = jax.lax.stop_gradient(training.pair_logps(model, batch, chunk_size)[0])
+        policy, counts = training.pair_logps(model, batch, chunk_size)
+        return losses.preference_loss(policy, counts, ref, config.loss)[0]
+
+    return jax.grad(loss)(params)

@@ -220,3 +220,18 @@ def test_attention_auto_follows_the_target_platform():
     assert training.resolve_attention("auto", "bfloat16", "gpu") == "cudnn"
     assert training.resolve_attention("auto", "float32", "gpu") == "blocked"  # cuDNN takes half precision only
     assert training.resolve_attention("auto", "bfloat16", "tpu") == "splash"
+
+
+@needs_plugin
+def test_a_packed_plan_reaches_cudnn_without_a_bias(tmp_path):
+    """`plan --packed` on abstract H100s: `auto` is cuDNN in bf16, and the packed rows reach its fused attention
+    as segment lengths and offsets, not a dense bias."""
+    out = tmp_path / "plan.json"
+    args = ["--model", wide_model(tmp_path), "--batch-size", "16", "--seq-len", "256", "--lora-rank", "8",
+            "--target", "gpu:h100:8", "--meshes", "fsdp=8", "--packed", "short", "--no-cache",
+            "--json", str(out)]  # fmt: skip
+    assert plan.main(args) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["attention"] == "cudnn" and row["tokens"] == row["packing"]["real_tokens"] > 0
+    assert any(call.startswith("__cudnn$fmha") for call in row["attention_calls"]), row["attention_calls"]
+    assert not any("Bias" in call for call in row["attention_calls"]), row["attention_calls"]

@@ -15,17 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from conftest import lora_grads
 from test_train_step import PAIRS, _config, _fresh, _host, _model
 
 from jaxpatience import sharding, training
 from jaxpatience.config import PRESETS, LoraConfig, LossConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxpatience.data import packing
 from jaxpatience.data.pairs import EncodedPair, PairLoader
-from jaxpatience.model import attention, lora
+from jaxpatience.model import attention
 from jaxpatience.model.attention import RowMask, attend, attend_rows
 from jaxpatience.model.qwen2 import set_attention
-from jaxpatience.training import losses
 
 VOCAB = PRESETS["tiny"].vocab_size
 CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
@@ -114,25 +113,6 @@ def _long_pairs(count: int = 24, seed: int = 0) -> list[EncodedPair]:
     return [EncodedPair(ids(10, 40), ids(10, 110), ids(10, 60)) for _ in range(count)]
 
 
-def _grads(batch, implementation: str):
-    """d loss / d adapters of the LoRA DPO + NLL loss (reference: adapters off), with this attention."""
-    config = _config()
-    model = _model()
-    lora.apply_lora(model, config.lora, seed=config.seed)
-    set_attention(model, implementation)
-    graphdef, params, frozen = training.split_model(model)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    def loss(params):
-        model = nnx.merge(graphdef, params, frozen)
-        with lora.adapters_off(model):
-            ref = jax.lax.stop_gradient(training.pair_logps(model, batch, 64)[0])
-        policy, counts = training.pair_logps(model, batch, 64)
-        return losses.preference_loss(policy, counts, ref, config.loss)[0]
-
-    return jax.grad(loss)(params)
-
-
 def test_packed_step_with_blocked_attention_equals_the_padded_step():
     """Log-probs, gradients and two train steps' metrics: packed rows with a tile map and blocked attention
     against the padded batch with the einsum reference, float32 rounding apart."""
@@ -151,7 +131,8 @@ def test_packed_step_with_blocked_attention_equals_the_padded_step():
     np.testing.assert_allclose(logps[1][0], logps[0][0], rtol=2e-5)  # per-pair log-probs, in the same order
     np.testing.assert_array_equal(logps[1][1], logps[0][1])  # counted tokens
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-                 _host(_grads(padded, "einsum")), _host(_grads(packed, "blocked")))  # fmt: skip
+                 _host(lora_grads(_model(), _config(), padded, 64, "einsum")),
+                 _host(lora_grads(_model(), _config(), packed, 64, "blocked")))  # fmt: skip
     # A step through the trainer (place_batch, the jitted step): its metrics. At init the rewards are 0 up to the
     # rounding of log-prob sums of ~1e3 (seen: 4e-6), the policy and the reference pass fused differently.
     steps = [_host(_fresh(_config(attention=a)).step(b)) for b, a in ((padded, "einsum"), (packed, "blocked"))]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import lora_grads
 from flax import nnx
 from test_train_step import PAIRS, _assert_close, _config, _fresh, _host, _model
 
@@ -19,7 +20,6 @@ from jaxpatience.data.pairs import DataError, EncodedPair, PairLoader
 from jaxpatience.model import lora
 from jaxpatience.model.qwen2 import attend, set_attention
 from jaxpatience.sharding import make_mesh
-from jaxpatience.training import losses
 
 VOCAB = PRESETS["tiny"].vocab_size
 
@@ -73,23 +73,6 @@ def test_packed_batches_hold_the_same_pairs_once_each_with_restarting_positions(
         np.testing.assert_array_equal(both, whole[key])
 
 
-def _grads(batch, config):
-    """d loss / d adapters of the LoRA DPO + NLL loss, reference in the same forward (adapters off)."""
-    model = _model()
-    lora.apply_lora(model, config.lora, seed=config.seed)
-    graphdef, params, frozen = training.split_model(model)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    def loss(params):
-        model = nnx.merge(graphdef, params, frozen)
-        with lora.adapters_off(model):
-            ref = jax.lax.stop_gradient(training.pair_logps(model, batch, 5)[0])
-        policy, counts = training.pair_logps(model, batch, 5)
-        return losses.preference_loss(policy, counts, ref, config.loss)[0]
-
-    return jax.grad(loss)(params)
-
-
 def test_packed_step_equals_the_padded_step_on_the_same_pairs():
     """Log-probs per pair, gradients, and two AdamW steps' metrics and parameters agree within float32 rounding
     (the sequences meet other shapes and summation orders; seen: log-probs 4e-6 relative, parameters 2e-7)."""
@@ -109,7 +92,8 @@ def test_packed_step_equals_the_padded_step_on_the_same_pairs():
 
     config = _config()
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-                 _host(_grads(padded, config)), _host(_grads(packed, config)))  # fmt: skip
+                 _host(lora_grads(_model(), config, padded, 5)),
+                 _host(lora_grads(_model(), config, packed, 5)))  # fmt: skip
     runs = []
     for batch in (padded, packed):
         trainer = _fresh(config)

@@ -212,6 +212,12 @@ def _cli(capsys, *args) -> tuple[int, str]:
         (["--meshes", "tensor=8"], "tensor=8 does not divide num_attention_heads"),
         (["--meshes", "pipeline=8"], "expected axis=size pairs"),
         (["--chip", "h100", "--chip-spec", "hbm=1"], "unknown chip field 'hbm'"),
+        (["--meshes", "data=2,data=4"], "mesh 'data=2,data=4' names the data axis twice"),
+        (["--packed", "medium"], "--packed 'medium': expected short, patience, long or three token ranges"),
+        (["--packed", "60-250,150-700"], "expected short, patience, long or three token ranges"),
+        (["--packed", "50-20,30-200,20-120"], "the prompt range 50-20 needs 1 <= MIN <= MAX"),
+        (["--packed", "20-100,0-200,20-120"], "the chosen range 0-200 needs 1 <= MIN <= MAX"),
+        (["--packed", "short", "--job", "decode"], "--packed lays out training pairs; drop it for --job decode"),
     ],
 )
 def test_bad_input_is_one_sentence(capsys, args, message):
@@ -363,3 +369,78 @@ def test_tpu_meshes_compute_what_their_remat_explains(tmp_path):
     for row in json.loads(out.read_text()):
         ratio = row["hlo_flops"] / row["model_flops"]
         assert abs(ratio / row["remat_factor"] - 1) < 0.1, (row["mesh"], ratio, row["remat_factor"])
+
+
+def test_a_packed_plan_costs_less_per_real_token_than_the_padded_plan(capsys, tmp_path):
+    """`--packed short`: the same 8 pairs packed into rows of 256 instead of padded to [8, 2, 256]: the compiled
+    step's matmul FLOPs per real token fall, tokens/s counts real tokens, and `auto` is blocked on the CPU."""
+    common = ["--model", "tiny", "--batch-size", "8", "--seq-len", "256", "--target", "cpu:2", "--meshes", "data=2",
+              "--chip", "h100", "--dtype", "float32", "--no-cache"]  # fmt: skip
+    rows = {}
+    for name, extra in (("padded", []), ("packed", ["--packed", "short"])):
+        out = tmp_path / f"{name}.json"
+        status, output = _cli(capsys, *common, *extra, "--json", str(out))
+        assert status == 0, output
+        (rows[name],) = json.loads(out.read_text())
+    padded, packed = rows["padded"], rows["packed"]
+    layout = packed["packing"]
+    assert padded["packing"] is None and padded["tokens"] == 8 * 2 * 256  # the padded plan: every slot a token
+    assert layout["rows"] % 2 == 0 and layout["row_length"] == 256 and layout["tile_pairs"] > 0
+    real = layout["real_tokens"]
+    assert packed["tokens"] == real and 0 < real < layout["rows"] * 256 and layout["padding_share"] > 0
+    assert {padded["attention"], packed["attention"]} == {"blocked"} and packed["attention_calls"] == []
+    # the same pairs (real tokens) cost fewer FLOPs packed (fewer slots; at 2 tiles a row, padded rows' causal
+    # tiles are all a packed row can need too, so the saving per slot needs longer rows)
+    assert packed["hlo_flops"] / real < padded["hlo_flops"] / real
+    assert packed["model_flops"] < padded["model_flops"] and packed["memory_bytes"]["batch"] > 0
+    assert packed["predicted_tokens_per_s"] == pytest.approx(real / packed["predicted_step_s"])
+    # the measured step runs a padded batch: refused with --packed, before anything compiles
+    status, output = _cli(capsys, *common, "--packed", "short", "--measure")
+    assert status == 2 and "--measure times padded batches; drop it with --packed" in output, output
+
+
+def test_outputs_and_the_cache_folder_are_checked_before_anything_compiles(capsys, tmp_path, monkeypatch):
+    def compiled(*args, **kwargs):
+        raise AssertionError("the plan compiled before checking its outputs")
+
+    monkeypatch.setattr(plan, "compile_row", compiled)
+    monkeypatch.setattr(plan, "host_chip", compiled)  # measuring this CPU is work too
+    common = ["--model", "tiny", "--batch-size", "8", "--seq-len", "64", "--target", "cpu:8", "--meshes", "data=8"]
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["--json", str(tmp_path / "adir")], "is a folder; give a file name"),
+        (["--markdown", str(tmp_path / "missing" / "plan.md")], "missing does not exist"),
+        (["--png", str(tmp_path / "afile" / "plan.png")], "afile is a file, not a folder"),
+        (["--cache-dir", str(tmp_path / "afile" / "cache")], "--cache-dir"),
+    ]
+    for extra, message in cases:
+        status, output = _cli(capsys, *common, *extra)
+        assert status == 2 and message in output and len(output.strip().splitlines()) == 1, output
+    # HOME where no cache folder can be made (a file): the default cache is refused, --no-cache is the way out
+    monkeypatch.setenv("HOME", str(tmp_path / "afile"))
+    status, output = _cli(capsys, *common)
+    assert status == 2 and "the plan's cache folder (under HOME)" in output and "--no-cache" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and not list((tmp_path / "adir").iterdir())
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_planned_packed_batch_is_the_loaders(micro_batches):
+    """planning/packed.py lays out the drawn pairs as the PairLoader packs the same pairs: rows, segments per row
+    and tile pairs per row agree (no JAX: the loader's numpy batch against the plan's shapes)."""
+    from jaxpatience.data.pairs import EncodedPair, PairLoader
+    from jaxpatience.planning import packed
+
+    lengths, pairs, row_length, shards = packed.parse_lengths("patience"), 16, 1024, 2
+    drawn = packed.draw(lengths, pairs, row_length)
+    tokens = lambda n: np.ones(n, np.int32)
+    records = [EncodedPair(tokens(1), tokens(c - 1), tokens(r - 1)) for c, r in drawn]  # prompt 1 + response
+    loader = PairLoader(records, pairs, (row_length,), pad_id=0, seed=0, shuffle=False, packing=True,
+                        micro_batches=micro_batches, row_multiple=micro_batches * shards)  # fmt: skip
+    (bucket, indices), *_ = loader.plan(0)
+    batch = loader.make_batch(bucket, indices)
+    layout = packed.layout(lengths, pairs, row_length, micro_batches, shards, (0, 1))
+    assert layout.real_tokens == int(batch["attention_mask"].sum()) == sum(c + r for c, r in drawn)
+    assert (layout.rows, layout.row_length) == batch["input_ids"].shape
+    assert layout.segments == batch["segment_pairs"].shape[1]
+    assert layout.tile_pairs == batch["attention_blocks"].shape[1]

@@ -46,6 +46,13 @@ PACKED_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids", "posit
 ROW_KEYS = PACKED_KEYS[:5]
 ATTENTION_BLOCK = 128  # tokens per attention tile (model/attention.py attend_blocked)
 TILE_PAIR_MULTIPLE = 4  # P rounds up to this: fewer distinct shapes to compile, a little more work
+# Named length distributions, (prompt, chosen, rejected) token ranges: scripts/bench_packing.py's --lengths and
+# `jaxpatience plan --packed` (planning/packed.py)
+LENGTH_PRESETS = {
+    "short": ((20, 100), (30, 200), (20, 120)),
+    "patience": ((60, 250), (150, 700), (50, 300)),  # the Patience data's lengths
+    "long": ((100, 400), (300, 900), (200, 600)),
+}
 
 
 def sequence_lengths(pair) -> tuple[int, int]:

@@ -12,7 +12,9 @@ memory per device from the compiled program (frozen weights, trained parameters 
 temporaries, outputs) against the chip's; XLA's FLOPs and the HLO's matmul
 FLOPs with loops counted (hlo.py) beside the model's FLOPs; every collective with its mesh axes; the roofline step
 time and MFU (roofline.py, chips.py). `--measure` runs real steps on local / CPU devices beside the prediction.
-Rows are ranked: meshes that fit first, fastest predicted step first.
+Rows are ranked: meshes that fit first, fastest predicted step first. A train job is planned padded at full length
+(the worst case), or with `--packed DIST` on packed rows drawn from a length distribution (packed.py).
+Output paths and the cache folder are checked before anything compiles.
 
 Compiled rows are cached by job, mesh, target and the package's source (`--cache-dir`, default
 ~/.cache/jaxpatience/plan): another chip, format or ranking reuses them; `--no-cache` recompiles.
@@ -36,6 +38,7 @@ from jax.experimental import topologies
 from jaxpatience import sharding
 from jaxpatience.config import PRESETS, ConfigError, ModelConfig, preset
 from jaxpatience.planning import chips, gpus, report
+from jaxpatience.planning.packed import Lengths, parse_lengths
 from jaxpatience.planning.rows import CompileError, compile_row, host_chip, measure, predict
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -60,6 +63,7 @@ class Job:
     reference: str  # in-step | precomputed
     prompt_len: int  # decode: the prefill's prompt bucket
     scan_layers: bool = True  # train: one scanned layer (the default) or L unrolled layers
+    packed: Lengths | None = None  # train: packed rows drawn from this length distribution (packed.py); None: padded
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +90,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--strategy", default="gspmd", choices=["gspmd", "shard_map"])
     p.add_argument("--unrolled", action="store_true", help="train: L unrolled layers instead of one scanned layer")
+    p.add_argument(
+        "--packed",
+        default=None,
+        metavar="DIST",
+        help="train: plan packed rows of pairs drawn from a length distribution: short, patience, long, or "
+        "PROMPT,CHOSEN,REJECTED token ranges MIN-MAX (e.g. 60-250,150-700,50-300); default: padded, full length",
+    )
     p.add_argument(
         "--dtype",
         default=None,
@@ -156,6 +167,9 @@ def make_job(args: argparse.Namespace, dtype: str) -> Job:
         raise ConfigError(f"--prompt-len must be positive, not {args.prompt_len}.")
     if args.lora_rank < 0:
         raise ConfigError(f"--lora-rank must be 0 (full-parameter) or positive, not {args.lora_rank}.")
+    packed = None if getattr(args, "packed", None) is None else parse_lengths(args.packed)
+    if packed and args.job != "train":
+        raise ConfigError("--packed lays out training pairs; drop it for --job decode.")
     _check_chip_spec(args.chip_spec)
     model = load_model(args.model, dtype)
     if args.seq_len > model.max_position_embeddings:  # train's sequences and decode's cache alike
@@ -179,6 +193,7 @@ def make_job(args: argparse.Namespace, dtype: str) -> Job:
         args.reference,
         prompt,
         not args.unrolled,
+        packed,
     )
 
 
@@ -257,12 +272,15 @@ def parse_meshes(text: str, devices: int, job: Job) -> list[dict[str, int]]:
         return meshes
     meshes = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
-        sizes = dict.fromkeys(MESH_AXES, 1)
+        sizes, named = dict.fromkeys(MESH_AXES, 1), set()
         for pair in filter(None, item.split(",")):
-            name, _, value = pair.partition("=")
-            if name.strip() not in sizes or not value.strip().isdigit() or int(value) <= 0:
+            name, _, value = (part.strip() for part in pair.partition("="))
+            if name not in sizes or not value.isdigit() or int(value) <= 0:
                 raise ConfigError(f"mesh {item!r}: expected axis=size pairs over {', '.join(MESH_AXES)}.")
-            sizes[name.strip()] = int(value)
+            if name in named:
+                raise ConfigError(f"mesh {item!r} names the {name} axis twice; give each axis once.")
+            named.add(name)
+            sizes[name] = int(value)
         problem = mesh_problem(sizes, devices, job)
         if problem:
             raise ConfigError(f"mesh {item!r}: {problem}")
@@ -330,7 +348,7 @@ def _local_device_kind() -> str:
 def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Namespace, chip: chips.Chip) -> dict:
     """One row: compiled (or an error row), predicted on `chip`, measured with --measure."""
     mesh = sharding.make_mesh(**sizes, devices=devices)
-    cache = None if args.no_cache else Path(args.cache_dir or Path.home() / ".cache" / "jaxpatience" / "plan")
+    cache = cache_dir(args)
     compiler = {"cpu": "xla-cpu", "gpu": "xla-gpu", "tpu": "libtpu"}.get(devices[0].platform, devices[0].platform)
     settings = {"compiler": compiler, "remat": job.remat, "micro_batches": job.micro_batches}
     try:
@@ -340,14 +358,15 @@ def plan_mesh(job: Job, sizes: dict[str, int], devices: list, args: argparse.Nam
     except CompileError as err:  # XLA refuses the program (on TPU: it does not fit): a row that says so
         return error_row(sizes, err) | settings
     # flops: the compiled program's matmul FLOPs with loops counted (XLA's cost_analysis counts a loop once)
-    row = {"mesh": sizes, **settings, **row, "flops": row["hlo_flops"]} | predict(row, job, chip, len(devices))
-    row |= {"measured_step_s": None, "measured_mfu": None}
+    row = {"mesh": sizes, **settings, **row, "flops": row["hlo_flops"]}
+    row |= predict(row, job, chip, len(devices)) | {"measured_step_s": None, "measured_mfu": None}
     if args.measure and row["fits"]:
         try:
             seconds = measure(job, mesh, args.steps)
         except Exception as err:  # e.g. out of memory at run time: the row says so, the other meshes go on
             return row | {"measure_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         row |= {"measured_step_s": seconds, "measured_mfu": row["model_flops"] / seconds / chip.peak_flops}
+        row["measured_tokens_per_s"] = row["tokens"] / seconds
     return row
 
 
@@ -408,8 +427,45 @@ def rank(rows: list[dict]) -> list[dict]:
     return [row | {"rank": i} for i, row in enumerate(ordered, 1)]
 
 
+def cache_dir(args: argparse.Namespace) -> Path | None:
+    """Where compiled rows are kept: --cache-dir, ~/.cache/jaxpatience/plan, or None with --no-cache."""
+    return None if args.no_cache else Path(args.cache_dir or Path.home() / ".cache" / "jaxpatience" / "plan")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every file the plan will write, and its cache folder, checked before anything is compiled (a plan of many
+    meshes can compile for minutes): a ConfigError in one sentence naming the option."""
+    for option in ("json", "csv", "markdown", "png"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--{option} {path} is a folder; give a file name.")
+        folder = path.parent
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise ConfigError(f"--{option} {path}: its folder {folder} {what}.")
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"--{option} {path}: its folder {folder} is not writable.")
+    folder = cache_dir(args)
+    if folder is None:
+        return
+    where = "--cache-dir" if args.cache_dir else "the plan's cache folder (under HOME)"
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the folders below it are made
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{where} {folder} cannot be made: {existing} is a file; pass another --cache-dir or --no-cache."
+        )
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(
+            f"{where} {folder} cannot be written: {existing} is not writable; pass another --cache-dir or --no-cache."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_outputs(args)
     prepare_backends(args.target)
     chip, dtype = _chip_and_dtype(args)
     job = make_job(args, dtype)
@@ -417,13 +473,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(
             "--measure runs train steps on local or cpu:N devices; drop it for TPU and GPU targets and decode."
         )
+    if args.measure and job.packed:
+        raise ConfigError("--measure times padded batches; drop it with --packed (the prediction stays).")
     if args.measure and args.chip and args.target.startswith("cpu:"):
         raise ConfigError("--measure on CPU devices compares with this CPU's own measured figures; drop --chip.")
     devices = target_devices(args.target)
     meshes = parse_meshes(args.meshes, len(devices), job)
     chip = chips.with_spec(chip or host_chip(devices), args.chip_spec)
+    layout = f" packed {job.packed.name}" if job.packed else ""
     print(
-        f"plan: {args.model} {job.kind} B={job.batch_size} T={job.seq_len} {dtype} on {len(devices)}× "
+        f"plan: {args.model} {job.kind} B={job.batch_size} T={job.seq_len}{layout} {dtype} on {len(devices)}× "
         f"{devices[0].device_kind} ({chip.name}): {len(meshes)} mesh(es)",
         file=sys.stderr,
     )
@@ -434,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         found = advise(job, sizes, devices, args, chip) if advice else [plan_mesh(job, sizes, devices, args, chip)]
         rows += found
         tried = f" ({len(found)} settings tried)" if advice else ""
+        if found[0].get("packing"):  # plan --packed: the drawn batch's rows on this mesh
+            layout = found[0]["packing"]
+            tried += f" ({layout['rows']} rows, {layout['real_tokens']} real tokens, {layout['padding_share']:.0%} pad)"
         print(
             f"  [{i}/{len(meshes)}] {report.mesh_text(sizes)}{tried}: {time.perf_counter() - start:.1f}s",
             file=sys.stderr,

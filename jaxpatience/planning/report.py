@@ -23,6 +23,7 @@ COLUMNS = (
     "comm GB",
     "pred ms (max/sum)",
     "pred MFU",
+    "pred tok/s",
     "meas ms",
     "meas MFU",
 )
@@ -40,7 +41,7 @@ def row_name(row: dict, settings: bool = False) -> str:
 
 def _cells(row: dict, settings: bool = False) -> list[str]:
     if "error" in row:
-        return [str(row.get("rank", "-")), row_name(row, settings), "NO", row["error"][:60]] + [""] * 10
+        return [str(row.get("rank", "-")), row_name(row, settings), "NO", row["error"][:60]] + [""] * (len(COLUMNS) - 4)
     gb = lambda x: f"{x / 1e9:.3g}"
     memory = row["memory_bytes"]
     ratio = row["hlo_flops"] / row["model_flops"] if row["model_flops"] else 0.0
@@ -58,6 +59,7 @@ def _cells(row: dict, settings: bool = False) -> list[str]:
         gb(sum(c["bytes"] for c in row["collectives"])),
         f"{row['predicted_step_s'] * 1e3:.3g} / {row['predicted_step_sum_s'] * 1e3:.3g}",
         f"{row['predicted_mfu']:.1%}",
+        "" if row.get("predicted_tokens_per_s") is None else f"{row['predicted_tokens_per_s']:,.0f}",
         "" if measured is None else f"{measured * 1e3:.3g}",
         "" if row.get("measured_mfu") is None else f"{row['measured_mfu']:.1%}",
     ]
@@ -67,8 +69,9 @@ def table(rows: Sequence[dict], markdown: bool = False, settings: bool = False) 
     """The ranked rows, one line each (aligned text, or a markdown table). `settings`: the mesh column also names
     each row's remat policy and micro-batches (`fsdp=8 lora/2`, the fit advice). "(XLA remat)" after `fits`: the
     compiler printed a memory warning and recomputed on its own to approach the chip's memory (the row's
-    `warnings`). "!" after HLO/model FLOPs: over 10% above what the remat policy explains (`remat_factor`): the
-    program repeats work."""
+    `warnings`). "!" after HLO/model FLOPs: over 10% above what the remat policy (and packed rows' padding)
+    explains (`remat_factor`): the program repeats work. "pred tok/s": real tokens per step over the predicted
+    step time (`plan --packed`: the drawn sequences' tokens, not the rows' padding)."""
     header = list(COLUMNS)
     if settings:
         header[1] = "mesh remat/micro"
@@ -100,6 +103,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
         "remat",
         "micro_batches",
         "compiler",
+        "attention",
         "fits",
         "weights",
         "trained",
@@ -119,8 +123,13 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
         "predicted_step_s",
         "predicted_step_sum_s",
         "predicted_mfu",
+        "tokens",
+        "predicted_tokens_per_s",
         "measured_step_s",
         "measured_mfu",
+        "measured_tokens_per_s",
+        "rows",
+        "padding_share",
         "collectives",
         "warnings",
         "error",
@@ -130,6 +139,7 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
         writer.writeheader()
         for row in rows:
             flat = {k: row.get(k) for k in fields} | row.get("memory_bytes", {}) | row.get("predicted", {})
+            flat |= row.get("packing") or {}  # plan --packed: the rows and their padding share
             flat |= {"mesh": mesh_text(row["mesh"]), "collectives": collectives_text(row)}
             flat |= {"warnings": "; ".join(row.get("warnings", []))}
             writer.writerow({k: flat.get(k) for k in fields})

@@ -32,7 +32,7 @@ from jaxpatience.config import LoraConfig, LossConfig, MeshConfig, TrainConfig
 from jaxpatience.generation import slots
 from jaxpatience.generation.sampling import Sampler
 from jaxpatience.model.qwen2 import Qwen2ForCausalLM
-from jaxpatience.planning import chips, hlo, roofline
+from jaxpatience.planning import chips, hlo, packed, roofline
 
 
 class CompileError(Exception):
@@ -57,18 +57,47 @@ def train_config(job, sizes: dict[str, int]):
     )
 
 
-def train_batch(job) -> dict[str, jax.ShapeDtypeStruct]:
-    """The padded global batch [B, 2, T] at full length; reference log-probs when the step does not make them."""
-    shape = (job.batch_size, 2, job.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
-    dpo = LOSSES[job.loss][0] > 0
-    if dpo and (job.lora_rank == 0 or job.reference == "precomputed"):
+def packed_layout(job, sizes: dict[str, int]) -> packed.Layout | None:
+    """The packed batch of `plan --packed` on a mesh of `sizes` (planning/packed.py); None for a padded job."""
+    if job.packed is None:
+        return None
+    sides = (0, 1) if LOSSES[job.loss][0] > 0 else (0,)  # SFT packs the chosen sequences only, as the loader does
+    shards = sizes.get("data", 1) * sizes.get("fsdp", 1)  # sharding.batch_shards: the batch splits over both
+    return packed.layout(job.packed, job.batch_size, job.seq_len, job.micro_batches, shards, sides)
+
+
+def _precomputed_reference(job) -> bool:
+    """Whether the batch carries the reference's log-probs (DPO without LoRA, or asked for)."""
+    return LOSSES[job.loss][0] > 0 and (job.lora_rank == 0 or job.reference == "precomputed")
+
+
+def train_batch(job, sizes: dict[str, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch: padded [B, 2, T] at full length, or with `plan --packed` the packed rows drawn for a
+    mesh of `sizes`; reference log-probs when the step does not make them."""
+    layout = packed_layout(job, sizes or {})
+    if layout is None:
+        shape = (job.batch_size, 2, job.seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    else:
+        batch = packed.batch_shapes(layout, job.batch_size)
+    if _precomputed_reference(job):
         batch["ref_logps"] = jax.ShapeDtypeStruct((job.batch_size, 2), jnp.float32)
     return batch
 
 
-def model_flops(job) -> float:
-    """The job's model FLOPs per step, all devices (roofline.py's convention)."""
+def step_tokens(job, layout: packed.Layout | None = None) -> int:
+    """Real tokens of one train step, all devices: the packed batch's sequences, or every padded slot (the padded
+    plan's sequences fill their rows); SFT's padded step skips the rejected rows."""
+    if layout is not None:
+        return layout.real_tokens
+    return job.batch_size * job.seq_len * (2 if LOSSES[job.loss][0] > 0 else 1)
+
+
+def model_flops(job, layout: packed.Layout | None = None) -> float:
+    """The job's model FLOPs per step, all devices (roofline.py's convention); packed: of the real tokens, each
+    sequence at its own length."""
+    if layout is not None:
+        return _passes(job) * packed.forward_flops(job.model, layout)
     per_token = roofline.forward_flops_per_token(job.model, job.seq_len)
     if job.kind == "decode":  # one new token per slot, attending to the whole cache (not causal halves)
         return job.batch_size * (
@@ -79,21 +108,23 @@ def model_flops(job) -> float:
             * job.model.num_attention_heads
             * job.model.resolved_head_dim
         )
-    dpo = LOSSES[job.loss][0] > 0
-    tokens = job.batch_size * job.seq_len * (2 if dpo else 1)  # SFT's padded step skips the rejected rows
-    return _passes(job) * per_token * tokens
+    return _passes(job) * per_token * step_tokens(job)
 
 
 def _passes(job) -> int:
-    in_step = job.reference == "in-step" and "ref_logps" not in train_batch(job)
+    in_step = job.reference == "in-step" and not _precomputed_reference(job)
     return roofline.train_passes(job.lora_rank > 0, LOSSES[job.loss][0], in_step)
 
 
 def _per_device_bytes(infos, shardings) -> int:
+    """Bytes per device of the arguments; one the program never reads (a packed batch's `pair_mask` where the
+    step does not need it) has no sharding and is not passed: 0."""
     infos = jax.tree.leaves(infos, is_leaf=lambda x: hasattr(x, "donated"))
+    shardings = jax.tree.leaves(shardings, is_leaf=lambda x: x is None)
     return sum(
         math.prod(s.shard_shape(tuple(i.shape))) * np.dtype(i.dtype).itemsize
-        for i, s in zip(infos, jax.tree.leaves(shardings), strict=True)
+        for i, s in zip(infos, shardings, strict=True)
+        if s is not None
     )
 
 
@@ -109,7 +140,8 @@ def memory_split(lowered, compiled, parts: dict[str, int]) -> dict[str, int]:
 
 def lower_train(job, mesh):
     """The train step, lowered from abstract shapes: [(name, lowered, argument index of each memory part)]."""
-    lowered = training.lower_abstract_step(job.model, train_config(job, dict(mesh.shape)), mesh, train_batch(job))
+    sizes = dict(mesh.shape)
+    lowered = training.lower_abstract_step(job.model, train_config(job, sizes), mesh, train_batch(job, sizes))
     return [("step", lowered, {"trained": 0, "weights": 1, "batch": 2})]
 
 
@@ -208,12 +240,24 @@ def compile_row(job, mesh, target: str, cache_dir: Path | None) -> dict:
         if name == "step":
             memory = memory_split(lowered, compiled, named)
             row |= facts | {"memory_bytes": {"weights": 0, "trained": 0, "batch": 0} | memory}
+            row |= {"attention_calls": attention_calls(compiled.as_text())}
         else:
             row[name] = facts | {"memory_bytes": memory_split(lowered, compiled, {})}
+    if job.kind == "train":  # the attention `auto` picks for the target (training.resolve_attention), the layout
+        row["attention"] = training.resolve_attention("auto", job.model.compute_dtype, mesh.devices.flat[0].platform)
+        layout = packed_layout(job, dict(mesh.shape))
+        row["packing"] = None if layout is None else layout.summary()
     if cached:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(row))
     return row | {"cached": False}
+
+
+def attention_calls(text: str) -> list[str]:
+    """The fused attention kernels an optimised HLO module calls: cuDNN's (`__cudnn$fmha...`) and TPU kernels
+    (`tpu_custom_call`: splash attention's Mosaic kernel)."""
+    targets = set(re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*|tpu_custom_call)"', text))
+    return sorted(targets)
 
 
 # What XLA's compilers print (C++, to the process's stderr) when a program needs more memory than the device has:
@@ -282,8 +326,12 @@ def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
     collectives = [c | {"crosses_node": roofline.crosses_node(c.get("group"), chip)} for c in row["collectives"]]
     analysis = hlo.Analysis(row["hlo_flops"], row["hbm_bytes"], collectives)
     terms = roofline.step_time(analysis, chip)
-    per_device = model_flops(job) / devices
+    layout = packed_layout(job, row["mesh"]) if job.kind == "train" else None
+    per_device = model_flops(job, layout) / devices
     expected = 1.0 if job.kind == "decode" else roofline.remat_factor(job.remat, _passes(job))
+    if layout is not None:  # the packed rows' padding slots run the projections too (model FLOPs count real tokens)
+        expected *= layout.rows * layout.row_length / layout.real_tokens
+    tokens = job.batch_size if job.kind == "decode" else step_tokens(job, layout)  # decode: a new token per slot
     peak_memory = max(row["memory_bytes"]["total"], row.get("prefill", {}).get("memory_bytes", {}).get("total", 0))
     return {
         "model_flops": per_device,
@@ -296,6 +344,8 @@ def predict(row: dict, job, chip: chips.Chip, devices: int) -> dict:
         "predicted_step_s": terms["step_max_s"],
         "predicted_step_sum_s": terms["step_sum_s"],
         "predicted_mfu": roofline.mfu(per_device, terms["step_max_s"], chip),
+        "tokens": tokens,  # real tokens per step, all devices
+        "predicted_tokens_per_s": tokens / terms["step_max_s"] if terms["step_max_s"] > 0 else None,
     }
 
 
