@@ -2,6 +2,7 @@
 
     python scripts/bench_decode.py --model HF_DIR --batch-size 16 --prompt-len 64 --new-tokens 64
     python scripts/bench_decode.py --model qwen2-0.5b --workload varied --prompts 64 --batch-size 16
+    python scripts/bench_decode.py --model toy --workload toy      # the toy demo's compiled programs
 
 --model is an HF checkpoint directory, or a preset name from jaxpatience.config.PRESETS ("tiny",
 "qwen2-0.5b", ...), in which case random weights are saved to a temporary directory first so that both sides
@@ -43,6 +44,13 @@ Each engine is timed as one untimed warm-up call on the same workload (compilati
 last line one JSON object with both engines' figures, speedup (slots' useful tokens/s over static's), model,
 dtype, device, slots and prompts; with --bandwidth-gbs, the bound on tokens/s with every slot busy (each decode
 step reads all weights and every slot's whole KV cache once, at the slot engine's cache length).
+
+--workload toy (with --model toy, a random model of the toy demo's shape: 3 layers, 128 wide, vocab 512): the
+compiled programs of the demo's two generate workloads, each run once, cold, in one process, since compiling is
+what they are about: held-out evaluation (200 greedy prompts, batch 128) and IRPO sampling (256 prompts x 8
+samples at temperature 1, 1024 slots). Prompts of 28..48 random ids, budgets uniform in 8..96 (no stop tokens:
+each row stops at its budget, as the toy's answers stop at their varied lengths). Printed per workload: wall
+and CPU seconds, XLA programs compiled and their compile seconds, inserts, chunks, slot buckets, slot steps.
 """
 
 from __future__ import annotations
@@ -114,7 +122,7 @@ def bandwidth_bound(model, batch: int, cache_len: int, bandwidth_gbs: float) -> 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF checkpoint directory or a preset name")
-    parser.add_argument("--workload", default="fixed", choices=["fixed", "varied"])
+    parser.add_argument("--workload", default="fixed", choices=["fixed", "varied", "toy"])
     parser.add_argument("--prompts", type=int, default=64, help="varied: number of prompts")
     parser.add_argument("--max-budget", type=int, default=512, help="varied: the budgets' upper clip (scales them)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows at once (varied: slots = static batch)")
@@ -138,6 +146,8 @@ def load(args: argparse.Namespace, tmp_dir: Path, mesh):
     from jaxpatience.model.weights import load_model
 
     path = Path(args.model)
+    if args.model == "toy" and not path.exists():
+        return toy_model(args.dtype), None, None
     if args.model in PRESETS and not path.exists():
         if args.no_hf or args.workload == "varied":
             return random_jax_model(args.model, args.dtype, mesh), None, None
@@ -300,6 +310,57 @@ def run_varied(args: argparse.Namespace, model, vocab: int, mesh) -> dict:
     return report
 
 
+def toy_model(dtype: str):
+    """A random model of the toy demo's shape (configs/toy.yaml)."""
+    from flax import nnx
+
+    from jaxpatience.config import ModelConfig
+    from jaxpatience.model.qwen2 import Qwen2ForCausalLM
+
+    config = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         param_dtype=dtype, compute_dtype=dtype)  # fmt: skip
+    return Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
+
+
+def run_toy(args: argparse.Namespace, model, mesh) -> dict:
+    """The toy demo's generate workloads, each once and cold: programs compiled, seconds, the engine's stats."""
+    from jaxpatience.generation.api import EngineStats, Request, generate
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: compiles.append(duration)
+        if event == "/jax/core/compile/backend_compile_duration" else None
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+
+    def requests(count: int) -> list:
+        return [Request(rng.integers(0, vocab, int(rng.integers(28, 49))).tolist(),
+                        max_new_tokens=int(rng.integers(8, 97))) for _ in range(count)]  # fmt: skip
+
+    workloads = {
+        "eval (200 x 1, greedy, batch 128)": (requests(200), dict(batch_size=128)),
+        "irpo (256 x 8, temperature 1, 1024 slots)": (requests(256), dict(batch_size=1024, num_samples=8,
+                                                                           temperature=1.0)),
+    }  # fmt: skip
+    report = dict(model=args.model, dtype=args.dtype, device=device_name(), workload="toy")
+    print(f"{'workload':<44}{'wall s':>8}{'CPU s':>8}{'programs':>10}{'compile s':>11}{'inserts':>9}{'chunks':>8}"
+          f"{'slot steps':>12}  slot buckets")  # fmt: skip
+    for name, (batch, kwargs) in workloads.items():
+        stats, before = EngineStats(), len(compiles)
+        start, cpu = time.perf_counter(), time.process_time()
+        generate(model, None, batch, stop_tokens=[], stats=stats, progress=False, mesh=mesh, **kwargs)
+        figures = dict(seconds=time.perf_counter() - start, cpu_s=time.process_time() - cpu,
+                       programs=len(compiles) - before, compile_s=sum(compiles[before:]),
+                       **dataclasses.asdict(stats))  # fmt: skip
+        report[name] = figures
+        print(f"{name:<44}{figures['seconds']:>8.1f}{figures['cpu_s']:>8.1f}{figures['programs']:>10}"
+              f"{figures['compile_s']:>11.1f}{stats.inserts:>9}{stats.chunks:>8}{stats.slot_steps:>12}  "
+              f"{stats.slot_buckets}")  # fmt: skip
+    return report
+
+
 def bucket16(n: int) -> int:
     return max(16, 2 ** (n - 1).bit_length())
 
@@ -331,6 +392,8 @@ def main() -> None:
     model, tokenizer, path = load(args, Path(tmp.name), mesh)
     if args.workload == "fixed":
         report = run_fixed(args, model, tokenizer, path, mesh)
+    elif args.workload == "toy":
+        report = run_toy(args, model, mesh)
     else:
         vocab = model.config.vocab_size if tokenizer is None else min(len(tokenizer), model.config.vocab_size)
         report = run_varied(args, model, vocab, mesh)

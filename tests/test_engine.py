@@ -7,13 +7,17 @@ near-tie fails loudly instead of flaking.
 
 from __future__ import annotations
 
+from collections import deque
+
 import jax
 import pytest
 from conftest import make_hf_checkpoint
 from test_decode import MARGIN, uncached_rollout
 
 from jaxpatience import generate, load_pretrained
+from jaxpatience.generation import scheduler
 from jaxpatience.generation.api import EngineStats, Request
+from jaxpatience.generation.shapes import make_plan
 
 # Mixed lengths (2..13 tokens, all in the 16-token prompt bucket) and budgets (1..16 new tokens).
 PROMPTS = [[5, 9, 33, 71, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [17, 3], [8] * 13, [60, 61, 62],
@@ -30,8 +34,10 @@ def requests(prompts, budgets):
     return [Request(p, max_new_tokens=b) for p, b in zip(prompts, budgets, strict=True)]
 
 
-def test_more_prompts_than_slots_equal_one_at_a_time(loaded):
+def test_more_prompts_than_slots_equal_one_at_a_time(loaded, monkeypatch):
     model, tokenizer = loaded
+    monkeypatch.setattr(scheduler, "MIN_TAIL_SLOTS", 1)  # a tail through 2 and 1 slots (by default: none below 8)
+    monkeypatch.setattr(scheduler, "TAIL_FACTOR", 2)
     stats = EngineStats()
     together = generate(model, tokenizer, requests(PROMPTS, BUDGETS), stop_tokens=[], batch_size=4, stats=stats)
     for prompt, budget, result in zip(PROMPTS, BUDGETS, together, strict=True):
@@ -64,7 +70,7 @@ def test_compilations_stay_constant_across_calls_and_queue_lengths(loaded):
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     try:
-        for seed in range(4):  # warm every bucket: slots 4 -> 2 -> 1, inserts of 1, 2, 4 prompts, windows
+        for seed in range(4):  # warm every bucket: inserts of 1 and 4 prompts, windows
             call(12, seed)
         warm = len(compiles)
         for count, seed in ((5, 11), (9, 12), (17, 13)):  # other queue lengths, prompts and budgets
@@ -74,6 +80,21 @@ def test_compilations_stay_constant_across_calls_and_queue_lengths(loaded):
         assert len(compiles) > warm
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+def test_the_tail_shrinks_by_a_factor_of_four_down_to_eight_slots(loaded):
+    """Few tail buckets (each one a resize and a decode compile): 128 slots -> 32 -> 8, and a chunk ends when
+    the rows fit the next one; with 3 batch shards the buckets are rounded up and still shrink."""
+    model, _ = loaded
+    plan = make_plan(model, dict(temperature=0.0, top_p=1.0, num_samples=1, top_k=0, seed=0), [[1]], [4], [0], 128,
+                     None, 8)  # fmt: skip
+    targets = {busy: scheduler._tail_target(plan, busy, 128) for busy in (100, 33, 32, 9, 8, 1)}
+    assert targets == {100: 128, 33: 128, 32: 32, 9: 32, 8: 8, 1: 8}
+    assert scheduler._tail_target(plan, 1, 32) == 8 and scheduler._tail_target(plan, 1, 8) == 8
+    queue = scheduler._Queue([[1]], [4], [[]], [0], 1, deque(), [(0, 0)] * 128)
+    assert scheduler._refill_at(plan, queue, 128) == 128 - 32  # end the chunk when 32 rows are left
+    assert scheduler._refill_at(plan, queue, 8) == 9  # no smaller bucket: run to the end
+    assert [scheduler.power_below(n, scheduler.INSERT_FACTOR) for n in (1, 3, 4, 15, 16, 100)] == [1, 1, 4, 4, 16, 64]
 
 
 def test_num_samples_prefill_once_and_stay_batch_independent(loaded):

@@ -25,7 +25,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from jaxpatience import cli, sharding  # noqa: E402
 from jaxpatience.evaluation import harness  # noqa: E402
-from jaxpatience.evaluation.harness import HarnessLM, plan_batches, score_pairs  # noqa: E402
+from jaxpatience.evaluation.harness import HarnessLM, plan_batches, score_pairs, shape_cost  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["tiny_mc", "tiny_gen", "tiny_ppl"]  # loglikelihood, generate_until, loglikelihood_rolling
@@ -117,6 +117,24 @@ def test_a_shared_context_is_scored_once_and_long_pairs_are_cut_on_the_left():
     assert len(small) > 1 and sum(b.rows for b in small) == 40
     with pytest.raises(ValueError, match="request 0: a context and a continuation"):
         plan_batches([([1], [])], max_length=8, batch_tokens=64)
+
+
+def test_batches_reuse_a_planned_shape_within_twice_its_cost():
+    """Questions of 100, 50 and 9 context tokens with 4 choices each: packed again into the shapes planned for
+    longer ones when that costs at most twice as much, so fewer programs compile; every pair is planned once."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for length in [100] * 24 + [50] * 40 + [9] * 3:
+        context = rng.integers(1, 99, length).tolist()
+        pairs += [(context, rng.integers(1, 99, int(rng.integers(1, 4))).tolist()) for _ in range(4)]
+    separate = plan_batches(pairs, max_length=1024, batch_tokens=2048, reuse=0)  # every batch its smallest shape
+    merged = plan_batches(pairs, max_length=1024, batch_tokens=2048)
+    assert len({b.shape for b in merged}) < len({b.shape for b in separate})
+    for batches in (separate, merged):
+        assert sorted(i for b in batches for rows in b.continuations for i, _ in rows) == list(range(len(pairs)))
+        assert all(all(o <= s for o, s in zip(b.own_shape(), b.shape, strict=True)) for b in batches)
+    assert sum(shape_cost(b.shape) for b in merged) <= 2 * sum(shape_cost(b.shape) for b in separate)
+    assert {b.shape for b in separate} == {b.own_shape() for b in separate}
 
 
 def transformers_scores(model, pairs) -> list[tuple[float, bool]]:

@@ -11,7 +11,9 @@ tokenizer, as its own `hf` backend does, and calls
   length and cut into batches of about `batch_tokens` tokens; one jitted call (`_score`) runs a batch's contexts
   [G, P] into a KV cache, copies each context's cache to the rows of its continuations [R, C], and runs those
   on top of it. The continuation's first token is scored from the context's last logits, the others from the
-  continuation rows' own. P, C, G and R are powers of two (a few compiled shapes). Result per pair: the sum of
+  continuation rows' own. P, C, G and R are powers of two, and the batches of a shape are packed again into a
+  larger planned shape when that costs at most twice their tokens (`plan_batches`): a compile costs seconds on a
+  CPU, more than the padding on a small model, so a task usually compiles one or two. Result per pair: the sum of
   the continuation's log-probs (float32) and whether every token was the argmax. Long pairs are cut on the left
   to the model's context, as the `hf` backend cuts them.
 * `generate_until`: the live slot engine (serving/live.py) with one job per request: its stop strings (the
@@ -44,6 +46,7 @@ from lm_eval.tasks import TaskManager
 from jaxpatience import sharding
 from jaxpatience.config import ConfigError, EvalConfig, command_parser, config_from_args
 from jaxpatience.config_io import check_output_dir
+from jaxpatience.durability import outputs
 from jaxpatience.durability import progress as progress_bars
 from jaxpatience.evaluation.evaluate import _checkpoint_mesh
 from jaxpatience.generation.shapes import bucket, round_up
@@ -99,12 +102,17 @@ def _score(
         return total, greedy
 
 
+Shape = tuple[int, int, int, int]  # (G, P, R, C): one compiled `_score` program
+
+
 @dataclasses.dataclass
 class Batch:
-    """One `_score` call: contexts (each once) and, per context, its continuations as (pair index, token ids)."""
+    """One `_score` call: contexts (each once) and, per context, its continuations as (pair index, token ids);
+    `shape` is the compiled shape it is padded to."""
 
     contexts: list[tuple[int, ...]]
     continuations: list[list[tuple[int, list[int]]]]
+    shape: Shape | None = None
 
     @property
     def context_bucket(self) -> int:
@@ -119,11 +127,21 @@ class Batch:
     def rows(self) -> int:
         return sum(map(len, self.continuations))
 
+    def own_shape(self, shards: int = 1) -> Shape:
+        """The smallest shape that holds the batch: powers of two, counts a multiple of `shards`."""
+        return (round_up(bucket(len(self.contexts)), shards), self.context_bucket,
+                round_up(bucket(self.rows), shards), self.continuation_bucket)  # fmt: skip
 
-def plan_batches(pairs: list[tuple[list[int], list[int]]], max_length: int, batch_tokens: int) -> list[Batch]:
-    """Group `pairs` (context ids, continuation ids) by context, longest first, into batches whose continuation
-    rows hold at most about `batch_tokens` cache slots (one group always fits). A pair longer than `max_length` + 1
-    tokens loses context tokens on the left, as the `hf` backend cuts it."""
+
+def shape_cost(shape: Shape) -> int:
+    """Tokens one call runs through the model: G contexts of P, R continuation rows of C."""
+    contexts, context_bucket, rows, continuation_bucket = shape
+    return contexts * context_bucket + rows * continuation_bucket
+
+
+def _group_pairs(pairs, max_length: int) -> dict[tuple[int, ...], list[tuple[int, list[int]]]]:
+    """Context -> its continuations as (pair index, ids). A pair longer than `max_length` + 1 tokens loses
+    context tokens on the left, as the `hf` backend cuts it."""
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for index, (context, continuation) in enumerate(pairs):
         if not context or not continuation or len(continuation) > max_length:
@@ -133,28 +151,83 @@ def plan_batches(pairs: list[tuple[list[int], list[int]]], max_length: int, batc
             )
         kept = (list(context) + list(continuation))[-(max_length + 1) :]
         groups.setdefault(tuple(kept[: len(kept) - len(continuation)]), []).append((index, list(continuation)))
+    return groups
+
+
+def _fill(order: list, groups: dict, start: int, batch_tokens: int, limit: Shape | None) -> tuple[Batch | None, int]:
+    """A batch of the groups order[start:], taken while it fits: within `batch_tokens` cache slots of
+    continuation rows (limit None; the first group always fits), or within the shape `limit` (None if the first
+    group does not fit). Returns it and the index of the first group left out."""
+    batch, end = None, start
+    for context in order[start:]:
+        candidate = Batch((batch.contexts if batch else []) + [context],
+                          (batch.continuations if batch else []) + [groups[context]], shape=limit)  # fmt: skip
+        if limit is None:
+            fits = batch is None or bucket(candidate.rows) * (
+                candidate.context_bucket + candidate.continuation_bucket) <= batch_tokens  # fmt: skip
+        else:
+            longest = max(len(ids) for rows in candidate.continuations for _, ids in rows)
+            fits = len(candidate.contexts) <= limit[0] and len(context) <= limit[1]
+            fits = fits and candidate.rows <= limit[2] and longest <= limit[3]
+        if not fits:
+            break
+        batch, end = candidate, end + 1
+    return batch, end
+
+
+def _pack(order: list, groups: dict, batch_tokens: int, shape: Shape | None, shards: int) -> list[Batch] | None:
+    """The groups of `order` cut into consecutive batches: by `batch_tokens`, each in its own smallest shape
+    (shape None), or all in `shape` (None if some group does not fit it)."""
+    batches, start = [], 0
+    while start < len(order):
+        batch, start = _fill(order, groups, start, batch_tokens, shape)
+        if batch is None:
+            return None
+        batch.shape = shape or batch.own_shape(shards)
+        batches.append(batch)
+    return batches
+
+
+def plan_batches(
+    pairs: list[tuple[list[int], list[int]]], max_length: int, batch_tokens: int, shards: int = 1, reuse: float = 2.0
+) -> list[Batch]:
+    """Group `pairs` (context ids, continuation ids) by context, longest first, into batches whose continuation
+    rows hold at most about `batch_tokens` cache slots (one group always fits), each with its compiled shape.
+
+    Then fewer shapes: the batches of a shape are packed again into another planned shape that holds their
+    groups when that costs (shape_cost) at most `reuse` times as much as they did; on a small model a compile
+    costs seconds, more than the padding. Cheapest shapes first, until no merge is left.
+    """
+    groups = _group_pairs(pairs, max_length)
     order = sorted(groups, key=lambda c: (len(c), max(len(ids) for _, ids in groups[c])), reverse=True)
-    batches: list[Batch] = []
-    for context in order:
-        batch = batches[-1] if batches else None
-        if batch is not None:
-            candidate = Batch(batch.contexts + [context], batch.continuations + [groups[context]])
-            slots = candidate.context_bucket + candidate.continuation_bucket
-            if bucket(candidate.rows) * slots <= batch_tokens:
-                batches[-1] = candidate
-                continue
-        batches.append(Batch([context], [groups[context]]))
+    batches = _pack(order, groups, batch_tokens, None, shards)
+    merged = True
+    while merged:
+        merged = False
+        by_shape: dict[Shape, list[Batch]] = {}
+        for batch in batches:
+            by_shape.setdefault(batch.shape, []).append(batch)
+        cost = {shape: shape_cost(shape) * len(members) for shape, members in by_shape.items()}
+        for small in sorted(by_shape, key=cost.get):
+            contexts = [context for batch in by_shape[small] for context in batch.contexts]
+            for big in sorted((s for s in by_shape if s != small), key=shape_cost):
+                packed = _pack(contexts, groups, batch_tokens, big, shards)
+                if packed is not None and shape_cost(big) * len(packed) <= reuse * cost[small]:
+                    batches = [batch for batch in batches if batch.shape != small] + packed
+                    merged = True
+                    break
+            if merged:
+                break
     return batches
 
 
 def _batch_arrays(batch: Batch, shards: int) -> dict[str, np.ndarray]:
-    """The call's inputs, right-padded; context and row counts are powers of two (a multiple of `shards`)."""
-    contexts = round_up(bucket(len(batch.contexts)), shards)
-    rows = round_up(bucket(batch.rows), shards)
+    """The call's inputs, right-padded to the batch's shape (its own smallest one if it has none)."""
+    contexts, context_bucket, rows, continuation_bucket = batch.shape or batch.own_shape(shards)
     arrays = {
-        "context_ids": np.zeros((contexts, batch.context_bucket), np.int32),
+        "context_ids": np.zeros((contexts, context_bucket), np.int32),
         "context_len": np.ones((contexts,), np.int32),  # padding contexts: one (padding) token
-        "continuation_ids": np.zeros((rows, batch.continuation_bucket), np.int32),
+        "continuation_ids": np.zeros((rows, continuation_bucket), np.int32),
         "continuation_len": np.zeros((rows,), np.int32),
         "group": np.zeros((rows,), np.int32),
     }
@@ -187,7 +260,7 @@ def score_pairs(
     shards = sharding.batch_shards(mesh)
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     bar = progress_bars.bar(len(pairs), desc="loglikelihood", unit="request", enabled=progress)
-    for batch in plan_batches(pairs, max_length, batch_tokens):
+    for batch in plan_batches(pairs, max_length, batch_tokens, shards):
         arrays = _batch_arrays(batch, shards)
         placed = {name: sharding.put_global(a, mesh, ("batch",) + (None,) * (a.ndim - 1)) for name, a in arrays.items()}
         total, greedy = _score(state, **placed, graphdef=graphdef, mesh=mesh)
@@ -465,7 +538,7 @@ def run(config: EvalConfig, tasks: list[str], args) -> dict:
         random_seed=config.sampling.seed,
     )
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        outputs.mark(out, "lm-eval", "results")  # the folder, claimed by main() (durability/outputs.py)
         samples = results.pop("samples", {}) if args.log_samples else {}
         for task, records in samples.items():
             lines = (json.dumps(r, default=lm_utils.handle_non_serializable) for r in records)
@@ -487,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"lm-eval: --batch-tokens must be >= 1, not {args.batch_tokens}.")
     if config.out_dir:
         check_output_dir(config.out_dir, "out_dir")
+        outputs.claim_folder(config.out_dir, "lm-eval", "results", key="--out", inputs={"--model": config.model})
     if args.include_path and not Path(args.include_path).is_dir():
         raise ConfigError(f"lm-eval: --include-path {args.include_path} is not a folder.")
     results = run(config, tasks, args)

@@ -7,13 +7,14 @@ Here each of B slots holds one (prompt, sample) row, so a row that finishes free
 prompt while the others go on. The loop, until the queue is empty and every slot is done (slots.py does the
 device work of each step):
 
-1. **insert**: take as many waiting prompts (shortest first) as the free slots hold, a power of two at a time;
+1. **insert**: take as many waiting prompts (shortest first) as the free slots hold, a power of 4 at a time;
 2. **decode a chunk**: until enough slots are free to refill (`_refill_at`), every slot is done, or
    `chunk_steps` steps have passed;
 3. read back each slot's done flag and token count (a few bytes per slot), hand finished rows to `on_result`,
    and free their slots;
-4. **the tail**: once the queue is empty, the remaining rows move into the smallest power-of-two slot bucket
-   that holds them (`_shrink`: on a CPU an idle slot costs as much as a busy one).
+4. **the tail**: once the queue is empty, the remaining rows move into the smallest tail bucket that holds them
+   (`_shrink`: on a CPU an idle slot costs as much as a busy one): the slot count divided by 4, 16, ..., not
+   below 8 slots, since each bucket is a resize and a decode program to compile (seconds on a CPU).
 
 Every host-side decision is made from arrays all processes read alike (sharding.fetch), so the same loop runs
 on a pod. Shape letters: B slots, S cache slots per row, N token buffer per row.
@@ -33,7 +34,13 @@ from jaxpatience import sharding
 from jaxpatience.durability import progress as progress_bars
 from jaxpatience.generation.sampling import Generation
 from jaxpatience.generation.shapes import MIN_LENGTH_BUCKET, Plan, bucket, round_up
-from jaxpatience.generation.slots import Row, Slots, decode_chunk, empty_slots, insert, power_of_two_below, resize
+from jaxpatience.generation.slots import Row, Slots, decode_chunk, empty_slots, insert, power_below, resize
+
+# Fewer compiled shapes (each one seconds of compiling on a CPU, more than the idle slots or extra inserts cost):
+# the tail shrinks by a factor of 4 and not below 8 slots, inserts take a power of 4 of prompts.
+TAIL_FACTOR = 4
+MIN_TAIL_SLOTS = 8
+INSERT_FACTOR = 4
 
 
 @dataclasses.dataclass
@@ -70,9 +77,9 @@ class _Queue:
 def _insert_batch(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slots:
     """Take as many waiting prompts as the free slots hold (at most `plan.max_insert`) and insert them."""
     free = queue.free()
-    # A power of two, so that no padding row is prefilled (on a CPU each one costs as much as a real prompt); the
-    # caller inserts again while slots are free, e.g. 3 free slots take 2 prompts, then 1.
-    take = power_of_two_below(min(len(queue.waiting), len(free) // queue.samples, plan.max_insert))
+    # A power of INSERT_FACTOR, so that no padding row is prefilled (on a CPU each one costs as much as a real
+    # prompt) and few insert shapes compile; the caller inserts again while slots are free (5 free: 4, then 1).
+    take = power_below(min(len(queue.waiting), len(free) // queue.samples, plan.max_insert), INSERT_FACTOR)
     batch = [queue.waiting.popleft() for _ in range(take)]
     settings = dict(seed=plan.seed, temperature=float(plan.scalars["temperature"]), top_p=float(plan.scalars["top_p"]))
     rows = []
@@ -125,11 +132,20 @@ def _finish_rows(
     return returned
 
 
+def _tail_target(plan: Plan, busy: int, size: int) -> int:
+    """The tail's slot count for `busy` rows in `size` slots: the smallest bucket(size) / TAIL_FACTOR^k, at
+    least MIN_TAIL_SLOTS, that holds them, rounded up to the batch shards."""
+    target = bucket(size)
+    while target // TAIL_FACTOR >= max(busy, MIN_TAIL_SLOTS, 1):
+        target //= TAIL_FACTOR
+    return round_up(target, plan.batch_shards)
+
+
 def _shrink(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slots:
-    """The tail: with nothing waiting, move the busy slots into the smallest power-of-two bucket that holds them."""
+    """The tail: with nothing waiting, move the busy slots into the smallest tail bucket that holds them."""
     size = slots.done.shape[0]
     busy = [slot for slot, owner in enumerate(queue.owner) if owner is not None]
-    target = round_up(bucket(max(len(busy), 1)), plan.batch_shards)
+    target = _tail_target(plan, len(busy), size)
     if queue.waiting or not busy or target >= size:
         return slots
     keep = busy + [slot for slot in range(size) if queue.owner[slot] is None][: target - len(busy)]
@@ -140,17 +156,17 @@ def _shrink(plan: Plan, slots: Slots, queue: _Queue, stats: EngineStats) -> Slot
 
 def _refill_at(plan: Plan, queue: _Queue, size: int) -> int:
     """How many done slots end a chunk: enough for a refill while prompts wait (a batch of slots, or what the
-    queue still needs); with nothing waiting, half the slots (the tail then moves to a bucket half the size)."""
+    queue still needs); with nothing waiting, all but the next tail bucket's count (the rows then move into it)."""
     free = len(queue.free())
     if queue.waiting:
         wanted = round_up(min(len(queue.waiting) * queue.samples, max(queue.samples, plan.refill_rows)), queue.samples)
         return min(free + wanted, size)
-    # The next smaller bucket _shrink can move to: the largest 2^k busy rows whose bucket, rounded up to the
-    # batch shards, is below `size` (with 3 shards and 6 slots there is none: run to the end).
-    busy_at_most = 1 << max(size - 1, 1).bit_length()
-    while busy_at_most > 1 and round_up(busy_at_most, plan.batch_shards) >= size:
-        busy_at_most //= 2
-    if round_up(busy_at_most, plan.batch_shards) >= size:
+    # The next smaller bucket _shrink can move to: the largest tail bucket whose count, rounded up to the batch
+    # shards, is below `size` (with 3 shards and 6 slots there is none: run to the end).
+    busy_at_most = bucket(size) // TAIL_FACTOR
+    while busy_at_most >= max(MIN_TAIL_SLOTS, 1) and round_up(busy_at_most, plan.batch_shards) >= size:
+        busy_at_most //= TAIL_FACTOR
+    if busy_at_most < max(MIN_TAIL_SLOTS, 1):
         return size + 1  # never: the chunk ends when every slot is done (or after chunk_steps)
     return size - busy_at_most
 

@@ -13,10 +13,11 @@ frees its slot for the next waiting prompt while the others go on. Two host loop
 * **resize** / **release**: gather the busy slots into a smaller bucket (the tail), or free slots.
 
 Shapes stay static: the slot count B (`batch_size` rounded up to the mesh's batch shards, or the call's row count
-bucketed when smaller) and the tail's buckets (powers of two rounded up to the batch shards), the cache length S
-(a power of two above the longest prompt + its budget), the inserts' prompt counts Bp and the attention
-windows (powers of two), prompt lengths P (2^k or 1.5 * 2^k): a call compiles a few executables and a second
-call with the same buckets compiles nothing.
+bucketed when smaller) and the tail's buckets (B / 4^k, rounded up to the batch shards), the cache length S
+(a power of two above the longest prompt + its budget), the inserts' prompt counts Bp (powers of 4 from
+scheduler.py; a fixed count from serving's `fixed_shapes`) and the attention windows (powers of two), prompt
+lengths P (2^k or 1.5 * 2^k): a call compiles a few executables and a second call with the same buckets
+compiles nothing.
 
 Per row: its own max_new_tokens (`budget`), stop tokens, seed, temperature, top_p and top_k (serving/live.py
 mixes requests; `generate` gives every row the call's); keys from sampling.py (a sample is the same whatever
@@ -302,9 +303,12 @@ def prompt_bucket(n: int) -> int:
     return power * 3 // 4 if power * 3 // 4 >= n and power > MIN_LENGTH_BUCKET else power
 
 
-def power_of_two_below(n: int) -> int:
-    """The largest power of two <= n (n >= 1)."""
-    return 1 << (n.bit_length() - 1)
+def power_below(n: int, base: int = 2) -> int:
+    """The largest power of `base` <= n (n >= 1)."""
+    power = 1
+    while power * base <= n:
+        power *= base
+    return power
 
 
 def _replicated(placed: Placed, *arrays):
@@ -318,19 +322,33 @@ def empty_slots(placed: Placed, shape: tuple) -> Slots:
     return _empty_slots(shape=(layers, rows, *others), mesh=placed.mesh)
 
 
-def insert(placed: Placed, slots: Slots, sampler, prompts: list[list[int]], rows: list[Row]) -> Slots:
+def insert(
+    placed: Placed,
+    slots: Slots,
+    sampler,
+    prompts: list[list[int]],
+    rows: list[Row],
+    shape: tuple[int, int] | None = None,
+) -> Slots:
     """Prefill `prompts` (once each; a power of two of them wastes no prefill row) and start `rows` in their slots.
 
-    Each row's prompt length + budget must fit the cache (the callers check it).
+    shape: (Bp, P) to prefill exactly Bp prompts of P tokens and start Bp rows (at least the given ones), so that
+    every insert of a known workload is one compiled program (serving/live.py's fixed_shapes); the prompts past
+    `prompts` are one token each and start no row. Each row's prompt length + budget must fit the cache (the
+    callers check it).
     """
     slot_count, cache_len = slots.done.shape[0], slots.kv_cache.k[0].shape[2]
-    prompt_len = min(prompt_bucket(max(map(len, prompts))), cache_len)  # P
-    ids = np.zeros((len(prompts), prompt_len), np.int32)
-    mask = np.zeros((len(prompts), prompt_len), np.int32)
+    prompt_count, prompt_len = shape or (len(prompts), min(prompt_bucket(max(map(len, prompts))), cache_len))
+    if shape and (max(len(prompts), len(rows)) > prompt_count or max(map(len, prompts)) > prompt_len):
+        raise ValueError(f"{len(prompts)} prompts of up to {max(map(len, prompts))} tokens and {len(rows)} rows "
+                         f"exceed the insert shape {shape}.")  # fmt: skip
+    ids = np.zeros((prompt_count, prompt_len), np.int32)
+    mask = np.zeros((prompt_count, prompt_len), np.int32)
+    mask[len(prompts) :, -1] = 1  # padding prompts: one token, read by no row
     for i, prompt in enumerate(prompts):  # left padding: every prompt's last token sits in slot P - 1
         ids[i, prompt_len - len(prompt) :] = prompt
         mask[i, prompt_len - len(prompt) :] = 1
-    count = round_up(len(rows), placed.batch_shards)  # R
+    count = round_up(prompt_count if shape else len(rows), placed.batch_shards)  # R
     targets = np.full(count, slot_count, np.int32)  # padding rows: out of range, dropped
     sources = np.zeros(count, np.int32)
     settings = {
@@ -364,15 +382,17 @@ def insert(placed: Placed, slots: Slots, sampler, prompts: list[list[int]], rows
 
 
 def decode_chunk(
-    placed: Placed, slots: Slots, sampler, *, steps: int, refill_at: int, busy: list[int]
+    placed: Placed, slots: Slots, sampler, *, steps: int, refill_at: int, busy: list[int], window: int | None = None
 ) -> tuple[Slots, int]:
     """Decode up to `steps` tokens per slot (until `refill_at` slots are done); returns the slots and steps taken.
 
-    busy: the slots in use, whose furthest cache slot in this chunk fixes the attention window.
+    busy: the slots in use, whose furthest cache slot in this chunk fixes the attention window (unless `window`
+    is given: the whole cache for one compiled program whatever the rows' lengths).
     """
-    index = sharding.fetch(slots.index)
-    reach = max((int(index[slot]) for slot in busy), default=0) + steps
-    window = min(slots.kv_cache.k[0].shape[2], bucket(reach, MIN_LENGTH_BUCKET))  # a power of two above it
+    if window is None:
+        index = sharding.fetch(slots.index)
+        reach = max((int(index[slot]) for slot in busy), default=0) + steps
+        window = min(slots.kv_cache.k[0].shape[2], bucket(reach, MIN_LENGTH_BUCKET))  # a power of two above it
     max_steps, refill = _replicated(placed, np.int32(steps), np.int32(refill_at))
     slots, taken = _decode_chunk(
         placed.model_state,

@@ -22,10 +22,11 @@ token when a slot is free.
   waiting rows need more and shrunk when the busy ones fit in half, up to `slots`: on a CPU an idle slot costs
   as much as a busy one. The cache holds `max_model_len` tokens per slot.
 * **Fixed shapes** (`fixed_shapes=(rows, longest)`, for a known set of requests such as lm-eval's): every
-  insert prefills exactly `rows` prompts padded to the bucket of `longest` tokens and starts `rows` rows (filler
-  prompts and dropped rows make up the count), and the state keeps `slots` slots throughout: one compiled insert
-  and one slot count instead of the server's shapes fitted to each moment (each new one a compile, seconds on a
-  CPU, which on a small model costs more than the decoding).
+  insert prefills exactly `rows` prompts padded to the bucket of `longest` tokens and starts `rows` rows
+  (slots.insert's `shape`: one-token padding prompts and dropped rows make up the count), and the state keeps
+  `slots` slots throughout, decoding over the whole cache: one compiled insert, one slot count and one attention
+  window instead of the server's shapes fitted to each moment (each new one a compile, seconds on a CPU, which
+  on a small model costs more than the decoding).
 * **Prompt log-probs** (`score`: OpenAI's `echo` and `top_logprobs`): one forward pass without cache over whole
   token sequences, from the caller's thread beside the engine's (the weights are only read), in power-of-two shapes.
 * **Failure.** If a device call raises, every job gets a Delta with `error` set and later submits raise
@@ -139,6 +140,10 @@ class LiveEngine:
                     f"{self.max_model_len} tokens, not {fixed_shapes}."
                 )
         self.fixed_shapes = fixed_shapes
+        # (Bp, P) of every insert with fixed shapes: the rows, and the longest prompt's prefill bucket
+        self._insert_shape = None
+        if fixed_shapes is not None:
+            self._insert_shape = (fixed_shapes[0], min(slot_engine.prompt_bucket(fixed_shapes[1]), self.max_model_len))
         self._shape = (
             config.num_hidden_layers,
             self.max_model_len,
@@ -255,6 +260,8 @@ class LiveEngine:
         """(Lock held.) Waiting jobs that fit in the free slots, first come first served (cancel() has already
         taken cancelled ones out of the queue)."""
         free = self.max_slots - self.busy
+        if self.fixed_shapes and self.busy and free < min(self.fixed_shapes[0], sum(job.n for job in self._waiting)):
+            return []  # fixed shapes: wait for a whole insert's worth of free slots (padding rows cost a prefill)
         jobs = []
         while self._waiting and self._waiting[0].n <= free:
             jobs.append(self._waiting.popleft())
@@ -284,13 +291,10 @@ class LiveEngine:
         if needed > len(self._rows):
             self._resize(min(self.max_slots, round_up(bucket(needed), self.batch_shards)))
         while jobs:
-            if self.fixed_shapes:  # as many as the rows hold, a place left for the filler if none is longest
-                count, longest = self.fixed_shapes
+            if self.fixed_shapes:  # as many jobs as the insert's rows hold
                 group = []
-                while jobs and len(group) < count and sum(job.n for job in group) + jobs[0].n <= count:
+                while jobs and sum(job.n for job in group) + jobs[0].n <= self.fixed_shapes[0]:
                     group.append(jobs.pop(0))
-                if len(group) == count and not any(_same_bucket(job.prompt_ids, longest) for job in group):
-                    jobs.insert(0, group.pop())
             else:
                 group = jobs[: 1 << (len(jobs).bit_length() - 1)]  # a power of two: no prefill row is padding
                 jobs = jobs[len(group) :]
@@ -316,37 +320,27 @@ class LiveEngine:
                     self._rows[slot] = _Row(job, sample)
             sampler, prompts = _sampler(group), [job.prompt_ids for job in group]
             self.stats["rows"] += len(rows)
-            if self.fixed_shapes:
-                prompts, rows = self._fixed_insert(prompts, rows)
-            self._slots = slot_engine.insert(self, self._slots, sampler, prompts, rows)
-
-    def _fixed_insert(self, prompts: list[list[int]], rows: list[slot_engine.Row]):
-        """An insert's prompts and rows made up to the fixed shapes: filler prompts (one of the longest length, so
-        that the prefill has the fixed length) and rows aimed past the last slot, whose writes are dropped."""
-        count, longest = self.fixed_shapes
-        filler = [self.end_ids[0] if self.end_ids else 0] * longest  # prefilled, read by no row
-        if not any(_same_bucket(prompt, longest) for prompt in prompts):  # _insert left a place for it
-            prompts = prompts + [filler]
-        prompts = prompts + [filler[:1]] * (count - len(prompts))
-        pad = dataclasses.replace(rows[0], slot=len(self._rows), prompt=0, stop_ids=[])
-        return prompts, rows + [pad] * (count - len(rows))
+            self._slots = slot_engine.insert(self, self._slots, sampler, prompts, rows, shape=self._insert_shape)
 
     def _decode(self) -> None:
         """One chunk, then hand out each busy row's new tokens and free the finished rows."""
         with self._lock:
             waiting = self._waiting[0].n if self._waiting else 0
+            if self.fixed_shapes:  # the rows of a whole insert (or all that wait)
+                waiting = min(self.fixed_shapes[0], sum(job.n for job in self._waiting))
         size, busy = len(self._rows), [slot for slot, row in enumerate(self._rows) if row is not None]
         shrink = not self.fixed_shapes and not waiting and size > round_up(1, self.batch_shards)
         if shrink and len(busy) <= size // 2:
             self._resize(max(round_up(bucket(len(busy)), self.batch_shards), round_up(1, self.batch_shards)))
             size, busy = len(self._rows), list(range(len(busy)))
         # End the chunk as soon as one row finishes (its answer goes out at once), or when the first waiting
-        # job's rows would fit.
+        # job's rows would fit (fixed shapes: a whole insert's).
         refill_at = min(size - len(busy) + max(1, waiting), size)
         sampler = _sampler([self._rows[slot].job for slot in busy])
         self._slots, steps = slot_engine.decode_chunk(
-            self, self._slots, sampler, steps=self.chunk_steps, refill_at=refill_at, busy=busy
-        )
+            self, self._slots, sampler, steps=self.chunk_steps, refill_at=refill_at, busy=busy,
+            window=self.max_model_len if self.fixed_shapes else None,
+        )  # fmt: skip
         self.stats["chunks"] += 1
         self.stats["decode_steps"] += steps
         done, count, stopped = (sharding.fetch(a) for a in (self._slots.done, self._slots.count, self._slots.stopped))
@@ -433,11 +427,6 @@ def _sampler(jobs: list[Job]) -> Sampler:
         return GREEDY
     filtered = any(job.temperature > 0 and (job.top_k > 0 or job.top_p < 1) for job in jobs)
     return ROW_FILTERED if filtered else ROW_PLAIN
-
-
-def _same_bucket(prompt: list[int], longest: int) -> bool:
-    """Whether `prompt` alone gives an insert the prefill length of a `longest`-token prompt."""
-    return slot_engine.prompt_bucket(len(prompt)) == slot_engine.prompt_bucket(longest)
 
 
 def _settled(text: str, stop_strings: list[str]) -> int:
