@@ -118,9 +118,15 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
+    from jaxpatience.config_io import check_output_dir
+    from jaxpatience.durability.outputs import claim_folder
     from jaxpatience.model.weights import make_tiny_checkpoint
 
+    check_output_dir(args.out, "the output folder")  # a file in its place, no permission: as save_pretrained says
+    # --overwrite replaces only a tiny checkpoint (durability/outputs.py), never another command's folder or yours
+    output = claim_folder(args.out, "tiny", "checkpoint", key="--out")
     print(make_tiny_checkpoint(args.out, args.seed, args.overwrite))
+    output.mark()
     return 0
 
 

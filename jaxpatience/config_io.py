@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,19 +235,55 @@ def check_output_dir(path: str | Path, key: str) -> None:
         if not existing.exists():
             continue
         if not existing.is_dir():
-            where = "is a file" if existing == path else f"lies under the file {existing}"
+            what = "a file" if existing.is_file() else "a special file (a FIFO, device or socket)"
+            where = f"is {what}" if existing == path else f"lies under the file {existing}"
             raise ConfigError(f"{key} {path} {where}, not a folder; choose another one.")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"{key} {path}: no permission to write in {existing}.")
         return
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last without a word).
+    Keys that a merge (`<<: *anchor`) brings in may still be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in seen:
+                raise ConfigError(
+                    f"{self.name}: key {key!r} is written twice (lines {seen[key]} and {line}); keep one of them."
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_readable_file(path: Path, what: str) -> None:
+    """One sentence unless `path` is a regular file: a folder, a FIFO or a device is named as what it is (opening
+    a FIFO would wait for a writer forever)."""
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist.")
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file; give a YAML file.")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is not a regular file (a FIFO, socket or device); give a YAML file.")
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist.")
+    _check_readable_file(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        loader = _StrictLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:  # one line: the problem and where, not PyYAML's drawing of it
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -256,6 +292,8 @@ def load_yaml(path: str | Path) -> dict:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text.") from None
+    except OSError as err:  # no permission to read, an I/O error
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror or err}).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level.")
     return data
@@ -269,28 +307,34 @@ CONFIG_HELP = "YAML config; keys not given keep their defaults"
 
 
 def load_config(
-    cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), *, base: str | Path | None = None
+    cls: type,
+    path: str | Path | Sequence[str | Path] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    base: str | Path | None = None,
 ) -> Any:
     """A `cls` from YAML files and `section.key=value` overrides; strict about unknown keys.
 
+    path: a YAML file, or several (`--config a.yaml --config b.yaml`), laid over each other in order.
     base: a YAML file read first (the demo's recipe); `path` then states only what differs from it.
     """
-    data = load_yaml(base) if base else {}
-    if base:
+    paths = [path] if isinstance(path, str | Path) else list(path or ())
+    data: dict = {}
+    for file in [*([base] if base else []), *paths]:  # each file checked alone, so a bad key is blamed on its file
+        layer = load_yaml(file)
         try:
-            from_dict(cls, data, build=False)
+            from_dict(cls, layer, build=False)
         except ConfigError as err:
-            raise ConfigError(f"{base}: {err}") from None
-    if path:
-        data = _merged(data, load_yaml(path))
+            raise ConfigError(f"{file}: {err}") from None
+        data = _merged(data, layer)
     try:  # a bad key=value is the command line's fault, not the file's: check those alone first
         from_dict(cls, apply_overrides({}, list(overrides)), build=False)
     except ConfigError as err:
         raise ConfigError(f"command line: {err}") from None
     try:
         from_dict(cls, data, build=False)
-    except ConfigError as err:  # the base was checked alone above: what is wrong now came from `path`
-        raise ConfigError(f"{path or base}: {err}") from None
+    except ConfigError as err:  # each file was sound alone: what is wrong comes from laying them over each other
+        raise ConfigError(f"{', '.join(str(p) for p in paths or [base])}: {err}") from None
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 
@@ -324,7 +368,9 @@ def command_parser(
     Commands add their own options (not config keys) to the returned parser.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", metavar="FILE", help=config_help)
+    parser.add_argument(  # given twice or more: the files are laid over each other in order, the last winning
+        "--config", metavar="FILE", action="append", help=f"{config_help} (repeat to layer files, the last winning)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys: section.key=value")
     for flag, (key, help_text) in (aliases or {}).items():
         parser.add_argument(flag, dest=_alias_dest(key), metavar="VALUE", help=f"{help_text} (= {key}=VALUE)")

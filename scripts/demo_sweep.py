@@ -28,6 +28,7 @@ from pathlib import Path
 import profile_demo  # scripts/, beside this file: the demo's compile-time listener
 
 from jaxpatience.config import read_json
+from jaxpatience.durability import outputs
 from jaxpatience.durability.store import read_jsonl
 from jaxpatience.recipes import demo
 
@@ -94,7 +95,7 @@ def reuse_stages(run_dir: Path, runs: Path, keys: dict[str, str]) -> list[str]:
         times.update({stage: old[stage] for stage in stages if stage in old})
         reused.append(name)
     if times:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        outputs.mark(run_dir, "demo", "run")  # a demo's folder (durability/outputs.py), its stages copied in
         (run_dir / "timings.json").write_text(json.dumps(times, indent=2))
     return reused
 
@@ -211,7 +212,7 @@ def main() -> None:
         reused = [] if run_dir.exists() else reuse_stages(run_dir, runs, keys)
         print(f"\n== seed {seed}: {run_dir}" + (f" (reusing {', '.join(reused)})" if reused else ""), flush=True)
         start = time.perf_counter()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        outputs.mark(run_dir, "demo", "run")  # the demo's folder, before the lock goes in
         (run_dir / LOCK).write_text(str(os.getpid()))
         try:
             with profile_demo.compile_profile() as profile:

@@ -87,6 +87,31 @@ def test_parse_number_is_exact():
     assert parse_number("abc") is None and parse_number("1,23") is None
 
 
+# One number, written in the ways a gold answer or a response writes it: every spelling reads as every other.
+SPELLINGS_OF_20 = ["20", "+20", "2e1", "2E1", "+2e1", "20.0", "20.", "200e-1", "$20", "20 apples"]
+
+
+@pytest.mark.parametrize("gold", SPELLINGS_OF_20)
+@pytest.mark.parametrize("written", SPELLINGS_OF_20)
+def test_a_number_scores_right_however_gold_and_response_spell_it(gold, written):
+    """Gold `+20` or `2e1` used to read as LaTeX text, so a response "20" scored wrong (and "The answer is 2e1"
+    read as 2): both directions, every reading."""
+    scores = score_response(f"Adding them gives the total.\nThe answer is {written}.", gold, use_math_verify=False)
+    assert scores["strict"] == "20" and scores["correct"] == {"strict": True, "flexible": True, "math_verify": None}
+    assert normalize_answer(gold) == normalize_answer(written) == "20"
+
+
+def test_signs_exponents_and_thousands_keep_their_value():
+    assert parse_number("+1,000") == parse_number("1e3") == parse_number("1,000.0") == 1000
+    assert parse_number("-2.5e-1") == Fraction(-1, 4) and parse_number("+\\frac{3}{4}") == Fraction(3, 4)
+    assert not answers_equal("20", "+21") and not answers_equal("2e2", "20")
+    # Not numbers: a bare letter, an exponent without digits, an exponent past three digits (no huge integers).
+    assert parse_number("e") is None and parse_number("2e") is None and parse_number("1e1000") is None
+    assert extract_flexible("so 5+3=8") == "8" and extract_flexible("3 + 4 = 7") == "7"  # a sum is no sign
+    assert extract_strict("The answer is 10e3 grams.") == "10000"
+    assert majority_vote([normalize_answer(a) for a in ("2e1", "+20", "21", "21")]) == "20"  # 2-2: first seen
+
+
 def test_extract_gold_from_each_layout():
     assert extract_gold("Natalia sold 48/2 = 24 clips in May.\n#### 72") == "72"
     assert extract_gold("So the total is $\\boxed{\\frac{3}{4}}$ of the cake, as required.") == "\\frac{3}{4}"

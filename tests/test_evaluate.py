@@ -378,10 +378,11 @@ def test_end_to_end_gsm_symbolic_with_samples(tiny_checkpoint, tmp_path):
     model, tokenizer = load_pretrained(tiny_checkpoint(max_position_embeddings=512))
     problems = load_problems("gsm_symbolic", limit=2, seed=1)
     sampling = SamplingConfig(num_samples=4, temperature=1.0, max_new_tokens=8)
-    summary = evaluate(model, tokenizer, problems, out_dir=tmp_path, sampling=sampling, generation_batch_size=2,
+    out = tmp_path / "eval"  # tmp_path holds the checkpoint: not an eval folder
+    summary = evaluate(model, tokenizer, problems, out_dir=out, sampling=sampling, generation_batch_size=2,
                        progress=False)  # fmt: skip
-    records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 8 and set(summary["maj_at_k"]) == {"1", "2", "4"}
     for problem in problems:  # sampling at temperature 1 from a random model: the samples differ
         assert len({r["response"] for r in records if r["id"] == problem.id}) > 1
-    assert (tmp_path / "maj_at_k.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "maj_at_k.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,7 +10,8 @@ Three readings of a response are reported side by side, as lm-evaluation-harness
   (symbolic: `\\frac{1}{2}` = `0.5`); reported as unavailable when the package is not installed.
 
 Gold answers are normalised the same way as extracted ones (commas, `$`, units in `\\text{}`, trailing dot), and
-two answers that both read as numbers are compared as exact fractions (`12.50` = `12.5`, `1/2` = `0.5`).
+two answers that both read as numbers are compared as exact fractions (`12.50` = `12.5`, `1/2` = `0.5`, `+20` =
+`2e1` = `20`): `parse_number` is the one reading of a number, for gold and predicted answers alike.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, localcontext
 from fractions import Fraction
 
-# A number as written in a solution: optional sign (ASCII or Unicode minus), optional `$`, thousands groups or
-# plain digits, optional decimals, optional `/denominator`. Thousands groups come first so that "1,000" is one
-# number while "1, 2, 3" stays three.
+# A number as written in a solution: optional sign (`+`, ASCII or Unicode minus), optional `$`, thousands groups or
+# plain digits, optional decimals, optional exponent (`2e1`, up to three digits), optional `/denominator`.
+# Thousands groups come first so that "1,000" is one number while "1, 2, 3" stays three.
+_EXPONENT = r"(?:[eE][-+]?\d{1,3})?"
 NUMBER_RE = re.compile(
-    r"(?<![\w.])[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?(?!\d)|(?<![\w.])[-−]?\.\d+(?!\d)"
+    r"(?<![\w.])[-−+]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+    + _EXPONENT
+    + r"(?:/\d+(?:\.\d+)?)?(?!\d)|(?<![\w.])[-−+]?\.\d+"
+    + _EXPONENT
+    + r"(?!\d)"
 )
 # Explicit final-answer markers. The value runs to the end of the line (or of the sentence for "answer is").
 _HASH_RE = re.compile(r"####\s*([^\n]*)")
@@ -76,19 +82,20 @@ def normalize_answer(text: str | None) -> str | None:
 
 
 def parse_number(text: str) -> Fraction | None:
-    """The exact value of `text` when the whole of it is one number (after stripping `$`, commas, units...)."""
+    """The exact value of `text` when the whole of it is one number (after stripping `$`, commas, units...):
+    a sign (`+20` = 20), decimals, an exponent (`2e1` = 20, `1.5E-3`), a fraction (`3/4`, `\\frac{3}{4}`)."""
     cleaned = _strip_decorations(text).replace("−", "-")
-    cleaned = re.sub(r"^(-)\s+", r"\1", cleaned)  # "- 5"
+    cleaned = re.sub(r"^([-+])\s+", r"\1", cleaned)  # "- 5", "+ 5"
     if "," in cleaned:
         # Commas only as thousands separators: "1,000" is a number, "1,2" (a list of answers) is not.
-        if not re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", cleaned):
+        if not re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?" + _EXPONENT, cleaned):
             return None
         cleaned = cleaned.replace(",", "")
     # LaTeX fractions of plain integers: \frac{3}{4}, \dfrac34 is too exotic to bother with.
-    frac = re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}", cleaned)
+    frac = re.fullmatch(r"([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}", cleaned)
     if frac:
         cleaned = f"{frac.group(1)}{frac.group(2)}/{frac.group(3)}"
-    if not re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+(?:\.\d+)?)?", cleaned):
+    if not re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)" + _EXPONENT + r"(?:/\d+(?:\.\d+)?)?", cleaned):
         return None
     numerator, _, denominator = cleaned.partition("/")
     try:
@@ -128,7 +135,7 @@ def _strip_decorations(text: str) -> str:
     text = text.strip().rstrip(".").strip()
     text = re.sub(r"^[a-zA-Z]\s*=\s*", "", text)  # "x = 5" -> "5"
     # A lone leading/trailing word ("5 apples", "USD 12") is a unit, not part of a numeric answer.
-    match = re.fullmatch(r"(?:[a-zA-Z]+\s+)?([-−]?[\d.,/]+)(?:\s+[a-zA-Z]+\.?)*", text)
+    match = re.fullmatch(r"(?:[a-zA-Z]+\s+)?([-−+]?[\d.,/]+(?:[eE][-+]?\d+)?)(?:\s+[a-zA-Z]+\.?)*", text)
     return match.group(1) if match else text
 
 

@@ -14,9 +14,12 @@ Sources (`load_problems(name)`):
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from jaxpatience.data.answers import extract_gold, is_numeric, unreadable_gold
 from jaxpatience.durability.store import StoreError, iter_jsonl
@@ -54,15 +57,23 @@ def as_problem(item: Problem | dict | object) -> Problem:
     return Problem(id=str(fields["id"]), question=str(fields["question"]), answer=str(fields["answer"]).strip())
 
 
-def load_problems(dataset: str, *, split: str = "test", limit: int | None = None, seed: int = 0) -> list[Problem]:
-    """Problems from a known dataset name (gsm8k, math, gsm_symbolic) or a local file, the first `limit` of them."""
+def load_problems(
+    dataset: str, *, split: str = "test", limit: int | None = None, seed: int = 0, default_split: str = "test"
+) -> list[Problem]:
+    """Problems from a known dataset name (gsm8k, math, gsm_symbolic) or a local file, the first `limit` of them.
+
+    `split` names a hub dataset's split. A local file or a generated set has no splits: a `split` other than the
+    command's `default_split` (eval's `test`, irpo's `train` for its training problems) is refused rather than
+    ignored, since the user asked for something this source cannot give."""
     if limit is not None and limit <= 0:
         raise ProblemsError(f"limit must be positive, got {limit}.")
     if dataset in HUB_DATASETS:
         problems = load_hub(dataset, split=split, limit=limit)
     elif dataset in GENERATED:
+        _no_split(dataset, split, default_split)
         problems = load_gsm_symbolic(limit or 500, seed=seed)
     elif Path(dataset).exists():
+        _no_split(dataset, split, default_split)
         problems = load_file(dataset)
     elif Path(dataset).suffix in FILE_SUFFIXES or "/" in dataset:
         raise ProblemsError(f"problem file {dataset} does not exist.")
@@ -76,19 +87,40 @@ def load_problems(dataset: str, *, split: str = "test", limit: int | None = None
     return problems[:limit] if limit else problems
 
 
+def _no_split(dataset: str, split: str, default_split: str) -> None:
+    if split != default_split:
+        raise ProblemsError(
+            f"split {split!r} names a part of a hub dataset ({', '.join(HUB_DATASETS)}), but {dataset!r} has no "
+            "splits; leave the split out, or give the file that holds that split."
+        )
+
+
 def load_hub(name: str, *, split: str = "test", limit: int | None = None) -> list[Problem]:
-    """A hub dataset through `datasets`; without network, one sentence saying how to use a local file instead."""
+    """A hub dataset through `datasets`; without network, one sentence saying how to use a local file instead.
+
+    Offline is found out at once, not after `datasets`' retries (about 26 s): HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
+    set (then `datasets` reads its cache alone), or the hub's host not answering a 3-second connection."""
     hub_id, config, question_field, answer_field = HUB_DATASETS[name]
+    local = (
+        f"download it where there is network and pass --dataset path/to/{name}_{split}.jsonl (or .parquet) with "
+        f"fields {question_field!r} and {answer_field!r}"
+    )
+    unreachable = None if _offline_variable() else _hub_unreachable()
+    if unreachable:
+        raise ProblemsError(
+            f"could not load {hub_id!r}: the Hugging Face hub is out of reach ({unreachable}); set HF_HUB_OFFLINE=1 "
+            f"to use a copy in the Hugging Face cache, or {local}."
+        )
     import datasets  # here, not at the top: 2 s to import, for the hub path only
 
     try:
         rows = datasets.load_dataset(hub_id, config, split=split)
     except Exception as err:  # offline, unknown split, hub errors: all end the same way for the user
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        offline = _offline_variable()
+        where = f"with {offline} set and no copy in the Hugging Face cache" if offline else "from the hub"
         raise ProblemsError(
-            f"could not load {hub_id!r} (split {split!r}) from the Hugging Face hub ({reason}); with no network, "
-            f"download it elsewhere and pass --dataset path/to/{name}_{split}.jsonl (or .parquet) with fields "
-            f"{question_field!r} and {answer_field!r}."
+            f"could not load {hub_id!r} (split {split!r}) {where} ({reason}); with no network, {local}."
         ) from None
     if limit:
         rows = rows.select(range(min(limit, len(rows))))
@@ -96,6 +128,28 @@ def load_hub(name: str, *, split: str = "test", limit: int | None = None) -> lis
         Problem(id=f"{name}-{split}-{index}", question=row[question_field], answer=extract_gold(row[answer_field]))
         for index, row in enumerate(rows)
     ]
+
+
+def _offline_variable() -> str | None:
+    """The variable that puts the Hugging Face libraries offline (`NAME=value`), if one is set true."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{name}={os.environ[name]}"
+    return None
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub's host (HF_ENDPOINT, default huggingface.co) cannot be reached, or None: a name that does not
+    resolve or a connection refused is known in milliseconds. Behind a proxy nothing is tried (`datasets` knows)."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or type(err).__name__}"
+    return None
 
 
 def load_gsm_symbolic(count: int, *, seed: int = 0) -> list[Problem]:

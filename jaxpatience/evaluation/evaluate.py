@@ -54,7 +54,14 @@ from jaxpatience.evaluation.records import GENERATION_KEYS as GENERATION_KEYS
 from jaxpatience.evaluation.records import LEGACY_NAMES as LEGACY_NAMES
 from jaxpatience.evaluation.records import LEGACY_VALUES as LEGACY_VALUES
 from jaxpatience.evaluation.records import PromptStyle as PromptStyle
-from jaxpatience.evaluation.records import check_settings, done_ids, drop_incomplete, make_record, run_settings
+from jaxpatience.evaluation.records import (
+    check_settings,
+    claim_out_dir,
+    done_ids,
+    drop_incomplete,
+    make_record,
+    run_settings,
+)
 from jaxpatience.evaluation.records import complete_records as complete_records
 from jaxpatience.evaluation.records import question_sha as question_sha
 from jaxpatience.evaluation.summary import EvalError, load_summary, summarize
@@ -120,7 +127,7 @@ def evaluate(
         generate_kwargs or {},
     )
     job.check_context()  # before anything is written
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(out_dir, run_info).mark(marker=sharding.is_main_process())  # an eval folder (records.py)
     if _process_count() > 1:
         return _evaluate_multihost(job, out_dir, settings, progress, plots, start)
     with JsonlStore(out_dir / "generations.jsonl", required=GENERATION_KEYS) as store:  # locked against a 2nd run
@@ -361,7 +368,8 @@ def _check_context(model, tokenizer, prompts: dict[str, str | list[int]], max_ne
         if length + max_new_tokens > context:
             raise EvalError(
                 f"problem {problem_id}: its prompt has {length} tokens, and with max_new_tokens={max_new_tokens} it "
-                f"runs past the model's context of {context}; lower --max-new-tokens or use a shorter prompt style."
+                f"runs past the model's context of {context}; lower sampling.max_new_tokens (eval: --max-new-tokens) "
+                "or use a shorter prompt style."
             )
 
 
@@ -390,6 +398,8 @@ def evaluate_checkpoint(
         config.validate()
     # Several processes (JAX_COORDINATOR_ADDRESS ... as for train): start jax.distributed before any device work.
     multihost = sharding.initialize_distributed()
+    # Before the model loads (evaluate() claims it again where it writes): not another's folder, nor an input.
+    claim_out_dir(out, {"model": config.model, "adapter": config.adapter, "dataset": config.dataset})
     if reuse and (summary := _finished_summary(out)) is not None:
         return summary
     if problems is None:

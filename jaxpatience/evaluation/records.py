@@ -2,7 +2,8 @@
 
 A rerun into the same folder resumes it: the records of whole problems are kept (`complete_records`), checked to
 belong to the same problems (`done_ids`) and to have been made with the same settings (`check_settings`); the
-evaluation loop (evaluate.py) generates the rest and appends their records (`make_record`).
+evaluation loop (evaluate.py) generates the rest and appends their records (`make_record`). The folder is an eval
+output (durability/outputs.py): `claim_out_dir` refuses another command's folder, someone's files, or an input.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from jaxpatience.config import SamplingConfig
 from jaxpatience.data import answers
 from jaxpatience.data.problems import Problem, cut_at_stop_strings
-from jaxpatience.durability import identity
+from jaxpatience.durability import identity, outputs
 from jaxpatience.durability.store import JsonlStore
 from jaxpatience.evaluation.summary import EvalError
 
@@ -27,6 +28,14 @@ GENERATION_KEYS = ("id", "sample")  # what makes a generations.jsonl line a whol
 # run.json of earlier versions: settings then named otherwise, and the value a setting added since then had.
 LEGACY_NAMES = {"samples": "num_samples", "batch_size": "generation_batch_size"}
 LEGACY_VALUES = {"answer_prefix": "", "stop": None}
+
+
+def claim_out_dir(out_dir: str | Path, run_info: dict | None) -> outputs.Output:
+    """Check that `out_dir` may hold this evaluation (writes nothing): not another command's folder, not a
+    non-empty folder of someone else's, not the model, adapter or problems file it reads (`run_info`)."""
+    info = run_info or {}
+    inputs = {key: info.get(key) for key in ("model", "adapter", "dataset")}
+    return outputs.claim_folder(out_dir, "eval", "eval", key="out_dir", inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------------

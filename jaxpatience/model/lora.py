@@ -15,6 +15,7 @@ Shape letters: R LoRA rank; `in`/`out` are the wrapped linear's feature sizes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -222,37 +223,87 @@ def load_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
     """Attach the LoRA adapter of a PEFT directory (ours or PEFT's own) to `model`, unmerged; returns `model`.
 
     Adapters go exactly on the modules named in `adapter_model.safetensors`; rank, alpha and rsLoRA come from
-    `adapter_config.json`. Merge afterwards (`merge`) for the fastest decoding.
+    `adapter_config.json`. Everything is checked against the model before the model is touched (`_read_adapter`):
+    an adapter made for another base (other layers, shapes or module names) is refused whole, never partly
+    applied. Merge afterwards (`merge`) for the fastest decoding.
     """
-    adapter_dir = Path(adapter_dir)
+    config, tensors = _read_adapter(model, Path(adapter_dir))
+    apply_lora(model, config)
+    for name, lora in adapters(model):
+        for kind, variable in (("lora_A", lora.lora_A), ("lora_B", lora.lora_B)):
+            variable.set_value(jax.device_put(tensors[name, kind], variable.get_value().sharding))
+    return model
+
+
+_PEFT_PREFIX = "base_model.model."
+_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight")
+
+
+def _read_adapter(model: nnx.Module, adapter_dir: Path) -> tuple[LoraConfig, dict[tuple[str, str], np.ndarray]]:
+    """The adapter's LoraConfig and its tensors {(module, "lora_A" | "lora_B"): array}, each checked against
+    `model`: every tensor one this code applies, every module one the model has (without an adapter already),
+    both halves present, [R, in] and [out, R] with the model's in and out and the config's R. One sentence
+    naming the file and tensor otherwise; nothing of `model` is changed here."""
     config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     for file in (config_file, weights_file):
         if not file.is_file():
             raise CheckpointError(f"{file} does not exist: expected a PEFT adapter directory.")
-    peft = read_json(config_file)
+    config = _peft_lora_config(config_file, read_json(config_file))
+    reader = SafetensorsReader(weights_file)
+    modules = dict(linear_modules(model))
+    layers = sum(1 for name in modules if name.endswith(".self_attn.q_proj"))
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key in reader.keys():
+        match = _PEFT_KEY.fullmatch(key)
+        if match is None:  # DoRA magnitudes, biases, embeddings, modules_to_save: weights this code would drop
+            raise CheckpointError(f"{weights_file} holds {key!r}, which is not a LoRA lora_A / lora_B weight.")
+        name, kind = match.groups()
+        if name not in modules:
+            raise CheckpointError(
+                f"{weights_file}: {key!r} is for module {name!r}, which the model lacks (it has {layers} layers); "
+                "the adapter was made for another base model."
+            )
+        if modules[name].lora is not None:
+            raise CheckpointError(f"{name} already has a LoRA adapter; merge it (lora.merge) before adding another.")
+        found.setdefault(name, {})[kind] = reader.shape(key)
+    if not found:
+        raise CheckpointError(f"{weights_file} holds no '{_PEFT_PREFIX}<module>.lora_A.weight' tensors.")
+    for name, shapes in sorted(found.items()):
+        out_features, in_features = modules[name].weight.get_value().shape
+        expected = {"lora_A": (config.rank, in_features), "lora_B": (out_features, config.rank)}
+        for kind, shape in expected.items():
+            key = f"{_PEFT_PREFIX}{name}.{kind}.weight"
+            if kind not in shapes:
+                raise CheckpointError(f"{weights_file} lacks {key!r} (it holds the other half of that adapter).")
+            if shapes[kind] != shape:
+                raise CheckpointError(
+                    f"{weights_file}: {key!r} has shape {shapes[kind]}, the model and r={config.rank} imply {shape}; "
+                    "the adapter was made for another base model."
+                )
+    config = dataclasses.replace(config, targets="|".join(re.escape(name) for name in sorted(found)))
+    tensors = {
+        (name, kind): np.asarray(reader.get(f"{_PEFT_PREFIX}{name}.{kind}.weight"), dtype=np.float32)
+        for name in found
+        for kind in ("lora_A", "lora_B")
+    }
+    return config, tensors
+
+
+def _peft_lora_config(config_file: Path, peft: object) -> LoraConfig:
+    """Rank, alpha and rsLoRA of a PEFT `adapter_config.json`, each checked (a setting this code cannot apply,
+    such as DoRA, is refused rather than dropped)."""
+    if not isinstance(peft, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object, not {type(peft).__name__}.")
     if peft.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{config_file} describes a {peft.get('peft_type')} adapter; only LORA is supported.")
-    reader = SafetensorsReader(weights_file)
-    prefix, suffix = "base_model.model.", ".lora_A.weight"
-    names = sorted(k[len(prefix) : -len(suffix)] for k in reader.keys() if k.startswith(prefix) and k.endswith(suffix))
-    if not names:
-        raise CheckpointError(f"{weights_file} holds no '{prefix}<module>{suffix}' tensors.")
-    config = LoraConfig(
-        rank=int(peft["r"]),
-        alpha=float(peft["lora_alpha"]),
-        rslora=bool(peft.get("use_rslora")),
-        targets="|".join(re.escape(n) for n in names),
-    )
-    apply_lora(model, config)
-    for name, lora in adapters(model):
-        for kind, variable in (("lora_A", lora.lora_A), ("lora_B", lora.lora_B)):
-            key = f"{prefix}{name}.{kind}.weight"
-            if key not in reader.entries:
-                raise CheckpointError(f"{weights_file} lacks {key!r}.")
-            value = np.asarray(reader.get(key), dtype=np.float32)
-            if value.shape != variable.get_value().shape:
-                raise CheckpointError(
-                    f"{weights_file}: {key!r} has shape {value.shape}, the model implies {variable.get_value().shape}."
-                )
-            variable.set_value(jax.device_put(value, variable.get_value().sharding))
-    return model
+    if peft.get("use_dora"):
+        raise CheckpointError(f"{config_file} describes a DoRA adapter (use_dora); only plain LoRA is supported.")
+    rank, alpha = peft.get("r"), peft.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise CheckpointError(f"{config_file}: r must be a positive integer, not {rank!r}.")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise CheckpointError(f"{config_file}: lora_alpha must be a finite number, not {alpha!r}.")
+    try:
+        return LoraConfig(rank=rank, alpha=float(alpha), rslora=bool(peft.get("use_rslora")))
+    except ConfigError as err:  # LoraConfig's own ranges (alpha > 0), blamed on the file
+        raise CheckpointError(f"{config_file}: {err}") from None

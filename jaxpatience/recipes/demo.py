@@ -45,6 +45,7 @@ from jaxpatience.config import (
     read_json,
 )
 from jaxpatience.data import toy
+from jaxpatience.durability import outputs
 from jaxpatience.durability.metrics import read_metrics
 from jaxpatience.durability.store import read_jsonl, write_jsonl
 from jaxpatience.evaluation import report
@@ -288,6 +289,7 @@ def run_demo(config: DemoConfig, out: str | Path, *, progress: bool = True) -> d
     irpo_run = irpo_config(config, base_model, files, out / "irpo")  # IRPO, and how every stage is evaluated
 
     rows = {}
+    outputs.mark(out / "irpo", "irpo", "run")  # the demo's own IRPO run, begun by its base evaluation
     with timings.stage("base_eval", done=(out / "irpo" / "base_eval" / "summary.json").is_file()) as skip:
         _banner("base model: held-out accuracy", skip)
         rows["base"] = evaluate_model(irpo_run, base_model, out / "irpo" / "base_eval", progress=progress)
@@ -351,7 +353,9 @@ def _banner(text: str, done: bool = False) -> None:
 
 
 def _check_same_config(config: DemoConfig, out: Path) -> None:
-    """Refuse to resume `out` with other settings (its finished stages would be reused); record them if new."""
+    """Refuse an `out` that is not the demo's (durability/outputs.py), or to resume it with other settings (its
+    finished stages would be reused); record them if new."""
+    output = outputs.claim_folder(out, "demo", "run", key="--out")
     path = out / "demo_config.json"
     current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as the file holds them
     if path.is_file():
@@ -361,7 +365,7 @@ def _check_same_config(config: DemoConfig, out: Path) -> None:
             raise ConfigError(
                 f"{out} holds a demo run with other settings ({', '.join(changed)}); use another --out or --overwrite."
             )
-    out.mkdir(parents=True, exist_ok=True)
+    output.mark()
     path.write_text(json.dumps(current, indent=2))
 
 
@@ -469,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*([f"seed={args.seed}"] if args.seed is not None else []), *args.overrides]
     config = load_demo_config(overrides, small=args.small, path=args.config)
     check_output_dir(args.out, "--out")
+    outputs.claim_folder(args.out, "demo", "run", key="--out")  # --overwrite deletes only the demo's own folder
     if args.overwrite and Path(args.out).exists():
         shutil.rmtree(args.out)
     run_demo(config, args.out, progress=not args.no_progress)

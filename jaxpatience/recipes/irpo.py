@@ -11,19 +11,27 @@
 
 Every stage writes its result where a killed run finds it: a rerun skips finished stages and resumes a
 stage in progress (the evaluator resumes its JSONL, training resumes from its checkpoint).
+
+Before anything is written, OUT is claimed as an irpo run (durability/outputs.py) and the settings its stages
+would refuse later are checked by irpo's own keys (`_check_settings`). An iteration with fewer pairs than one
+training batch ends the loop: summary.json says where and why (`stopped`), and so does a line on stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from jaxpatience import sharding
 from jaxpatience.config import (
     ConfigError,
+    DataConfig,
     EvalConfig,
     IrpoConfig,
+    ModelConfig,
+    RunConfig,
     changed_keys,
     command_parser,
     config_from_args,
@@ -33,7 +41,7 @@ from jaxpatience.config import (
 from jaxpatience.data.answers import is_numeric
 from jaxpatience.data.problems import build_prompt, load_problems
 from jaxpatience.data.selfplay import pairs_from_generations, write_pairs
-from jaxpatience.durability import identity
+from jaxpatience.durability import identity, outputs
 from jaxpatience.durability.store import read_jsonl
 from jaxpatience.evaluation import report
 from jaxpatience.evaluation.evaluate import GENERATION_KEYS, evaluate_checkpoint
@@ -45,8 +53,8 @@ def load_irpo_config(path: str | Path | None, overrides: list[str]) -> IrpoConfi
     return load_config(IrpoConfig, path, overrides).validate()
 
 
-def _problems(source: str, split: str, limit: int | None, seed: int):
-    return load_problems(source, split=split, limit=limit, seed=seed)
+def _problems(source: str, split: str, limit: int | None, seed: int, default_split: str):
+    return load_problems(source, split=split, limit=limit, seed=seed, default_split=default_split)
 
 
 def eval_config(config: IrpoConfig, model_path: str | Path, which: str, out_dir: Path, seed: int) -> EvalConfig:
@@ -118,17 +126,57 @@ def _pairs_on_main(
     return dataclasses.asdict(stats)
 
 
-def _train(config: IrpoConfig, model_path: str, step_dir: Path, progress: bool) -> None:
+def _model_context(model: str) -> int | None:
+    """The model's context (positions) from an HF folder's config.json; None for a .gguf file (checked as it loads)."""
+    file = Path(model) / "config.json"
+    try:
+        return ModelConfig.from_hf(file).max_position_embeddings if file.is_file() else None
+    except ConfigError:  # not a Qwen2 checkpoint: the loader says so in its own words
+        return None
+
+
+def _check_settings(config: IrpoConfig, context: int | None) -> None:
+    """What irpo's stages would refuse only after config.json is written, refused first and by irpo's own keys."""
+    if config.training.out_dir != RunConfig().out_dir:
+        raise ConfigError(
+            "irpo: training.out_dir is irpo's to set (each iteration trains in OUT/iter_N/train); remove it and "
+            "set out_dir."
+        )
+    if not isinstance(config.generation_batch_size, int) or config.generation_batch_size < 1:
+        raise ConfigError(f"irpo: generation_batch_size must be >= 1, not {config.generation_batch_size!r}.")
+    if context is not None and config.sampling.max_new_tokens >= context:
+        raise ConfigError(
+            f"irpo: sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {context} positions; lower sampling.max_new_tokens."
+        )
+
+
+def _fitted_data(config: IrpoConfig, context: int | None, train_dir: Path) -> DataConfig:
+    """The training data settings: data.max_length left at its default is fitted to the model's context (said
+    once); a run already started keeps the length it was started with."""
+    data = config.training.data
+    saved = train_dir / "config.json"
+    if saved.is_file():
+        return dataclasses.replace(data, max_length=read_json(saved)["data"]["max_length"])
+    if context is None or data.max_length <= context or data.max_length != DataConfig().max_length:
+        return data  # fits, or the user's own choice (train warns about it)
+    if sharding.is_main_process():
+        default = data.max_length
+        print(f"irpo: training.data.max_length={context}, the model's context (the default {default} is past it).")
+    return dataclasses.replace(data, max_length=context)
+
+
+def _train(config: IrpoConfig, model_path: str, step_dir: Path, progress: bool, context: int | None) -> None:
     """DPO + NLL on the iteration's pairs with LoRA on M_{t-1}; exports M_t as train/merged (skipped if done)."""
     if (step_dir / "train" / "summary.json").is_file():
         return
-    template = config.training
+    data = _fitted_data(config, context, step_dir / "train")
     run_config = dataclasses.replace(
-        template,
+        config.training,
         model=model_path,
         out_dir=str(step_dir / "train"),
         export_merged=True,
-        data=dataclasses.replace(template.data, path=str(step_dir / "pairs.jsonl"), chat_template=False),
+        data=dataclasses.replace(data, path=str(step_dir / "pairs.jsonl"), chat_template=False),
     )
     train(run_config, progress=progress)
 
@@ -189,11 +237,13 @@ def _check_rerun(out: Path, config: IrpoConfig, inputs: dict) -> None:
 
 
 def _claim_out_dir(out: Path, config: IrpoConfig, inputs: dict, is_main: bool) -> None:
-    """Make `out` this run's: process 0 checks that it holds no other run (`_check_rerun`) and records
-    config.json and inputs.json; every process waits for that."""
+    """Make `out` this run's: process 0 checks that it is an irpo folder (or none yet; durability/outputs.py)
+    holding no other run (`_check_rerun`), and records config.json and inputs.json; every process waits for that."""
     refused = None
     if is_main:  # process 0 decides; every process raises the same sentence
         try:
+            sources = {key: getattr(config, key) for key in ("model", "train_problems", "eval_problems")}
+            output = outputs.claim_folder(out, "irpo", "run", key="out_dir", inputs=sources)
             _check_rerun(out, config, inputs)
         except ConfigError as err:
             refused = str(err)
@@ -201,7 +251,7 @@ def _claim_out_dir(out: Path, config: IrpoConfig, inputs: dict, is_main: bool) -
     if refused:
         raise ConfigError(refused)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        output.mark()
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
     sharding.barrier("irpo start")
@@ -217,8 +267,10 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     main = sharding.is_main_process()
     out = Path(config.out_dir)
     seed = config.sampling.seed
-    train_problems = _problems(config.train_problems, config.train_split, config.train_limit, seed)
-    eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, seed + 1)
+    context = _model_context(config.model)
+    _check_settings(config, context)
+    train_problems = _problems(config.train_problems, config.train_split, config.train_limit, seed, "train")
+    eval_problems = _problems(config.eval_problems, config.eval_split, config.eval_limit, seed + 1, "test")
     inputs = {
         **identity.model_inputs(config.model),
         "train_problems": identity.problems_fingerprint(train_problems),
@@ -227,31 +279,41 @@ def run_irpo(config: IrpoConfig, *, progress: bool = True) -> dict:
     _claim_out_dir(out, config, inputs, main)
     base = _evaluate(config, config.model, eval_problems, "eval", out / "base_eval", seed=seed, progress=progress)
     rows = [_row(0, config.model, base)]
-    model_path = config.model
+    model_path, stopped = config.model, None
     for iteration in range(1, config.iterations + 1):
         step_dir = out / f"iter_{iteration}"
         samples = _evaluate(
             config, model_path, train_problems, "train", step_dir / "samples", seed=seed + iteration, progress=progress
         )
         stats = _make_pairs(config, model_path, train_problems, iteration, samples, step_dir)
-        batch = config.training.train.batch_size
-        if stats["pairs"] < batch:  # nothing to learn from, or too little to fill one training batch
-            print(
-                f"iteration {iteration}: {stats['pairs']} pairs, fewer than one batch of {batch} (the other "
-                "problems' samples were all right or all wrong); stopping."
-            )
+        if stats["pairs"] < config.training.train.batch_size:  # too little to fill one training batch
+            stopped = _stop_reason(config, iteration, stats)
             break
-        _train(config, model_path, step_dir, progress and main)
+        _train(config, model_path, step_dir, progress and main, context)
         sharding.barrier(f"irpo train {iteration}")  # merged/ is written by process 0; every process loads it next
         model_path = str(step_dir / "train" / "merged")
         result = _evaluate(config, model_path, eval_problems, "eval", step_dir / "eval", seed=seed, progress=progress)
         rows.append(_row(iteration, model_path, result, stats))
-    summary = {"iterations": rows}
+    summary = {"iterations": rows} | ({"stopped": stopped} if stopped else {})
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         summary["plot"] = report.plot_irpo(rows, out / "irpo.png")
         print(report.irpo_table(rows))
+        if stopped:
+            print(f"jaxpatience irpo: stopped early: {stopped['reason']}.", file=sys.stderr)
     return summary
+
+
+def _stop_reason(config: IrpoConfig, iteration: int, stats: dict) -> dict:
+    """Why the loop ends at `iteration` (too few pairs for one batch), as summary.json records it."""
+    batch = config.training.train.batch_size
+    reason = (
+        f"iteration {iteration} of {config.iterations} made {stats['pairs']} pairs, fewer than one training batch "
+        f"of {batch} ({stats['all_correct']} problems' samples were all right, {stats['all_wrong']} all wrong): "
+        "IRPO needs right and wrong samples of the same problem; try more sampling.num_samples, another "
+        "sampling.temperature or other train_problems (in a new out_dir)"
+    )
+    return {"iteration": iteration, "pairs": stats["pairs"], "batch_size": batch, "reason": reason}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,4 +321,4 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args(argv)
     run_irpo(config_from_args(IrpoConfig, args).validate(), progress=not args.no_progress)
-    return 0
+    return 0  # a run that stopped early (summary["stopped"]) has said why on stderr; its rerun stops alike

@@ -44,6 +44,7 @@ from pathlib import Path
 from jaxpatience.config import ConfigError, command_parser, config_from_args
 from jaxpatience.data.answers import answers_equal
 from jaxpatience.data.problems import Problem, load_file
+from jaxpatience.durability import outputs
 from jaxpatience.durability import progress as progress_bars
 from jaxpatience.durability.store import JsonlStore, read_jsonl
 from jaxpatience.teacher.client import Drop, GaveUp, Reply, RunState, backoff_delay, chat, open_client
@@ -124,6 +125,12 @@ def _out_path(config: TeacherConfig) -> Path:
     blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise TeacherError(f"pairs: out {out}: {blocking} is a file, not a directory.")
+    # The pairs file and the rejected file are this command's when their records are (durability/outputs.py);
+    # none of the three may be an input or other than a regular file.
+    inputs = {"--problems": config.problems, "--prompts": config.prompts}
+    rejected, summary = side_paths(out)
+    for path, keys in ((out, ("id", "prompt", "chosen", "rejected")), (rejected, ("id", "reason")), (summary, None)):
+        outputs.claim_file(path, "pairs", record_keys=keys, key="--out" if path == out else "--out's", inputs=inputs)
     return out
 
 

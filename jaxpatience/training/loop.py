@@ -15,6 +15,10 @@ config -> (multi-host start) -> mesh -> model -> PairLoader -> Trainer (step.py)
 * Metrics: OUT/metrics.jsonl (+ TensorBoard / W&B when `report` names them), a progress bar, and at the end
   OUT/training.png (loss and chosen/rejected log-probs over steps).
 * Export at the end: OUT/adapter (PEFT format) with LoRA, OUT/merged (HF checkpoint) when `export_merged`.
+* OUT is claimed before anything is written (durability/outputs.py): a folder of another command, a non-empty
+  folder of someone else's, or one that is the model or the data is refused; a run of this command resumes.
+* A finished run is extended to more steps only when asked (`--extend`, `train(..., extend=True)`): its
+  `train.max_steps` / `epochs` may then grow, and the learning-rate schedule is recomputed for the new length.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from jaxpatience import sharding
 from jaxpatience.config import ConfigError, RunConfig, changed_keys, command_parser, config_from_args, load_config
 from jaxpatience.config_io import positive_int
 from jaxpatience.data.pairs import PairLoader
-from jaxpatience.durability import identity
+from jaxpatience.durability import identity, outputs
 from jaxpatience.durability import progress as progress_bars
 from jaxpatience.durability.metrics import MetricsWriter, read_metrics
 from jaxpatience.evaluation.report import plot_training
@@ -45,6 +49,7 @@ from jaxpatience.model.weights import load_pretrained, save_pretrained
 from jaxpatience.training import reference_cache
 from jaxpatience.training.batch import device_batch, packed_row_multiple
 from jaxpatience.training.checkpoint import Checkpointer
+from jaxpatience.training.dtype_check import check_backend_runs
 from jaxpatience.training.preemption import Preempted, Watch
 from jaxpatience.training.step import Trainer, create_trainer, make_logps_fn, make_mesh
 
@@ -97,6 +102,8 @@ def cached_reference(config: RunConfig, trainer: Trainer, loader: PairLoader, is
 
 # What may change between a run and its resumption: where it runs and how often it logs and saves.
 RESUMABLE_CHANGES = ("distributed", "log_every", "checkpoint_every", "keep_checkpoints", "report")
+# What may also change when a run is extended (`--extend`): its length.
+EXTENDABLE_CHANGES = ("train.max_steps", "epochs")
 # Keys added in 0.3, with the values runs written before them had: such a run resumes with these overrides.
 LEGACY_VALUES = {
     "train": {"scan_layers": False, "attention": "einsum"},
@@ -104,8 +111,9 @@ LEGACY_VALUES = {
 }
 
 
-def _check_same_run(saved: dict, current: dict, out: Path) -> None:
-    """Refuse to resume a checkpoint written under another config (other data, model or hyperparameters)."""
+def _check_same_run(saved: dict, current: dict, out: Path, extend: bool = False) -> None:
+    """Refuse to resume a checkpoint written under another config (other data, model or hyperparameters); with
+    `extend`, its length (EXTENDABLE_CHANGES) may differ."""
     saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))  # tuples -> lists
     for section, values in LEGACY_VALUES.items():
         for key, value in values.items():
@@ -115,11 +123,15 @@ def _check_same_run(saved: dict, current: dict, out: Path) -> None:
             config.pop(key, None)
         config.get("train", {}).pop("mesh", None)
         config.get("data", {}).pop("reference_cache", None)  # where a table is kept, not what it holds
+        if extend:
+            config.pop("epochs", None)
+            config.get("train", {}).pop("max_steps", None)
     if saved != current:
         diff = changed_keys(saved, current)
+        hint = " (to train a run further, add --extend)" if set(diff) <= set(EXTENDABLE_CHANGES) else ""
         raise ConfigError(
             f"{out} holds a run with another config (differs in: {', '.join(diff)}); resume with the same config "
-            "or choose a new out_dir."
+            f"or choose a new out_dir{hint}."
         )
 
 
@@ -162,6 +174,7 @@ def _set_up(config: RunConfig) -> _Run:
     distributed = config.distributed
     sharding.initialize_distributed(distributed.coordinator_address, distributed.num_processes, distributed.process_id)
     mesh = make_mesh(config.train.mesh)
+    check_backend_runs(config.param_dtype, config.compute_dtype, config.train.attention, packed=config.data.packing)
     # The data is read and checked before the weights (minutes for a large model): a checkpoint directory's
     # tokenizer loads on its own; a .gguf file's comes with its weights.
     tokenizer = load_tokenizer(config.model) if Path(config.model).is_dir() else None
@@ -243,18 +256,23 @@ def reads_chosen_only(config: RunConfig) -> bool:
     return config.train.loss.dpo_weight == 0 and not config.precompute_reference
 
 
-def _resume(run: _Run) -> int:
-    """Restore the latest checkpoint, if any (refused under another config); returns the step to start at."""
+def _resume(run: _Run, extend: bool = False) -> int:
+    """Restore the latest checkpoint, if any (refused under another config); returns the step to start at.
+
+    `extend`: the run may be longer than the checkpoint's (never shorter than its step); the optimizer state and
+    step are restored as they are, and the schedule (optimizer.py) is that of the new max_steps."""
     start = 0
     if run.checkpoints.latest_step() is not None:
         run.trainer.state, meta = run.checkpoints.restore(run.trainer.state)
-        _check_same_run(meta["config"], dataclasses.asdict(run.config), run.out)
+        _check_same_run(meta["config"], dataclasses.asdict(run.config), run.out, extend)
         identity.check_same_inputs(
             meta.get("inputs"), run.inputs, run.out, "resume with the same model and data, or choose a new out_dir"
         )
         run.loader.load_state_dict(meta["loader"])
         run.tokens = dict(meta.get("tokens", run.tokens))
         start = int(meta["step"])
+        if extend:
+            _check_extension(run, meta, start)
         if run.is_main:
             print(f"resuming from step {start} of {run.max_steps} ({run.checkpoints.directory})")
     if run.is_main:
@@ -265,6 +283,21 @@ def _resume(run: _Run) -> int:
             f"{run.loader.dropped_per_epoch} pairs left out per epoch"
         )
     return start
+
+
+def _check_extension(run: _Run, meta: dict, start: int) -> None:
+    """`--extend` must make the run longer than the step it reached; says that the schedule is recomputed."""
+    saved_steps = meta["config"]["train"]["max_steps"] if meta["config"].get("epochs") is None else None
+    if run.max_steps <= start:
+        raise ConfigError(
+            f"--extend: the run in {run.out} is at step {start}; set train.max_steps (or epochs) past it, not "
+            f"{run.max_steps} steps."
+        )
+    if run.is_main and saved_steps != run.max_steps:
+        print(
+            f"extending the run from step {start} to {run.max_steps}: the learning-rate schedule is recomputed for "
+            f"{run.max_steps} steps (warmup {run.trainer.config.optimizer.warmup_steps}, then decay to the new end)."
+        )
 
 
 def _loop(run: _Run, start: int, end: int, progress: bool) -> dict[str, float]:
@@ -330,14 +363,20 @@ def _export(run: _Run) -> dict[str, str]:
     return exports
 
 
-def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> dict:
+def train(config: RunConfig, *, progress: bool = True, stop_after: int | None = None, extend: bool = False) -> dict:
     """Run (or resume) training as configured; returns a summary dict (also written to OUT/summary.json).
 
     `stop_after=k` ends the run after step k with a checkpoint (as a preemption would); a later call resumes.
+    `extend`: continue a run (finished or not) to a larger train.max_steps / epochs; the schedule is recomputed.
     """
-    run = _set_up(config.validate())
+    config.validate()
+    inputs = {"model": config.model, "data.path": config.data.path}
+    output = outputs.claim_folder(config.out_dir, "train", "run", key="out_dir", inputs=inputs)  # before any write
+    run = _set_up(config)
+    if run.is_main:
+        output.mark()
     try:
-        start = _resume(run)
+        start = _resume(run, extend)
         end = run.max_steps if stop_after is None else min(run.max_steps, stop_after)
         if end <= start and stop_after is not None:  # asked to stop at or before the step reached: nothing to do
             return {"steps": start, "resumed_from": start, "final": {}, "exports": {}, "compilations": 0}
@@ -387,8 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stop-after", type=positive_int, help="stop (with a checkpoint) after this step (>= 1); rerun to resume"
     )
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="train the run in out_dir further, to a larger train.max_steps or epochs (the LR schedule is recomputed)",
+    )
     args = parser.parse_intermixed_args(argv)
     config = config_from_args(RunConfig, args)  # train() validates it
-    summary = train(config, progress=not args.no_progress, stop_after=args.stop_after)
+    summary = train(config, progress=not args.no_progress, stop_after=args.stop_after, extend=args.extend)
     print(json.dumps({"steps": summary["steps"], "final": summary["final"], "exports": summary["exports"]}))
     return 0
