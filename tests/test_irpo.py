@@ -39,6 +39,20 @@ def test_duplicate_responses_count_once():
     assert len(pair_samples(samples, max_pairs=10, rng=random.Random(0))) == 1
 
 
+def test_an_empty_sample_is_left_out_of_the_pairs():
+    # A model that stops at once writes "": no pair may hold it (the pair loader refuses an empty response), and a
+    # problem whose only wrong sample is empty gives no pair: its answers were all right.
+    records = [
+        {"id": "a", "response": text, "correct": {"strict": ok}, "strict": answer, "flexible": answer, "gold": "5"}
+        for text, ok, answer in [("good 5", True, "5"), ("  ", False, None), ("bad 6", False, "6")]
+    ] + [{"id": "b", "response": r, "correct": {"strict": ok}, "strict": None, "flexible": None, "gold": "5"}
+         for r, ok in [("good", True), ("", False)]]  # fmt: skip
+    pairs, stats = pairs_from_generations(records, {"a": "P", "b": "Q"}, metric="strict", max_pairs=4, iteration=1)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("good 5", "bad 6")]
+    assert stats.empty_samples == 2 and stats.with_pairs == 1 and (stats.all_correct, stats.all_wrong) == (1, 0)
+    assert "2 empty samples left out" in stats.summary()
+
+
 def _sft_pairs(path, rng: random.Random, count: int):
     """Format-teaching data: 'What is a + b?' -> 'a + b = c. The answer is c.'"""
     lines = []

@@ -3,7 +3,9 @@
 For each training problem the current model writes N solutions (sampling, via the evaluator so that every
 sample is stored and a crash loses nothing); each is labelled by its final answer against the gold. Winners
 (correct) are paired with losers (incorrect), up to K distinct pairs per problem. A problem whose samples are
-all right or all wrong gives no pair: it is counted and skipped.
+all right or all wrong gives no pair: it is counted and skipped. An empty sample (the model stopped at once) is no
+solution to learn from or against, and a pair needs two non-empty responses (data/pairs.py): it is left out of
+the pairing and counted.
 
 Every pair's `prompt` is the exact prompt string the model was sampled with (chat template already applied),
 so the trainer must read it with `data.chat_template=false`.
@@ -29,23 +31,26 @@ class SelfPlayStats:
     pairs: int = 0
     sample_accuracy: float = 0.0  # share of correct samples (how well M_t solves the training problems)
     skipped_duplicates: int = field(default=0)
+    empty_samples: int = 0  # left out of the pairing
 
     def summary(self) -> str:
+        empty = f"; {self.empty_samples} empty samples left out" if self.empty_samples else ""
         return (
             f"{self.pairs} pairs from {self.with_pairs}/{self.problems} problems; skipped {self.all_correct} "
-            f"all-correct and {self.all_wrong} all-wrong; sample accuracy {self.sample_accuracy:.3f}"
+            f"all-correct and {self.all_wrong} all-wrong{empty}; sample accuracy {self.sample_accuracy:.3f}"
         )
 
 
 def pair_samples(samples: Sequence[dict], max_pairs: int, rng: random.Random) -> list[tuple[dict, dict]]:
     """(winner, loser) pairs from one problem's samples, each `{"response", "correct", ...}`.
 
-    Identical responses are counted once; all winner x loser combinations are shuffled and the first
-    `max_pairs` kept, so a problem with few winners still pairs each with several losers.
+    Identical responses are counted once and empty ones not at all; all winner x loser combinations are shuffled
+    and the first `max_pairs` kept, so a problem with few winners still pairs each with several losers.
     """
     unique: dict[str, dict] = {}
     for sample in samples:
-        unique.setdefault(sample["response"].strip(), sample)
+        if sample["response"].strip():
+            unique.setdefault(sample["response"].strip(), sample)
     winners = [s for s in unique.values() if s["correct"]]
     losers = [s for s in unique.values() if not s["correct"]]
     combos = [(w, lo) for w in winners for lo in losers]
@@ -70,14 +75,16 @@ def pairs_from_generations(
     stats = SelfPlayStats(problems=len(by_problem))
     total = sum(len(s) for s in by_problem.values())
     stats.sample_accuracy = sum(s["correct"] for v in by_problem.values() for s in v) / max(total, 1)
+    stats.empty_samples = sum(not s["response"].strip() for v in by_problem.values() for s in v)
     pairs = []
     for problem_id in sorted(by_problem, key=str):
         samples = by_problem[problem_id]
         rng = random.Random(f"{seed}-{iteration}-{problem_id}")  # per problem: independent of the others
         chosen = pair_samples(samples, max_pairs, rng)
         if not chosen:
-            stats.all_correct += all(s["correct"] for s in samples)
-            stats.all_wrong += not any(s["correct"] for s in samples)
+            answered = [s for s in samples if s["response"].strip()]
+            stats.all_correct += bool(answered) and all(s["correct"] for s in answered)
+            stats.all_wrong += not any(s["correct"] for s in answered)
             continue
         stats.with_pairs += 1
         for winner, loser in chosen:
