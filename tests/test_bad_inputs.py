@@ -175,7 +175,7 @@ CASES = {
     "plan-json-folder": (f"{PLAN} --json adir", "--json adir is a folder; give a file name"),
     "plan-csv-no-folder": (f"{PLAN} --csv missing/plan.csv", "--csv missing/plan.csv: its folder missing does not"),
     "plan-png-under-file": (f"{PLAN} --png afile/plan.png", "its folder afile is a file, not a folder"),
-    "plan-cache-dir-file": (f"{PLAN} --cache-dir afile/cache", "--cache-dir afile/cache cannot be made: afile is a"),
+    "plan-cache-dir-file": (f"{PLAN} --cache-dir afile/cache", "--cache-dir afile/cache lies under the file "),
     "serve-port": ("serve --model ck --port 70000", "port must be <= 65535"),
     "serve-slots": ("serve --model ck --slots 0", "slots must be >= 1"),
     "serve-model-missing": ("serve --model missing", "missing does not exist"),

@@ -37,6 +37,7 @@ from jax.experimental import topologies
 
 from jaxpatience import sharding
 from jaxpatience.config import PRESETS, ConfigError, ModelConfig, preset
+from jaxpatience.config_io import check_output_dir
 from jaxpatience.planning import chips, gpus, report
 from jaxpatience.planning.packed import Lengths, parse_lengths
 from jaxpatience.planning.rows import CompileError, compile_row, host_chip, measure, predict
@@ -452,15 +453,10 @@ def check_outputs(args: argparse.Namespace) -> None:
     if folder is None:
         return
     where = "--cache-dir" if args.cache_dir else "the plan's cache folder (under HOME)"
-    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the folders below it are made
-    if not existing.is_dir():
-        raise ConfigError(
-            f"{where} {folder} cannot be made: {existing} is a file; pass another --cache-dir or --no-cache."
-        )
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(
-            f"{where} {folder} cannot be written: {existing} is not writable; pass another --cache-dir or --no-cache."
-        )
+    try:
+        check_output_dir(folder, where)  # the one check of a folder to be made (config_io.py)
+    except ConfigError as err:
+        raise ConfigError(f"{str(err).rstrip('.')}; or pass --no-cache.") from None
 
 
 def main(argv: list[str] | None = None) -> int:
